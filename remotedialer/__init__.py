@@ -1,0 +1,53 @@
+"""remotedialer: reverse tunnels over one WebSocket, wire-compatible with
+rancher/remotedialer.
+
+A client behind NAT opens one WebSocket to a server; the server then dials
+``proto/address`` *through* it and gets socket-like connections that connect
+from the client's side, many multiplexed over the one WebSocket.
+"""
+
+from .client import Backoff, TunnelClient, client_connect, connect_to_proxy
+from .config import DEFAULT_LIMITS, Limits
+from .connection import TunnelConnection
+from .errors import (
+    ConnectNotAllowedError,
+    DialError,
+    HandshakeError,
+    LimitExceededError,
+    NoSessionError,
+    ProtocolError,
+    RemotedialerError,
+    RemoteError,
+    TunnelClosedError,
+    TunnelTimeoutError,
+)
+from .observer import Observer
+from .piping import LocalDialer, Piper, dial_socket
+from .session import Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backoff",
+    "ConnectNotAllowedError",
+    "DEFAULT_LIMITS",
+    "DialError",
+    "HandshakeError",
+    "LimitExceededError",
+    "Limits",
+    "LocalDialer",
+    "NoSessionError",
+    "Observer",
+    "Piper",
+    "ProtocolError",
+    "RemoteError",
+    "RemotedialerError",
+    "Session",
+    "TunnelClient",
+    "TunnelClosedError",
+    "TunnelConnection",
+    "TunnelTimeoutError",
+    "client_connect",
+    "connect_to_proxy",
+    "dial_socket",
+]

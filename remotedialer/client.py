@@ -1,0 +1,334 @@
+"""The client side: hold a tunnel to a server and serve the server's dials.
+
+:func:`connect_to_proxy` opens one WebSocket with websocket-client and serves a
+session until it ends; :class:`TunnelClient` (and the :func:`client_connect`
+shorthand) keeps one up with exponential backoff and jitter, and can be
+stopped from another thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Mapping, Optional
+
+import websocket
+
+from .config import DEFAULT_LIMITS, Limits
+from .errors import HandshakeError, ProtocolError
+from .observer import Observer
+from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
+from .session import Session
+from .transport import TransportClosed
+
+__all__ = [
+    "WebSocketClientTransport",
+    "Backoff",
+    "TunnelClient",
+    "connect_to_proxy",
+    "client_connect",
+]
+
+log = logging.getLogger(__name__)
+
+OnConnect = Callable[[Session], None]
+"""Called on a new thread with each new session, once it is serving."""
+
+
+class WebSocketClientTransport:
+    """Adapts a connected ``websocket.WebSocket`` (websocket-client) to the
+    :class:`~remotedialer.transport.Transport` interface."""
+
+    def __init__(self, ws: websocket.WebSocket, max_message_size: int, description: str = "") -> None:
+        self.ws = ws
+        self.max_message_size = max_message_size
+        self.last_keepalive = time.monotonic()
+        self._description = description or "websocket"
+        self._closed = False
+
+    def send(self, data: bytes) -> None:
+        try:
+            self.ws.send(data, websocket.ABNF.OPCODE_BINARY)
+        except (websocket.WebSocketException, OSError, AttributeError) as exc:
+            raise TransportClosed(f"websocket write failed: {exc}") from exc
+
+    def receive(self) -> bytes:
+        while True:
+            try:
+                opcode, frame = self.ws.recv_data_frame(control_frame=True)
+            except (websocket.WebSocketException, OSError, AttributeError, ValueError) as exc:
+                if self._closed:
+                    raise TransportClosed("websocket closed") from exc
+                raise TransportClosed(f"websocket read failed: {exc}") from exc
+            if opcode == websocket.ABNF.OPCODE_BINARY:
+                data = frame.data
+                if len(data) > self.max_message_size:
+                    raise ProtocolError(f"message of {len(data)} bytes over the limit")
+                return bytes(data) if not isinstance(data, bytes) else data
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                raise ProtocolError("text message received")
+            if opcode == websocket.ABNF.OPCODE_PONG:
+                self.last_keepalive = time.monotonic()
+            elif opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise TransportClosed("websocket closed by the server")
+
+    def ping(self) -> None:
+        try:
+            self.ws.ping()
+        except (websocket.WebSocketException, OSError, AttributeError) as exc:
+            raise TransportClosed(f"websocket ping failed: {exc}") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.ws.abort()  # shuts the socket down: unblocks a reader in recv
+        except Exception:  # pragma: no cover
+            pass
+        try:
+            self.ws.shutdown()
+        except Exception:  # pragma: no cover
+            pass
+
+    def describe(self) -> str:
+        return self._description
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with jitter for reconnecting.
+
+    The n-th consecutive failure waits ``min(maximum, initial * factor**n)``
+    seconds, scaled by a random factor in ``[1 - jitter, 1]``.
+    """
+
+    initial: float = 1.0
+    maximum: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.5
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` consecutive failures (>= 0)."""
+        base = min(self.maximum, self.initial * self.factor ** max(failures, 0))
+        return base * (1.0 - self.jitter * random.random())
+
+
+def _open_websocket(
+    url: str,
+    headers: Optional[Mapping[str, str]],
+    limits: Limits,
+    ssl_context: Optional[ssl.SSLContext],
+    websocket_options: Optional[Dict[str, Any]],
+) -> websocket.WebSocket:
+    """Do the WebSocket handshake; HTTP refusals become :class:`HandshakeError`."""
+    options: Dict[str, Any] = dict(websocket_options or {})
+    if ssl_context is not None:
+        options.setdefault("sslopt", {})["context"] = ssl_context
+    header = [f"{name}: {value}" for name, value in (headers or {}).items()]
+    ws = websocket.WebSocket(
+        sslopt=options.pop("sslopt", None),
+        skip_utf8_validation=True,
+        enable_multithread=True,
+    )
+    try:
+        ws.connect(url, header=header, timeout=limits.handshake_timeout, **options)
+    except websocket.WebSocketBadStatusException as exc:
+        body = exc.resp_body.decode("utf-8", "replace") if exc.resp_body else ""
+        raise HandshakeError(exc.status_code, body.strip(), exc) from exc
+    except BaseException:
+        ws.shutdown()
+        raise
+    ws.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
+    if ws.sock is not None:
+        try:
+            import socket
+
+            ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - not a TCP socket
+            pass
+    return ws
+
+
+class TunnelClient:
+    """Keeps a tunnel to ``url`` up, serving the server's dials.
+
+    ``connect_authorizer(proto, address)`` decides which dials the server may
+    make through us; ``None`` refuses all of them. ``dialer`` replaces how
+    targets are dialed locally. Call :meth:`run` (blocks) or :meth:`start`,
+    and :meth:`stop` from any thread.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        headers: Optional[Mapping[str, str]] = None,
+        connect_authorizer: Optional[ConnectAuthorizer] = None,
+        on_connect: Optional[OnConnect] = None,
+        *,
+        dialer: Optional[SocketDialer] = None,
+        limits: Limits = DEFAULT_LIMITS,
+        backoff: Backoff = Backoff(),
+        ssl_context: Optional[ssl.SSLContext] = None,
+        websocket_options: Optional[Dict[str, Any]] = None,
+        observer: Optional[Observer] = None,
+        piper: Optional[Piper] = None,
+    ) -> None:
+        self.url = url
+        self.headers = dict(headers or {})
+        self.on_connect = on_connect
+        self.limits = limits
+        self.backoff = backoff
+        self.ssl_context = ssl_context
+        self.websocket_options = websocket_options
+        self.observer = observer
+        self._local_dialer = LocalDialer(connect_authorizer, dialer, limits, piper)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # guards _session
+        self._session: Optional[Session] = None
+        self._connected = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.last_error: Optional[BaseException] = None
+
+    @property
+    def session(self) -> Optional[Session]:
+        """The live session, if connected."""
+        return self._session
+
+    def wait_connected(self, timeout: Optional[float] = None) -> Session:
+        """Block until a session is up; raise ``TimeoutError`` after ``timeout``."""
+        if not self._connected.wait(timeout):
+            raise TimeoutError(f"no tunnel to {self.url} within {timeout}s")
+        session = self._session
+        if session is None:
+            raise TimeoutError(f"tunnel to {self.url} dropped")
+        return session
+
+    def connect_once(self) -> str:
+        """Open one WebSocket, serve its session until it ends, return why it
+        ended. Raises :class:`HandshakeError` or ``OSError`` if it could not
+        connect."""
+        ws = _open_websocket(
+            self.url, self.headers, self.limits, self.ssl_context, self.websocket_options
+        )
+        transport = WebSocketClientTransport(ws, self.limits.max_message_size, self.url)
+        session = Session(
+            transport,
+            is_client=True,
+            connect_handler=self._local_dialer,
+            limits=self.limits,
+            observer=self.observer,
+        )
+        with self._lock:
+            if self._stop.is_set():
+                transport.close()
+                return "stopped"
+            self._session = session
+        self._connected.set()
+        log.info("connected to %s", self.url)
+        if self.on_connect is not None:
+            threading.Thread(
+                target=self._run_on_connect, args=(session,), name="remotedialer-on-connect",
+                daemon=True,
+            ).start()
+        try:
+            return session.serve()
+        finally:
+            self._connected.clear()
+            with self._lock:
+                self._session = None
+
+    def run(self) -> None:
+        """Connect, serve, and reconnect with backoff until :meth:`stop`."""
+        failures = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                reason = self.connect_once()
+                log.info("tunnel to %s ended: %s", self.url, reason)
+                self.last_error = None
+                lived = time.monotonic() - started
+                failures = 0 if lived > self.backoff.initial else failures + 1
+            except (HandshakeError, OSError, websocket.WebSocketException) as exc:
+                self.last_error = exc
+                log.warning("failed to connect to %s: %s", self.url, exc)
+                failures += 1
+            if self._stop.is_set():
+                break
+            delay = self.backoff.delay(failures - 1) if failures else 0.0
+            if delay:
+                log.info("reconnecting to %s in %.1fs", self.url, delay)
+            self._stop.wait(delay)
+        self._local_dialer.shutdown()
+
+    def start(self) -> threading.Thread:
+        """Run :meth:`run` on a daemon thread and return it."""
+        self._thread = threading.Thread(target=self.run, name="remotedialer-client", daemon=True)
+        self._thread.start()
+        return self._thread
+
+    def stop(self, timeout: Optional[float] = 5.0) -> None:
+        """Stop reconnecting and close the current session."""
+        self._stop.set()
+        with self._lock:
+            session = self._session
+        if session is not None:
+            session.close("client stopped")
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _run_on_connect(self, session: Session) -> None:
+        assert self.on_connect is not None
+        try:
+            self.on_connect(session)
+        except Exception as exc:
+            log.exception("on_connect failed; closing the session")
+            session.close(f"on_connect failed: {exc}")
+
+    def __enter__(self) -> "TunnelClient":
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def connect_to_proxy(
+    url: str,
+    headers: Optional[Mapping[str, str]] = None,
+    connect_authorizer: Optional[ConnectAuthorizer] = None,
+    on_connect: Optional[OnConnect] = None,
+    **options: Any,
+) -> str:
+    """Open one tunnel to ``url`` and serve it until it ends; return why it
+    ended. A refused handshake raises :class:`HandshakeError` carrying the HTTP
+    status and body. ``options`` are those of :class:`TunnelClient`."""
+    client = TunnelClient(url, headers, connect_authorizer, on_connect, **options)
+    return client.connect_once()
+
+
+def client_connect(
+    url: str,
+    headers: Optional[Mapping[str, str]] = None,
+    connect_authorizer: Optional[ConnectAuthorizer] = None,
+    on_connect: Optional[OnConnect] = None,
+    *,
+    stop_event: Optional[threading.Event] = None,
+    **options: Any,
+) -> None:
+    """Keep a tunnel to ``url`` up, reconnecting with backoff, until
+    ``stop_event`` is set (or forever). ``options`` are those of
+    :class:`TunnelClient`."""
+    client = TunnelClient(url, headers, connect_authorizer, on_connect, **options)
+    if stop_event is not None:
+        def watch() -> None:
+            stop_event.wait()
+            client.stop(timeout=0)
+
+        threading.Thread(target=watch, name="remotedialer-client-stop", daemon=True).start()
+    client.run()

@@ -1,0 +1,71 @@
+"""Tunable limits and intervals, gathered in one immutable object.
+
+Defaults follow the Go implementation where it has a value (PROTOCOL.md §7)
+and add the hard limits it lacks. Use :meth:`Limits.replace` to derive a
+variant: ``Limits().replace(max_connections_per_session=100)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Limits", "DEFAULT_LIMITS"]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits and timings of sessions and connections (all sizes in bytes,
+    all durations in seconds)."""
+
+    #: We ask the peer to PAUSE once a connection's receive buffer exceeds this.
+    pause_threshold: int = 2 * MiB
+    #: We ask the peer to RESUME once a read leaves the buffer below this.
+    resume_threshold: int = 256 * KiB
+    #: A connection whose buffer exceeds this (a peer ignoring PAUSE) is cut.
+    hard_buffer_limit: int = 8 * MiB
+    #: Largest payload of one DATA message we send (larger writes are split).
+    max_data_message: int = 32 * KiB
+    #: Largest WebSocket message we accept; a larger one ends the session.
+    max_message_size: int = 16 * MiB
+    #: Connections open at once on one session; further CONNECTs are refused.
+    max_connections_per_session: int = 16384
+    #: Sessions registered under one client key on a server.
+    max_sessions_per_key: int = 64
+    #: Client WebSocket handshake timeout.
+    handshake_timeout: float = 10.0
+    #: Client pings this often.
+    ping_interval: float = 5.0
+    #: A session with no keepalive (pong on the client, ping on the server) for
+    #: this long is dead.
+    read_deadline: float = 60.0
+    #: The client sends SYNC_CONNECTIONS this often.
+    sync_interval: float = 60.0
+    #: Timeout of a local dial made on the peer's behalf.
+    local_dial_timeout: float = 60.0
+    #: How long a write of a control message (ERROR, PAUSE, ...) may block.
+    control_write_timeout: float = 5.0
+    #: Threads that make local dials on the peer's behalf (per process pool).
+    dial_workers: int = 16
+
+    def replace(self, **changes: Any) -> "Limits":
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.resume_threshold < self.pause_threshold <= self.hard_buffer_limit:
+            raise ValueError(
+                "need 0 < resume_threshold < pause_threshold <= hard_buffer_limit"
+            )
+        if self.max_data_message <= 0 or self.max_message_size < self.max_data_message:
+            raise ValueError("need 0 < max_data_message <= max_message_size")
+        for name in ("max_connections_per_session", "max_sessions_per_key", "dial_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,598 @@
+"""A connection tunneled through a session, usable wherever a blocking socket is.
+
+:class:`TunnelConnection` is what :meth:`Session.dial` returns. Received DATA is
+kept in a condition-guarded buffer; readers block on it with the connection's
+timeout. Flow control follows PROTOCOL.md §5 with two separate flags:
+
+* ``we_paused_peer``: we sent PAUSE because our buffer grew past the pause
+  threshold; we send RESUME once a read drains it below the resume threshold.
+* ``peer_paused_us``: the peer sent PAUSE; our writers block until RESUME.
+
+Locking: ``_cond`` guards the buffer, both flags and the closed state. It is
+never held while calling into the session (which takes the session's locks),
+so messages are sent only after ``_cond`` is released.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+
+from .errors import LimitExceededError, RemoteError, TunnelClosedError, TunnelTimeoutError
+from .protocol import EOF_TEXT, TUNNEL_DISCONNECT_TEXT, MessageType
+
+if TYPE_CHECKING:
+    from .session import Session
+
+__all__ = ["TunnelConnection"]
+
+log = logging.getLogger(__name__)
+
+Buffer = Union[bytes, bytearray, memoryview]
+Listener = Callable[["TunnelConnection"], None]
+
+def _ebadf() -> OSError:
+    return OSError(9, "Bad file descriptor")
+
+
+def _eagain() -> BlockingIOError:
+    return BlockingIOError(11, "Resource temporarily unavailable")
+
+
+class _ReadinessSignal:
+    """A socketpair whose read end is readable exactly while ``set``.
+
+    Backs :meth:`TunnelConnection.fileno` so that ``select`` and friends can
+    wait for a tunneled connection. Created lazily: most connections never
+    need a descriptor.
+    """
+
+    def __init__(self) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+        self._is_set = False
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def update(self, readable: bool) -> None:
+        if readable and not self._is_set:
+            self._writer.send(b"\0")
+            self._is_set = True
+        elif not readable and self._is_set:
+            try:
+                self._reader.recv(16)
+            except BlockingIOError:  # pragma: no cover - the byte is always there
+                pass
+            self._is_set = False
+
+    def close(self) -> None:
+        self._reader.close()
+        self._writer.close()
+
+
+class TunnelConnection:
+    """A stream connection carried by a :class:`~remotedialer.session.Session`.
+
+    Behaves like a connected blocking ``socket.socket``: ``recv``,
+    ``recv_into``, ``send``, ``sendall``, ``makefile``, timeouts, ``shutdown``,
+    ``close`` and use as a context manager. Reads return ``b""`` once the far
+    side closed cleanly and raise :class:`~remotedialer.errors.RemoteError`
+    with the far side's text when it closed with an error, or
+    :class:`~remotedialer.errors.TunnelClosedError` when the session ended.
+    """
+
+    def __init__(
+        self,
+        session: "Session",
+        conn_id: int,
+        proto: str,
+        address: str,
+        timeout: Optional[float] = None,
+    ) -> None:
+        self.session = session
+        self.conn_id = conn_id
+        self.proto = proto
+        self.address = address
+        self.family = _family_of(proto, address)
+        self.type = socket.SOCK_STREAM
+        self.created_at = time.monotonic()
+        self._timeout = timeout
+        self._cond = threading.Condition(threading.Lock())
+        # The receive buffer: chunks as they arrived, _offset bytes of the
+        # first one already consumed, _buffered bytes left in all.
+        self._chunks: Deque[Buffer] = collections.deque()
+        self._buffered = 0
+        self._offset = 0
+        self.we_paused_peer = False
+        self.peer_paused_us = False
+        self._read_error: Optional[BaseException] = None  # readers get it once drained
+        self._write_error: Optional[BaseException] = None  # writers get it at once
+        self._read_shut = False  # shutdown(SHUT_RD): reads see EOF
+        self._wire_closed = False  # an ERROR went (or is not owed) either way
+        self._close_requested = False  # close() was called
+        self._closed = False  # really closed: close() and no makefile objects left
+        self._io_refs = 0  # open makefile() objects, as in socket.socket
+        self._listener: Optional[Listener] = None
+        self._signal: Optional[_ReadinessSignal] = None
+        self._sockopts: Dict[Tuple[int, int], Any] = {}
+
+    # ------------------------------------------------------------------ state
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("ended" if self._read_error else "open")
+        return f"<TunnelConnection {self.conn_id} {self.proto}/{self.address} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection was closed on this side."""
+        return self._closed
+
+    @property
+    def ended(self) -> bool:
+        """Whether the connection ended, on either side or with the session."""
+        return self._read_error is not None
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read."""
+        return self._buffered
+
+    def set_listener(self, listener: Optional[Listener]) -> None:
+        """Call ``listener(self)`` after each change an event loop may care
+        about: data arrived, the peer resumed us, or the connection ended. The
+        listener runs on the session's reader thread and must not block."""
+        self._listener = listener
+
+    # --------------------------------------------------------- socket timeouts
+    def settimeout(self, timeout: Optional[float]) -> None:
+        """As ``socket.settimeout``: ``None`` blocks, ``0`` never blocks."""
+        if timeout is not None:
+            timeout = float(timeout)
+            if timeout < 0:
+                raise ValueError("Timeout value out of range")
+        self._timeout = timeout
+
+    def gettimeout(self) -> Optional[float]:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    def _deadline(self) -> Optional[float]:
+        return None if not self._timeout else time.monotonic() + self._timeout
+
+    def _wait(self, deadline: Optional[float]) -> None:
+        """With ``_cond`` held: one wait step honouring the timeout mode."""
+        if self._timeout == 0.0:
+            raise _eagain()
+        if deadline is None:
+            self._cond.wait()
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TunnelTimeoutError("timed out")
+        self._cond.wait(remaining)
+
+    # ------------------------------------------------------------------ reads
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Read up to ``bufsize`` bytes; block per the timeout while none are buffered."""
+        _check_flags(flags)
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recv")
+        with self._cond:
+            if bufsize == 0 or not self._wait_readable():
+                return b""
+            data = self._take(bufsize)
+            resume = self._resume_due()
+        self._after_read(resume)
+        return data
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """Read into a writable buffer; return the number of bytes read (0 at EOF)."""
+        _check_flags(flags)
+        view = memoryview(buffer).cast("B")
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recv_into")
+        if nbytes == 0 or nbytes > len(view):
+            nbytes = len(view)
+        with self._cond:
+            if nbytes == 0 or not self._wait_readable():
+                return 0
+            written = self._take_into(view, nbytes)
+            resume = self._resume_due()
+        self._after_read(resume)
+        return written
+
+    def read_available(self, max_bytes: int) -> Optional[bytes]:
+        """Non-blocking read for event loops: buffered bytes, ``b""`` at EOF, or
+        ``None`` when nothing is buffered yet. Raises like :meth:`recv`."""
+        with self._cond:
+            if not self._buffered and not self.readable_now():
+                return None
+            if not self._wait_readable():
+                return b""
+            data = self._take(max_bytes)
+            resume = self._resume_due()
+        self._after_read(resume)
+        return data
+
+    def readable_now(self) -> bool:
+        """Whether a read would return at once (data, EOF or an error pending)."""
+        return bool(self._buffered) or self._read_error is not None or self._read_shut or self._closed
+
+    def _wait_readable(self) -> bool:
+        """With ``_cond`` held: wait until data is buffered; False means EOF."""
+        deadline = self._deadline()
+        while not self._buffered:
+            if self._closed:
+                raise _ebadf()
+            if self._read_shut:
+                return False
+            if self._read_error is not None:
+                if isinstance(self._read_error, EOFError):
+                    return False
+                raise self._read_error
+            self._wait(deadline)
+        return True
+
+    def _take(self, limit: int) -> bytes:
+        """With ``_cond`` held and data buffered: remove up to ``limit`` bytes."""
+        first = self._chunks[0]
+        if self._offset == 0 and len(first) <= limit:
+            # The common case: hand out a whole chunk without slicing.
+            self._chunks.popleft()
+            self._buffered -= len(first)
+            self._update_signal()
+            return bytes(first)
+        out = bytearray(min(limit, self._buffered))
+        self._take_into(memoryview(out), len(out))
+        return bytes(out)
+
+    def _take_into(self, view: memoryview, limit: int) -> int:
+        """With ``_cond`` held: copy up to ``limit`` buffered bytes into ``view``."""
+        written = 0
+        while written < limit and self._chunks:
+            chunk = self._chunks[0]
+            count = min(limit - written, len(chunk) - self._offset)
+            view[written : written + count] = chunk[self._offset : self._offset + count]
+            written += count
+            self._offset += count
+            if self._offset == len(chunk):
+                self._chunks.popleft()
+                self._offset = 0
+        self._buffered -= written
+        self._update_signal()
+        return written
+
+    def _resume_due(self) -> bool:
+        """With ``_cond`` held: whether this read should send RESUME."""
+        if self.we_paused_peer and self._buffered < self.session.limits.resume_threshold:
+            self.we_paused_peer = False
+            return not self._wire_closed
+        return False
+
+    def _after_read(self, resume: bool) -> None:
+        if resume:
+            self.session._send_control(MessageType.RESUME, self.conn_id)
+            self.session.observer.connection_resumed(self.session, self)
+
+    # ----------------------------------------------------------------- writes
+    def send(self, data: Buffer, flags: int = 0) -> int:
+        """Send up to one DATA message worth of ``data``; return how much was sent.
+
+        Blocks while the peer has paused us, bounded by the timeout.
+        """
+        _check_flags(flags)
+        view = memoryview(data).cast("B")
+        deadline = self._deadline()
+        self._wait_writable(deadline)
+        if not len(view):
+            return 0
+        count = min(len(view), self.session.limits.max_data_message)
+        self.session._send_data(self, view[:count], _remaining(deadline))
+        return count
+
+    def sendall(self, data: Buffer, flags: int = 0) -> None:
+        """Send all of ``data``; the timeout bounds the whole call."""
+        _check_flags(flags)
+        view = memoryview(data).cast("B")
+        deadline = self._deadline()
+        sent = 0
+        while sent < len(view):
+            self._wait_writable(deadline)
+            count = min(len(view) - sent, self.session.limits.max_data_message)
+            self.session._send_data(self, view[sent : sent + count], _remaining(deadline))
+            sent += count
+
+    def try_send(self, data: Buffer) -> int:
+        """For event loops: send one DATA message worth of ``data`` unless the
+        peer has paused us; return the bytes sent (0 while paused). Raises like
+        :meth:`send` once the connection ended."""
+        with self._cond:
+            if self._closed:
+                raise _ebadf()
+            if self._write_error is not None:
+                raise self._write_error
+            if self.peer_paused_us:
+                return 0
+        view = memoryview(data).cast("B")
+        count = min(len(view), self.session.limits.max_data_message)
+        self.session._send_data(self, view[:count], None)
+        return count
+
+    def writable_now(self) -> bool:
+        """Whether a send would not block on flow control."""
+        return not self.peer_paused_us or self._write_error is not None or self._closed
+
+    def _wait_writable(self, deadline: Optional[float]) -> None:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise _ebadf()
+                if self._write_error is not None:
+                    raise self._write_error
+                if not self.peer_paused_us:
+                    return
+                self._wait(deadline)
+
+    # ---------------------------------------------- events from the session
+    def _feed(self, payload: Buffer) -> None:
+        """Reader thread: a DATA payload arrived for this connection."""
+        pause = overflow = False
+        with self._cond:
+            if self._read_error is not None or self._closed or self._read_shut:
+                return
+            if len(payload):
+                self._chunks.append(payload)
+                self._buffered += len(payload)
+            limits = self.session.limits
+            if self._buffered > limits.hard_buffer_limit:
+                overflow = True
+            elif self._buffered > limits.pause_threshold and not self.we_paused_peer:
+                self.we_paused_peer = pause = True
+            self._cond.notify_all()
+            self._update_signal()
+        if overflow:
+            log.warning(
+                "%s: peer ignored PAUSE, buffer over %d bytes; cutting the connection",
+                self, self.session.limits.hard_buffer_limit,
+            )
+            self.abort(LimitExceededError("receive buffer limit exceeded"))
+            return
+        if pause:
+            self.session._send_control(MessageType.PAUSE, self.conn_id)
+            self.session.observer.connection_paused(self.session, self)
+        self._notify()
+
+    def _set_peer_paused(self, paused: bool) -> None:
+        """Reader thread: the peer sent PAUSE (True) or RESUME (False)."""
+        with self._cond:
+            self.peer_paused_us = paused
+            self._cond.notify_all()
+        if not paused:
+            self._notify()
+
+    def _end(self, error: BaseException, peer_gone: bool = True) -> bool:
+        """The connection ended: readers get ``error`` once the buffer drains,
+        writers at once. ``peer_gone`` means the far side already knows (it
+        sent ERROR, or the session ended), so no ERROR is owed. True if it was
+        still open."""
+        with self._cond:
+            if peer_gone:
+                self._wire_closed = True
+            if self._read_error is not None:
+                return False
+            self._read_error = error
+            if self._write_error is None:
+                eof = isinstance(error, EOFError)
+                self._write_error = BrokenPipeError(32, "Broken pipe") if eof else error
+            self._cond.notify_all()
+            self._update_signal()
+        self._notify()
+        return True
+
+    def _notify(self) -> None:
+        listener = self._listener
+        if listener is not None:
+            try:
+                listener(self)
+            except Exception:  # a listener bug must not kill the reader thread
+                log.exception("connection listener failed for %s", self)
+
+    def _update_signal(self) -> None:
+        if self._signal is not None:
+            self._signal.update(self.readable_now())
+
+    # ---------------------------------------------------------------- closing
+    def shutdown(self, how: int) -> None:
+        """``SHUT_RD`` discards further data, ``SHUT_WR`` refuses further sends,
+        ``SHUT_RDWR`` also ends the connection on the wire. The protocol has no
+        half-close, so the far side learns nothing from ``SHUT_WR`` alone."""
+        if how not in (socket.SHUT_RD, socket.SHUT_WR, socket.SHUT_RDWR):
+            raise ValueError("invalid shutdown mode")
+        with self._cond:
+            if self._closed:
+                raise _ebadf()
+            if how != socket.SHUT_WR:
+                self._read_shut = True
+                self._chunks.clear()
+                self._buffered = self._offset = 0
+            if how != socket.SHUT_RD and self._write_error is None:
+                self._write_error = BrokenPipeError(32, "Broken pipe")
+            self._cond.notify_all()
+            self._update_signal()
+        if how == socket.SHUT_RDWR:
+            self._finish(EOF_TEXT)
+        self._notify()
+
+    def close(self) -> None:
+        """Close this side: sends ``ERROR EOF`` unless the connection already
+        ended. As with ``socket.close``, objects from :meth:`makefile` keep the
+        connection usable until they are closed too."""
+        with self._cond:
+            self._close_requested = True
+            if self._io_refs > 0:
+                return  # deferred until the last makefile object closes
+        self._real_close()
+
+    def abort(self, error: BaseException) -> None:
+        """End the connection at once: local readers and writers get ``error``
+        and the peer gets its text as ERROR."""
+        self._end(error, peer_gone=False)
+        self._finish(str(error) or EOF_TEXT)
+
+    def _real_close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._chunks.clear()
+            self._buffered = 0
+            self._cond.notify_all()
+            signal, self._signal = self._signal, None
+        if signal is not None:
+            signal.close()
+        self._finish(EOF_TEXT)
+        self._notify()
+
+    def _finish(self, text: str) -> None:
+        """Forget the connection and, unless the peer already knows it ended,
+        send it ``ERROR text`` (at most once)."""
+        with self._cond:
+            owed = not self._wire_closed
+            self._wire_closed = True
+            if self._read_error is None:
+                self._read_error = TunnelClosedError("connection closed")
+                self._write_error = self._write_error or BrokenPipeError(32, "Broken pipe")
+                self._cond.notify_all()
+                self._update_signal()
+        self.session._remove_connection(self)
+        if owed:
+            self.session._send_control(MessageType.ERROR, self.conn_id, text.encode())
+
+    def _decref_socketios(self) -> None:
+        """Called by ``socket.SocketIO.close`` (makefile objects)."""
+        with self._cond:
+            self._io_refs -= 1
+            run_close = self._close_requested and self._io_refs <= 0
+        if run_close:
+            self._real_close()
+
+    def __enter__(self) -> "TunnelConnection":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------- socket extras
+    def makefile(
+        self,
+        mode: str = "r",
+        buffering: Optional[int] = None,
+        *,
+        encoding: Optional[str] = None,
+        errors: Optional[str] = None,
+        newline: Optional[str] = None,
+    ) -> Any:
+        """A file object over the connection, with ``socket.makefile`` semantics."""
+        if not set(mode) <= {"r", "w", "b"}:
+            raise ValueError(f"invalid mode {mode!r} (only r, w, b allowed)")
+        writing = "w" in mode
+        reading = "r" in mode or not writing
+        rawmode = ("r" if reading else "") + ("w" if writing else "")
+        raw = socket.SocketIO(self, rawmode)  # type: ignore[arg-type]
+        with self._cond:
+            self._io_refs += 1
+        if buffering is None or buffering < 0:
+            buffering = io.DEFAULT_BUFFER_SIZE
+        if buffering == 0:
+            if "b" not in mode:
+                raise ValueError("unbuffered streams must be binary")
+            return raw
+        buffer: Any
+        if reading and writing:
+            buffer = io.BufferedRWPair(raw, raw, buffering)
+        elif reading:
+            buffer = io.BufferedReader(raw, buffering)
+        else:
+            buffer = io.BufferedWriter(raw, buffering)
+        if "b" in mode:
+            return buffer
+        text = io.TextIOWrapper(buffer, encoding, errors, newline)
+        text.mode = mode  # type: ignore[misc]
+        return text
+
+    def fileno(self) -> int:
+        """A descriptor that polls readable exactly when :meth:`recv` would not
+        block; -1 once closed."""
+        with self._cond:
+            if self._closed:
+                return -1
+            if self._signal is None:
+                self._signal = _ReadinessSignal()
+                self._signal.update(self.readable_now())
+            return self._signal.fileno()
+
+    def getpeername(self) -> Union[Tuple[str, int], str]:
+        """The dialed address, as ``(host, port)`` for TCP (names are not resolved)."""
+        return _split_address(self.proto, self.address)
+
+    def getsockname(self) -> Union[Tuple[str, int], str]:
+        """There is no local address on this side of a tunnel: an unspecified one."""
+        if self.family == socket.AF_UNIX:
+            return ""
+        return ("::", 0) if self.family == socket.AF_INET6 else ("0.0.0.0", 0)
+
+    def setsockopt(self, level: int, option: int, value: Any, *args: Any) -> None:
+        """Accepted and remembered; socket options have no effect on a tunnel."""
+        self._sockopts[(level, option)] = value
+
+    def getsockopt(self, level: int, option: int, buflen: int = 0) -> Any:
+        return self._sockopts.get((level, option), 0)
+
+
+def _check_flags(flags: int) -> None:
+    if flags:
+        raise ValueError("flags are not supported on a tunneled connection")
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _split_address(proto: str, address: str) -> Union[Tuple[str, int], str]:
+    if proto == "unix":
+        return address
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return host, int(port)
+    except ValueError:
+        return address, 0
+
+
+def _family_of(proto: str, address: str) -> int:
+    if proto == "unix":
+        return getattr(socket, "AF_UNIX", socket.AF_INET)
+    return socket.AF_INET6 if address.startswith("[") else socket.AF_INET
+
+
+def end_all(connections: List[TunnelConnection], error_text: str = TUNNEL_DISCONNECT_TEXT) -> None:
+    """Fail every connection at once (session end): no call stays blocked."""
+    for conn in connections:
+        conn._end(TunnelClosedError(error_text))
+
+
+def remote_error(text: str) -> BaseException:
+    """What local readers see for a peer's ERROR text (``EOF`` is a clean end)."""
+    return EOFError() if text == EOF_TEXT else RemoteError(text)

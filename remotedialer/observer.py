@@ -1,0 +1,52 @@
+"""Hooks for metrics and tracing.
+
+Sessions report what happens to an :class:`Observer`. The base class does
+nothing; ``remotedialer.metrics`` provides a Prometheus implementation. Hooks
+run on the thread that caused the event (often a session's reader thread) and
+must be quick and must not raise.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .connection import TunnelConnection
+    from .session import Session
+
+__all__ = ["Observer", "NULL_OBSERVER"]
+
+
+class Observer:
+    """Receives session, connection and traffic events. Override what you need."""
+
+    def session_started(self, session: "Session") -> None:
+        """A session began serving."""
+
+    def session_ended(self, session: "Session", reason: str) -> None:
+        """A session ended; ``reason`` says why."""
+
+    def connection_added(self, session: "Session", conn: "TunnelConnection") -> None:
+        """A connection was registered (dialed by us or by the peer)."""
+
+    def connection_removed(self, session: "Session", conn: "TunnelConnection") -> None:
+        """A connection left the session's table."""
+
+    def connection_paused(self, session: "Session", conn: "TunnelConnection") -> None:
+        """We asked the peer to pause sending on ``conn``."""
+
+    def connection_resumed(self, session: "Session", conn: "TunnelConnection") -> None:
+        """We asked the peer to resume sending on ``conn``."""
+
+    def message_sent(self, session: "Session", message_type: int, payload_size: int) -> None:
+        """A protocol message went out."""
+
+    def message_send_failed(self, session: "Session", message_type: int, payload_size: int) -> None:
+        """A protocol message could not be sent."""
+
+    def message_received(self, session: "Session", message_type: int, payload_size: int) -> None:
+        """A protocol message came in."""
+
+
+NULL_OBSERVER = Observer()
+"""The do-nothing observer used when none is given."""

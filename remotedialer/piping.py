@@ -1,0 +1,496 @@
+"""Moving bytes between tunneled connections and real sockets, without a thread
+per connection.
+
+A :class:`Piper` runs one selector thread that copies both ways between pairs
+of endpoints: a local socket and a :class:`TunnelConnection` (the client side
+of a dial, a forwarded port, ``as_socket``), or two tunneled connections (a
+server relaying for a peer). Flow control carries through: while the peer has
+paused us we stop reading the local socket, and while the local socket does not
+drain we stop reading the tunnel, whose buffer then PAUSEs the peer.
+
+:class:`LocalDialer` is the client's connect handler: it checks the connect
+authorizer, dials the target on a small bounded thread pool, and hands the
+result to a :class:`Piper`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import selectors
+import socket
+import threading
+from typing import Callable, Dict, Optional, Set
+
+from .config import DEFAULT_LIMITS, Limits
+from .connection import TunnelConnection
+from .errors import ConnectNotAllowedError, DialError, RemoteError
+
+__all__ = [
+    "Piper",
+    "LocalDialer",
+    "ConnectAuthorizer",
+    "SocketDialer",
+    "dial_socket",
+    "default_piper",
+]
+
+log = logging.getLogger(__name__)
+
+ConnectAuthorizer = Callable[[str, str], bool]
+"""``(proto, address) -> allowed``: whether the peer may dial that target here."""
+
+SocketDialer = Callable[[str, str, Optional[float]], socket.socket]
+"""``(proto, address, timeout) -> connected socket``: how local targets are dialed."""
+
+CHUNK = 64 * 1024
+# Bytes one pipe direction may move per turn before others get theirs.
+TURN_BUDGET = 512 * 1024
+
+
+def dial_socket(proto: str, address: str, timeout: Optional[float]) -> socket.socket:
+    """Dial ``proto/address`` locally: ``tcp``/``tcp4``/``tcp6`` ``host:port`` or
+    ``unix`` path. TCP sockets get ``TCP_NODELAY``."""
+    if proto == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    if proto not in ("tcp", "tcp4", "tcp6"):
+        raise DialError(f"dial {proto} {address}: unknown network {proto}")
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise DialError(f"dial {proto} {address}: missing port in address")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class _Direction:
+    """One direction of a pipe: bytes read from the source and not yet written."""
+
+    __slots__ = ("pending", "eof")
+
+    def __init__(self) -> None:
+        self.pending: Optional[memoryview] = None
+        self.eof = False
+
+
+class _Pipe:
+    """Base of the two pipe kinds; ``service`` runs on the piper thread only."""
+
+    def __init__(self, piper: "Piper", on_done: Optional[Callable[[], None]]) -> None:
+        self.piper = piper
+        self.on_done = on_done
+        self.done = False
+
+    def service(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        self.done = True
+        self.piper._forget(self)
+        if self.on_done is not None:
+            try:
+                self.on_done()
+            except Exception:
+                log.exception("pipe completion callback failed")
+
+
+def _write_tunnel(conn: TunnelConnection, direction: _Direction) -> bool:
+    """Send pending bytes into ``conn`` while the peer lets us; True if all went."""
+    while direction.pending is not None:
+        sent = conn.try_send(direction.pending)
+        if sent == 0:
+            return False
+        rest = direction.pending[sent:]
+        direction.pending = rest if len(rest) else None
+    return True
+
+
+def _read_tunnel(conn: TunnelConnection, direction: _Direction) -> bool:
+    """Take buffered bytes from ``conn`` into ``direction``; False if none yet."""
+    data = conn.read_available(CHUNK)
+    if data is None:
+        return False
+    if data:
+        direction.pending = memoryview(data)
+    else:
+        direction.eof = True
+    return True
+
+
+class _SocketPipe(_Pipe):
+    """Copies between a non-blocking local socket and a tunneled connection."""
+
+    def __init__(
+        self,
+        piper: "Piper",
+        sock: socket.socket,
+        conn: TunnelConnection,
+        on_done: Optional[Callable[[], None]],
+    ) -> None:
+        super().__init__(piper, on_done)
+        self.sock = sock
+        self.conn = conn
+        self.to_tunnel = _Direction()
+        self.to_socket = _Direction()
+        self.events = 0
+
+    def __repr__(self) -> str:
+        return f"<pipe {self.sock.fileno()} <-> {self.conn}>"
+
+    def service(self) -> None:
+        try:
+            more = self._socket_to_tunnel() | self._tunnel_to_socket()
+        except (RemoteError, ConnectionError, OSError) as exc:
+            self._close(exc)
+            return
+        if self.to_tunnel.eof and self.to_tunnel.pending is None:
+            self._close(None)  # local side ended and everything read was sent
+            return
+        if self.to_socket.eof and self.to_socket.pending is None:
+            self._close(None)  # far side ended and everything was delivered
+            return
+        wanted = 0
+        if self.to_tunnel.pending is None and not self.to_tunnel.eof and self.conn.writable_now():
+            wanted |= selectors.EVENT_READ
+        if self.to_socket.pending is not None:
+            wanted |= selectors.EVENT_WRITE
+        self.piper._set_interest(self, self.sock, wanted)
+        if more:
+            self.piper._mark(self)
+
+    def _socket_to_tunnel(self) -> bool:
+        """Local socket -> tunnel. True if the turn's budget ran out."""
+        moved = 0
+        direction = self.to_tunnel
+        while moved < TURN_BUDGET:
+            if not _write_tunnel(self.conn, direction):
+                return False
+            if direction.eof:
+                return False
+            try:
+                data = self.sock.recv(CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return False
+            if not data:
+                direction.eof = True
+                return False
+            direction.pending = memoryview(data)
+            moved += len(data)
+        return True
+
+    def _tunnel_to_socket(self) -> bool:
+        """Tunnel -> local socket. True if the turn's budget ran out."""
+        moved = 0
+        direction = self.to_socket
+        while moved < TURN_BUDGET:
+            if direction.pending is None:
+                if direction.eof or not _read_tunnel(self.conn, direction):
+                    return False
+                continue
+            try:
+                sent = self.sock.send(direction.pending)
+            except (BlockingIOError, InterruptedError):
+                return False
+            moved += sent
+            rest = direction.pending[sent:]
+            direction.pending = rest if len(rest) else None
+        return True
+
+    def _close(self, error: Optional[BaseException]) -> None:
+        self.piper._set_interest(self, self.sock, 0)
+        self.conn.set_listener(None)
+        if error is None or self.conn.ended:
+            self.conn.close()
+        else:
+            self.conn.abort(error)  # a local socket error: tell the peer its text
+        try:
+            self.sock.close()
+        except OSError:  # pragma: no cover
+            pass
+        self._finish()
+
+
+class _TunnelPipe(_Pipe):
+    """Copies between two tunneled connections (a server relaying for a peer)."""
+
+    def __init__(
+        self,
+        piper: "Piper",
+        first: TunnelConnection,
+        second: TunnelConnection,
+        on_done: Optional[Callable[[], None]],
+    ) -> None:
+        super().__init__(piper, on_done)
+        self.ends = ((first, second, _Direction()), (second, first, _Direction()))
+
+    def service(self) -> None:
+        more = False
+        for source, target, direction in self.ends:
+            moved = 0
+            try:
+                while moved < TURN_BUDGET:
+                    if direction.pending is not None and not _write_tunnel(target, direction):
+                        break
+                    if direction.eof:
+                        self._close(source, target, None)
+                        return
+                    if not _read_tunnel(source, direction):
+                        break
+                    moved += len(direction.pending) if direction.pending is not None else 0
+                else:
+                    more = True
+            except (RemoteError, ConnectionError, OSError) as exc:
+                self._close(source, target, exc)
+                return
+        if more:
+            self.piper._mark(self)
+
+    def _close(
+        self, source: TunnelConnection, target: TunnelConnection, error: Optional[BaseException]
+    ) -> None:
+        for conn in (source, target):
+            conn.set_listener(None)
+        if isinstance(error, RemoteError):
+            target.abort(RemoteError(error.remote_message))
+        else:
+            target.close()
+        source.close()
+        self._finish()
+
+
+class Piper:
+    """One selector thread copying between endpoint pairs (see the module doc).
+
+    Pipes are serviced when their socket is ready or their tunneled
+    connection signals (data, resume, end). Each turn moves a bounded number
+    of bytes per direction so one busy pipe cannot starve the others.
+    """
+
+    def __init__(self, name: str = "remotedialer-piper") -> None:
+        self._name = name
+        self._lock = threading.Lock()  # guards _dirty, _wake_sent, _thread, _stopped
+        self._dirty: Set[_Pipe] = set()
+        self._wake_sent = False
+        self._stopped = False
+        self._thread: Optional[threading.Thread] = None
+        self._selector = selectors.DefaultSelector()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        # Piper-thread state:
+        self._interest: Dict[int, int] = {}
+        self._pipes: Set[_Pipe] = set()
+
+    @property
+    def active_pipes(self) -> int:
+        """Pipes currently copying."""
+        return len(self._pipes)
+
+    def pipe_socket(
+        self,
+        sock: socket.socket,
+        conn: TunnelConnection,
+        on_done: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """Copy both ways between ``sock`` and ``conn`` until either ends, then
+        close both. Takes ownership of both; ``sock`` is made non-blocking."""
+        sock.setblocking(False)
+        self._add(_SocketPipe(self, sock, conn, on_done), conn)
+
+    def pipe_tunnels(
+        self,
+        first: TunnelConnection,
+        second: TunnelConnection,
+        on_done: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """Copy both ways between two tunneled connections until either ends."""
+        pipe = _TunnelPipe(self, first, second, on_done)
+        self._add(pipe, first, second)
+
+    def stop(self) -> None:
+        """Stop the thread; pipes still open are closed."""
+        with self._lock:
+            self._stopped = True
+        self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+
+    def _add(self, pipe: _Pipe, *conns: TunnelConnection) -> None:
+        def listener(_conn: TunnelConnection) -> None:
+            self._mark(pipe)
+
+        for conn in conns:
+            conn.set_listener(listener)
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("piper stopped")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._mark(pipe)
+
+    def _mark(self, pipe: _Pipe) -> None:
+        """Ask for ``pipe`` to be serviced soon (any thread)."""
+        with self._lock:
+            self._dirty.add(pipe)
+            if self._wake_sent or threading.current_thread() is self._thread:
+                return
+            self._wake_sent = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _forget(self, pipe: _Pipe) -> None:
+        self._pipes.discard(pipe)
+
+    def _set_interest(self, pipe: _Pipe, sock: socket.socket, events: int) -> None:
+        """Piper thread: (un)register ``sock`` for ``events``."""
+        fd = sock.fileno()
+        if fd < 0:
+            return
+        current = self._interest.get(fd, 0)
+        if events == current:
+            return
+        if not events:
+            self._selector.unregister(fd)
+            del self._interest[fd]
+        elif not current:
+            self._selector.register(fd, events, pipe)
+            self._interest[fd] = events
+        else:
+            self._selector.modify(fd, events, pipe)
+            self._interest[fd] = events
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    stopped = self._stopped
+                    busy = bool(self._dirty)
+                if stopped:
+                    break
+                for key, _mask in self._selector.select(0 if busy else None):
+                    if key.data is None:
+                        self._drain_wake()
+                    else:
+                        with self._lock:
+                            self._dirty.add(key.data)
+                with self._lock:
+                    dirty, self._dirty = self._dirty, set()
+                for pipe in dirty:
+                    if not pipe.done:
+                        self._pipes.add(pipe)
+                        pipe.service()
+        except Exception:  # pragma: no cover - a bug here must be loud
+            log.exception("piper thread failed")
+        finally:
+            self._shutdown()
+
+    def _drain_wake(self) -> None:
+        with self._lock:
+            self._wake_sent = False
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _shutdown(self) -> None:
+        for pipe in list(self._pipes):
+            if isinstance(pipe, _SocketPipe):
+                pipe._close(None)
+            elif isinstance(pipe, _TunnelPipe):
+                first, second, _ = pipe.ends[0]
+                pipe._close(first, second, None)
+        self._selector.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+        with self._lock:
+            self._thread = None
+
+
+_default_piper: Optional[Piper] = None
+_default_lock = threading.Lock()
+
+
+def default_piper() -> Piper:
+    """The process-wide piper used when none is given."""
+    global _default_piper
+    with _default_lock:
+        if _default_piper is None:
+            _default_piper = Piper()
+        return _default_piper
+
+
+class LocalDialer:
+    """The client-side connect handler: authorize, dial locally, pipe.
+
+    ``authorizer`` of ``None`` refuses everything (as in Go), but only the
+    connection concerned fails. Dials run on a thread pool of
+    ``limits.dial_workers`` threads, each bounded by ``limits.local_dial_timeout``.
+    """
+
+    def __init__(
+        self,
+        authorizer: Optional[ConnectAuthorizer],
+        dialer: Optional[SocketDialer] = None,
+        limits: Limits = DEFAULT_LIMITS,
+        piper: Optional[Piper] = None,
+    ) -> None:
+        self.authorizer = authorizer
+        self.dialer = dialer or dial_socket
+        self.limits = limits
+        self.piper = piper or default_piper()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=limits.dial_workers, thread_name_prefix="remotedialer-dial"
+        )
+
+    def __call__(self, conn: TunnelConnection) -> None:
+        allowed = False
+        if self.authorizer is not None:
+            try:
+                allowed = bool(self.authorizer(conn.proto, conn.address))
+            except Exception:
+                log.exception("connect authorizer failed for %s/%s", conn.proto, conn.address)
+        if not allowed:
+            log.info("connect not allowed: %s/%s", conn.proto, conn.address)
+            raise ConnectNotAllowedError("connect not allowed")
+        self._pool.submit(self._dial_and_pipe, conn)
+
+    def shutdown(self) -> None:
+        """Stop taking dials; running ones finish."""
+        self._pool.shutdown(wait=False)
+
+    def _dial_and_pipe(self, conn: TunnelConnection) -> None:
+        if conn.ended:
+            return
+        try:
+            sock = self.dialer(conn.proto, conn.address, self.limits.local_dial_timeout)
+        except DialError as exc:
+            conn.abort(exc)
+            return
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            conn.abort(DialError(f"dial {conn.proto} {conn.address}: {reason}", exc))
+            return
+        if conn.ended:
+            sock.close()
+            conn.close()
+            return
+        self.piper.pipe_socket(sock, conn)
+

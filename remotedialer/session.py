@@ -1,0 +1,466 @@
+"""One WebSocket's worth of multiplexed connections.
+
+A :class:`Session` owns a :class:`~remotedialer.transport.Transport`, a table of
+:class:`~remotedialer.connection.TunnelConnection` objects keyed by connection
+id, and the thread that reads messages (whoever calls :meth:`Session.serve`).
+It handles every message type as PROTOCOL.md describes.
+
+Locks, in the order they may nest:
+
+* ``_lock`` guards the connection table, the id counter and ``_closed``;
+* ``_write_lock`` serializes ``transport.send``; nothing else is taken while
+  it is held.
+
+A connection's own ``_cond`` is never held while either is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+from . import heartbeat as heartbeat_module
+from .config import DEFAULT_LIMITS, Limits
+from .connection import TunnelConnection, end_all, remote_error
+from .errors import (
+    ConnectNotAllowedError,
+    LimitExceededError,
+    ProtocolError,
+    TunnelClosedError,
+    TunnelTimeoutError,
+)
+from .observer import NULL_OBSERVER, Observer
+from .protocol import (
+    GLOBAL_MESSAGE_IDS,
+    TUNNEL_DISCONNECT_TEXT,
+    Bytes,
+    Message,
+    MessageType,
+    decode_message,
+    decode_sync_payload,
+    encode_data_header,
+    encode_message,
+    encode_sync_payload,
+    split_client_address,
+)
+from .transport import Transport, TransportClosed
+
+__all__ = ["Session", "ConnectHandler", "ClientListener"]
+
+log = logging.getLogger(__name__)
+trace_log = logging.getLogger("remotedialer.trace")
+
+ConnectHandler = Callable[[TunnelConnection], None]
+"""Called on the reader thread with a new connection the peer dialed (its
+``proto`` and ``address`` say where to). Must not block: it hands the work to
+another thread, and closes or aborts the connection to refuse it."""
+
+ClientListener = Callable[["Session", bool, str, int], None]
+"""Called with ``(session, added, client_key, session_key)`` for each
+ADD_CLIENT (``added`` true) and REMOVE_CLIENT message (peering)."""
+
+# Connection ids: a server's counter starts at 1 and is incremented before use
+# (the first connection gets id 2, as in Go). A client dialing the server counts
+# from far above, so dials in both directions never collide.
+_SERVER_DIAL_ID_START = 1
+_CLIENT_DIAL_ID_START = 1 << 32
+
+
+def tracing_enabled() -> bool:
+    """Whether ``CATTLE_TUNNEL_DATA_DEBUG=true`` asks to log every message."""
+    return os.environ.get("CATTLE_TUNNEL_DATA_DEBUG", "").lower() == "true"
+
+
+class Session:
+    """A multiplexed tunnel over one WebSocket.
+
+    ``is_client`` is true on the side that opened the WebSocket: it pings and
+    sends SYNC_CONNECTIONS. ``connect_handler`` serves CONNECTs from the peer;
+    without one every CONNECT is answered with ERROR on that connection alone.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        is_client: bool,
+        client_key: str = "",
+        session_key: Optional[int] = None,
+        connect_handler: Optional[ConnectHandler] = None,
+        client_listener: Optional[ClientListener] = None,
+        limits: Limits = DEFAULT_LIMITS,
+        observer: Optional[Observer] = None,
+        heartbeat: Optional["heartbeat_module.Heartbeat"] = None,
+    ) -> None:
+        self.transport = transport
+        self.is_client = is_client
+        self.client_key = client_key
+        self.session_key = random.getrandbits(63) if session_key is None else session_key
+        self.connect_handler = connect_handler
+        self.client_listener = client_listener
+        self.limits = limits
+        self.observer = observer or NULL_OBSERVER
+        self._heartbeat = heartbeat or heartbeat_module.default()
+        self._trace = tracing_enabled()
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._connections: Dict[int, TunnelConnection] = {}
+        self._next_conn_id = _CLIENT_DIAL_ID_START if is_client else _SERVER_DIAL_ID_START
+        self._closed = False
+        self._close_reason = ""
+        self._ended = threading.Event()
+        self._close_callbacks: List[Callable[["Session"], None]] = []
+        self._sync_seen: frozenset = frozenset()  # conn ids present at the last SYNC received
+        now = time.monotonic()
+        self._next_ping = now
+        self._next_sync = now + limits.sync_interval
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._close_reason}" if self._closed else "open"
+        return (
+            f"<Session {self.client_key or '-'}/{self.session_key} "
+            f"{'client' if self.is_client else 'server'} {self.transport.describe()} {state}>"
+        )
+
+    # ------------------------------------------------------------- lifecycle
+    @property
+    def closed(self) -> bool:
+        """Whether the session ended."""
+        return self._closed
+
+    @property
+    def close_reason(self) -> str:
+        """Why the session ended ("" while open)."""
+        return self._close_reason
+
+    def wait_closed(self, timeout: Optional[float] = None) -> bool:
+        """Block until the session ends or ``timeout`` passes; True if it ended."""
+        return self._ended.wait(timeout)
+
+    def add_close_callback(self, callback: Callable[["Session"], None]) -> None:
+        """Call ``callback(session)`` once the session ended (at once if it has)."""
+        with self._lock:
+            if not self._closed:
+                self._close_callbacks.append(callback)
+                return
+        callback(self)
+
+    def serve(self) -> str:
+        """Read and handle messages on the calling thread until the session
+        ends; return the reason it ended. Never raises for network or protocol
+        trouble: those end the session."""
+        self.observer.session_started(self)
+        self._heartbeat.register(self)
+        reason = "closed"
+        try:
+            while not self._closed:
+                data = self.transport.receive()
+                self._handle(data)
+        except TransportClosed as exc:
+            reason = str(exc) or "websocket closed"
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            log.warning("%s: %s", self, reason)
+        except Exception as exc:  # a bug or an OS error must still end the session
+            reason = f"{type(exc).__name__}: {exc}"
+            log.exception("%s: reader failed", self)
+        finally:
+            self.close(reason)
+        return self._close_reason
+
+    def start(self, name: Optional[str] = None) -> threading.Thread:
+        """Run :meth:`serve` on a new daemon thread and return it."""
+        thread = threading.Thread(
+            target=self.serve, name=name or f"remotedialer-session-{self.session_key}", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def close(self, reason: str = "closed") -> None:
+        """End the session: close the WebSocket and fail every connection with
+        "tunnel disconnect" at once. Idempotent, callable from any thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._close_reason = reason
+            connections = list(self._connections.values())
+            self._connections.clear()
+            callbacks, self._close_callbacks = self._close_callbacks, []
+        log.debug("%s ended: %s", self, reason)
+        self._heartbeat.unregister(self)
+        try:
+            self.transport.close()
+        except Exception:  # pragma: no cover - closing must not fail the caller
+            log.debug("closing transport failed", exc_info=True)
+        end_all(connections, TUNNEL_DISCONNECT_TEXT)
+        for conn in connections:
+            self.observer.connection_removed(self, conn)
+        self._ended.set()
+        self.observer.session_ended(self, reason)
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("session close callback failed")
+
+    # ---------------------------------------------------------------- dialing
+    def dial(self, proto: str, address: str, timeout: Optional[float] = None) -> TunnelConnection:
+        """Open a connection to ``proto/address`` on the far side.
+
+        Does not wait for the far side: a failed dial there shows up as the
+        first read raising :class:`~remotedialer.errors.RemoteError`. The
+        connection's timeout starts as ``timeout``, as with
+        ``socket.create_connection``. Raises
+        :class:`~remotedialer.errors.TunnelClosedError` at once if the session
+        has ended and :class:`~remotedialer.errors.LimitExceededError` when the
+        session holds its maximum number of connections.
+        """
+        if "/" in proto:
+            raise ValueError(f"proto may not contain '/': {proto!r}")
+        with self._lock:
+            if self._closed:
+                raise TunnelClosedError(f"session ended: {self._close_reason}")
+            if len(self._connections) >= self.limits.max_connections_per_session:
+                raise LimitExceededError("too many connections on this session")
+            self._next_conn_id += 1
+            conn = TunnelConnection(self, self._next_conn_id, proto, address, timeout)
+            self._connections[conn.conn_id] = conn
+        self.observer.connection_added(self, conn)
+        payload = f"{proto}/{address}".encode()
+        try:
+            self._write(MessageType.CONNECT, conn.conn_id, payload, timeout)
+        except BaseException:
+            self._remove_connection(conn)
+            conn._end(TunnelClosedError("dial failed"))
+            raise
+        return conn
+
+    def connections(self) -> List[TunnelConnection]:
+        """A snapshot of the open connections."""
+        with self._lock:
+            return list(self._connections.values())
+
+    def connection_ids(self) -> List[int]:
+        """The sorted ids of the open connections."""
+        with self._lock:
+            return sorted(self._connections)
+
+    # ------------------------------------------------------------ peering API
+    def send_client_added(self, client_key: str, session_key: int) -> None:
+        """Send ADD_CLIENT ``client_key/session_key`` (a server telling a peer)."""
+        self._send_control(MessageType.ADD_CLIENT, 0, f"{client_key}/{session_key}".encode())
+
+    def send_client_removed(self, client_key: str, session_key: int) -> None:
+        """Send REMOVE_CLIENT ``client_key/session_key``."""
+        self._send_control(MessageType.REMOVE_CLIENT, 0, f"{client_key}/{session_key}".encode())
+
+    def send_sync(self) -> None:
+        """Send SYNC_CONNECTIONS with the ids of every open connection."""
+        self._send_control(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload(self.connection_ids()))
+
+    # -------------------------------------------------------------- heartbeat
+    def heartbeat(self, now: float) -> float:
+        """Called periodically by the heartbeat thread: end a session whose
+        peer went silent, ping and sync on the client side. Returns the
+        longest the caller may wait before calling again."""
+        if self._closed:
+            return self.limits.ping_interval
+        silent = now - self.transport.last_keepalive
+        if silent > self.limits.read_deadline:
+            self.close(f"no keepalive for {silent:.1f}s")
+            return self.limits.ping_interval
+        wait = self.limits.read_deadline - silent
+        if self.is_client:
+            if now >= self._next_ping:
+                self._next_ping = now + self.limits.ping_interval
+                self._ping()
+            if now >= self._next_sync:
+                self._next_sync = now + self.limits.sync_interval
+                self.send_sync()
+            wait = min(wait, self._next_ping - now, self._next_sync - now)
+        return max(wait, 0.0)
+
+    def _ping(self) -> None:
+        if not self._write_lock.acquire(timeout=min(1.0, self.limits.ping_interval)):
+            return  # the socket is busy or stuck; the read deadline decides
+        try:
+            self.transport.ping()
+        except Exception as exc:
+            self._write_lock.release()
+            self.close(f"ping failed: {exc}")
+            return
+        self._write_lock.release()
+
+    # ------------------------------------------------------------------ writes
+    def _write(self, message_type: int, conn_id: int, payload: Bytes, timeout: Optional[float]) -> None:
+        """Encode and send one message, waiting at most ``timeout`` for the socket."""
+        message_id = GLOBAL_MESSAGE_IDS.next()
+        data = encode_message(message_id, conn_id, message_type, payload)
+        self._send_bytes(data, message_type, conn_id, len(payload), timeout)
+
+    def _send_data(self, conn: TunnelConnection, payload: memoryview, timeout: Optional[float]) -> None:
+        """Send one DATA message for ``conn``. Raises ``BrokenPipeError`` if the
+        connection's ERROR already went out: data never follows a close."""
+        message_id = GLOBAL_MESSAGE_IDS.next()
+        data = encode_data_header(message_id, conn.conn_id) + payload
+        self._send_bytes(data, MessageType.DATA, conn.conn_id, len(payload), timeout, conn)
+
+    def _send_control(self, message_type: int, conn_id: int, payload: bytes = b"") -> bool:
+        """Best-effort send of a control message; False if it could not go out."""
+        try:
+            self._write(message_type, conn_id, payload, self.limits.control_write_timeout)
+            return True
+        except (OSError, TunnelClosedError) as exc:
+            log.debug("%s: could not send %s for %d: %s", self, message_type, conn_id, exc)
+            return False
+
+    def _send_bytes(
+        self,
+        data: bytes,
+        message_type: int,
+        conn_id: int,
+        payload_size: int,
+        timeout: Optional[float],
+        conn: Optional[TunnelConnection] = None,
+    ) -> None:
+        if self._closed:
+            raise TunnelClosedError(f"session ended: {self._close_reason}")
+        if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
+            self.observer.message_send_failed(self, message_type, payload_size)
+            raise TunnelTimeoutError("timed out waiting to write to the tunnel")
+        try:
+            if conn is not None and conn._wire_closed:
+                raise BrokenPipeError(32, "Broken pipe")
+            if self._trace:
+                trace_log.debug("%s send %r", self, decode_message(data))
+            self.transport.send(data)
+        except TransportClosed as exc:
+            failure: Optional[BaseException] = exc
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError) and conn is not None:
+                raise
+            failure = exc
+        else:
+            failure = None
+        finally:
+            self._write_lock.release()
+        if failure is not None:
+            self.observer.message_send_failed(self, message_type, payload_size)
+            self.close(f"write failed: {failure}")
+            raise TunnelClosedError(f"session ended: {failure}") from failure
+        self.observer.message_sent(self, message_type, payload_size)
+
+    # ------------------------------------------------------------------- reads
+    def _handle(self, data: bytes) -> None:
+        """Dispatch one received WebSocket message."""
+        if len(data) > self.limits.max_message_size:
+            raise ProtocolError(f"message of {len(data)} bytes over the limit")
+        message = decode_message(data)
+        if self._trace:
+            trace_log.debug("%s recv %r", self, message)
+        self.observer.message_received(self, message.type, len(message.payload))
+        handler = self._HANDLERS.get(message.type)
+        if handler is not None:
+            handler(self, message)
+        # unknown types are ignored, as in Go
+
+    def _on_data(self, message: Message) -> None:
+        conn = self._connections.get(message.conn_id)
+        if conn is None:
+            text = f"connection not found {self.client_key}/{self.session_key}/{message.conn_id}"
+            self._send_control(MessageType.ERROR, message.conn_id, text.encode())
+            return
+        conn._feed(message.payload)
+
+    def _on_connect(self, message: Message) -> None:
+        conn_id = message.conn_id
+        refusal = ""
+        conn = None
+        with self._lock:
+            if self._closed:
+                return
+            if conn_id in self._connections:
+                refusal = "connection id already in use"
+            elif len(self._connections) >= self.limits.max_connections_per_session:
+                refusal = "too many connections"
+            elif self.connect_handler is None:
+                refusal = "connect not allowed"
+            else:
+                conn = TunnelConnection(self, conn_id, message.proto, message.address)
+                self._connections[conn_id] = conn
+        if conn is None:
+            log.info("%s: refused CONNECT %d %s: %s", self, conn_id, message.text, refusal)
+            self._send_control(MessageType.ERROR, conn_id, refusal.encode())
+            return
+        self.observer.connection_added(self, conn)
+        assert self.connect_handler is not None
+        try:
+            self.connect_handler(conn)
+        except ConnectNotAllowedError as exc:
+            conn.abort(exc)
+        except Exception as exc:
+            log.exception("%s: connect handler failed", self)
+            conn.abort(ConnectNotAllowedError(f"connect failed: {exc}"))
+
+    def _on_error(self, message: Message) -> None:
+        with self._lock:
+            conn = self._connections.pop(message.conn_id, None)
+        if conn is not None:
+            conn._end(remote_error(message.text))
+            self.observer.connection_removed(self, conn)
+
+    def _on_pause(self, message: Message) -> None:
+        conn = self._connections.get(message.conn_id)
+        if conn is not None:
+            conn._set_peer_paused(message.type == MessageType.PAUSE)
+
+    def _on_client_change(self, message: Message) -> None:
+        parsed = split_client_address(message.address)
+        if parsed is None:
+            log.warning("%s: invalid remote session %r", self, message.address)
+            return
+        if self.client_listener is not None:
+            self.client_listener(self, message.type == MessageType.ADD_CLIENT, *parsed)
+
+    def _on_sync(self, message: Message) -> None:
+        """Close connections the peer no longer has. A connection is only
+        closed if it was already open at the previous SYNC: one created after
+        the peer took its snapshot is never closed by that snapshot."""
+        active = set(decode_sync_payload(message.payload))
+        with self._lock:
+            stale = [
+                conn for conn_id, conn in self._connections.items()
+                if conn_id not in active and conn_id in self._sync_seen
+            ]
+            for conn in stale:
+                del self._connections[conn.conn_id]
+            self._sync_seen = frozenset(self._connections)
+        for conn in stale:
+            log.debug("%s: %s closed by SYNC_CONNECTIONS", self, conn)
+            conn._end(TunnelClosedError("closed by connection sync"))
+            self.observer.connection_removed(self, conn)
+
+    _HANDLERS: Dict[int, Callable[["Session", Message], None]] = {
+        MessageType.DATA: _on_data,
+        MessageType.CONNECT: _on_connect,
+        MessageType.ERROR: _on_error,
+        MessageType.PAUSE: _on_pause,
+        MessageType.RESUME: _on_pause,
+        MessageType.ADD_CLIENT: _on_client_change,
+        MessageType.REMOVE_CLIENT: _on_client_change,
+        MessageType.SYNC_CONNECTIONS: _on_sync,
+    }
+
+    # ------------------------------------------------------- for connections
+    def _remove_connection(self, conn: TunnelConnection) -> bool:
+        with self._lock:
+            if self._connections.get(conn.conn_id) is not conn:
+                return False
+            del self._connections[conn.conn_id]
+        self.observer.connection_removed(self, conn)
+        return True
