@@ -47,6 +47,15 @@ class Observer:
     def message_received(self, session: "Session", message_type: int, payload_size: int) -> None:
         """A protocol message came in."""
 
+    def peer_connecting(self, peer_id: str) -> None:
+        """A server is about to open its link to peer ``peer_id`` (each attempt)."""
+
+    def peer_connected(self, peer_id: str) -> None:
+        """A server's link to peer ``peer_id`` came up."""
+
+    def peer_disconnected(self, peer_id: str) -> None:
+        """A server's link to peer ``peer_id`` went down."""
+
 
 NULL_OBSERVER = Observer()
 """The do-nothing observer used when none is given."""
