@@ -542,6 +542,13 @@ class TunnelConnection:
                 self._signal.update(self.readable_now())
             return self._signal.fileno()
 
+    def as_socket(self) -> Any:
+        """A real OS socket bridged to this connection, which it then owns; see
+        :func:`remotedialer.bridge.as_socket`."""
+        from .bridge import as_socket
+
+        return as_socket(self)
+
     def getpeername(self) -> Union[Tuple[str, int], str]:
         """The dialed address, as ``(host, port)`` for TCP (names are not resolved)."""
         return _split_address(self.proto, self.address)
