@@ -1,0 +1,324 @@
+"""Prometheus metrics for sessions, connections and peer links.
+
+Install the optional extra (``pip install 'remotedialer[metrics]'``), then pass
+a :class:`PrometheusObserver` as the ``observer`` of a server, client or
+session::
+
+    observer = PrometheusObserver()          # registers in prometheus_client.REGISTRY
+    app = with_metrics_endpoint(server_app, observer.registry)
+
+The counters carry the names and labels of the Go project's
+``metrics/session_manager.go``. By default they are exposed under exactly the
+Go names (``session_server_total_transmit_bytes``, ...) so that dashboards
+written for a Go server keep working; ``prometheus_client`` insists that a
+counter's samples end in ``_total``, so these are exposed as *untyped*. With
+``go_names=False`` they are proper counters and Prometheus' ``_total`` suffix is
+appended (``session_server_total_transmit_bytes_total``). Counters of our own
+are always proper counters.
+
+The gauges are what the Go project lacks: live sessions, live connections,
+paused connections and buffered bytes. They are read from the live sessions
+at scrape time, so they can never drift.
+
+:data:`METRICS` lists every metric; the documentation's metrics page and the
+tests are generated from and checked against it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+try:
+    import prometheus_client
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.registry import CollectorRegistry
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "remotedialer.metrics needs the prometheus_client package; "
+        "install it with: pip install 'remotedialer[metrics]'"
+    ) from exc
+
+from .observer import Observer
+from .protocol import MessageType
+
+if TYPE_CHECKING:
+    from .connection import TunnelConnection
+    from .session import Session
+
+__all__ = [
+    "METRICS",
+    "MetricSpec",
+    "PrometheusObserver",
+    "make_wsgi_app",
+    "with_metrics_endpoint",
+]
+
+log = logging.getLogger(__name__)
+
+WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric: its base name, kind (``"counter"`` or ``"gauge"``), label
+    names, help text, and whether the Go project has it."""
+
+    name: str
+    kind: str
+    labels: Tuple[str, ...]
+    help: str
+    from_go: bool
+
+    def exposed_name(self, go_names: bool = True) -> str:
+        """The sample name a scrape shows for this metric."""
+        if self.kind == "counter" and not (go_names and self.from_go):
+            return self.name + "_total"
+        return self.name
+
+
+def _go_counter(name: str, labels: Tuple[str, ...], help_text: str) -> MetricSpec:
+    return MetricSpec("session_server_total_" + name, "counter", labels, help_text, True)
+
+
+ADD_SESSION = _go_counter(
+    "add_websocket_session", ("clientkey", "peer"), "Total count of added websocket sessions"
+)
+REMOVE_SESSION = _go_counter(
+    "remove_websocket_session", ("clientkey", "peer"), "Total count of removed websocket sessions"
+)
+ADD_CONNECTIONS = _go_counter(
+    "add_connections", ("clientkey", "proto", "addr"), "Total count of added connections"
+)
+REMOVE_CONNECTIONS = _go_counter(
+    "remove_connections", ("clientkey", "proto", "addr"), "Total count of removed connections"
+)
+TRANSMIT_BYTES = _go_counter(
+    "transmit_bytes", ("clientkey",), "Total bytes of connection data transmitted (DATA payloads)"
+)
+TRANSMIT_ERROR_BYTES = _go_counter(
+    "transmit_error_bytes", ("clientkey",), "Total bytes of error text transmitted (ERROR payloads)"
+)
+RECEIVE_BYTES = _go_counter(
+    "receive_bytes", ("clientkey",), "Total bytes of connection data received (DATA payloads)"
+)
+PEER_ATTEMPT = _go_counter(
+    "peer_ws_attempt", ("peer",), "Total count of attempts to establish a websocket session to a peer server"
+)
+PEER_CONNECTED = _go_counter(
+    "peer_ws_connected", ("peer",), "Total count of websocket sessions to peer servers that came up"
+)
+PEER_DISCONNECTED = _go_counter(
+    "peer_ws_disconnected", ("peer",), "Total count of websocket sessions to peer servers that went down"
+)
+SEND_FAILURES = MetricSpec(
+    "remotedialer_send_failures", "counter", ("clientkey",),
+    "Total count of protocol messages that could not be sent", False,
+)
+SESSIONS = MetricSpec(
+    "remotedialer_sessions", "gauge", ("clientkey", "peer"), "Live websocket sessions", False
+)
+CONNECTIONS = MetricSpec(
+    "remotedialer_connections", "gauge", ("clientkey",), "Open connections on live sessions", False
+)
+PAUSED_CONNECTIONS = MetricSpec(
+    "remotedialer_paused_connections", "gauge", ("clientkey", "paused_by"),
+    "Paused connections: paused_by=\"us\" when we asked the peer to pause (our receive buffer is full), "
+    "paused_by=\"peer\" when the peer asked us to pause (our writes wait)",
+    False,
+)
+BUFFERED_BYTES = MetricSpec(
+    "remotedialer_buffered_bytes", "gauge", ("clientkey",),
+    "Bytes received on open connections and not yet read by the application", False,
+)
+
+METRICS: Tuple[MetricSpec, ...] = (
+    ADD_SESSION,
+    REMOVE_SESSION,
+    ADD_CONNECTIONS,
+    REMOVE_CONNECTIONS,
+    TRANSMIT_BYTES,
+    TRANSMIT_ERROR_BYTES,
+    RECEIVE_BYTES,
+    PEER_ATTEMPT,
+    PEER_CONNECTED,
+    PEER_DISCONNECTED,
+    SEND_FAILURES,
+    SESSIONS,
+    CONNECTIONS,
+    PAUSED_CONNECTIONS,
+    BUFFERED_BYTES,
+)
+"""Every metric a :class:`PrometheusObserver` exposes, in documentation order."""
+
+_COUNTERS = tuple(spec for spec in METRICS if spec.kind == "counter")
+_Labels = Tuple[str, ...]
+
+
+def _is_peer(session: "Session") -> str:
+    """The Go ``peer`` label: "true" for a server's session from a peer server."""
+    return "true" if getattr(session, "is_peer", False) else "false"
+
+
+class PrometheusObserver(Observer):
+    """An :class:`~remotedialer.observer.Observer` that keeps Prometheus metrics.
+
+    Registers itself as a collector in ``registry`` (the default
+    ``prometheus_client.REGISTRY`` when ``None``); registering two observers in
+    one registry raises ``ValueError`` (duplicated time series). Hooks take one
+    short lock and never block on I/O. ``go_names`` chooses the counter naming
+    described in the module docstring.
+
+    Sessions are told apart for the ``peer`` label by their ``is_peer``
+    attribute (set by the server on sessions opened by peer servers).
+    """
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None, *, go_names: bool = True) -> None:
+        self.go_names = go_names
+        self.registry: CollectorRegistry = prometheus_client.REGISTRY if registry is None else registry
+        # _lock guards _counts and _sessions; nothing else is taken while held.
+        self._lock = threading.Lock()
+        self._counts: Dict[str, Dict[_Labels, float]] = {spec.name: {} for spec in _COUNTERS}
+        self._sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
+        self.registry.register(self)
+
+    def unregister(self) -> None:
+        """Remove this observer's metrics from its registry."""
+        self.registry.unregister(self)
+
+    # ------------------------------------------------------------ counting
+    def _add(self, spec: MetricSpec, labels: _Labels, amount: float = 1.0) -> None:
+        with self._lock:
+            values = self._counts[spec.name]
+            values[labels] = values.get(labels, 0.0) + amount
+
+    def value(self, spec: MetricSpec, **labels: str) -> float:
+        """The current value of a counter for the given labels (0 if never
+        counted); handy in tests and health checks."""
+        key = tuple(labels[name] for name in spec.labels)
+        if spec.kind != "counter":
+            for family in self._collect_gauges():
+                if family.name == spec.name:
+                    for sample in family.samples:
+                        if tuple(sample.labels[name] for name in spec.labels) == key:
+                            return float(sample.value)
+            return 0.0
+        with self._lock:
+            return self._counts[spec.name].get(key, 0.0)
+
+    # ------------------------------------------------------- observer hooks
+    def session_started(self, session: "Session") -> None:
+        with self._lock:
+            self._sessions.add(session)
+        self._add(ADD_SESSION, (session.client_key, _is_peer(session)))
+
+    def session_ended(self, session: "Session", reason: str) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+        self._add(REMOVE_SESSION, (session.client_key, _is_peer(session)))
+
+    def connection_added(self, session: "Session", conn: "TunnelConnection") -> None:
+        self._add(ADD_CONNECTIONS, (session.client_key, conn.proto, conn.address))
+
+    def connection_removed(self, session: "Session", conn: "TunnelConnection") -> None:
+        self._add(REMOVE_CONNECTIONS, (session.client_key, conn.proto, conn.address))
+
+    def message_sent(self, session: "Session", message_type: int, payload_size: int) -> None:
+        if message_type == MessageType.DATA:
+            self._add(TRANSMIT_BYTES, (session.client_key,), payload_size)
+        elif message_type == MessageType.ERROR:
+            self._add(TRANSMIT_ERROR_BYTES, (session.client_key,), payload_size)
+
+    def message_send_failed(self, session: "Session", message_type: int, payload_size: int) -> None:
+        self._add(SEND_FAILURES, (session.client_key,))
+
+    def message_received(self, session: "Session", message_type: int, payload_size: int) -> None:
+        if message_type == MessageType.DATA:
+            self._add(RECEIVE_BYTES, (session.client_key,), payload_size)
+
+    def peer_connecting(self, peer_id: str) -> None:
+        self._add(PEER_ATTEMPT, (peer_id,))
+
+    def peer_connected(self, peer_id: str) -> None:
+        self._add(PEER_CONNECTED, (peer_id,))
+
+    def peer_disconnected(self, peer_id: str) -> None:
+        self._add(PEER_DISCONNECTED, (peer_id,))
+
+    # ------------------------------------------------------------ collector
+    def describe(self) -> List[Metric]:
+        """The metric families without samples (lets the registry check names)."""
+        return [self._family(spec) for spec in METRICS]
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every metric family with its current samples (called per scrape)."""
+        with self._lock:
+            snapshot = {name: dict(values) for name, values in self._counts.items()}
+        for spec in _COUNTERS:
+            family = self._family(spec)
+            for labels, amount in sorted(snapshot[spec.name].items()):
+                family.add_sample(spec.exposed_name(self.go_names), dict(zip(spec.labels, labels)), amount)
+            yield family
+        yield from self._collect_gauges()
+
+    def _family(self, spec: MetricSpec) -> Metric:
+        if spec.kind == "gauge":
+            return GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+        if self.go_names and spec.from_go:
+            return Metric(spec.name, spec.help, "unknown")
+        return CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
+
+    def _collect_gauges(self) -> List[Metric]:
+        with self._lock:
+            sessions = list(self._sessions)
+        live: Dict[_Labels, int] = {}
+        conns: Dict[_Labels, int] = {}
+        paused: Dict[_Labels, int] = {}
+        buffered: Dict[_Labels, int] = {}
+        for session in sessions:
+            key = session.client_key
+            live[(key, _is_peer(session))] = live.get((key, _is_peer(session)), 0) + 1
+            conns.setdefault((key,), 0)
+            buffered.setdefault((key,), 0)
+            paused.setdefault((key, "us"), 0)
+            paused.setdefault((key, "peer"), 0)
+            for conn in session.connections():
+                conns[(key,)] += 1
+                buffered[(key,)] += conn.buffered
+                if conn.we_paused_peer:
+                    paused[(key, "us")] += 1
+                if conn.peer_paused_us:
+                    paused[(key, "peer")] += 1
+        families: List[Metric] = []
+        for spec, values in (
+            (SESSIONS, live), (CONNECTIONS, conns), (PAUSED_CONNECTIONS, paused), (BUFFERED_BYTES, buffered)
+        ):
+            family = GaugeMetricFamily(spec.name, spec.help, labels=spec.labels)
+            for labels, amount in sorted(values.items()):
+                family.add_metric(list(labels), amount)
+            families.append(family)
+        return families
+
+
+def make_wsgi_app(registry: Optional[CollectorRegistry] = None) -> WSGIApp:
+    """A WSGI application serving ``registry`` (default: the global one) in
+    the Prometheus text format, on any path."""
+    return prometheus_client.make_wsgi_app(prometheus_client.REGISTRY if registry is None else registry)
+
+
+def with_metrics_endpoint(
+    app: WSGIApp, registry: Optional[CollectorRegistry] = None, path: str = "/metrics"
+) -> WSGIApp:
+    """Wrap a WSGI ``app`` so that ``GET path`` serves the metrics of
+    ``registry`` and every other request goes to ``app``."""
+    metrics_app = make_wsgi_app(registry)
+
+    def dispatch(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") == path:
+            return metrics_app(environ, start_response)
+        return app(environ, start_response)
+
+    return dispatch

@@ -1,0 +1,333 @@
+"""PrometheusObserver: counters and gauges follow sessions and connections;
+/metrics is scraped over real HTTP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+import requests
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from werkzeug.serving import make_server
+
+from remotedialer import metrics
+from remotedialer.config import Limits
+from remotedialer.heartbeat import Heartbeat
+from remotedialer.metrics import METRICS, PrometheusObserver, with_metrics_endpoint
+from remotedialer.session import Session
+from remotedialer.transport import memory_pair
+
+from .conftest import TIMEOUT, AcceptingHandler, wait_for
+
+
+class ObservedPair:
+    """A client and a server session over an in-memory pair, each side with its
+    own observer and registry (as two processes would have)."""
+
+    def __init__(self, limits: Optional[Limits] = None, client_key: str = "foo") -> None:
+        self.client_registry, self.server_registry = CollectorRegistry(), CollectorRegistry()
+        self.client_observer = PrometheusObserver(self.client_registry)
+        self.server_observer = PrometheusObserver(self.server_registry)
+        self.handler = AcceptingHandler()
+        client_end, server_end = memory_pair()
+        heartbeat = Heartbeat("test-metrics-heartbeat")
+        limits = limits or Limits()
+        self.client = Session(client_end, is_client=True, client_key=client_key, connect_handler=self.handler,
+                              limits=limits, observer=self.client_observer, heartbeat=heartbeat)
+        self.server = Session(server_end, is_client=False, client_key=client_key, limits=limits,
+                              observer=self.server_observer, heartbeat=heartbeat)
+        self.threads = [self.client.start(), self.server.start()]
+
+    def close(self) -> None:
+        self.client.close("test over")
+        self.server.close("test over")
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+            assert not thread.is_alive()
+
+
+@pytest.fixture
+def pair() -> Iterator[ObservedPair]:
+    made = ObservedPair()
+    yield made
+    made.close()
+
+
+def scrape(registry: CollectorRegistry) -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]:
+    """Parse what a scrape of ``registry`` shows: {(sample name, labels): value}."""
+    text = generate_latest(registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metric_list_matches_go_names() -> None:
+    go = {spec.name for spec in METRICS if spec.from_go}
+    assert go == {
+        "session_server_total_add_websocket_session",
+        "session_server_total_remove_websocket_session",
+        "session_server_total_add_connections",
+        "session_server_total_remove_connections",
+        "session_server_total_transmit_bytes",
+        "session_server_total_transmit_error_bytes",
+        "session_server_total_receive_bytes",
+        "session_server_total_peer_ws_attempt",
+        "session_server_total_peer_ws_connected",
+        "session_server_total_peer_ws_disconnected",
+    }
+    gauges = {spec.name for spec in METRICS if spec.kind == "gauge"}
+    assert gauges == {
+        "remotedialer_sessions",
+        "remotedialer_connections",
+        "remotedialer_paused_connections",
+        "remotedialer_buffered_bytes",
+    }
+    assert len({spec.name for spec in METRICS}) == len(METRICS)
+
+
+def test_sessions_counted_while_live(pair: ObservedPair) -> None:
+    obs = pair.server_observer
+    wait_for(lambda: obs.value(metrics.SESSIONS, clientkey="foo", peer="false") == 1)
+    assert obs.value(metrics.ADD_SESSION, clientkey="foo", peer="false") == 1
+    assert obs.value(metrics.REMOVE_SESSION, clientkey="foo", peer="false") == 0
+    pair.server.close("bye")
+    wait_for(lambda: obs.value(metrics.REMOVE_SESSION, clientkey="foo", peer="false") == 1)
+    assert obs.value(metrics.SESSIONS, clientkey="foo", peer="false") == 0
+    assert obs.value(metrics.ADD_SESSION, clientkey="foo", peer="false") == 1
+    # the client side saw its own session end too
+    wait_for(lambda: pair.client_observer.value(metrics.REMOVE_SESSION, clientkey="foo", peer="false") == 1)
+
+
+def test_peer_label_follows_is_peer_attribute() -> None:
+    registry = CollectorRegistry()
+    obs = PrometheusObserver(registry)
+    client_end, server_end = memory_pair()
+    session = Session(server_end, is_client=False, client_key="peer-b", observer=obs,
+                      heartbeat=Heartbeat("test-metrics-heartbeat"))
+    session.is_peer = True  # type: ignore[attr-defined]
+    thread = session.start()
+    try:
+        wait_for(lambda: obs.value(metrics.SESSIONS, clientkey="peer-b", peer="true") == 1)
+        assert obs.value(metrics.ADD_SESSION, clientkey="peer-b", peer="true") == 1
+    finally:
+        client_end.close()
+        thread.join(TIMEOUT)
+    assert obs.value(metrics.REMOVE_SESSION, clientkey="peer-b", peer="true") == 1
+
+
+def test_connections_and_bytes(pair: ObservedPair) -> None:
+    server_obs, client_obs = pair.server_observer, pair.client_observer
+    labels = {"clientkey": "foo", "proto": "tcp", "addr": "127.0.0.1:9"}
+    conn = pair.server.dial("tcp", "127.0.0.1:9", timeout=TIMEOUT)
+    far = pair.handler.next()
+    assert server_obs.value(metrics.ADD_CONNECTIONS, **labels) == 1
+    wait_for(lambda: client_obs.value(metrics.ADD_CONNECTIONS, **labels) == 1)
+    assert server_obs.value(metrics.CONNECTIONS, clientkey="foo") == 1
+    assert client_obs.value(metrics.CONNECTIONS, clientkey="foo") == 1
+
+    conn.sendall(b"x" * 1000)
+    assert server_obs.value(metrics.TRANSMIT_BYTES, clientkey="foo") == 1000
+    wait_for(lambda: client_obs.value(metrics.RECEIVE_BYTES, clientkey="foo") == 1000)
+    assert client_obs.value(metrics.BUFFERED_BYTES, clientkey="foo") == 1000
+    far.settimeout(TIMEOUT)
+    received = 0
+    while received < 1000:
+        received += len(far.recv(4096))
+    assert client_obs.value(metrics.BUFFERED_BYTES, clientkey="foo") == 0
+
+    far.sendall(b"y" * 10)
+    wait_for(lambda: server_obs.value(metrics.RECEIVE_BYTES, clientkey="foo") == 10)
+    assert client_obs.value(metrics.TRANSMIT_BYTES, clientkey="foo") == 10
+
+    conn.close()  # sends ERROR "EOF"
+    assert server_obs.value(metrics.TRANSMIT_ERROR_BYTES, clientkey="foo") == len(b"EOF")
+    assert server_obs.value(metrics.REMOVE_CONNECTIONS, **labels) == 1
+    wait_for(lambda: client_obs.value(metrics.REMOVE_CONNECTIONS, **labels) == 1)
+    assert server_obs.value(metrics.CONNECTIONS, clientkey="foo") == 0
+    wait_for(lambda: client_obs.value(metrics.CONNECTIONS, clientkey="foo") == 0)
+
+
+def test_session_end_removes_every_connection(pair: ObservedPair) -> None:
+    obs = pair.server_observer
+    for port in (1, 2, 3):
+        pair.server.dial("tcp", f"127.0.0.1:{port}")
+    assert obs.value(metrics.CONNECTIONS, clientkey="foo") == 3
+    pair.client.close("gone")
+    pair.server.wait_closed(TIMEOUT)
+    removed = sum(obs.value(metrics.REMOVE_CONNECTIONS, clientkey="foo", proto="tcp",
+                            addr=f"127.0.0.1:{port}") for port in (1, 2, 3))
+    assert removed == 3
+    assert obs.value(metrics.CONNECTIONS, clientkey="foo") == 0
+
+
+def test_paused_connections_both_ways() -> None:
+    limits = Limits(pause_threshold=4096, resume_threshold=1024, hard_buffer_limit=1 << 20)
+    made = ObservedPair(limits)
+    try:
+        conn = made.server.dial("tcp", "127.0.0.1:9", timeout=TIMEOUT)
+        far = made.handler.next()
+        conn.sendall(b"z" * 8192)
+        client_obs, server_obs = made.client_observer, made.server_observer
+        # the receiving client asked the server to pause ...
+        wait_for(lambda: client_obs.value(metrics.PAUSED_CONNECTIONS, clientkey="foo", paused_by="us") == 1)
+        assert client_obs.value(metrics.PAUSED_CONNECTIONS, clientkey="foo", paused_by="peer") == 0
+        # ... and the server knows it was paused
+        wait_for(lambda: server_obs.value(metrics.PAUSED_CONNECTIONS, clientkey="foo", paused_by="peer") == 1)
+        assert server_obs.value(metrics.PAUSED_CONNECTIONS, clientkey="foo", paused_by="us") == 0
+        far.settimeout(TIMEOUT)
+        received = 0
+        while received < 8192:
+            received += len(far.recv(65536))
+        assert client_obs.value(metrics.PAUSED_CONNECTIONS, clientkey="foo", paused_by="us") == 0
+        wait_for(lambda: server_obs.value(metrics.PAUSED_CONNECTIONS, clientkey="foo", paused_by="peer") == 0)
+    finally:
+        made.close()
+
+
+def test_peer_hooks() -> None:
+    registry = CollectorRegistry()
+    obs = PrometheusObserver(registry)
+    obs.peer_connecting("b")
+    obs.peer_connecting("b")
+    obs.peer_connected("b")
+    obs.peer_disconnected("b")
+    assert obs.value(metrics.PEER_ATTEMPT, peer="b") == 2
+    assert obs.value(metrics.PEER_CONNECTED, peer="b") == 1
+    assert obs.value(metrics.PEER_DISCONNECTED, peer="b") == 1
+    samples = scrape(registry)
+    assert samples[("session_server_total_peer_ws_attempt", (("peer", "b"),))] == 2
+
+
+def test_send_failure_counted() -> None:
+    registry = CollectorRegistry()
+    obs = PrometheusObserver(registry)
+    client_end, server_end = memory_pair()
+    session = Session(server_end, is_client=False, client_key="k", observer=obs,
+                      heartbeat=Heartbeat("test-metrics-heartbeat"))
+    client_end.close()  # the next write fails
+    with pytest.raises(ConnectionError):
+        session.dial("tcp", "127.0.0.1:1")
+    assert obs.value(metrics.SEND_FAILURES, clientkey="k") == 1
+    assert scrape(registry)[("remotedialer_send_failures_total", (("clientkey", "k"),))] == 1
+    session.close()
+
+
+def test_registries_are_separate_and_duplicates_refused() -> None:
+    first, second = CollectorRegistry(), CollectorRegistry()
+    a, b = PrometheusObserver(first), PrometheusObserver(second)
+    a.peer_connected("x")
+    assert ("session_server_total_peer_ws_connected", (("peer", "x"),)) in scrape(first)
+    assert ("session_server_total_peer_ws_connected", (("peer", "x"),)) not in scrape(second)
+    with pytest.raises(ValueError):
+        PrometheusObserver(first)
+    a.unregister()
+    PrometheusObserver(first)  # the names are free again
+    assert b.registry is second
+
+
+def test_go_names_false_gives_standard_counters() -> None:
+    registry = CollectorRegistry()
+    obs = PrometheusObserver(registry, go_names=False)
+    obs.peer_connected("x")
+    text = generate_latest(registry).decode()
+    assert "# TYPE session_server_total_peer_ws_connected_total counter" in text
+    assert 'session_server_total_peer_ws_connected_total{peer="x"} 1.0' in text
+    for spec in METRICS:
+        assert f"# TYPE {spec.exposed_name(go_names=False)} " in text
+
+
+def test_go_names_are_exact_by_default() -> None:
+    registry = CollectorRegistry()
+    PrometheusObserver(registry).peer_connected("x")
+    text = generate_latest(registry).decode()
+    assert 'session_server_total_peer_ws_connected{peer="x"} 1.0' in text
+    assert "session_server_total_peer_ws_connected_total" not in text
+
+
+def test_package_imports_without_prometheus_client() -> None:
+    """``import remotedialer`` must not need the extra; ``remotedialer.metrics``
+    says how to get it."""
+    code = (
+        "import sys\n"
+        "sys.modules['prometheus_client'] = None\n"
+        "import remotedialer\n"
+        "try:\n"
+        "    import remotedialer.metrics\n"
+        "except ImportError as exc:\n"
+        "    print('IMPORT-ERROR', exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "IMPORT-ERROR" in result.stdout
+    assert "remotedialer[metrics]" in result.stdout
+
+
+# ---------------------------------------------------------------- over HTTP
+class Served:
+    """A WSGI app on a real werkzeug server bound to a free loopback port."""
+
+    def __init__(self, app: Callable[..., object]) -> None:
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)  # type: ignore[arg-type]
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(TIMEOUT)
+
+
+def _not_found(environ: Dict[str, object], start_response: Callable[..., object]) -> List[bytes]:
+    start_response("404 Not Found", [("Content-Type", "text/plain")])
+    return [b"not here"]
+
+
+def test_metrics_endpoint_over_http(pair: ObservedPair) -> None:
+    """Every documented metric is on a real /metrics endpoint, with samples
+    carrying exactly its documented labels."""
+    observer = pair.server_observer
+    conn = pair.server.dial("tcp", "127.0.0.1:9", timeout=TIMEOUT)
+    far = pair.handler.next()
+    conn.sendall(b"hello")
+    far.sendall(b"back")
+    wait_for(lambda: observer.value(metrics.RECEIVE_BYTES, clientkey="foo") == 4)
+    pair.server.dial("tcp", "127.0.0.1:10", timeout=TIMEOUT).close()  # an ERROR EOF goes out
+    # a second session that ends after a failed write
+    client_end, server_end = memory_pair()
+    doomed = Session(server_end, is_client=False, client_key="bar", observer=observer,
+                     heartbeat=Heartbeat("test-metrics-heartbeat"))
+    observer.session_started(doomed)  # as serve() would; nobody reads this one
+    client_end.close()
+    with pytest.raises(ConnectionError):
+        doomed.dial("tcp", "127.0.0.1:1")
+    observer.peer_connecting("b")
+    observer.peer_connected("b")
+    observer.peer_disconnected("b")
+
+    served = Served(with_metrics_endpoint(_not_found, pair.server_registry))
+    try:
+        response = requests.get(served.url + "/metrics", timeout=TIMEOUT)
+        assert response.status_code == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        other = requests.get(served.url + "/other", timeout=TIMEOUT)
+        assert other.status_code == 404
+    finally:
+        served.close()
+    families = {family.name: family for family in text_string_to_metric_families(response.text)}
+    for spec in METRICS:
+        name = spec.exposed_name()
+        # the parser names a counter family without its _total suffix
+        family = families.get(name) or families.get(name[: -len("_total")])
+        assert family is not None, f"{name} missing from /metrics"
+        assert family.samples, f"{name} has no samples"
+        for sample in family.samples:
+            assert set(sample.labels) == set(spec.labels), (name, sample.labels)
+    assert 'session_server_total_transmit_bytes{clientkey="foo"} 5.0' in response.text
+    assert 'session_server_total_remove_websocket_session{clientkey="bar",peer="false"} 1.0' in response.text
