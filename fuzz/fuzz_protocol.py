@@ -74,8 +74,8 @@ def check_message(data: bytes) -> Optional[protocol.Message]:
     # The accessors never raise on anything the decoder accepted.
     repr(message)
     assert message.type_name
-    message.text
-    message.is_eof
+    assert isinstance(message.text, str)
+    assert message.is_eof == (message.type == protocol.MessageType.ERROR and payload == b"EOF")
     if message.type in (protocol.MessageType.ADD_CLIENT, protocol.MessageType.REMOVE_CLIENT):
         parsed = protocol.split_client_address(message.address)
         assert parsed is None or (isinstance(parsed[0], str) and isinstance(parsed[1], int))
