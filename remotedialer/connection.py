@@ -112,6 +112,11 @@ class TunnelConnection:
         self._offset = 0
         self.we_paused_peer = False
         self.peer_paused_us = False
+        # Serializes sending PAUSE/RESUME so the last one sent always matches
+        # we_paused_peer (a RESUME must never overtake the PAUSE it answers).
+        # Taken before _cond, never while _cond is held; guards _pause_sent.
+        self._flow_lock = threading.Lock()
+        self._pause_sent = False
         self._read_error: Optional[BaseException] = None  # readers get it once drained
         self._write_error: Optional[BaseException] = None  # writers get it at once
         self._read_shut = False  # shutdown(SHUT_RD): reads see EOF
@@ -282,7 +287,25 @@ class TunnelConnection:
 
     def _after_read(self, resume: bool) -> None:
         if resume:
-            self.session._send_control(MessageType.RESUME, self.conn_id)
+            self._send_flow_control()
+
+    def _send_flow_control(self) -> None:
+        """Send PAUSE or RESUME if the last one sent differs from ``we_paused_peer``.
+
+        Flags change under ``_cond`` but messages go out after it is released,
+        so a reader's RESUME could otherwise overtake the reader thread's PAUSE
+        and leave the peer paused for good. Blocks on the session's write lock
+        (bounded by ``control_write_timeout``)."""
+        with self._flow_lock:
+            with self._cond:
+                paused = self.we_paused_peer
+                if paused == self._pause_sent or self._wire_closed:
+                    return
+            self._pause_sent = paused
+            self.session._send_control(MessageType.PAUSE if paused else MessageType.RESUME, self.conn_id)
+        if paused:
+            self.session.observer.connection_paused(self.session, self)
+        else:
             self.session.observer.connection_resumed(self.session, self)
 
     # ----------------------------------------------------------------- writes
@@ -369,8 +392,7 @@ class TunnelConnection:
             self.abort(LimitExceededError("receive buffer limit exceeded"))
             return
         if pause:
-            self.session._send_control(MessageType.PAUSE, self.conn_id)
-            self.session.observer.connection_paused(self.session, self)
+            self._send_flow_control()
         self._notify()
 
     def _set_peer_paused(self, paused: bool) -> None:
