@@ -1,0 +1,404 @@
+"""The server side: a WSGI application for the connect endpoint, and dialers.
+
+:class:`Server` authorizes each request to its endpoint (peers first, then the
+user's authorizer), answers refusals with plain HTTP before any upgrade, and
+otherwise takes the socket over and serves a
+:class:`~remotedialer.session.Session` on the WSGI handler thread until the
+tunnel ends. That thread is the session's only reader; no other thread is
+started per tunnel. It runs under werkzeug's threaded server and gunicorn's
+``gthread`` worker (one thread per tunnel: give gunicorn ``--threads`` of at
+least the number of tunnels plus concurrent ordinary requests).
+
+Dialing through a client::
+
+    server = Server(authorizer)
+    conn = server.dial("agent-1", "tcp", "127.0.0.1:8080", timeout=10)
+    conn.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+
+    dial = server.dialer("agent-1")           # dial(proto, address, timeout=None)
+    connect = server.create_connection_for("agent-1")
+    conn = connect(("127.0.0.1", 8080), timeout=10)   # socket.create_connection-shaped
+
+Dials never wait for a tunnel: with no open session for the key they raise
+:class:`~remotedialer.errors.NoSessionError` at once.
+
+Peering (HA) hooks: ``peers`` holds ``peer id -> token`` for incoming peer
+authentication, peer sessions live in ``peer_sessions`` (never used for
+client dials), and :meth:`Server.handle_peer_connect`,
+:meth:`Server.on_peer_client_change` and :meth:`Server.dial_via_peer` are the
+places the peering layer plugs into.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import threading
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+from werkzeug.wrappers import Request
+
+from .config import DEFAULT_LIMITS, Limits
+from .connection import TunnelConnection
+from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, TunnelClosedError
+from .observer import Observer
+from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
+from .session import Session
+from .session_manager import SessionListener, SessionManager
+from .wsgi_transport import (
+    RECEIVE_BYTES,
+    ServerWebSocket,
+    SimpleWebSocketTransport,
+    UnsupportedServerError,
+    finish_taken_over_response,
+    is_websocket_request,
+    socket_from_environ,
+)
+
+__all__ = [
+    "Server",
+    "ClientDialer",
+    "Authorizer",
+    "ErrorWriter",
+    "default_error_writer",
+    "PEER_ID_HEADER",
+    "PEER_TOKEN_HEADER",
+    "FAILED_AUTHENTICATION",
+]
+
+log = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+WSGIEnviron = Dict[str, Any]
+
+Authorizer = Callable[[Request], Tuple[str, bool]]
+"""``authorizer(request) -> (client_key, authed)``; raising refuses the
+request with HTTP 400 and the error's text."""
+
+ErrorWriter = Callable[[WSGIEnviron, StartResponse, int, str], Iterable[bytes]]
+"""``error_writer(environ, start_response, status_code, message)``: writes a
+refusal as a WSGI response (Go's ``ErrorWriter``)."""
+
+PEER_ID_HEADER = "X-API-Tunnel-ID"
+PEER_TOKEN_HEADER = "X-API-Tunnel-Token"
+FAILED_AUTHENTICATION = "failed authentication"
+
+_STATUS_TEXT = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def default_error_writer(
+    environ: WSGIEnviron, start_response: StartResponse, status_code: int, message: str
+) -> Iterable[bytes]:
+    """Answer ``status_code`` with ``message`` as a plain-text body, as Go does."""
+    body = message.encode("utf-8")
+    start_response(
+        f"{status_code} {_STATUS_TEXT.get(status_code, 'Error')}",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+    )
+    return [body]
+
+
+class ClientDialer:
+    """Dials through the tunnel of one client key (see :meth:`Server.dialer`).
+
+    Calling it is :meth:`Server.dial` for that key; :meth:`create_connection`
+    has the shape of ``socket.create_connection`` for libraries that take one.
+    """
+
+    def __init__(self, server: "Server", client_key: str) -> None:
+        self.server = server
+        self.client_key = client_key
+
+    def __repr__(self) -> str:
+        return f"<ClientDialer {self.client_key!r}>"
+
+    def __call__(self, proto: str, address: str, timeout: Optional[float] = None) -> TunnelConnection:
+        """Dial ``proto/address`` through the client; see :meth:`Server.dial`."""
+        return self.server.dial(self.client_key, proto, address, timeout)
+
+    def create_connection(
+        self,
+        address: Tuple[str, int],
+        timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
+        source_address: Optional[Tuple[str, int]] = None,
+    ) -> TunnelConnection:
+        """``socket.create_connection((host, port), timeout)`` through the
+        client: a TCP connection made from the client's side. A timeout that
+        is not a number (the default sentinel) means
+        ``socket.getdefaulttimeout()``; ``source_address`` is ignored (the
+        client picks its own). Raises like :meth:`Server.dial`."""
+        host, port = address[0], address[1]
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+            timeout = socket.getdefaulttimeout()
+        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return self.server.dial(self.client_key, "tcp", target, timeout)
+
+
+class Server:
+    """A WSGI application serving the tunnel connect endpoint; see the module doc.
+
+    * ``authorizer(request)`` returns ``(client_key, authed)`` for a werkzeug
+      :class:`~werkzeug.wrappers.Request`, or raises: raising answers HTTP 400
+      with the error's text, not authed answers 401 ``failed authentication``,
+      both before any upgrade. ``error_writer`` replaces how those (and a
+      request that is not a WebSocket upgrade: 400) are answered.
+    * ``client_connect_authorizer(proto, address)`` decides which dials a
+      *client* may make through the server (reverse dials); ``None`` refuses
+      them all, failing only the connection concerned. ``local_dialer``
+      replaces how those targets are dialed.
+    * ``peer_id``/``peer_token`` identify this server to its peers.
+    * ``websocket="simple-websocket"`` uses simple-websocket for the
+      WebSocket instead of the built-in reader (costs a thread per tunnel).
+    """
+
+    def __init__(
+        self,
+        authorizer: Authorizer,
+        error_writer: Optional[ErrorWriter] = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        observer: Optional[Observer] = None,
+        client_connect_authorizer: Optional[ConnectAuthorizer] = None,
+        peer_id: Optional[str] = None,
+        peer_token: Optional[str] = None,
+        local_dialer: Optional[SocketDialer] = None,
+        piper: Optional[Piper] = None,
+        websocket: str = "builtin",
+        receive_bytes: int = RECEIVE_BYTES,
+    ) -> None:
+        if websocket not in ("builtin", "simple-websocket"):
+            raise ValueError(f"unknown websocket implementation {websocket!r}")
+        self.authorizer = authorizer
+        self.error_writer: ErrorWriter = error_writer or default_error_writer
+        self.limits = limits
+        self.observer = observer
+        self.peer_id = peer_id
+        self.peer_token = peer_token
+        self.websocket = websocket
+        self.receive_bytes = receive_bytes
+        self.client_connect_authorizer = client_connect_authorizer
+        self._local_dialer = LocalDialer(client_connect_authorizer, local_dialer, limits, piper)
+        #: Client sessions by client key.
+        self.session_manager = SessionManager(limits.max_sessions_per_key)
+        #: Sessions of peers that connected to us, keyed by peer id.
+        self.peer_sessions = SessionManager(limits.max_sessions_per_key)
+        #: Peers allowed to connect: peer id -> token (guarded by ``peers_lock``).
+        self.peers: Dict[str, str] = {}
+        self.peers_lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Server peer_id={self.peer_id!r} clients={self.list_clients()}>"
+
+    # ------------------------------------------------------------------ WSGI
+    def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
+        """Serve one request to the connect endpoint. For a tunnel this blocks
+        the calling (WSGI handler) thread until the tunnel ends."""
+        request = Request(environ)
+        peer_id = self.authenticate_peer(request)
+        if peer_id is not None:
+            client_key, is_peer = peer_id, True
+        else:
+            is_peer = False
+            try:
+                client_key, authed = self.authorizer(request)
+            except Exception as exc:
+                log.info("refused %s: %s", _describe(environ), exc)
+                return self.error_writer(environ, start_response, 400, str(exc))
+            if not authed:
+                log.info("refused %s: %s", _describe(environ), FAILED_AUTHENTICATION)
+                return self.error_writer(environ, start_response, 401, FAILED_AUTHENTICATION)
+        problem = is_websocket_request(environ)
+        if problem is not None:
+            return self.error_writer(environ, start_response, 400, problem)
+        if self._closed:
+            return self.error_writer(environ, start_response, 503, "server shutting down")
+        manager = self.peer_sessions if is_peer else self.session_manager
+        if len(manager.sessions(client_key)) >= self.limits.max_sessions_per_key:
+            return self.error_writer(
+                environ, start_response, 429, f"too many sessions for client {client_key}"
+            )
+        try:
+            _sock, server_kind = socket_from_environ(environ)
+        except UnsupportedServerError as exc:
+            log.error("%s", exc)
+            return self.error_writer(environ, start_response, 500, str(exc))
+        self._serve_websocket(environ, client_key, is_peer)
+        finish_taken_over_response(server_kind)  # raises: the server must write nothing more
+        return []  # pragma: no cover
+
+    def _serve_websocket(self, environ: WSGIEnviron, client_key: str, is_peer: bool) -> None:
+        """Upgrade, register and serve one session until it ends; the socket
+        is shut down when this returns."""
+        transport: Any
+        try:
+            if self.websocket == "simple-websocket":
+                transport = SimpleWebSocketTransport(
+                    environ, self.limits.max_message_size, self.receive_bytes
+                )
+            else:
+                transport = ServerWebSocket.accept(
+                    environ, self.limits.max_message_size, self.receive_bytes
+                )
+        except Exception as exc:
+            log.info("websocket upgrade of %s failed: %s", _describe(environ), exc)
+            sock, _kind = socket_from_environ(environ)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return
+        if is_peer:
+            session = Session(
+                transport,
+                is_client=False,
+                client_key=client_key,
+                connect_handler=self.handle_peer_connect,
+                client_listener=self.on_peer_client_change,
+                limits=self.limits,
+                observer=self.observer,
+            )
+            manager = self.peer_sessions
+        else:
+            session = Session(
+                transport,
+                is_client=False,
+                client_key=client_key,
+                connect_handler=self._local_dialer,
+                limits=self.limits,
+                observer=self.observer,
+            )
+            manager = self.session_manager
+        try:
+            manager.add(client_key, session)
+        except LimitExceededError as exc:
+            session.close(str(exc))
+            return
+        log.info("%s session started for %s from %s", "peer" if is_peer else "client",
+                 client_key, transport.describe())
+        try:
+            reason = session.serve()
+        finally:
+            session.close("handler ended")
+        log.info("%s session for %s ended: %s", "peer" if is_peer else "client", client_key, reason)
+
+    # ------------------------------------------------------------ peering hooks
+    def authenticate_peer(self, request: Request) -> Optional[str]:
+        """The peer id if ``request`` carries ``X-API-Tunnel-ID`` and
+        ``X-API-Tunnel-Token`` matching a known peer (tokens compared in
+        constant time), else ``None`` (the authorizer decides)."""
+        peer_id = request.headers.get(PEER_ID_HEADER, "")
+        token = request.headers.get(PEER_TOKEN_HEADER, "")
+        if not peer_id or not token:
+            return None
+        with self.peers_lock:
+            expected = self.peers.get(peer_id)
+        if expected is None:
+            return None
+        if not hmac.compare_digest(expected.encode("utf-8"), token.encode("utf-8")):
+            log.info("peer %s presented a wrong token", peer_id)
+            return None
+        return peer_id
+
+    def handle_peer_connect(self, conn: TunnelConnection) -> None:
+        """Connect handler of peer sessions: a peer asks us to dial
+        ``clientKey::proto/address`` through one of our clients. Refused
+        until the peering layer provides it."""
+        raise ConnectNotAllowedError("connect not allowed")
+
+    def on_peer_client_change(self, session: Session, added: bool, client_key: str, session_key: int) -> None:
+        """Client listener of peer sessions (ADD_CLIENT / REMOVE_CLIENT).
+        Ignored until the peering layer provides it."""
+        log.debug("peer %s %s client %s/%s", session.client_key,
+                  "added" if added else "removed", client_key, session_key)
+
+    def dial_via_peer(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float]
+    ) -> Optional[TunnelConnection]:
+        """Dial through a peer that holds ``client_key``; ``None`` when no
+        peer does (the peering layer provides this)."""
+        return None
+
+    # ------------------------------------------------------------------ dials
+    def dial(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float] = None
+    ) -> TunnelConnection:
+        """Open a connection to ``proto/address`` made from the side of
+        ``client_key``'s client (``proto`` is ``tcp``, ``tcp4``, ``tcp6`` or
+        ``unix``).
+
+        Uses the first open session of the key, falling back to the next one
+        if it just died, then to a peer. Waits at most ``timeout`` for the
+        tunnel to take the CONNECT (the connection's timeout starts as
+        ``timeout``), never for the far side: a refused target shows up as
+        the first read raising :class:`~remotedialer.errors.RemoteError`.
+        Raises :class:`~remotedialer.errors.NoSessionError` at once when no
+        open session holds the key.
+        """
+        for session in self.session_manager.sessions(client_key):
+            if session.closed:
+                continue
+            try:
+                return session.dial(proto, address, timeout)
+            except TunnelClosedError:
+                continue  # died under us: try the next one
+        conn = self.dial_via_peer(client_key, proto, address, timeout)
+        if conn is not None:
+            return conn
+        raise NoSessionError(f"failed to find Session for client {client_key}")
+
+    def dialer(self, client_key: str) -> ClientDialer:
+        """A callable ``dial(proto, address, timeout=None)`` through
+        ``client_key``; its ``create_connection`` method has the shape of
+        ``socket.create_connection``. The key is looked up on every call."""
+        return ClientDialer(self, client_key)
+
+    def create_connection_for(
+        self, client_key: str
+    ) -> Callable[..., TunnelConnection]:
+        """``f((host, port), timeout=..., source_address=None)`` shaped like
+        ``socket.create_connection``, dialing TCP through ``client_key``."""
+        return ClientDialer(self, client_key).create_connection
+
+    # ---------------------------------------------------------------- queries
+    def has_session(self, client_key: str) -> bool:
+        """Whether ``client_key`` has an open session on this server."""
+        return self.session_manager.has_session(client_key)
+
+    def list_clients(self) -> List[str]:
+        """The client keys with a session on this server, sorted."""
+        return self.session_manager.client_keys()
+
+    def sessions(self, client_key: str) -> List[Session]:
+        """The sessions of ``client_key``, first (the one dials use) first."""
+        return self.session_manager.sessions(client_key)
+
+    def add_session_listener(self, listener: SessionListener, replay: bool = False) -> None:
+        """Hear about client sessions added and removed; see
+        :meth:`SessionManager.add_listener`."""
+        self.session_manager.add_listener(listener, replay)
+
+    def remove_session_listener(self, listener: SessionListener) -> None:
+        """Stop calling ``listener``."""
+        self.session_manager.remove_listener(listener)
+
+    # --------------------------------------------------------------- shutdown
+    def close(self, reason: str = "server closed") -> None:
+        """Refuse new tunnels and end every session (their handler threads
+        then return). Does not block."""
+        self._closed = True
+        for session in self.session_manager.all_sessions() + self.peer_sessions.all_sessions():
+            session.close(reason)
+        self._local_dialer.shutdown()
+
+
+def _describe(environ: WSGIEnviron) -> str:
+    return f"{environ.get('REMOTE_ADDR', '?')}:{environ.get('REMOTE_PORT', '?')}"
