@@ -1,0 +1,407 @@
+"""The server-side WebSocket: frame decoding (sans I/O), the handshake helpers,
+and :class:`ServerWebSocket` / :class:`SimpleWebSocketTransport` over real
+socket pairs driven by a hand-written client."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import struct
+import threading
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+
+from remotedialer.errors import ProtocolError
+from remotedialer.transport import TransportClosed
+from remotedialer.wsgi_transport import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameReader,
+    ServerWebSocket,
+    SimpleWebSocketTransport,
+    accept_key,
+    encode_frame,
+    is_websocket_request,
+    socket_from_environ,
+    unmask,
+)
+
+from .conftest import TIMEOUT
+
+
+# ----------------------------------------------------------------- helpers
+def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0,
+                 mask: Optional[bytes] = None, masked: bool = True) -> bytes:
+    """A frame as a client sends it (masked unless told otherwise)."""
+    first = (0x80 if fin else 0) | rsv | opcode
+    n = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if n < 126:
+        header = struct.pack("!BB", first, mask_bit | n)
+    elif n < 1 << 16:
+        header = struct.pack("!BBH", first, mask_bit | 126, n)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, n)
+    if not masked:
+        return header + payload
+    mask = mask if mask is not None else os.urandom(4)
+    masked_payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if n < 4096 else unmask(payload, mask)
+    return header + mask + masked_payload
+
+
+def read_server_frame(sock: socket.socket) -> Tuple[int, bytes]:
+    """Read one (unmasked) server frame from ``sock``: ``(opcode, payload)``."""
+    def exact(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise EOFError("closed while reading a frame")
+            data += chunk
+        return data
+
+    first, second = exact(2)
+    assert not second & 0x80, "server frames must not be masked"
+    length = second & 0x7F
+    if length == 126:
+        (length,) = struct.unpack("!H", exact(2))
+    elif length == 127:
+        (length,) = struct.unpack("!Q", exact(8))
+    assert first & 0x80, "expected FIN"
+    return first & 0x0F, exact(length)
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def feed_all(reader: FrameReader, data: bytes, step: int = 0) -> List[Tuple[int, bytes]]:
+    """Feed ``data`` (``step`` bytes at a time; all at once if 0) and collect events."""
+    events: List[Tuple[int, bytes]] = []
+    chunks = [data] if not step else [data[i:i + step] for i in range(0, len(data), step)]
+    for chunk in chunks:
+        reader.feed(chunk)
+        while True:
+            event = reader.next_event()
+            if event is None:
+                break
+            events.append(event)
+    return events
+
+
+@pytest.fixture
+def pair() -> Any:
+    """A connected ``(server_sock, client_sock)`` socket pair with timeouts."""
+    server_sock, client_sock = socket.socketpair()
+    client_sock.settimeout(TIMEOUT)
+    yield server_sock, client_sock
+    server_sock.close()
+    client_sock.close()
+
+
+# ------------------------------------------------------------ sans-IO codec
+def test_unmask_round_trip_all_lengths() -> None:
+    mask = b"\x01\x80\xff\x37"
+    for n in (0, 1, 3, 4, 5, 127, 4099):
+        data = os.urandom(n)
+        expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        assert unmask(data, mask) == expected
+        assert unmask(expected, mask) == data
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 300_000])
+def test_reader_decodes_every_length_encoding(size: int) -> None:
+    payload = os.urandom(size)
+    frame = client_frame(OP_BINARY, payload)
+    assert feed_all(FrameReader(1 << 20), frame) == [(OP_BINARY, payload)]
+
+
+def test_reader_byte_by_byte_with_interleaved_control_frames() -> None:
+    stream = (
+        client_frame(OP_BINARY, b"hello ", fin=False)
+        + client_frame(OP_PING, b"p1")
+        + client_frame(OP_CONTINUATION, b"wor", fin=False)
+        + client_frame(OP_PONG, b"")
+        + client_frame(OP_CONTINUATION, b"ld", fin=True)
+        + client_frame(OP_BINARY, b"")
+        + client_frame(OP_TEXT, "héllo".encode())
+        + client_frame(OP_CLOSE, struct.pack("!H", 1000) + b"bye")
+    )
+    expected = [
+        (OP_PING, b"p1"),
+        (OP_PONG, b""),
+        (OP_BINARY, b"hello world"),
+        (OP_BINARY, b""),
+        (OP_TEXT, "héllo".encode()),
+        (OP_CLOSE, struct.pack("!H", 1000) + b"bye"),
+    ]
+    assert feed_all(FrameReader(1 << 20), stream, step=1) == expected
+    assert feed_all(FrameReader(1 << 20), stream) == expected
+
+
+@pytest.mark.parametrize(
+    "frame, message",
+    [
+        (client_frame(OP_BINARY, b"x", masked=False), "not masked"),
+        (client_frame(OP_BINARY, b"x", rsv=0x40), "reserved bits"),
+        (client_frame(0x3, b"x"), "unknown opcode"),
+        (client_frame(OP_PING, b"x", fin=False), "fragmented control"),
+        (client_frame(OP_PING, b"x" * 126), "longer than 125"),
+        (client_frame(OP_CONTINUATION, b"x"), "continuation"),
+        (client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_BINARY, b"b"), "unfinished"),
+        (struct.pack("!BBQ", 0x82, 0xFF, 1 << 63) + b"mask", "high bit"),
+    ],
+)
+def test_reader_rejects_bad_frames(frame: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message) as info:
+        feed_all(FrameReader(1 << 20), frame)
+    assert getattr(info.value, "close_code") == 1002
+
+
+def test_reader_limits_message_size_before_buffering() -> None:
+    reader = FrameReader(1000)
+    assert feed_all(reader, client_frame(OP_BINARY, b"x" * 1000)) == [(OP_BINARY, b"x" * 1000)]
+    # the header alone announces too much: rejected without the payload
+    with pytest.raises(ProtocolError, match="over the limit") as info:
+        feed_all(reader, client_frame(OP_BINARY, b"x" * 1001)[:8])
+    assert getattr(info.value, "close_code") == 1009
+    # fragments adding up to too much
+    reader = FrameReader(1000)
+    with pytest.raises(ProtocolError, match="over the limit"):
+        feed_all(reader, client_frame(OP_BINARY, b"x" * 600, fin=False)
+                 + client_frame(OP_CONTINUATION, b"x" * 600))
+
+
+def test_encode_frame_lengths() -> None:
+    assert encode_frame(OP_BINARY, b"ab") == b"\x82\x02ab"
+    assert encode_frame(OP_BINARY, b"a" * 126)[:4] == b"\x82\x7e\x00\x7e"
+    assert encode_frame(OP_BINARY, b"a" * 65536)[:10] == b"\x82\x7f" + struct.pack("!Q", 65536)
+    assert encode_frame(OP_PING) == b"\x89\x00"
+
+
+# ---------------------------------------------------------------- handshake
+def test_accept_key_rfc6455_example() -> None:
+    assert accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def upgrade_environ(**overrides: str) -> Dict[str, Any]:
+    environ: Dict[str, Any] = {
+        "REQUEST_METHOD": "GET",
+        "HTTP_UPGRADE": "websocket",
+        "HTTP_CONNECTION": "keep-alive, Upgrade",
+        "HTTP_SEC_WEBSOCKET_VERSION": "13",
+        "HTTP_SEC_WEBSOCKET_KEY": base64.b64encode(os.urandom(16)).decode(),
+    }
+    environ.update(overrides)
+    return environ
+
+
+def test_is_websocket_request() -> None:
+    assert is_websocket_request(upgrade_environ()) is None
+    assert is_websocket_request(upgrade_environ(HTTP_UPGRADE="WebSocket")) is None
+    assert "GET" in str(is_websocket_request(upgrade_environ(REQUEST_METHOD="POST")))
+    assert "upgrade" in str(is_websocket_request(upgrade_environ(HTTP_UPGRADE="h2c")))
+    assert "Connection" in str(is_websocket_request(upgrade_environ(HTTP_CONNECTION="close")))
+    assert "version" in str(is_websocket_request(upgrade_environ(HTTP_SEC_WEBSOCKET_VERSION="8")))
+    assert "Key" in str(is_websocket_request(upgrade_environ(HTTP_SEC_WEBSOCKET_KEY="")))
+    assert "Key" in str(is_websocket_request(upgrade_environ(HTTP_SEC_WEBSOCKET_KEY="c2hvcnQ=")))
+    plain = {"REQUEST_METHOD": "GET"}
+    assert is_websocket_request(plain) is not None
+
+
+def test_socket_from_environ() -> None:
+    marker = object()
+    assert socket_from_environ({"werkzeug.socket": marker}) == (marker, "werkzeug")
+    assert socket_from_environ({"gunicorn.socket": marker}) == (marker, "gunicorn")
+    with pytest.raises(RuntimeError, match="does not expose"):
+        socket_from_environ({})
+
+
+def test_accept_writes_101_response(pair: Tuple[socket.socket, socket.socket]) -> None:
+    server_sock, client_sock = pair
+    environ = upgrade_environ(HTTP_SEC_WEBSOCKET_KEY="dGhlIHNhbXBsZSBub25jZQ==")
+    environ["werkzeug.socket"] = server_sock
+    ws = ServerWebSocket.accept(environ, 1 << 20)
+    response = b""
+    while not response.endswith(b"\r\n\r\n"):
+        response += client_sock.recv(1)
+    lines = response.decode().split("\r\n")
+    assert lines[0] == "HTTP/1.1 101 Switching Protocols"
+    assert "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in lines
+    assert "Upgrade: websocket" in lines and "Connection: Upgrade" in lines
+    ws.close()
+
+
+# ---------------------------------------------------------- ServerWebSocket
+def test_messages_both_ways_and_ping_keepalive(pair: Tuple[socket.socket, socket.socket]) -> None:
+    server_sock, client_sock = pair
+    ws = ServerWebSocket(server_sock, 1 << 22)
+    before = ws.last_keepalive
+    big = os.urandom(3 << 20)
+    sender = threading.Thread(target=client_sock.sendall, args=(
+        client_frame(OP_PING, b"hb") + client_frame(OP_BINARY, b"small") + client_frame(OP_BINARY, big),
+    ))
+    sender.start()
+    assert ws.receive() == b"small"  # the ping before it was answered on the way
+    assert ws.last_keepalive > before
+    assert read_server_frame(client_sock) == (OP_PONG, b"hb")
+    assert ws.receive() == big
+    sender.join(TIMEOUT)
+    ws.send(b"x" * 70000)
+    ws.send(b"")
+    assert read_server_frame(client_sock) == (OP_BINARY, b"x" * 70000)
+    assert read_server_frame(client_sock) == (OP_BINARY, b"")
+    ws.close()
+
+
+def test_client_close_is_answered_then_nothing_more(pair: Tuple[socket.socket, socket.socket]) -> None:
+    server_sock, client_sock = pair
+    ws = ServerWebSocket(server_sock, 1 << 20)
+    client_sock.sendall(client_frame(OP_CLOSE, struct.pack("!H", 1001) + b"going"))
+    with pytest.raises(TransportClosed, match="1001"):
+        ws.receive()
+    ws.close()
+    with pytest.raises(TransportClosed):
+        ws.send(b"late")
+    rest = read_to_eof(client_sock)
+    assert rest == encode_frame(OP_CLOSE, struct.pack("!H", 1001))
+    assert ws.close_code == 1001 and ws.close_reason == "going"
+
+
+def test_text_message_is_a_protocol_error(pair: Tuple[socket.socket, socket.socket]) -> None:
+    server_sock, client_sock = pair
+    ws = ServerWebSocket(server_sock, 1 << 20)
+    client_sock.sendall(client_frame(OP_TEXT, b"hi"))
+    with pytest.raises(ProtocolError, match="text"):
+        ws.receive()
+    opcode, payload = read_server_frame(client_sock)
+    assert opcode == OP_CLOSE and struct.unpack("!H", payload[:2])[0] == 1003
+    ws.close()
+
+
+def test_oversized_message_closes_with_1009(pair: Tuple[socket.socket, socket.socket]) -> None:
+    server_sock, client_sock = pair
+    ws = ServerWebSocket(server_sock, 1000)
+    client_sock.sendall(client_frame(OP_BINARY, b"y" * 2000))
+    with pytest.raises(ProtocolError, match="over the limit"):
+        ws.receive()
+    opcode, payload = read_server_frame(client_sock)
+    assert opcode == OP_CLOSE and struct.unpack("!H", payload[:2])[0] == 1009
+    ws.close()
+
+
+def test_close_from_another_thread_ends_blocked_receive(pair: Tuple[socket.socket, socket.socket]) -> None:
+    server_sock, client_sock = pair
+    ws = ServerWebSocket(server_sock, 1 << 20)
+    errors: List[BaseException] = []
+
+    def reader() -> None:
+        try:
+            ws.receive()
+        except BaseException as exc:  # noqa: B036 - recorded for the assertion
+            errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    ws.close()
+    ws.close()  # idempotent
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], TransportClosed)
+    assert read_server_frame(client_sock) == (OP_CLOSE, struct.pack("!H", 1000))
+    assert read_to_eof(client_sock) == b""
+
+
+def test_eof_ends_receive(pair: Tuple[socket.socket, socket.socket]) -> None:
+    server_sock, client_sock = pair
+    ws = ServerWebSocket(server_sock, 1 << 20)
+    client_sock.shutdown(socket.SHUT_WR)
+    with pytest.raises(TransportClosed, match="EOF"):
+        ws.receive()
+    ws.close()
+
+
+def test_concurrent_sends_and_pongs_never_interleave(pair: Tuple[socket.socket, socket.socket]) -> None:
+    """Writers on several threads plus pongs from the reader: every frame
+    arrives whole (each write is complete and under one lock)."""
+    server_sock, client_sock = pair
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    ws = ServerWebSocket(server_sock, 1 << 20)
+    per_thread, threads_n = 40, 4
+    payloads = {t: bytes([t]) * (10000 + t) for t in range(threads_n)}
+    pings = 50
+
+    def writer(t: int) -> None:
+        for _ in range(per_thread):
+            ws.send(payloads[t])
+
+    def pinger() -> None:
+        client_sock.sendall(b"".join(client_frame(OP_PING, b"%d" % i) for i in range(pings))
+                            + client_frame(OP_BINARY, b"done"))
+
+    def server_reader() -> None:
+        assert ws.receive() == b"done"
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(threads_n)]
+    threads += [threading.Thread(target=pinger), threading.Thread(target=server_reader)]
+    for thread in threads:
+        thread.start()
+    counts = {t: 0 for t in range(threads_n)}
+    pongs: List[bytes] = []
+    while sum(counts.values()) < per_thread * threads_n or len(pongs) < pings:
+        opcode, payload = read_server_frame(client_sock)
+        if opcode == OP_PONG:
+            pongs.append(payload)
+            continue
+        assert opcode == OP_BINARY
+        t = payload[0]
+        assert payload == payloads[t]
+        counts[t] += 1
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert pongs == [b"%d" % i for i in range(pings)]
+    ws.close()
+
+
+# ------------------------------------------------------- simple-websocket
+def _simple_websocket_environ(sock: socket.socket) -> Dict[str, Any]:
+    environ = upgrade_environ(HTTP_SEC_WEBSOCKET_KEY="dGhlIHNhbXBsZSBub25jZQ==", HTTP_HOST="localhost")
+    environ["werkzeug.socket"] = sock
+    return environ
+
+
+def test_simple_websocket_transport(pair: Tuple[socket.socket, socket.socket]) -> None:
+    server_sock, client_sock = pair
+    ws = SimpleWebSocketTransport(_simple_websocket_environ(server_sock), 1 << 20)
+    response = b""
+    while not response.endswith(b"\r\n\r\n"):
+        response += client_sock.recv(1)
+    assert response.startswith(b"HTTP/1.1 101")
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in response
+    before = ws.last_keepalive
+    client_sock.sendall(client_frame(OP_PING, b"k") + client_frame(OP_BINARY, b"hello"))
+    assert ws.receive() == b"hello"
+    assert ws.last_keepalive > before
+    assert read_server_frame(client_sock) == (OP_PONG, b"k")
+    ws.send(b"z" * 100000)
+    assert read_server_frame(client_sock) == (OP_BINARY, b"z" * 100000)
+    client_sock.sendall(client_frame(OP_TEXT, b"no"))
+    with pytest.raises(ProtocolError):
+        ws.receive()
+    ws.close()
+    with pytest.raises(TransportClosed):
+        ws.receive()
+    assert ws.ws.thread is not None
+    ws.ws.thread.join(TIMEOUT)
+    assert not ws.ws.thread.is_alive()
