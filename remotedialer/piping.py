@@ -402,13 +402,16 @@ class Piper:
             self._shutdown()
 
     def _drain_wake(self) -> None:
-        with self._lock:
-            self._wake_sent = False
+        # Drain first, then clear the flag: clearing first lets a _mark() in
+        # between send a byte that this drain swallows, leaving the flag set
+        # with no byte queued, so every later _mark() skips the wake (lost wakeup).
         try:
             while self._wake_reader.recv(4096):
                 pass
         except (BlockingIOError, InterruptedError):
             pass
+        with self._lock:
+            self._wake_sent = False
 
     def _shutdown(self) -> None:
         for pipe in list(self._pipes):
