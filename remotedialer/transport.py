@@ -84,12 +84,16 @@ class MemoryTransport:
         self._cond = threading.Condition()
         self._closed = False
         self.sent_messages = 0
+        self.pings_received = 0
 
     def send(self, data: bytes) -> None:
         self._check_open()
         assert self.peer is not None
         self.sent_messages += 1
         self.peer._deliver(bytes(data))
+        # A real socket write is a system call that lets other threads run;
+        # do the same so the far side's reader is not starved of the GIL.
+        time.sleep(0)
 
     def send_text(self, text: str) -> None:
         """Send a text message (a protocol error for the receiver)."""
@@ -97,7 +101,10 @@ class MemoryTransport:
         assert self.peer is not None
         self.peer._deliver(text)
 
-    def receive(self) -> bytes:
+    def receive(self, timeout: Optional[float] = None) -> bytes:
+        """Block for the next binary message; ``timeout`` (tests only) bounds
+        the wait and raises ``TimeoutError``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 while self._inbox:
@@ -109,12 +116,19 @@ class MemoryTransport:
                     if isinstance(item, str):
                         raise ProtocolError("text message received")
                     # a ping: counts as keepalive here, pong refreshes the pinger
+                    self.pings_received += 1
                     self.last_keepalive = time.monotonic()
                     if self.peer is not None:
                         self.peer.last_keepalive = time.monotonic()
                 if self._closed:
                     raise TransportClosed("websocket closed")
-                self._cond.wait()
+                if deadline is None:
+                    self._cond.wait()
+                else:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise TimeoutError("no message within the timeout")
+                    self._cond.wait(remaining)
 
     def ping(self) -> None:
         self._check_open()

@@ -1,0 +1,755 @@
+"""Session and TunnelConnection over the in-memory WebSocket pair."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+import time
+from typing import Any, Callable, List, Tuple
+
+import pytest
+
+from remotedialer.config import Limits
+from remotedialer.connection import TunnelConnection
+from remotedialer.errors import (
+    ConnectNotAllowedError,
+    LimitExceededError,
+    RemoteError,
+    TunnelClosedError,
+)
+from remotedialer.heartbeat import Heartbeat
+from remotedialer.protocol import (
+    Message,
+    MessageType,
+    decode_message,
+    encode_message,
+    encode_sync_payload,
+)
+from remotedialer.session import Session
+from remotedialer.transport import MemoryTransport, memory_pair
+
+from .conftest import TIMEOUT, AcceptingHandler, SessionPair, wait_for
+
+KiB = 1024
+SMALL = Limits(
+    pause_threshold=64 * KiB,
+    resume_threshold=16 * KiB,
+    hard_buffer_limit=512 * KiB,
+    max_data_message=8 * KiB,
+)
+
+
+class Raw:
+    """A session whose far end is a bare transport the test drives by hand."""
+
+    def __init__(self, *, is_client: bool = False, limits: Limits = Limits(), **kwargs: Any) -> None:
+        self.far, self.near = memory_pair()
+        self.heartbeat = Heartbeat("raw-heartbeat")
+        self.session = Session(
+            self.near,
+            is_client=is_client,
+            client_key="foo",
+            session_key=7,
+            limits=limits,
+            heartbeat=self.heartbeat,
+            **kwargs,
+        )
+        self.thread = self.session.start()
+        self._next_id = 100
+
+    def send(self, message_type: int, conn_id: int, payload: bytes = b"") -> None:
+        self._next_id += 1
+        self.far.send(encode_message(self._next_id, conn_id, message_type, payload))
+
+    def receive(self, timeout: float = TIMEOUT) -> Message:
+        return decode_message(self.far.receive(timeout=timeout))
+
+    def receive_type(self, message_type: int, timeout: float = TIMEOUT) -> Message:
+        """The next message of ``message_type``, skipping others."""
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.receive(max(0.0, deadline - time.monotonic()))
+            if message.type == message_type:
+                return message
+
+    def barrier(self) -> None:
+        """Wait until the session handled everything sent so far (messages are
+        handled in order, and DATA to an unknown id is answered)."""
+        self.send(MessageType.DATA, 999_999, b"barrier")
+        while True:
+            message = self.receive()
+            if message.type == MessageType.ERROR and message.conn_id == 999_999:
+                return
+
+    def nothing_pending(self) -> bool:
+        try:
+            self.far.receive(timeout=0.05)
+        except TimeoutError:
+            return True
+        return False
+
+    def close(self) -> None:
+        self.session.close("test over")
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def raw_factory() -> Any:
+    made: List[Raw] = []
+
+    def make(**kwargs: Any) -> Raw:
+        raw = Raw(**kwargs)
+        made.append(raw)
+        return raw
+
+    yield make
+    for raw in made:
+        raw.close()
+
+
+@pytest.fixture
+def raw(raw_factory: Callable[..., Raw]) -> Raw:
+    return raw_factory()
+
+
+def dial_pair(pair: SessionPair, handler: AcceptingHandler, address: str = "127.0.0.1:80",
+              ) -> Tuple[TunnelConnection, TunnelConnection]:
+    """Server dials through the client; returns (server_conn, client_conn)."""
+    server_conn = pair.server.dial("tcp", address, timeout=TIMEOUT)
+    client_conn = handler.next()
+    client_conn.settimeout(TIMEOUT)
+    return server_conn, client_conn
+
+
+def recv_exactly(conn: Any, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        chunk = conn.recv(size - len(out))
+        assert chunk, f"EOF after {len(out)} of {size} bytes"
+        out += chunk
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- dialing
+def test_first_dialed_connection_id_is_2(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "127.0.0.1:8125")
+    assert conn.conn_id == 2
+    message = raw.receive()
+    assert (message.type, message.conn_id) == (MessageType.CONNECT, 2)
+    assert bytes(message.payload) == b"tcp/127.0.0.1:8125"
+    assert raw.session.dial("tcp", "127.0.0.1:1").conn_id == 3
+
+
+def test_dial_is_usable_at_once_and_data_flows(tunnel: Tuple[SessionPair, AcceptingHandler]) -> None:
+    pair, handler = tunnel
+    server_conn = pair.server.dial("tcp", "example:80", timeout=TIMEOUT)
+    server_conn.sendall(b"hello")  # before the far side even saw the CONNECT
+    client_conn = handler.next()
+    assert (client_conn.proto, client_conn.address) == ("tcp", "example:80")
+    client_conn.settimeout(TIMEOUT)
+    assert recv_exactly(client_conn, 5) == b"hello"
+    client_conn.sendall(b"world")
+    assert recv_exactly(server_conn, 5) == b"world"
+    assert pair.server.connection_ids() == [2]
+    assert pair.client.connection_ids() == [2]
+
+
+def test_dial_on_dead_session_fails_at_once(raw: Raw) -> None:
+    raw.session.close("gone")
+    assert raw.session.wait_closed(TIMEOUT)
+    with pytest.raises(TunnelClosedError):
+        raw.session.dial("tcp", "127.0.0.1:1")
+    assert raw.session.close_reason == "gone"
+
+
+def test_dial_rejects_slash_in_proto(raw: Raw) -> None:
+    with pytest.raises(ValueError):
+        raw.session.dial("tcp/x", "a:1")
+
+
+def test_client_side_dial_ids_do_not_collide(tunnel: Tuple[SessionPair, AcceptingHandler]) -> None:
+    pair, _ = tunnel
+    server_conn = pair.server.dial("tcp", "a:1")
+    client_conn = pair.client.dial("tcp", "b:2")
+    assert server_conn.conn_id != client_conn.conn_id
+
+
+def test_dial_connection_limit(raw_factory: Callable[..., Raw]) -> None:
+    raw = raw_factory(limits=Limits(max_connections_per_session=2))
+    raw.session.dial("tcp", "a:1")
+    raw.session.dial("tcp", "a:2")
+    with pytest.raises(LimitExceededError):
+        raw.session.dial("tcp", "a:3")
+
+
+# ------------------------------------------------------- message handling
+def test_data_to_unknown_id_answered_with_connection_not_found(raw: Raw) -> None:
+    raw.send(MessageType.DATA, 99, b"stray")
+    message = raw.receive()
+    assert (message.type, message.conn_id) == (MessageType.ERROR, 99)
+    assert message.text == "connection not found foo/7/99"
+    assert not raw.session.closed
+
+
+def test_error_for_unknown_id_is_ignored(raw: Raw) -> None:
+    raw.send(MessageType.ERROR, 42, b"whatever")
+    raw.send(MessageType.PAUSE, 42)
+    raw.send(MessageType.RESUME, 42)
+    assert raw.nothing_pending()
+    assert not raw.session.closed
+    assert raw.session.dial("tcp", "a:1").conn_id == 2  # still serving
+
+
+@pytest.mark.parametrize("message_type", [0, 9, 99, 12345])
+def test_unknown_types_are_ignored(raw: Raw, message_type: int) -> None:
+    conn = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    raw.receive_type(MessageType.CONNECT)
+    raw.send(message_type, conn.conn_id, b"junk")
+    raw.send(MessageType.DATA, conn.conn_id, b"after")
+    assert conn.recv(100) == b"after"
+    assert not raw.session.closed
+
+
+def test_text_message_ends_the_session(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    raw.far.send_text("hello")
+    assert raw.session.wait_closed(TIMEOUT)
+    assert "protocol error" in raw.session.close_reason
+    with pytest.raises(TunnelClosedError, match="tunnel disconnect"):
+        conn.recv(1)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x80", b"\x02\x04\x02", b"\x02\x04\x04\xb0\xea\x01noslash"])
+def test_undecodable_message_ends_the_session(raw: Raw, data: bytes) -> None:
+    raw.far.send(data)
+    assert raw.session.wait_closed(TIMEOUT)
+    assert "protocol error" in raw.session.close_reason
+
+
+def test_oversized_message_ends_the_session(raw_factory: Callable[..., Raw]) -> None:
+    limits = Limits(max_message_size=64 * KiB, max_data_message=8 * KiB)
+    raw = raw_factory(limits=limits)
+    conn = raw.session.dial("tcp", "a:1")
+    raw.send(MessageType.DATA, conn.conn_id, b"x" * (64 * KiB + 1))
+    assert raw.session.wait_closed(TIMEOUT)
+    assert "over the limit" in raw.session.close_reason
+
+
+def test_connect_without_authorizer_refused_on_that_connection_only(raw: Raw) -> None:
+    # The raw session has no connect handler: refuse, but stay up.
+    raw.send(MessageType.CONNECT, 5, b"tcp/127.0.0.1:22")
+    message = raw.receive()
+    assert (message.type, message.conn_id, message.text) == (MessageType.ERROR, 5, "connect not allowed")
+    raw.send(MessageType.DATA, 99, b"x")
+    assert raw.receive().type == MessageType.ERROR  # still answering
+    assert not raw.session.closed
+    assert raw.session.connection_ids() == []
+
+
+def test_connect_refused_by_handler_answers_error_and_session_lives(
+    raw_factory: Callable[..., Raw],
+) -> None:
+    def refuse(conn: TunnelConnection) -> None:
+        raise ConnectNotAllowedError("connect not allowed")
+
+    raw = raw_factory(is_client=True, connect_handler=refuse)
+    raw.send(MessageType.CONNECT, 2, b"tcp/10.0.0.1:22")
+    message = raw.receive_type(MessageType.ERROR)
+    assert (message.conn_id, message.text) == (2, "connect not allowed")
+    assert raw.session.connection_ids() == []
+    raw.send(MessageType.CONNECT, 3, b"tcp/10.0.0.1:22")
+    assert raw.receive_type(MessageType.ERROR).conn_id == 3
+    assert not raw.session.closed
+
+
+def test_connect_handler_crash_answers_error(raw_factory: Callable[..., Raw]) -> None:
+    def crash(conn: TunnelConnection) -> None:
+        raise RuntimeError("kaboom")
+
+    raw = raw_factory(is_client=True, connect_handler=crash)
+    raw.send(MessageType.CONNECT, 2, b"tcp/x:1")
+    message = raw.receive_type(MessageType.ERROR)
+    assert message.conn_id == 2 and "kaboom" in message.text
+    assert not raw.session.closed
+
+
+def test_connect_over_connection_limit_refused(raw_factory: Callable[..., Raw]) -> None:
+    handler = AcceptingHandler()
+    raw = raw_factory(is_client=True, connect_handler=handler,
+                      limits=Limits(max_connections_per_session=1))
+    raw.send(MessageType.CONNECT, 2, b"tcp/x:1")
+    handler.next()
+    raw.send(MessageType.CONNECT, 3, b"tcp/x:2")
+    message = raw.receive_type(MessageType.ERROR)
+    assert (message.conn_id, message.text) == (3, "too many connections")
+    assert raw.session.connection_ids() == [2]
+
+
+def test_connect_reaches_handler_with_proto_and_address(raw_factory: Callable[..., Raw]) -> None:
+    handler = AcceptingHandler()
+    raw = raw_factory(is_client=True, connect_handler=handler)
+    raw.send(MessageType.CONNECT, 4, b"foo::tcp/10.0.0.1:6443")
+    conn = handler.next()
+    assert (conn.conn_id, conn.proto, conn.address) == (4, "foo::tcp", "10.0.0.1:6443")
+    assert conn.getpeername() == ("10.0.0.1", 6443)
+
+
+def test_error_from_peer_ends_connection_with_its_text(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "127.0.0.1:1", timeout=TIMEOUT)
+    raw.receive_type(MessageType.CONNECT)
+    raw.send(MessageType.ERROR, conn.conn_id, b"dial tcp 127.0.0.1:1: connect: connection refused")
+    with pytest.raises(RemoteError) as info:
+        conn.recv(10)
+    assert info.value.remote_message == "dial tcp 127.0.0.1:1: connect: connection refused"
+    assert isinstance(info.value, ConnectionResetError)
+    with pytest.raises(RemoteError):
+        conn.sendall(b"x")
+    wait_for(lambda: raw.session.connection_ids() == [])
+    conn.close()  # no ERROR is owed to a peer that ended the connection
+    assert raw.nothing_pending()
+
+
+def test_error_eof_from_peer_is_clean_eof_after_buffered_data(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    raw.send(MessageType.DATA, conn.conn_id, b"last words")
+    raw.send(MessageType.ERROR, conn.conn_id, b"EOF")
+    assert recv_exactly(conn, 10) == b"last words"
+    assert conn.recv(10) == b""
+    assert conn.recv(10) == b""
+    with pytest.raises(BrokenPipeError):
+        conn.send(b"x")
+
+
+def test_close_sends_error_eof_once(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "a:1")
+    raw.receive_type(MessageType.CONNECT)
+    conn.close()
+    conn.close()
+    message = raw.receive()
+    assert (message.type, message.conn_id, message.is_eof) == (MessageType.ERROR, 2, True)
+    assert raw.nothing_pending()
+    assert raw.session.connection_ids() == []
+    with pytest.raises(OSError):
+        conn.recv(1)
+
+
+def test_close_from_either_side(tunnel: Tuple[SessionPair, AcceptingHandler]) -> None:
+    pair, handler = tunnel
+    server_conn, client_conn = dial_pair(pair, handler)
+    server_conn.sendall(b"bye")
+    server_conn.close()
+    assert recv_exactly(client_conn, 3) == b"bye"
+    assert client_conn.recv(1) == b""
+    wait_for(lambda: pair.client.connection_ids() == [] and pair.server.connection_ids() == [])
+
+    server_conn, client_conn = dial_pair(pair, handler)
+    client_conn.close()
+    assert server_conn.recv(1) == b""
+    with pytest.raises(BrokenPipeError):
+        server_conn.sendall(b"x")
+
+
+def test_abort_gives_the_peer_a_remote_error(tunnel: Tuple[SessionPair, AcceptingHandler]) -> None:
+    pair, handler = tunnel
+    server_conn, client_conn = dial_pair(pair, handler)
+    client_conn.abort(ConnectionResetError("dial tcp x:1: i/o timeout"))
+    with pytest.raises(RemoteError, match="i/o timeout"):
+        server_conn.recv(1)
+
+
+def test_pause_and_resume_from_peer_block_and_release_writers(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    raw.receive_type(MessageType.CONNECT)
+    raw.send(MessageType.PAUSE, conn.conn_id)
+    wait_for(lambda: conn.peer_paused_us)
+    done = threading.Event()
+
+    def write() -> None:
+        conn.sendall(b"held back")
+        done.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert not done.wait(0.2)  # blocked while paused
+    assert raw.nothing_pending()
+    raw.send(MessageType.RESUME, conn.conn_id)
+    assert done.wait(TIMEOUT)
+    message = raw.receive_type(MessageType.DATA)
+    assert bytes(message.payload) == b"held back"
+    writer.join(TIMEOUT)
+
+
+def test_paused_writer_released_when_connection_ends(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    raw.send(MessageType.PAUSE, conn.conn_id)
+    wait_for(lambda: conn.peer_paused_us)
+    errors: List[BaseException] = []
+
+    def write() -> None:
+        try:
+            conn.sendall(b"x")
+        except OSError as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    raw.send(MessageType.ERROR, conn.conn_id, b"gone")
+    writer.join(TIMEOUT)
+    assert not writer.is_alive()
+    assert isinstance(errors[0], RemoteError)
+
+
+def test_sync_closes_only_connections_present_at_previous_sync(raw: Raw) -> None:
+    old = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)  # id 2
+    kept = raw.session.dial("tcp", "a:2", timeout=TIMEOUT)  # id 3
+    # First SYNC: the peer does not list 2 or 3 (its snapshot may predate our
+    # CONNECTs), so nothing is closed yet.
+    raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([]))
+    raw.barrier()
+    assert raw.session.connection_ids() == [2, 3]
+    young = raw.session.dial("tcp", "a:3", timeout=TIMEOUT)  # id 4, after that sync
+    # Second SYNC lists only 3: 2 was known at the previous sync and is gone;
+    # 4 is younger than the previous sync and must survive.
+    raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([3]))
+    with pytest.raises(TunnelClosedError):
+        old.recv(1)
+    wait_for(lambda: raw.session.connection_ids() == [3, 4])
+    assert not kept.ended and not young.ended
+    # Closing by SYNC sends no ERROR: only the CONNECTs (and the barrier's
+    # answer) went out.
+    assert raw.receive().type == MessageType.CONNECT  # the young one
+    assert raw.nothing_pending()
+    # A third SYNC without 4 now closes it.
+    raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([3]))
+    wait_for(lambda: raw.session.connection_ids() == [3])
+
+
+def test_bad_sync_payload_ends_the_session(raw: Raw) -> None:
+    raw.send(MessageType.SYNC_CONNECTIONS, 0, b"\x01\x02\x03")
+    assert raw.session.wait_closed(TIMEOUT)
+
+
+def test_send_sync_lists_open_connections(raw: Raw) -> None:
+    raw.session.dial("tcp", "a:1")
+    raw.session.dial("tcp", "a:2")
+    raw.session.send_sync()
+    message = raw.receive_type(MessageType.SYNC_CONNECTIONS)
+    assert bytes(message.payload) == encode_sync_payload([2, 3])
+
+
+def test_add_and_remove_client_reach_listener(raw_factory: Callable[..., Raw]) -> None:
+    seen: List[Tuple[Any, bool, str, int]] = []
+    raw = raw_factory(client_listener=lambda *args: seen.append(args))
+    raw.send(MessageType.ADD_CLIENT, 0, b"foo/5577006791947779410")
+    raw.send(MessageType.REMOVE_CLIENT, 0, b"foo/5577006791947779410")
+    raw.send(MessageType.ADD_CLIENT, 0, b"malformed")  # logged and ignored
+    raw.send(MessageType.ADD_CLIENT, 0, b"a/b/12")
+    wait_for(lambda: len(seen) == 3)
+    assert seen == [
+        (raw.session, True, "foo", 5577006791947779410),
+        (raw.session, False, "foo", 5577006791947779410),
+        (raw.session, True, "a/b", 12),
+    ]
+    assert not raw.session.closed
+
+
+def test_send_client_added_and_removed(raw: Raw) -> None:
+    raw.session.send_client_added("foo", 12)
+    raw.session.send_client_removed("foo", 12)
+    added, removed = raw.receive(), raw.receive()
+    assert (added.type, added.conn_id, added.text) == (MessageType.ADD_CLIENT, 0, "foo/12")
+    assert (removed.type, removed.text) == (MessageType.REMOVE_CLIENT, "foo/12")
+
+
+# ------------------------------------------------------------ session end
+def test_session_end_fails_every_connection_at_once(
+    tunnel: Tuple[SessionPair, AcceptingHandler],
+) -> None:
+    pair, handler = tunnel
+    conns = [dial_pair(pair, handler)[0] for _ in range(4)]
+    for conn in conns:
+        conn.settimeout(None)  # blocked forever unless the session end frees them
+    conns[3].sendall(b"unread")
+    paused = conns[2]
+    paused._set_peer_paused(True)
+    errors: List[BaseException] = []
+    started = threading.Barrier(4, timeout=TIMEOUT)
+
+    def block_reading(conn: TunnelConnection) -> None:
+        started.wait()
+        try:
+            conn.recv(10)
+        except OSError as exc:
+            errors.append(exc)
+
+    def block_writing() -> None:
+        started.wait()
+        try:
+            paused.sendall(b"x")
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=block_reading, args=(c,), daemon=True) for c in conns[:2]]
+    threads.append(threading.Thread(target=block_writing, daemon=True))
+    for thread in threads:
+        thread.start()
+    started.wait()
+    wait_for(lambda: all(t.is_alive() for t in threads))
+    pair.client_end.close()  # the WebSocket drops
+    for thread in threads:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive()
+    assert len(errors) == 3
+    for exc in errors:
+        assert isinstance(exc, TunnelClosedError) and "tunnel disconnect" in str(exc)
+    assert pair.server.wait_closed(TIMEOUT) and pair.client.wait_closed(TIMEOUT)
+    assert pair.server.connection_ids() == []
+    with pytest.raises(TunnelClosedError):
+        conns[0].sendall(b"x")
+
+
+def test_close_callbacks_run_once(raw: Raw) -> None:
+    calls: List[Session] = []
+    raw.session.add_close_callback(calls.append)
+    raw.session.close("bye")
+    raw.session.close("again")
+    assert calls == [raw.session]
+    raw.session.add_close_callback(calls.append)  # after the end: at once
+    assert calls == [raw.session, raw.session]
+    assert raw.session.close_reason == "bye"
+    assert "closed: bye" in repr(raw.session)
+
+
+# ---------------------------------------------------------- backpressure
+def test_slow_reader_pauses_then_resumes_the_writer(
+    session_pair_factory: Callable[..., SessionPair],
+) -> None:
+    handler = AcceptingHandler()
+    pair = session_pair_factory(limits=SMALL, connect_handler=handler, capacity=32 * KiB)
+    server_conn, client_conn = dial_pair(pair, handler)
+    total = 4096 * KiB
+    payload = bytes(range(256)) * (total // 256)
+    written = threading.Event()
+
+    def write() -> None:
+        client_conn.sendall(payload)
+        written.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    # Nobody reads: the server's buffer crosses the threshold and it PAUSEs us.
+    wait_for(lambda: client_conn.peer_paused_us and server_conn.we_paused_peer)
+    high_water = server_conn.buffered
+    assert not written.wait(0.2)  # the writer is held
+    # Data in flight when a PAUSE lands still arrives (how much depends on
+    # thread scheduling), but the buffer never reaches the hard limit that
+    # would cut the connection, and stays far below what was written.
+    bound = SMALL.hard_buffer_limit
+    assert server_conn.buffered <= bound
+    assert high_water <= bound
+    received = bytearray()
+    while len(received) < total:
+        received += server_conn.recv(64 * KiB)
+        assert server_conn.buffered <= bound  # memory stays bounded throughout
+    assert written.wait(TIMEOUT)
+    assert bytes(received) == payload
+    assert not server_conn.we_paused_peer
+    wait_for(lambda: not client_conn.peer_paused_us)
+    writer.join(TIMEOUT)
+
+
+def test_pause_and_resume_are_sent_once_each(raw_factory: Callable[..., Raw]) -> None:
+    raw = raw_factory(limits=SMALL)
+    conn = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    raw.receive_type(MessageType.CONNECT)
+    chunk = b"d" * SMALL.max_data_message
+    sent = 0
+    while sent <= SMALL.pause_threshold + 4 * len(chunk):
+        raw.send(MessageType.DATA, conn.conn_id, chunk)
+        sent += len(chunk)
+    pause = raw.receive()
+    assert (pause.type, pause.conn_id) == (MessageType.PAUSE, conn.conn_id)
+    assert raw.nothing_pending()  # once, not per message
+    assert conn.we_paused_peer and not conn.peer_paused_us  # two different flags
+    received = 0
+    while conn.buffered >= SMALL.resume_threshold:
+        received += len(conn.recv(4 * KiB))
+        if conn.buffered >= SMALL.resume_threshold:
+            assert raw.nothing_pending() if received % (64 * KiB) == 0 else True
+    resume = raw.receive()
+    assert (resume.type, resume.conn_id) == (MessageType.RESUME, conn.conn_id)
+    received += len(recv_exactly(conn, sent - received))
+    assert received == sent
+    assert raw.nothing_pending()
+
+
+def test_peer_ignoring_pause_is_cut_while_others_flow(raw_factory: Callable[..., Raw]) -> None:
+    raw = raw_factory(limits=SMALL)
+    greedy = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    polite = raw.session.dial("tcp", "a:2", timeout=TIMEOUT)
+    chunk = b"g" * SMALL.max_data_message
+    for _ in range(SMALL.hard_buffer_limit // len(chunk) + 2):
+        raw.send(MessageType.DATA, greedy.conn_id, chunk)  # ignores our PAUSE
+    raw.send(MessageType.DATA, polite.conn_id, b"still flowing")
+    assert recv_exactly(polite, 13) == b"still flowing"
+    assert raw.receive_type(MessageType.PAUSE).conn_id == greedy.conn_id
+    cut = raw.receive_type(MessageType.ERROR)
+    assert cut.conn_id == greedy.conn_id and "limit" in cut.text
+    with pytest.raises(LimitExceededError):
+        while True:
+            greedy.recv(64 * KiB)
+    assert greedy.buffered == 0
+    assert raw.session.connection_ids() == [polite.conn_id]
+    # Late data for the cut connection is answered as for any unknown id.
+    raw.send(MessageType.DATA, greedy.conn_id, chunk)
+    assert raw.receive_type(MessageType.ERROR).text.startswith("connection not found")
+    polite.sendall(b"reply")
+    assert bytes(raw.receive_type(MessageType.DATA).payload) == b"reply"
+    assert not raw.session.closed
+
+
+def test_large_writes_are_split(raw_factory: Callable[..., Raw]) -> None:
+    raw = raw_factory(limits=SMALL)
+    conn = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    raw.receive_type(MessageType.CONNECT)
+    conn.sendall(b"z" * (SMALL.max_data_message * 3 + 5))
+    sizes = [len(raw.receive_type(MessageType.DATA).payload) for _ in range(4)]
+    assert sizes == [SMALL.max_data_message] * 3 + [5]
+    assert conn.send(b"q" * (SMALL.max_data_message + 1)) == SMALL.max_data_message
+
+
+# ---------------------------------------------------------------- timeouts
+def test_recv_timeout(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "a:1", timeout=0.05)
+    assert conn.gettimeout() == 0.05
+    with pytest.raises(socket.timeout):
+        conn.recv(1)
+    with pytest.raises(TimeoutError):
+        conn.recv_into(bytearray(4))
+    raw.send(MessageType.DATA, conn.conn_id, b"ok")
+    conn.settimeout(TIMEOUT)
+    assert conn.recv(2) == b"ok"  # still usable after a timeout
+
+
+def test_send_timeout_while_paused(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "a:1")
+    raw.send(MessageType.PAUSE, conn.conn_id)
+    wait_for(lambda: conn.peer_paused_us)
+    conn.settimeout(0.05)
+    with pytest.raises(socket.timeout):
+        conn.send(b"x")
+    with pytest.raises(TimeoutError):
+        conn.sendall(b"x")
+
+
+def test_non_blocking_mode(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "a:1")
+    conn.setblocking(False)
+    assert conn.gettimeout() == 0.0 and not conn.getblocking()
+    with pytest.raises(BlockingIOError):
+        conn.recv(1)
+    raw.send(MessageType.PAUSE, conn.conn_id)
+    wait_for(lambda: conn.peer_paused_us)
+    with pytest.raises(BlockingIOError):
+        conn.send(b"x")
+    raw.send(MessageType.DATA, conn.conn_id, b"now")
+    wait_for(lambda: conn.buffered == 3)
+    assert conn.recv(10) == b"now"
+    conn.setblocking(True)
+    assert conn.gettimeout() is None and conn.getblocking()
+
+
+def test_write_lock_timeout_is_a_timeout(raw: Raw) -> None:
+    conn = raw.session.dial("tcp", "a:1")
+    conn.settimeout(0.05)
+    with raw.session._write_lock:  # a stuck WebSocket write elsewhere
+        with pytest.raises(socket.timeout):
+            conn.sendall(b"x")
+    assert not raw.session.closed
+
+
+# --------------------------------------------------------------- heartbeat
+def test_client_pings(raw_factory: Callable[..., Raw]) -> None:
+    raw = raw_factory(is_client=True, limits=Limits(ping_interval=0.02, read_deadline=5.0))
+    deadline = time.monotonic() + TIMEOUT
+    while raw.far.pings_received < 3:
+        assert time.monotonic() < deadline, "no pings"
+        try:
+            raw.far.receive(timeout=0.02)
+        except TimeoutError:
+            pass
+    assert not raw.session.closed
+
+
+def test_client_without_pong_is_closed_after_read_deadline(raw_factory: Callable[..., Raw]) -> None:
+    # The far end never reads, so no ping is ever answered.
+    raw = raw_factory(is_client=True, limits=Limits(ping_interval=0.02, read_deadline=0.2))
+    conn = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    assert raw.session.wait_closed(TIMEOUT)
+    assert "no keepalive" in raw.session.close_reason
+    with pytest.raises(TunnelClosedError, match="tunnel disconnect"):
+        conn.recv(1)
+
+
+def test_server_without_pings_is_closed_after_read_deadline(raw_factory: Callable[..., Raw]) -> None:
+    raw = raw_factory(is_client=False, limits=Limits(read_deadline=0.2))
+    # Data does not count as keepalive, as in Go.
+    conn = raw.session.dial("tcp", "a:1", timeout=TIMEOUT)
+    for _ in range(3):
+        raw.send(MessageType.DATA, conn.conn_id, b"x")
+    assert raw.session.wait_closed(TIMEOUT)
+    assert "no keepalive" in raw.session.close_reason
+
+
+def test_pinging_pair_stays_up(session_pair_factory: Callable[..., SessionPair]) -> None:
+    limits = Limits(ping_interval=0.02, read_deadline=0.3, sync_interval=0.05)
+    pair = session_pair_factory(limits=limits)
+    wait_for(lambda: pair.server_end.pings_received >= 20)
+    assert not pair.client.closed and not pair.server.closed
+
+
+def test_client_sends_sync_periodically(raw_factory: Callable[..., Raw]) -> None:
+    handler = AcceptingHandler()
+    raw = raw_factory(is_client=True, connect_handler=handler,
+                      limits=Limits(sync_interval=0.05, ping_interval=0.02))
+    raw.send(MessageType.CONNECT, 2, b"tcp/x:1")
+    handler.next()
+    message = raw.receive_type(MessageType.SYNC_CONNECTIONS)
+    if bytes(message.payload) == b"":  # a sync from before the CONNECT arrived
+        message = raw.receive_type(MessageType.SYNC_CONNECTIONS)
+    assert bytes(message.payload) == encode_sync_payload([2])
+
+
+# ---------------------------------------------------------------- hygiene
+def test_many_connections_leave_no_threads_or_entries(
+    tunnel: Tuple[SessionPair, AcceptingHandler],
+) -> None:
+    pair, handler = tunnel
+    before = threading.active_count()
+    for _ in range(50):
+        server_conn, client_conn = dial_pair(pair, handler)
+        server_conn.sendall(b"ping")
+        assert recv_exactly(client_conn, 4) == b"ping"
+        client_conn.close()
+        assert server_conn.recv(1) == b""
+        server_conn.close()
+    wait_for(lambda: pair.server.connection_ids() == [] and pair.client.connection_ids() == [])
+    gc.collect()
+    assert threading.active_count() <= before
+
+
+def test_memory_transport_contract() -> None:
+    a, b = memory_pair()
+    a.send(b"one")
+    assert b.receive(timeout=TIMEOUT) == b"one"
+    b.ping()
+    with pytest.raises(TimeoutError):
+        a.receive(timeout=0.01)
+    assert a.pings_received == 1
+    a.close()
+    a.close()
+    with pytest.raises(OSError):
+        b.send(b"x")
+    assert isinstance(a, MemoryTransport) and a.describe() == "memory-client"
