@@ -78,7 +78,7 @@ def check_message(data: bytes) -> Optional[protocol.Message]:
     assert message.is_eof == (message.type == protocol.MessageType.ERROR and payload == b"EOF")
     if message.type in (protocol.MessageType.ADD_CLIENT, protocol.MessageType.REMOVE_CLIENT):
         parsed = protocol.split_client_address(message.address)
-        assert parsed is None or (isinstance(parsed[0], str) and isinstance(parsed[1], int))
+        assert parsed is None or (isinstance(parsed[0], str) and _in_int64(parsed[1]))
     # Re-encoding is a fixpoint: it decodes to the same fields, and encoding
     # those again gives the same bytes (the input itself may differ: varints
     # need not be minimal on the wire and the legacy deadline is normalised).

@@ -249,12 +249,13 @@ def decode_sync_payload(payload: Bytes) -> List[int]:
 def split_client_address(address: str) -> Optional[Tuple[str, int]]:
     """Split an ADD/REMOVE_CLIENT ``clientKey/sessionKey``; ``None`` if malformed."""
     client_key, slash, session_key = address.rpartition("/")
-    if not slash:
+    digits = session_key[1:] if session_key[:1] in ("+", "-") else session_key
+    if not slash or not digits.isascii() or not digits.isdigit():
+        return None  # like Go's strconv.Atoi: no spaces, underscores or non-ASCII digits
+    value = int(session_key)
+    if not _INT64_MIN <= value < (1 << 63):
         return None
-    try:
-        return client_key, int(session_key)
-    except ValueError:
-        return None
+    return client_key, value
 
 
 class MessageIdCounter:

@@ -357,14 +357,41 @@ def test_sync_payload_bad_length_is_protocol_error(data: bytes) -> None:
     fuzz_target.check_sync(data)
 
 
+def reference_atoi(text: str) -> Any:
+    """Go's strconv.Atoi on a 64-bit platform: optional sign, ASCII digits, int64 range."""
+    body = text[1:] if text[:1] in ("+", "-") else text
+    if not body or any(c not in "0123456789" for c in body):
+        return None
+    value = int(text)
+    return value if INT64_MIN <= value <= INT64_MAX else None
+
+
+client_addresses = st.one_of(
+    st.text(max_size=120),
+    st.builds(
+        lambda k, n: f"{k}/{n}", st.text(max_size=20), st.integers(min_value=-(1 << 70), max_value=1 << 70)
+    ),
+    st.builds(
+        lambda k, s: f"{k}/{s}",
+        st.text(max_size=20),
+        st.sampled_from(["+1", "-0", " 1", "1_0", "\u0661", "+", ""]),
+    ),
+)
+
+
 @FAST
-@given(st.text(max_size=120))
-def test_split_client_address_never_raises(text: str) -> None:
+@given(client_addresses)
+@example("k/9223372036854775808")
+@example("k/-9223372036854775808")
+@example("k/" + "9" * 96)
+def test_split_client_address_matches_go_atoi(text: str) -> None:
     parsed = protocol.split_client_address(text)
-    if parsed is not None:
-        client_key, session_key = parsed
-        assert text.endswith("/" + text.rpartition("/")[2]) and isinstance(session_key, int)
-        assert client_key == text.rpartition("/")[0]
+    client_key, slash, session_key = text.rpartition("/")
+    expected = reference_atoi(session_key) if slash else None
+    if expected is None:
+        assert parsed is None
+    else:
+        assert parsed == (client_key, expected)
 
 
 # ---------------------------------------------------------------------- slow
