@@ -1,0 +1,509 @@
+"""The WSGI server under werkzeug's real threaded server, with real
+:class:`TunnelClient` tunnels over loopback."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import http.server
+import logging
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import pytest
+import requests
+from werkzeug.serving import make_server
+
+from remotedialer.client import Backoff, TunnelClient
+from remotedialer.config import Limits
+from remotedialer.errors import HandshakeError, NoSessionError, RemoteError, TunnelClosedError
+from remotedialer.server import Server
+from remotedialer.session import Session
+from remotedialer.session_manager import SessionManager
+from remotedialer.wsgi_transport import OP_CLOSE, ServerWebSocket, encode_frame
+
+from .conftest import TIMEOUT, EchoServer, wait_for
+from .test_wsgi_transport import client_frame, read_server_frame, read_to_eof
+
+
+def tunnel_id_authorizer(request: Any) -> Tuple[str, bool]:
+    """The Go example's authorizer: any non-empty X-Tunnel-ID is the client key."""
+    if request.headers.get("X-Error"):
+        raise ValueError(request.headers["X-Error"])
+    key = request.headers.get("X-Tunnel-ID", "")
+    return key, bool(key)
+
+
+class Harness:
+    """A :class:`Server` on werkzeug's threaded server on a free loopback port,
+    plus the tunnel clients a test starts."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.httpd = make_server("127.0.0.1", 0, server, threaded=True)
+        self.port = self.httpd.server_port
+        self.url = f"ws://127.0.0.1:{self.port}/connect"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.clients: List[TunnelClient] = []
+
+    def client(
+        self, key: str = "foo", connect_authorizer: Optional[Callable[[str, str], bool]] = None,
+        wait: bool = True, **options: Any,
+    ) -> TunnelClient:
+        """Start a tunnel client for ``key`` (allowing every dial by default)
+        and wait until the server registered its session."""
+        before = len(self.server.sessions(key))
+        client = TunnelClient(
+            self.url, {"X-Tunnel-ID": key},
+            connect_authorizer or (lambda proto, address: True),
+            backoff=Backoff(initial=0.05, maximum=0.2), **options,
+        )
+        self.clients.append(client)
+        client.start()
+        if wait:
+            client.wait_connected(TIMEOUT)
+            wait_for(lambda: len(self.server.sessions(key)) > before)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.stop(TIMEOUT)
+        self.server.close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def make_harness() -> Iterator[Callable[..., Harness]]:
+    harnesses: List[Harness] = []
+
+    def make(**options: Any) -> Harness:
+        options.setdefault("client_connect_authorizer", None)
+        harness = Harness(Server(tunnel_id_authorizer, **options))
+        harnesses.append(harness)
+        return harness
+
+    yield make
+    for harness in harnesses:
+        harness.close()
+
+
+@pytest.fixture
+def harness(make_harness: Callable[..., Harness]) -> Harness:
+    return make_harness()
+
+
+def recv_exactly(conn: Any, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(min(1 << 20, size - len(data)))
+        assert chunk, f"EOF after {len(data)} of {size} bytes"
+        data += chunk
+    return bytes(data)
+
+
+def echo_round_trip(conn: Any, size: int) -> None:
+    """Send ``size`` random bytes through an echo and compare digests."""
+    payload = os.urandom(size)
+    sender = threading.Thread(target=conn.sendall, args=(payload,))
+    sender.start()
+    received = recv_exactly(conn, size)
+    sender.join(TIMEOUT)
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+
+
+def request_handler_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if "process_request_thread" in t.name]
+
+
+# ------------------------------------------------------------------- dials
+@pytest.mark.parametrize("websocket", ["builtin", "simple-websocket"])
+def test_dial_through_client_multi_mib_byte_exact(
+    make_harness: Callable[..., Harness], echo_server: EchoServer, websocket: str
+) -> None:
+    harness = make_harness(websocket=websocket)
+    harness.client("foo")
+    assert harness.server.has_session("foo")
+    assert harness.server.list_clients() == ["foo"]
+    with harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT) as conn:
+        echo_round_trip(conn, 6 << 20)
+        echo_round_trip(conn, 1)
+    with harness.server.dialer("foo")("tcp", echo_server.address, timeout=TIMEOUT) as conn:
+        echo_round_trip(conn, 100_000)
+
+
+def test_concurrent_dials(harness: Harness, echo_server: EchoServer) -> None:
+    harness.client("foo")
+    errors: List[BaseException] = []
+
+    def one() -> None:
+        try:
+            with harness.server.dial("foo", "tcp", echo_server.address, TIMEOUT) as conn:
+                echo_round_trip(conn, 512 * 1024)
+        except BaseException as exc:  # noqa: B036 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT * 3)
+    assert not errors
+    wait_for(lambda: not harness.server.sessions("foo")[0].connections())
+
+
+class _Hello(http.server.BaseHTTPRequestHandler):
+    body = os.urandom(3 << 20)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_http_through_create_connection(harness: Harness) -> None:
+    """http.client over the socket.create_connection-shaped dialer."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        harness.client("foo")
+        create_connection = harness.server.create_connection_for("foo")
+
+        class TunnelHTTPConnection(http.client.HTTPConnection):
+            def connect(self) -> None:
+                self.sock = create_connection((self.host, self.port), self.timeout)
+
+        connection = TunnelHTTPConnection("127.0.0.1", httpd.server_port, timeout=TIMEOUT)
+        connection.request("GET", "/file")
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.read() == _Hello.body
+        connection.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_refused_target_fails_the_first_read(harness: Harness) -> None:
+    harness.client("foo")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    conn = harness.server.dial("foo", "tcp", f"127.0.0.1:{port}", timeout=TIMEOUT)
+    with pytest.raises(RemoteError, match="refused"):
+        conn.recv(10)
+    conn.close()
+
+
+def test_target_not_allowed_by_client_fails_only_that_connection(
+    harness: Harness, echo_server: EchoServer
+) -> None:
+    harness.client("foo", connect_authorizer=lambda proto, address: False)
+    conn = harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
+    with pytest.raises(RemoteError, match="connect not allowed"):
+        conn.recv(10)
+    assert harness.server.has_session("foo")
+
+
+def test_unknown_client_fails_at_once(harness: Harness) -> None:
+    started = time.monotonic()
+    with pytest.raises(NoSessionError, match="failed to find Session for client nobody"):
+        harness.server.dial("nobody", "tcp", "127.0.0.1:1", timeout=TIMEOUT)
+    with pytest.raises(ConnectionRefusedError):  # a socket user's except clause works
+        harness.server.create_connection_for("nobody")(("127.0.0.1", 1), TIMEOUT)
+    assert time.monotonic() - started < TIMEOUT  # did not wait on a tunnel
+    assert not harness.server.has_session("nobody")
+
+
+def test_dial_after_client_disconnect_fails_at_once(harness: Harness, echo_server: EchoServer) -> None:
+    client = harness.client("foo")
+    session = harness.server.sessions("foo")[0]
+    conn = harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
+    echo_round_trip(conn, 1000)
+    reader_error: List[BaseException] = []
+
+    def blocked_reader() -> None:
+        try:
+            conn.recv(10)
+        except BaseException as exc:  # noqa: B036 - checked below
+            reader_error.append(exc)
+
+    reader = threading.Thread(target=blocked_reader)
+    reader.start()
+    client.stop(TIMEOUT)
+    assert session.wait_closed(TIMEOUT)
+    reader.join(TIMEOUT)
+    assert reader_error and isinstance(reader_error[0], TunnelClosedError)
+    wait_for(lambda: not harness.server.has_session("foo"))
+    with pytest.raises(NoSessionError):
+        harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
+    with pytest.raises(TunnelClosedError):  # the dead session itself refuses at once
+        session.dial("tcp", echo_server.address)
+    assert harness.server.list_clients() == []
+    wait_for(lambda: not request_handler_threads())  # the WSGI handler thread ended
+
+
+def test_several_sessions_per_key_first_is_used_then_the_next(
+    harness: Harness, echo_server: EchoServer
+) -> None:
+    first_client = harness.client("foo")
+    harness.client("foo")
+    first, second = harness.server.sessions("foo")
+    conn = harness.server.dial("foo", "tcp", echo_server.address, TIMEOUT)
+    assert conn.session is first
+    echo_round_trip(conn, 10_000)
+    # the first session dies: dials fall back to the next live one at once
+    first_client.stop(TIMEOUT)
+    assert first.wait_closed(TIMEOUT)
+    conn = harness.server.dial("foo", "tcp", echo_server.address, TIMEOUT)
+    assert conn.session is second
+    echo_round_trip(conn, 10_000)
+    wait_for(lambda: harness.server.sessions("foo") == [second])
+
+
+def test_max_sessions_per_key(make_harness: Callable[..., Harness]) -> None:
+    harness = make_harness(limits=Limits(max_sessions_per_key=1))
+    harness.client("foo")
+    client = TunnelClient(harness.url, {"X-Tunnel-ID": "foo"})
+    with pytest.raises(HandshakeError) as info:
+        client.connect_once()
+    assert info.value.status == 429
+    harness.client("bar")  # other keys are not affected
+
+
+# ------------------------------------------------------------ reverse dials
+def test_reverse_dial_allowed(make_harness: Callable[..., Harness], echo_server: EchoServer) -> None:
+    asked: List[Tuple[str, str]] = []
+
+    def allow(proto: str, address: str) -> bool:
+        asked.append((proto, address))
+        return True
+
+    harness = make_harness(client_connect_authorizer=allow)
+    client = harness.client("foo")
+    assert client.session is not None
+    conn = client.session.dial("tcp", echo_server.address, TIMEOUT)
+    echo_round_trip(conn, 3 << 20)
+    conn.close()
+    assert asked == [("tcp", echo_server.address)]
+
+
+def test_reverse_dial_refused_fails_only_that_connection(
+    harness: Harness, echo_server: EchoServer
+) -> None:
+    client = harness.client("foo")
+    assert client.session is not None
+    conn = client.session.dial("tcp", echo_server.address, TIMEOUT)
+    with pytest.raises(RemoteError, match="connect not allowed"):
+        conn.recv(10)
+    # the tunnel is still fine both ways
+    assert not client.session.closed
+    with harness.server.dial("foo", "tcp", echo_server.address, TIMEOUT) as forward:
+        echo_round_trip(forward, 1000)
+
+
+# -------------------------------------------------------- refusals (no upgrade)
+def upgrade_headers(**extra: str) -> dict:
+    headers = {
+        "Connection": "Upgrade",
+        "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+    }
+    headers.update(extra)
+    return headers
+
+
+def raw_get(port: int, headers: dict) -> Tuple[int, bytes, http.client.HTTPResponse]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    connection.request("GET", "/connect", headers=headers)
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    return response.status, body, response
+
+
+def test_unauthenticated_gets_401_before_upgrade(harness: Harness) -> None:
+    status, body, _ = raw_get(harness.port, upgrade_headers())
+    assert (status, body) == (401, b"failed authentication")
+    response = requests.get(f"http://127.0.0.1:{harness.port}/connect", timeout=TIMEOUT)
+    assert (response.status_code, response.text) == (401, "failed authentication")
+    with pytest.raises(HandshakeError) as info:
+        TunnelClient(harness.url, {}).connect_once()
+    assert info.value.status == 401 and info.value.body == "failed authentication"
+    assert harness.server.list_clients() == []
+
+
+def test_authorizer_error_gets_400_with_its_text(harness: Harness) -> None:
+    status, body, _ = raw_get(harness.port, upgrade_headers(**{"X-Error": "bad token format"}))
+    assert (status, body) == (400, b"bad token format")
+
+
+def test_plain_request_gets_400(harness: Harness) -> None:
+    response = requests.get(
+        f"http://127.0.0.1:{harness.port}/connect", headers={"X-Tunnel-ID": "foo"}, timeout=TIMEOUT
+    )
+    assert response.status_code == 400
+    assert "websocket" in response.text
+    status, _, _ = raw_get(harness.port, upgrade_headers(**{"X-Tunnel-ID": "foo",
+                                                            "Sec-WebSocket-Version": "8"}))
+    assert status == 400
+    assert harness.server.list_clients() == []
+
+
+def test_custom_error_writer(make_harness: Callable[..., Harness]) -> None:
+    seen: List[Tuple[int, str]] = []
+
+    def writer(environ: Any, start_response: Any, status: int, message: str) -> List[bytes]:
+        seen.append((status, message))
+        start_response(f"{status} Nope", [("Content-Type", "application/json"), ("X-Custom", "1")])
+        return [b'{"error": "%s"}' % message.encode()]
+
+    harness = make_harness(error_writer=writer)
+    status, body, response = raw_get(harness.port, upgrade_headers())
+    assert status == 401 and body == b'{"error": "failed authentication"}'
+    assert response.getheader("X-Custom") == "1"
+    assert seen == [(401, "failed authentication")]
+
+
+# ----------------------------------------------- peers, listeners, keepalive
+def test_peer_authentication_is_tried_first(harness: Harness) -> None:
+    harness.server.peers["peer-b"] = "s3cret"
+    peer = TunnelClient(harness.url, {"X-API-Tunnel-ID": "peer-b", "X-API-Tunnel-Token": "s3cret"})
+    harness.clients.append(peer)
+    peer.start()
+    peer.wait_connected(TIMEOUT)
+    wait_for(lambda: harness.server.peer_sessions.sessions("peer-b"))
+    # a peer session is not offered for client dials
+    assert harness.server.list_clients() == []
+    with pytest.raises(NoSessionError):
+        harness.server.dial("peer-b", "tcp", "127.0.0.1:1")
+    # a wrong token falls through to the authorizer, which refuses
+    wrong = TunnelClient(harness.url, {"X-API-Tunnel-ID": "peer-b", "X-API-Tunnel-Token": "guess"})
+    with pytest.raises(HandshakeError) as info:
+        wrong.connect_once()
+    assert info.value.status == 401
+
+
+def test_session_listeners_see_adds_and_removes(harness: Harness) -> None:
+    events: List[Tuple[bool, str, Session]] = []
+    harness.client("early")
+    harness.server.add_session_listener(lambda added, key, s: events.append((added, key, s)), replay=True)
+    assert [(added, key) for added, key, _ in events] == [(True, "early")]
+    client = harness.client("late")
+    client.stop(TIMEOUT)
+    wait_for(lambda: len(events) == 3)
+    assert [(added, key) for added, key, _ in events] == [(True, "early"), (True, "late"), (False, "late")]
+    assert events[1][2] is events[2][2]
+
+
+def test_session_manager_limits_and_order() -> None:
+    manager = SessionManager(max_sessions_per_key=2)
+    sessions = [Session(ServerWebSocket(socket.socketpair()[0], 100), is_client=False) for _ in range(3)]
+    manager.add("k", sessions[0])
+    manager.add("k", sessions[1])
+    with pytest.raises(ConnectionResetError):  # LimitExceededError
+        manager.add("k", sessions[2])
+    assert manager.first("k") is sessions[0]
+    sessions[0].close("test")
+    assert manager.sessions("k") == [sessions[1]]
+    assert manager.first("k") is sessions[1]
+    sessions[1].close("test")
+    assert manager.client_keys() == [] and len(manager) == 0
+    sessions[2].close("test")
+
+
+def test_ping_keeps_the_session_alive_and_silence_ends_it(make_harness: Callable[..., Harness]) -> None:
+    harness = make_harness(limits=Limits(read_deadline=0.6))
+    harness.client("pinger", limits=Limits(ping_interval=0.05))
+    transport = harness.server.sessions("pinger")[0].transport
+    first = transport.last_keepalive
+    wait_for(lambda: transport.last_keepalive > first)
+    # a raw client that never pings is cut off after the read deadline
+    sock = raw_upgrade(harness.port, "silent")
+    wait_for(lambda: harness.server.has_session("silent"))
+    session = harness.server.sessions("silent")[0]
+    assert session.wait_closed(TIMEOUT)
+    assert "keepalive" in session.close_reason
+    opcode, _ = read_server_frame(sock)
+    assert opcode == OP_CLOSE
+    assert read_to_eof(sock) == b""
+    sock.close()
+    assert harness.server.has_session("pinger")  # the pinging one lived on
+
+
+# --------------------------------------------------- the taken-over socket
+def raw_upgrade(port: int, key: str) -> socket.socket:
+    """Open a WebSocket by hand and return the socket after the 101."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    request = (
+        "GET /connect HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nX-Tunnel-ID: {key}\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    response = b""
+    while not response.endswith(b"\r\n\r\n"):
+        chunk = sock.recv(1)
+        assert chunk, f"EOF in the handshake response: {response!r}"
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101 "), response
+    return sock
+
+
+def test_no_stray_bytes_after_client_closes(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    sock = raw_upgrade(harness.port, "raw")
+    wait_for(lambda: harness.server.has_session("raw"))
+    sock.sendall(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
+    # exactly the close reply, then EOF: werkzeug wrote nothing after it
+    assert read_to_eof(sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
+    sock.close()
+    wait_for(lambda: not harness.server.has_session("raw"))
+    wait_for(lambda: not request_handler_threads())
+    # and the handler ended quietly: werkzeug saw a dropped connection, not an error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_no_stray_bytes_after_server_ends_session(harness: Harness) -> None:
+    sock = raw_upgrade(harness.port, "raw")
+    wait_for(lambda: harness.server.has_session("raw"))
+    harness.server.sessions("raw")[0].close("test ends it")
+    assert read_to_eof(sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
+    sock.close()
+
+
+def test_text_message_ends_the_session(harness: Harness) -> None:
+    sock = raw_upgrade(harness.port, "raw")
+    wait_for(lambda: harness.server.has_session("raw"))
+    session = harness.server.sessions("raw")[0]
+    sock.sendall(client_frame(0x1, b"hello"))
+    assert session.wait_closed(TIMEOUT)
+    assert "text" in session.close_reason
+    opcode, payload = read_server_frame(sock)
+    assert opcode == OP_CLOSE and struct.unpack("!H", payload[:2])[0] == 1003
+    assert read_to_eof(sock) == b""
+    sock.close()
+
+
+def test_server_close_ends_every_session(harness: Harness) -> None:
+    client = harness.client("foo")
+    session = harness.server.sessions("foo")[0]
+    harness.server.close()
+    assert session.wait_closed(TIMEOUT)
+    client.stop(TIMEOUT)
+    status, body, _ = raw_get(harness.port, upgrade_headers(**{"X-Tunnel-ID": "foo"}))
+    assert status == 503
