@@ -55,6 +55,7 @@ __all__ = [
     "SimpleWebSocketTransport",
     "finish_taken_over_response",
     "UnsupportedServerError",
+    "WebSocketProtocolError",
     "OP_CONTINUATION",
     "OP_TEXT",
     "OP_BINARY",
@@ -149,8 +150,7 @@ class FrameReader:
     unknown opcodes are errors, control frames are short and unfragmented,
     continuation frames only continue a started message. A message over
     ``max_message_size`` bytes is an error as soon as its length is known.
-    Errors raise :class:`~remotedialer.errors.ProtocolError` whose
-    ``close_code`` attribute is the close code to answer with.
+    Errors raise :class:`WebSocketProtocolError`.
     """
 
     def __init__(self, max_message_size: int) -> None:
@@ -244,10 +244,17 @@ class FrameReader:
         return fin, opcode, payload
 
 
-def _error(message: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> ProtocolError:
-    exc = ProtocolError(f"websocket: {message}")
-    exc.close_code = close_code  # type: ignore[attr-defined]
-    return exc
+class WebSocketProtocolError(ProtocolError):
+    """A frame breaking RFC 6455 (or our size limit); ``close_code`` is the
+    close status to answer with."""
+
+    def __init__(self, message: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+def _error(message: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> WebSocketProtocolError:
+    return WebSocketProtocolError(f"websocket: {message}", close_code)
 
 
 def parse_close(payload: bytes) -> Tuple[int, str]:
@@ -449,9 +456,8 @@ class ServerWebSocket:
         while True:
             try:
                 event = self._reader.next_event()
-            except ProtocolError as exc:
-                self._send_close(getattr(exc, "close_code", CLOSE_PROTOCOL_ERROR), str(exc)[:60],
-                                 _CLOSE_WRITE_TIMEOUT)
+            except WebSocketProtocolError as exc:
+                self._send_close(exc.close_code, str(exc)[:60], _CLOSE_WRITE_TIMEOUT)
                 raise
             if event is None:
                 self._fill()
