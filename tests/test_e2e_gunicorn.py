@@ -1,0 +1,156 @@
+"""End to end under a real gunicorn (``-k gthread``) subprocess on a free
+loopback port, with real tunnel clients and requests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator, List
+
+import pytest
+import requests
+
+from remotedialer.client import Backoff, TunnelClient
+from remotedialer.errors import HandshakeError
+from remotedialer.wsgi_transport import OP_CLOSE, encode_frame
+
+from .conftest import TIMEOUT, EchoServer, wait_for
+from .test_server import echo_round_trip, raw_get, raw_upgrade, upgrade_headers
+from .test_wsgi_transport import client_frame, read_to_eof
+
+REPO = Path(__file__).resolve().parents[1]
+THREADS = 3  # few on purpose: a handler that did not return would starve it
+
+
+class Gunicorn:
+    """``gunicorn -k gthread tests.gunicorn_app:app`` on 127.0.0.1, port 0."""
+
+    def __init__(self) -> None:
+        self.lines: List[str] = []
+        self._listening = threading.Event()
+        self.port = 0
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "gunicorn",
+                "-k", "gthread", "--threads", str(THREADS), "--workers", "1",
+                "--bind", "127.0.0.1:0", "--graceful-timeout", "3", "--log-level", "info",
+                "tests.gunicorn_app:app",
+            ],
+            cwd=str(REPO),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        threading.Thread(target=self._read_log, daemon=True).start()
+        if not self._listening.wait(TIMEOUT * 3):
+            self.stop()
+            raise AssertionError("gunicorn did not start:\n" + "".join(self.lines))
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"ws://127.0.0.1:{self.port}/connect"
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+                self._listening.set()
+
+    def clients(self) -> List[str]:
+        response = requests.get(f"{self.base}/clients", timeout=TIMEOUT)
+        response.raise_for_status()
+        return response.text.split()
+
+    def errors(self) -> List[str]:
+        return [line for line in self.lines if "[ERROR]" in line or "Traceback" in line]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:  # pragma: no cover - reported by the test
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def gunicorn() -> Iterator[Gunicorn]:
+    server = Gunicorn()
+    yield server
+    server.stop()
+    assert not server.errors(), "".join(server.lines)
+
+
+@pytest.fixture
+def tunnel_client(gunicorn: Gunicorn) -> Iterator[TunnelClient]:
+    client = TunnelClient(
+        gunicorn.url, {"X-Tunnel-ID": "foo"}, lambda proto, address: True,
+        backoff=Backoff(initial=0.05, maximum=0.2),
+    )
+    client.start()
+    client.wait_connected(TIMEOUT)
+    wait_for(lambda: "foo" in gunicorn.clients())
+    yield client
+    client.stop(TIMEOUT)
+    wait_for(lambda: "foo" not in gunicorn.clients())
+
+
+def test_dial_through_client_under_gunicorn(
+    gunicorn: Gunicorn, tunnel_client: TunnelClient, echo_server: EchoServer
+) -> None:
+    for size in (1, 100_000, 5 << 20):
+        body = os.urandom(size)
+        response = requests.post(
+            f"{gunicorn.base}/echo", params={"key": "foo", "address": echo_server.address},
+            data=body, timeout=TIMEOUT * 3,
+        )
+        assert response.status_code == 200, response.text
+        assert hashlib.sha256(response.content).digest() == hashlib.sha256(body).digest()
+
+
+def test_reverse_dial_under_gunicorn(tunnel_client: TunnelClient, echo_server: EchoServer) -> None:
+    session = tunnel_client.session
+    assert session is not None
+    with session.dial("tcp", echo_server.address, TIMEOUT) as conn:
+        echo_round_trip(conn, 3 << 20)
+
+
+def test_refusals_and_unknown_client_under_gunicorn(gunicorn: Gunicorn, echo_server: EchoServer) -> None:
+    assert raw_get(gunicorn.port, upgrade_headers())[:2] == (401, b"failed authentication")
+    with pytest.raises(HandshakeError) as info:
+        TunnelClient(gunicorn.url, {}).connect_once()
+    assert info.value.status == 401
+    response = requests.get(f"{gunicorn.base}/connect", headers={"X-Tunnel-ID": "x"}, timeout=TIMEOUT)
+    assert response.status_code == 400
+    response = requests.post(
+        f"{gunicorn.base}/echo", params={"key": "nobody", "address": echo_server.address},
+        data=b"x", timeout=TIMEOUT,
+    )
+    assert response.status_code == 500
+    assert "failed to find Session for client nobody" in response.text
+
+
+def test_no_stray_bytes_and_threads_come_back_under_gunicorn(gunicorn: Gunicorn) -> None:
+    close_1000 = encode_frame(OP_CLOSE, struct.pack("!H", 1000))
+    # more tunnels one after another than gunicorn has threads: each handler
+    # must return, or the later handshakes would starve
+    for round_ in range(THREADS + 2):
+        sock = raw_upgrade(gunicorn.port, "raw")
+        wait_for(lambda: "raw" in gunicorn.clients())
+        if round_ % 2:
+            sock.sendall(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
+        else:  # the server ends it
+            requests.get(f"{gunicorn.base}/kick", params={"key": "raw"}, timeout=TIMEOUT)
+        # exactly one close frame, then EOF: gunicorn wrote nothing after it
+        assert read_to_eof(sock) == close_1000
+        sock.close()
+        wait_for(lambda: "raw" not in gunicorn.clients())
+    assert gunicorn.clients() == []
+    assert not gunicorn.errors(), "".join(gunicorn.lines)
