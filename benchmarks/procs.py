@@ -1,0 +1,139 @@
+"""Processes under test: start them, find their ports in their logs, read
+their CPU time, memory and thread count from ``/proc``, stop them.
+
+Every process logs to its own file in the run's temporary directory, so that
+nothing blocks on a full pipe and the logs can be shown when something fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+__all__ = ["BenchError", "Proc", "ProcStats", "free_port", "raise_fd_limit", "wait_until"]
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class BenchError(RuntimeError):
+    """A benchmark could not run (a process failed to start, a port never showed up...)."""
+
+
+def raise_fd_limit() -> None:
+    """Raise this process's soft open-files limit to the hard limit (the scale
+    workload holds tens of thousands of sockets across processes)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def free_port() -> int:
+    """A port that was free a moment ago, for programs that cannot bind port 0
+    and report it (sshd). Only use where a retry on collision is possible."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll ``check`` until it is true; raise :class:`BenchError` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass(frozen=True)
+class ProcStats:
+    """One reading of a process's ``/proc`` entries."""
+
+    cpu_seconds: float  # user + system time of the process (all its threads)
+    rss_bytes: int
+    threads: int
+
+
+class Proc:
+    """A child process started for a benchmark, logging to ``log_path``."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_dir: str, env: Optional[Dict[str, str]] = None):
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = os.path.join(log_dir, f"{name}.log")
+        self._log = open(self.log_path, "wb")
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            preexec_fn=raise_fd_limit,
+        )
+
+    @classmethod
+    def remotedialer(cls, name: str, args: Sequence[str], log_dir: str) -> "Proc":
+        """Run ``remotedialer ARGS`` (through this interpreter)."""
+        return cls(name, [sys.executable, "-m", "remotedialer.cli", *args], log_dir)
+
+    @property
+    def pid(self) -> int:
+        return int(self.popen.pid)
+
+    def log_text(self) -> str:
+        """Everything the process logged so far."""
+        with open(self.log_path, "rb") as handle:
+            return handle.read().decode("utf-8", "replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 20.0, count: int = 1) -> List["re.Match[str]"]:
+        """Block until ``pattern`` matched ``count`` times in the log; return the
+        matches. Raises :class:`BenchError` if the process exits or time runs out."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            matches = list(regex.finditer(self.log_text()))
+            if len(matches) >= count:
+                return matches[:count]
+            if self.popen.poll() is not None:
+                raise BenchError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(
+                    f"{self.name}: no {pattern!r} in its log after {timeout:.0f}s:\n{self.tail()}")
+            time.sleep(0.02)
+
+    def tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stats(self) -> ProcStats:
+        """CPU seconds, RSS and thread count from ``/proc/PID/stat``."""
+        with open(f"/proc/{self.pid}/stat") as handle:
+            fields = handle.read().rpartition(")")[2].split()
+        # fields[0] is field 3 (state): utime is field 14, stime 15, threads 20, rss 24
+        utime, stime = int(fields[11]), int(fields[12])
+        threads = int(fields[17])
+        rss_pages = int(fields[21])
+        return ProcStats((utime + stime) / _CLOCK_TICKS, rss_pages * _PAGE_SIZE, threads)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout)
+        self._log.close()

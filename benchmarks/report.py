@@ -1,0 +1,179 @@
+"""Collected figures and how they are shown: a text table, JSON, a PNG chart.
+
+A :class:`Row` is one figure of one workload (say "1 KiB GET c10, req/s")
+measured on several paths: through the tunnel, directly (no tunnel), through
+``ssh -R``... Each path keeps every run's value; the table shows the median
+and the min-max with the run count.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["Row", "Report", "PATHS"]
+
+#: Path columns, in table order.
+PATHS = ("tunnel", "direct", "forward", "ssh-R")
+
+
+@dataclass
+class Row:
+    """One figure measured on one or more paths."""
+
+    workload: str
+    metric: str
+    unit: str
+    reference: str = ""  # the Go / OpenSSH reference figure, as text
+    higher_is_better: bool = True
+    values: Dict[str, List[float]] = field(default_factory=dict)
+    note: str = ""
+
+    def add(self, path: str, value: float) -> None:
+        self.values.setdefault(path, []).append(value)
+
+    def median(self, path: str) -> Optional[float]:
+        values = self.values.get(path)
+        return statistics.median(values) if values else None
+
+    def cell(self, path: str) -> str:
+        values = self.values.get(path)
+        if not values:
+            return "-"
+        med = statistics.median(values)
+        if len(values) == 1:
+            return f"{_fmt(med)} (n=1)"
+        return f"{_fmt(med)} [{_fmt(min(values))}-{_fmt(max(values))}] (n={len(values)})"
+
+
+def _fmt(value: float) -> str:
+    if value != value:  # NaN
+        return "nan"
+    magnitude = abs(value)
+    if magnitude >= 100 or value == int(value):
+        return f"{value:.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+class Report:
+    """All rows of a run plus notes (tools used, skipped parts)."""
+
+    def __init__(self) -> None:
+        self.rows: List[Row] = []
+        self.notes: List[str] = []
+        self.meta: Dict[str, object] = {}
+
+    def row(self, workload: str, metric: str, unit: str, reference: str = "",
+            higher_is_better: bool = True) -> Row:
+        """The row for ``workload``/``metric``, created on first use."""
+        for existing in self.rows:
+            if existing.workload == workload and existing.metric == metric:
+                return existing
+        created = Row(workload, metric, unit, reference, higher_is_better)
+        self.rows.append(created)
+        return created
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def paths(self) -> List[str]:
+        used = {path for row in self.rows for path in row.values}
+        return [path for path in PATHS if path in used] + sorted(used - set(PATHS))
+
+    def table(self) -> str:
+        """The figures as a plain-text table (medians, [min-max], run counts)."""
+        paths = self.paths()
+        header = ["workload", "metric", *paths]
+        if "tunnel" in paths and "direct" in paths:
+            header.append("tunnel/direct")
+        header.append("reference")
+        lines = [header]
+        for row in self.rows:
+            cells = [row.workload, f"{row.metric} ({row.unit})"]
+            cells += [row.cell(path) for path in paths]
+            if "tunnel/direct" in header:
+                tunnel, direct = row.median("tunnel"), row.median("direct")
+                cells.append(f"{tunnel / direct:.2f}" if tunnel is not None and direct else "-")
+            cells.append(row.reference or "-")
+            lines.append(cells)
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+        out = []
+        for number, cells in enumerate(lines):
+            out.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
+            if number == 0:
+                out.append("  ".join("-" * width for width in widths))
+        for note in self.notes:
+            out.append(f"note: {note}")
+        return "\n".join(out)
+
+    def rst_table(self) -> str:
+        """The figures as a reStructuredText list-table (for the docs)."""
+        paths = self.paths()
+        header = ["workload", "metric", *paths, "reference"]
+        out = [".. list-table::", "   :header-rows: 1", ""]
+        out.append("   * - " + "\n     - ".join(header))
+        for row in self.rows:
+            cells = [row.workload, f"{row.metric} ({row.unit})", *[row.cell(p) for p in paths],
+                     row.reference or "-"]
+            out.append("   * - " + "\n     - ".join(cells))
+        return "\n".join(out)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "meta": self.meta,
+                "notes": self.notes,
+                "rows": [
+                    {
+                        "workload": row.workload,
+                        "metric": row.metric,
+                        "unit": row.unit,
+                        "reference": row.reference,
+                        "values": row.values,
+                        "medians": {path: row.median(path) for path in row.values},
+                    }
+                    for row in self.rows
+                ],
+            },
+            indent=2,
+        )
+
+    def chart(self, path: str, rows: Optional[Sequence[Row]] = None) -> None:
+        """Write a PNG bar chart of the medians (with min-max error bars),
+        one panel per row that has numbers. Needs matplotlib (the ``bench``
+        extra); raises ``ImportError`` without it."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        chosen = [row for row in (rows or self.rows) if row.values]
+        if not chosen:
+            raise ValueError("nothing to chart")
+        columns = 3
+        lines = (len(chosen) + columns - 1) // columns
+        figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 2.6 * lines), squeeze=False)
+        colours = {"tunnel": "#1f77b4", "direct": "#7f7f7f", "forward": "#2ca02c", "ssh-R": "#d62728"}
+        for index, row in enumerate(chosen):
+            axis = axes[index // columns][index % columns]
+            names = [path for path in self.paths() if row.values.get(path)]
+            medians = [row.median(name) or 0.0 for name in names]
+            lows = [m - min(row.values[n]) for m, n in zip(medians, names)]
+            highs = [max(row.values[n]) - m for m, n in zip(medians, names)]
+            axis.bar(names, medians, yerr=[lows, highs], capsize=3,
+                     color=[colours.get(name, "#9467bd") for name in names])
+            axis.set_title(f"{row.workload}\n{row.metric}", fontsize=8)
+            axis.set_ylabel(row.unit, fontsize=8)
+            axis.tick_params(labelsize=7)
+        for index in range(len(chosen), lines * columns):
+            axes[index // columns][index % columns].axis("off")
+        figure.tight_layout()
+        figure.savefig(path, dpi=110)
+        plt.close(figure)

@@ -1,0 +1,486 @@
+"""The workloads: each measures one thing on the tunnel and on the direct path
+(no tunnel) in the same run, and adds its figures to a :class:`Report`.
+
+:class:`Setup` starts everything as real processes through the command line:
+``remotedialer dummy`` (the file server), ``remotedialer server`` (with
+``--forward`` ports when the server has that option) and ``remotedialer
+client``, plus the scale workload's TCP target.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from .loadgen import LoadResult, run_load, wrk_path
+from .procs import BenchError, Proc, ProcStats, wait_until
+from .report import Report
+from .sshd import SSHReverseForward
+
+__all__ = ["Options", "Setup", "WORKLOADS", "run_workloads"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+#: Reference figures (issue 6: Go rancher/remotedialer; issue 9: OpenSSH), same machine class.
+GO_REF = {
+    "download MB/s": "Go 217",
+    "download CPU": "Go ~9.5",
+    "c1 rps": "Go 1930", "c1 p50": "Go 0.47",
+    "c10 rps": "Go 3305", "c10 p50": "Go 2.8",
+    "c100 rps": "Go 3882", "c100 p50": "Go 25",
+    "idle server": "Go 11", "idle client": "Go 10",
+}
+SSH_REF = {
+    "download MB/s": "ssh -R 357-409",
+    "c1 rps": "ssh -R 2926", "c10 rps": "ssh -R 11981", "c100 rps": "ssh -R 13452",
+}
+
+
+@dataclass
+class Options:
+    """What to run and how big."""
+
+    runs: int = 5
+    quick: bool = False
+    download_bytes: int = GiB
+    forward_bytes: int = 256 * MiB
+    request_seconds: float = 5.0
+    concurrency: Sequence[int] = (1, 10, 100)
+    scale_connections: int = 10000
+    use_wrk: bool = True
+    ssh: bool = True
+    progress: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
+
+    @classmethod
+    def quick_options(cls) -> "Options":
+        return cls(runs=1, quick=True, download_bytes=16 * MiB, forward_bytes=16 * MiB,
+                   request_seconds=1.0, scale_connections=200)
+
+
+def _cli_has_forward() -> bool:
+    """Whether ``remotedialer server`` has the ``--forward`` option yet."""
+    done = subprocess.run([sys.executable, "-m", "remotedialer.cli", "server", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    return "--forward" in done.stdout
+
+
+class Setup:
+    """The processes and files of one benchmark run (a context manager)."""
+
+    def __init__(self, options: Options, want_forward: bool, want_scale: bool) -> None:
+        self.options = options
+        self.tmp = tempfile.TemporaryDirectory(prefix="remotedialer-bench-")
+        self.dir = self.tmp.name
+        self.data_dir = os.path.join(self.dir, "data")
+        self.procs: Dict[str, Proc] = {}
+        self.want_forward = want_forward
+        self.want_scale = want_scale
+        self.has_forward = False
+        self.dummy_port = self.server_port = self.target_port = 0
+        self.forward_port = self.scale_port = 0
+        self.ssh: Optional[SSHReverseForward] = None
+        self.ssh_error = ""
+
+    # -- files
+    def _make_files(self) -> None:
+        os.makedirs(self.data_dir)
+        block = os.urandom(MiB)
+        sizes = {"big.bin": self.options.download_bytes, "fwd.bin": self.options.forward_bytes}
+        for name, size in sizes.items():
+            with open(os.path.join(self.data_dir, name), "wb") as handle:
+                for offset in range(0, size, MiB):
+                    handle.write(block[: min(MiB, size - offset)])
+        with open(os.path.join(self.data_dir, "1k.bin"), "wb") as handle:
+            handle.write(block[:1024])
+
+    # -- processes
+    def __enter__(self) -> "Setup":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        progress = self.options.progress
+        progress("setup: writing test files")
+        self._make_files()
+        dummy = self._spawn("dummy", ["dummy", "--listen", "127.0.0.1:0", self.data_dir])
+        self.dummy_port = int(dummy.wait_for_log(r"listening on http://[^\s]+:(\d+)")[0].group(1))
+        server_args = ["server", "--listen", "127.0.0.1:0"]
+        self.has_forward = (self.want_forward or self.want_scale) and _cli_has_forward()
+        forwards = 0
+        if self.has_forward:
+            server_args += ["--forward", f"127.0.0.1:0=foo:tcp:127.0.0.1:{self.dummy_port}"]
+            forwards += 1
+            if self.want_scale:
+                target = Proc("target", [sys.executable, "-m", "benchmarks.target"], self.dir)
+                self.procs["target"] = target
+                self.target_port = int(target.wait_for_log(r"listening on [^\s]+:(\d+)")[0].group(1))
+                server_args += ["--forward", f"127.0.0.1:0=foo:tcp:127.0.0.1:{self.target_port}"]
+                forwards += 1
+        server = self._spawn("server", server_args)
+        self.server_port = int(server.wait_for_log(r"listening on http://[^\s]+:(\d+)")[0].group(1))
+        if forwards:
+            matches = server.wait_for_log(r"forward(?:ing)?\D*?127\.0\.0\.1:(\d+)", count=forwards)
+            ports = [int(match.group(1)) for match in matches]
+            self.forward_port = ports[0]
+            if self.want_scale:
+                self.scale_port = ports[1]
+        client = self._spawn("client", ["client", "--connect",
+                                        f"ws://127.0.0.1:{self.server_port}/connect", "--id", "foo"])
+        client.wait_for_log(r"connected to ")
+        wait_until(lambda: _get_ok(self.tunnel_url("1k.bin")), 20, "the tunnel to answer", 0.05)
+        progress(f"setup: dummy :{self.dummy_port}, server :{self.server_port}, client pid {client.pid}"
+                 + (f", forward :{self.forward_port}" if self.forward_port else ""))
+
+    def _spawn(self, name: str, args: List[str]) -> Proc:
+        proc = Proc.remotedialer(name, args, self.dir)
+        self.procs[name] = proc
+        return proc
+
+    def start_ssh(self) -> Optional[int]:
+        """Start ``ssh -R`` to the dummy server; the forwarded port, or None
+        (with :attr:`ssh_error` saying why) if OpenSSH cannot run here."""
+        if self.ssh is not None:
+            return self.ssh.port or None
+        self.ssh = SSHReverseForward(self.dir, self.dummy_port)
+        try:
+            port = self.ssh.start()
+            wait_until(lambda: _get_ok(f"http://127.0.0.1:{port}/1k.bin"), 10, "ssh -R to answer", 0.05)
+            return port
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            self.ssh_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.ssh.stop()
+            return None
+
+    def stop(self) -> None:
+        if self.ssh is not None:
+            self.ssh.stop()
+        for name in ("client", "server", "dummy", "target"):
+            proc = self.procs.pop(name, None)
+            if proc is not None:
+                proc.stop()
+        self.tmp.cleanup()
+
+    # -- addresses
+    def tunnel_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_port}/client/foo/http/127.0.0.1:{self.dummy_port}/{name}"
+
+    def direct_url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.dummy_port}/{name}"
+
+    def stats(self, name: str) -> ProcStats:
+        return self.procs[name].stats()
+
+    def tunnel_cpu(self) -> float:
+        return self.stats("server").cpu_seconds + self.stats("client").cpu_seconds
+
+
+def _get_ok(url: str) -> bool:
+    try:
+        host, port, path = _split_url(url)
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return response.status == 200
+    except OSError:
+        return False
+
+
+def _split_url(url: str) -> Tuple[str, int, str]:
+    rest = url.split("://", 1)[1]
+    hostport, _, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":")
+    return host, int(port), "/" + path
+
+
+def download(url: str, timeout: float = 300.0) -> Tuple[int, float]:
+    """GET ``url`` and read the body into a reused buffer; ``(bytes, seconds)``.
+    Raises ``OSError`` or :class:`BenchError` on failure."""
+    host, port, path = _split_url(url)
+    started = time.perf_counter()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        if response.status != 200:
+            raise BenchError(f"GET {url}: HTTP {response.status}")
+        buffer = memoryview(bytearray(MiB))
+        total = 0
+        while True:
+            count = response.readinto(buffer)
+            if not count:
+                break
+            total += count
+    finally:
+        conn.close()
+    return total, time.perf_counter() - started
+
+
+# --------------------------------------------------------------- workloads
+def idle_workload(setup: Setup, report: Report) -> None:
+    """RSS and threads of the server and the client, connected and idle."""
+    for name in ("server", "client"):
+        stats = setup.stats(name)
+        report.row("idle", f"RSS {name}", "MiB", GO_REF[f"idle {name}"], False).add(
+            "tunnel", stats.rss_bytes / MiB)
+        report.row("idle", f"threads {name}", "count", "", False).add("tunnel", stats.threads)
+
+
+def _download_rows(setup: Setup, report: Report, workload: str, size: int, paths: Dict[str, str],
+                   reference: str, cpu_reference: str) -> None:
+    options = setup.options
+    rate_row = report.row(workload, "throughput", "MB/s", reference)
+    cpu_row = report.row(workload, "CPU server+client", "s/GiB", cpu_reference, False)
+    for path, url in paths.items():
+        options.progress(f"[{workload}] {path}: warm-up")
+        download(url)
+        for run in range(options.runs):
+            cpu_before = setup.tunnel_cpu()
+            total, seconds = download(url)
+            cpu = setup.tunnel_cpu() - cpu_before
+            if total != size:
+                raise BenchError(f"{workload} {path}: got {total} bytes, expected {size}")
+            rate = total / seconds / 1e6
+            rate_row.add(path, rate)
+            if path in ("tunnel", "forward"):
+                cpu_row.add(path, cpu / (total / GiB))
+            extra = f", {cpu / (total / GiB):.1f} CPU-s/GiB" if path in ("tunnel", "forward") else ""
+            options.progress(f"[{workload}] {path} run {run + 1}/{options.runs}: {rate:.0f} MB/s{extra}")
+
+
+def download_workload(setup: Setup, report: Report) -> None:
+    """1 GiB (``--quick``: 16 MiB) file through ``/client/foo/http/...`` and directly."""
+    size = setup.options.download_bytes
+    _download_rows(setup, report, f"download {_size(size)}", size,
+                   {"tunnel": setup.tunnel_url("big.bin"), "direct": setup.direct_url("big.bin")},
+                   GO_REF["download MB/s"], GO_REF["download CPU"])
+
+
+def _request_rows(setup: Setup, report: Report, workload_prefix: str, paths: Dict[str, str],
+                  references: Dict[str, str], cache: Dict[Tuple[str, int], List[LoadResult]]) -> None:
+    options = setup.options
+    warmup = min(1.0, options.request_seconds)
+    for connections in options.concurrency:
+        workload = f"{workload_prefix} c{connections}"
+        rps_row = report.row(workload, "requests", "req/s", references.get(f"c{connections} rps", ""))
+        p50_row = report.row(workload, "latency p50", "ms", references.get(f"c{connections} p50", ""), False)
+        for path, url in paths.items():
+            key = (url, connections)
+            if key not in cache:
+                options.progress(f"[{workload}] {path}: warm-up")
+                run_load(url, connections, warmup, options.use_wrk)
+                results = []
+                for run in range(options.runs):
+                    result = run_load(url, connections, options.request_seconds, options.use_wrk)
+                    if result.errors:
+                        report.note(f"{workload} {path}: {result.errors} errors in run {run + 1}")
+                    results.append(result)
+                    options.progress(f"[{workload}] {path} run {run + 1}/{options.runs}: "
+                                     f"{result.requests_per_second:.0f} req/s, p50 {result.p50_ms:.2f} ms "
+                                     f"({result.tool})")
+                cache[key] = results
+            for result in cache[key]:
+                rps_row.add(path, result.requests_per_second)
+                p50_row.add(path, result.p50_ms)
+
+
+def requests_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int], List[LoadResult]]) -> None:
+    """1 KiB GET at each concurrency, through the tunnel and directly."""
+    tool = "wrk" if setup.options.use_wrk and wrk_path() else "built-in Python load generator"
+    report.note(f"request rates measured with {tool}")
+    _request_rows(setup, report, "1 KiB GET", {
+        "tunnel": setup.tunnel_url("1k.bin"), "direct": setup.direct_url("1k.bin")}, GO_REF, cache)
+
+
+def forward_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int], List[LoadResult]]) -> None:
+    """Issue 9's raw forward: download and 1 KiB GETs through ``--forward``,
+    beside ``ssh -R`` (when OpenSSH can run) and the direct path."""
+    if not setup.forward_port:
+        report.note("raw forward skipped: `remotedialer server` has no --forward option")
+        return
+    paths = {"forward": f"http://127.0.0.1:{setup.forward_port}/", "direct": setup.direct_url("")}
+    if setup.options.ssh:
+        ssh_port = setup.start_ssh()
+        if ssh_port:
+            paths["ssh-R"] = f"http://127.0.0.1:{ssh_port}/"
+            report.note("ssh -R: private OpenSSH sshd on loopback, default cipher, `ssh -N -R 0:...`")
+        else:
+            report.note(f"ssh -R column skipped: {setup.ssh_error}")
+    size = setup.options.forward_bytes
+    _download_rows(setup, report, f"raw forward {_size(size)}", size,
+                   {path: url + "fwd.bin" for path, url in paths.items()},
+                   SSH_REF["download MB/s"], "")
+    _request_rows(setup, report, "raw forward 1 KiB GET",
+                  {path: url + "1k.bin" for path, url in paths.items()}, SSH_REF, cache)
+
+
+def _open_many(port: int, count: int, batch: int = 500, timeout: float = 60.0) -> List[socket.socket]:
+    """Open ``count`` connections to ``port`` and wait for each one's greeting byte."""
+    opened: List[socket.socket] = []
+    selector = selectors.DefaultSelector()
+    try:
+        for start in range(0, count, batch):
+            waiting = 0
+            for _ in range(min(batch, count - start)):
+                sock = socket.socket()
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", port))
+                selector.register(sock, selectors.EVENT_READ)
+                waiting += 1
+            deadline = time.monotonic() + timeout
+            while waiting:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BenchError(f"{waiting} connections got no greeting within {timeout:.0f}s")
+                for key, _ in selector.select(remaining):
+                    sock = key.fileobj  # type: ignore[assignment]
+                    selector.unregister(sock)
+                    waiting -= 1
+                    try:
+                        greeting = sock.recv(1)
+                    except OSError as exc:
+                        raise BenchError(f"connection failed: {exc}") from exc
+                    if greeting != b"+":
+                        raise BenchError("connection closed before its greeting")
+                    opened.append(sock)
+    except BaseException:
+        for sock in opened:
+            sock.close()
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
+        raise
+    finally:
+        selector.close()
+    return opened
+
+
+def _first_byte_times(port: int, samples: int) -> List[float]:
+    """Milliseconds from ``connect`` to the greeting byte, one connection at a time."""
+    times = []
+    for _ in range(samples):
+        started = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            if sock.recv(1) != b"+":
+                raise BenchError("no greeting")
+            times.append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def scale_workload(setup: Setup, report: Report) -> None:
+    """Many idle tunneled connections on one session (through a forward port
+    to a greeting/echo target): threads and RSS per idle connection in each
+    process, and dial -> first byte."""
+    options = setup.options
+    if not setup.scale_port:
+        report.note("scale skipped: `remotedialer server` has no --forward option")
+        return
+    count = options.scale_connections
+    workload = f"scale {count} conns"
+    samples = 50 if options.quick else 200
+    runs = max(1, min(options.runs, 3))
+    for run in range(runs):
+        _first_byte_times(setup.scale_port, 20)  # warm-up
+        idle_first = _first_byte_times(setup.scale_port, samples)
+        direct_first = _first_byte_times(setup.target_port, samples)
+        before = {name: setup.stats(name) for name in ("server", "client")}
+        fds_before = _fd_count(setup.procs["server"].pid)
+        options.progress(f"[{workload}] run {run + 1}/{runs}: opening {count} connections")
+        started = time.perf_counter()
+        socks = _open_many(setup.scale_port, count)
+        open_seconds = time.perf_counter() - started
+        try:
+            time.sleep(0.5)  # let late allocations settle before reading RSS (not synchronisation)
+            after = {name: setup.stats(name) for name in ("server", "client")}
+            loaded_first = _first_byte_times(setup.scale_port, samples)
+            alive = _check_alive(socks[:: max(1, len(socks) // 100)])
+        finally:
+            for sock in socks:
+                sock.close()
+        for name in ("server", "client"):
+            report.row(workload, f"threads {name} (open)", "count", "<= 32", False).add(
+                "tunnel", after[name].threads)
+            per_conn = (after[name].rss_bytes - before[name].rss_bytes) / count / 1024
+            report.row(workload, f"RSS per conn {name}", "KiB", "<= 16", False).add("tunnel", per_conn)
+        report.row(workload, "dial->first byte p50 (idle session)", "ms", "<= 1", False).add(
+            "tunnel", statistics.median(idle_first))
+        report.row(workload, "dial->first byte p50 (idle session)", "ms", "<= 1", False).add(
+            "direct", statistics.median(direct_first))
+        report.row(workload, "dial->first byte p50 (with all open)", "ms", "<= 1", False).add(
+            "tunnel", statistics.median(loaded_first))
+        report.row(workload, "open all (rate)", "conn/s", "", True).add("tunnel", count / open_seconds)
+        if alive is not True:
+            report.note(f"{workload} run {run + 1}: {alive}")
+        options.progress(
+            f"[{workload}] run {run + 1}/{runs}: threads server {after['server'].threads}, "
+            f"client {after['client'].threads}; first byte p50 {statistics.median(loaded_first):.2f} ms"
+        )
+        wait_until(lambda limit=fds_before + 50: _fd_count(setup.procs["server"].pid) <= limit, 60,
+                   "the server to close the connections")
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _check_alive(socks: Sequence[socket.socket]) -> object:
+    """Echo one byte on each sampled connection; True or a description of the failure."""
+    failed = 0
+    for sock in socks:
+        try:
+            sock.setblocking(True)
+            sock.settimeout(10)
+            sock.sendall(b"x")
+            if sock.recv(1) != b"x":
+                failed += 1
+        except OSError:
+            failed += 1
+    return True if not failed else f"{failed} of {len(socks)} sampled idle connections did not echo"
+
+
+def _size(size: int) -> str:
+    if size >= GiB and size % GiB == 0:
+        return f"{size // GiB} GiB"
+    return f"{size // MiB} MiB"
+
+
+WORKLOADS = ("idle", "download", "requests", "forward", "scale")
+
+
+def run_workloads(options: Options, only: Sequence[str], report: Report) -> None:
+    """Start everything, run the chosen workloads, stop everything."""
+    chosen = [name for name in WORKLOADS if not only or name in only]
+    cache: Dict[Tuple[str, int], List[LoadResult]] = {}
+    report.meta.update({
+        "runs": options.runs, "quick": options.quick, "workloads": chosen,
+        "python": sys.version.split()[0], "cpus": os.cpu_count(),
+    })
+    with Setup(options, "forward" in chosen, "scale" in chosen) as setup:
+        for name in chosen:
+            if name == "idle":
+                idle_workload(setup, report)
+            elif name == "download":
+                download_workload(setup, report)
+            elif name == "requests":
+                requests_workload(setup, report, cache)
+            elif name == "forward":
+                forward_workload(setup, report, cache)
+            elif name == "scale":
+                scale_workload(setup, report)
