@@ -69,3 +69,4 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+"""The limits used when none are given."""
