@@ -62,6 +62,7 @@ extensions = ["sphinx.ext.autodoc"]
 html_theme = "furo"
 html_title = f"remotedialer {release}"
 html_static_path = ["_static"]
+html_css_files = ["remotedialer.css"]
 exclude_patterns = ["_build"]
 smartquotes = False  # quotes in metric help texts and labels stay as written
 templates_path: List[str] = []
