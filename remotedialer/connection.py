@@ -207,7 +207,9 @@ class TunnelConnection:
         view = memoryview(buffer).cast("B")
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
-        if nbytes == 0 or nbytes > len(view):
+        if nbytes > len(view):
+            raise ValueError("buffer too small for requested bytes")
+        if nbytes == 0:
             nbytes = len(view)
         with self._cond:
             if nbytes == 0 or not self._wait_readable():
