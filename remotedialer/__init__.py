@@ -23,12 +23,15 @@ from .errors import (
 )
 from .observer import Observer
 from .piping import LocalDialer, Piper, dial_socket
+from .server import ClientDialer, Server
 from .session import Session
+from .session_manager import SessionManager
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Backoff",
+    "ClientDialer",
     "ConnectNotAllowedError",
     "DEFAULT_LIMITS",
     "DialError",
@@ -42,7 +45,9 @@ __all__ = [
     "ProtocolError",
     "RemoteError",
     "RemotedialerError",
+    "Server",
     "Session",
+    "SessionManager",
     "TunnelClient",
     "TunnelClosedError",
     "TunnelConnection",

@@ -70,7 +70,10 @@ class SessionManager:
             sessions.append(session)
         log.debug("session added: %s", session)
         self._notify(True, client_key, session)
-        session.add_close_callback(lambda ended: self.remove(client_key, ended))
+        def on_close(ended: Session) -> None:
+            self.remove(client_key, ended)
+
+        session.add_close_callback(on_close)
 
     def remove(self, client_key: str, session: Session) -> bool:
         """Drop ``session`` from ``client_key``; False if it was not there."""

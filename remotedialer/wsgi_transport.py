@@ -95,7 +95,7 @@ _CLOSE_WRITE_TIMEOUT = 1.0
 Bytes = Union[bytes, bytearray, memoryview]
 
 try:  # optional C speedup (the ``speedups`` extra)
-    from wsaccel.xormask import XorMaskerSimple as _AccelMasker  # type: ignore[import-not-found]
+    from wsaccel.xormask import XorMaskerSimple as _AccelMasker  # type: ignore[import-untyped,import-not-found,unused-ignore]
 except ImportError:  # pragma: no cover - depends on the environment
     _AccelMasker = None
 
@@ -558,7 +558,7 @@ class SimpleWebSocketTransport:
         max_message_size: int,
         receive_bytes: int = RECEIVE_BYTES,
     ) -> None:
-        import simple_websocket
+        import simple_websocket  # type: ignore[import-untyped,unused-ignore]
         from wsproto.events import Ping
 
         sock, kind = socket_from_environ(environ)
@@ -587,7 +587,7 @@ class SimpleWebSocketTransport:
         class _Server(simple_websocket.Server):  # type: ignore[misc]
             def handshake(self) -> None:
                 super().handshake()
-                self.ws = _Events(self.ws)
+                self.ws: Any = _Events(self.ws)
 
         self._closed_error = simple_websocket.ConnectionClosed
         self.ws = _Server(
