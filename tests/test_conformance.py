@@ -7,6 +7,7 @@ from typing import Iterator
 
 import pytest
 
+from remotedialer.bridge import as_socket
 from remotedialer.config import Limits
 from remotedialer.piping import LocalDialer, Piper
 
@@ -29,7 +30,7 @@ def _tcp_listener() -> socket.socket:
     return listener
 
 
-@pytest.fixture(params=["socketpair", "tcp", "tunnel"])
+@pytest.fixture(params=["socketpair", "tcp", "tunnel", "as_socket"])
 def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     kind = request.param
     closers = []
@@ -60,6 +61,8 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
             dialer.shutdown()
             wait_for(lambda: piper.active_pipes == 0)
 
+        if kind == "as_socket":
+            a = as_socket(a, piper)  # a real socket bridged to the tunneled connection
         closers += [a.close, b.close, teardown]
         result = Pair(kind, a, b)
     result.b.settimeout(TIMEOUT)
