@@ -159,8 +159,15 @@ _Labels = Tuple[str, ...]
 
 
 def _is_peer(session: "Session") -> str:
-    """The Go ``peer`` label: "true" for a server's session from a peer server."""
-    return "true" if getattr(session, "is_peer", False) else "false"
+    """The Go ``peer`` label: "true" for a server's session from a peer server.
+
+    An ``is_peer`` attribute on the session decides if present; otherwise a
+    server-side session that listens for ADD_CLIENT / REMOVE_CLIENT is a peer
+    link (a server gives a client listener to peer sessions only)."""
+    flag = getattr(session, "is_peer", None)
+    if flag is None:
+        flag = not session.is_client and session.client_listener is not None
+    return "true" if flag else "false"
 
 
 class PrometheusObserver(Observer):
@@ -172,8 +179,8 @@ class PrometheusObserver(Observer):
     short lock and never block on I/O. ``go_names`` chooses the counter naming
     described in the module docstring.
 
-    Sessions are told apart for the ``peer`` label by their ``is_peer``
-    attribute (set by the server on sessions opened by peer servers).
+    The ``peer`` label is "true" for sessions that peer servers opened to
+    this one (see ``_is_peer``).
     """
 
     def __init__(self, registry: Optional[CollectorRegistry] = None, *, go_names: bool = True) -> None:

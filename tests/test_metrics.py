@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import requests
@@ -21,7 +21,7 @@ from remotedialer.metrics import METRICS, PrometheusObserver, with_metrics_endpo
 from remotedialer.session import Session
 from remotedialer.transport import memory_pair
 
-from .conftest import TIMEOUT, AcceptingHandler, wait_for
+from .conftest import TIMEOUT, AcceptingHandler, EchoServer, wait_for
 
 
 class ObservedPair:
@@ -102,6 +102,22 @@ def test_sessions_counted_while_live(pair: ObservedPair) -> None:
     assert obs.value(metrics.ADD_SESSION, clientkey="foo", peer="false") == 1
     # the client side saw its own session end too
     wait_for(lambda: pair.client_observer.value(metrics.REMOVE_SESSION, clientkey="foo", peer="false") == 1)
+
+
+def test_peer_label_for_server_sessions_with_a_client_listener() -> None:
+    """A server session that listens for ADD_CLIENT/REMOVE_CLIENT is a peer link."""
+    registry = CollectorRegistry()
+    obs = PrometheusObserver(registry)
+    client_end, server_end = memory_pair()
+    session = Session(server_end, is_client=False, client_key="peer-a", observer=obs,
+                      client_listener=lambda *args: None, heartbeat=Heartbeat("test-metrics-heartbeat"))
+    thread = session.start()
+    try:
+        wait_for(lambda: obs.value(metrics.SESSIONS, clientkey="peer-a", peer="true") == 1)
+    finally:
+        client_end.close()
+        thread.join(TIMEOUT)
+    assert obs.value(metrics.REMOVE_SESSION, clientkey="peer-a", peer="true") == 1
 
 
 def test_peer_label_follows_is_peer_attribute() -> None:
@@ -331,3 +347,73 @@ def test_metrics_endpoint_over_http(pair: ObservedPair) -> None:
             assert set(sample.labels) == set(spec.labels), (name, sample.labels)
     assert 'session_server_total_transmit_bytes{clientkey="foo"} 5.0' in response.text
     assert 'session_server_total_remove_websocket_session{clientkey="bar",peer="false"} 1.0' in response.text
+
+
+def _tunnel_id_authorizer(request: Any) -> Tuple[str, bool]:
+    key = request.headers.get("X-Tunnel-ID", "")
+    return key, bool(key)
+
+
+def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
+    """A real Server under werkzeug with real tunnel clients (one of them a
+    peer): /metrics shows every documented metric with its labels."""
+    from remotedialer.client import Backoff, TunnelClient
+    from remotedialer.server import Server
+
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry)
+    server = Server(_tunnel_id_authorizer, observer=observer)
+    server.peers["peer-b"] = "s3cret"
+    served = Served(with_metrics_endpoint(server, registry))
+    url = served.url.replace("http://", "ws://") + "/connect"
+    clients = [
+        TunnelClient(url, {"X-Tunnel-ID": "foo"}, lambda proto, address: True,
+                     backoff=Backoff(initial=0.05, maximum=0.2)),
+        TunnelClient(url, {"X-API-Tunnel-ID": "peer-b", "X-API-Tunnel-Token": "s3cret"},
+                     backoff=Backoff(initial=0.05, maximum=0.2)),
+    ]
+    try:
+        for client in clients:
+            client.start()
+            client.wait_connected(TIMEOUT)
+        wait_for(lambda: observer.value(metrics.SESSIONS, clientkey="peer-b", peer="true") == 1)
+        wait_for(lambda: server.has_session("foo"))
+        with server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT) as conn:
+            conn.sendall(b"ping" * 100)
+            received = b""
+            while len(received) < 400:
+                received += conn.recv(4096)
+        wait_for(lambda: observer.value(metrics.REMOVE_CONNECTIONS, clientkey="foo", proto="tcp",
+                                        addr=echo_server.address) == 1)
+        # a write to a session whose socket is gone fails and ends it
+        doomed_client, doomed_server = memory_pair()
+        doomed = Session(doomed_server, is_client=False, client_key="gone", observer=observer,
+                         heartbeat=Heartbeat("test-metrics-heartbeat"))
+        observer.session_started(doomed)  # as serve() would; nobody reads this one
+        doomed_client.close()
+        with pytest.raises(ConnectionError):
+            doomed.dial("tcp", "127.0.0.1:1")
+        observer.peer_connecting("peer-b")  # the peering layer's hooks
+        observer.peer_connected("peer-b")
+        observer.peer_disconnected("peer-b")
+
+        response = requests.get(served.url + "/metrics", timeout=TIMEOUT)
+        assert response.status_code == 200
+    finally:
+        for client in clients:
+            client.stop(TIMEOUT)
+        server.close()
+        served.close()
+    families = {family.name: family for family in text_string_to_metric_families(response.text)}
+    for spec in METRICS:
+        name = spec.exposed_name()
+        family = families.get(name) or families.get(name[: -len("_total")])
+        assert family is not None and family.samples, f"{name} missing from /metrics"
+        for sample in family.samples:
+            assert set(sample.labels) == set(spec.labels), (name, sample.labels)
+    text = response.text
+    assert 'session_server_total_add_websocket_session{clientkey="foo",peer="false"} 1.0' in text
+    assert 'session_server_total_add_websocket_session{clientkey="peer-b",peer="true"} 1.0' in text
+    assert 'session_server_total_transmit_bytes{clientkey="foo"} 400.0' in text
+    assert 'session_server_total_receive_bytes{clientkey="foo"} 400.0' in text
+    assert 'remotedialer_sessions{clientkey="foo",peer="false"} 1.0' in text
