@@ -1,0 +1,382 @@
+"""LocalDialer (the client's connect handler) and the Piper selector loop."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+from typing import Any, Callable, Iterator, List, Optional, Tuple
+
+import pytest
+
+from remotedialer.config import Limits
+from remotedialer.connection import TunnelConnection
+from remotedialer.errors import DialError, RemoteError
+from remotedialer.piping import LocalDialer, Piper, dial_socket
+
+from .conftest import TIMEOUT, AcceptingHandler, EchoServer, SessionPair, wait_for
+
+KiB = 1024
+LIMITS = Limits(pause_threshold=256 * KiB, resume_threshold=32 * KiB, hard_buffer_limit=8192 * KiB)
+
+
+def recv_exactly(conn: Any, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        chunk = conn.recv(size - len(out))
+        assert chunk, f"EOF after {len(out)} of {size} bytes"
+        out += chunk
+    return bytes(out)
+
+
+class Setup:
+    """A session pair whose client side serves CONNECTs with a LocalDialer."""
+
+    def __init__(
+        self,
+        factory: Callable[..., SessionPair],
+        authorizer: Optional[Callable[[str, str], bool]] = lambda proto, address: True,
+        dialer: Optional[Callable[..., socket.socket]] = None,
+        limits: Limits = LIMITS,
+    ) -> None:
+        self.piper = Piper("test-piper")
+        self.local = LocalDialer(authorizer, dialer, limits, self.piper)
+        self.pair = factory(limits=limits, connect_handler=self.local)
+
+    def dial(self, address: str) -> TunnelConnection:
+        return self.pair.server.dial("tcp", address, timeout=TIMEOUT)
+
+    def close(self) -> None:
+        self.pair.close()
+        self.local.shutdown()
+        self.piper.stop()
+
+
+@pytest.fixture
+def setup_factory(session_pair_factory: Callable[..., SessionPair]) -> Iterator[Callable[..., Setup]]:
+    made: List[Setup] = []
+
+    def make(**kwargs: Any) -> Setup:
+        setup = Setup(session_pair_factory, **kwargs)
+        made.append(setup)
+        return setup
+
+    yield make
+    for setup in made:
+        setup.close()
+
+
+@pytest.fixture
+def setup(setup_factory: Callable[..., Setup]) -> Setup:
+    return setup_factory()
+
+
+def listener() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.settimeout(TIMEOUT)
+    return sock
+
+
+def address_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{host}:{port}"
+
+
+# -------------------------------------------------------------- LocalDialer
+def test_echo_through_the_tunnel(setup: Setup, echo_server: EchoServer) -> None:
+    conn = setup.dial(echo_server.address)
+    data = bytes(range(256)) * 4096  # 1 MiB
+    sender = threading.Thread(target=conn.sendall, args=(data,), daemon=True)
+    sender.start()
+    assert hashlib.sha256(recv_exactly(conn, len(data))).digest() == hashlib.sha256(data).digest()
+    sender.join(TIMEOUT)
+    conn.close()
+    wait_for(lambda: setup.piper.active_pipes == 0)
+    wait_for(lambda: setup.pair.client.connection_ids() == [])
+
+
+def test_no_authorizer_refuses_that_connection_only(
+    setup_factory: Callable[..., Setup], echo_server: EchoServer,
+) -> None:
+    setup = setup_factory(authorizer=None)
+    conn = setup.dial(echo_server.address)
+    with pytest.raises(RemoteError, match="connect not allowed"):
+        conn.recv(1)
+    assert not setup.pair.client.closed and not setup.pair.server.closed
+    assert setup.pair.client.connection_ids() == []
+    assert echo_server.accepted == []
+
+
+def test_authorizer_decides_per_target(setup_factory: Callable[..., Setup], echo_server: EchoServer) -> None:
+    seen: List[Tuple[str, str]] = []
+
+    def authorizer(proto: str, address: str) -> bool:
+        seen.append((proto, address))
+        return address == echo_server.address
+
+    setup = setup_factory(authorizer=authorizer)
+    refused = setup.dial("127.0.0.1:1")
+    allowed = setup.dial(echo_server.address)
+    with pytest.raises(RemoteError, match="connect not allowed"):
+        refused.recv(1)
+    allowed.sendall(b"ok")
+    assert recv_exactly(allowed, 2) == b"ok"
+    assert seen == [("tcp", "127.0.0.1:1"), ("tcp", echo_server.address)]
+
+
+def test_authorizer_crash_refuses(setup_factory: Callable[..., Setup]) -> None:
+    def authorizer(proto: str, address: str) -> bool:
+        raise RuntimeError("bug")
+
+    setup = setup_factory(authorizer=authorizer)
+    with pytest.raises(RemoteError, match="connect not allowed"):
+        setup.dial("127.0.0.1:9").recv(1)
+    assert not setup.pair.client.closed
+
+
+def test_refused_local_dial_answers_error_with_its_text(setup: Setup) -> None:
+    closed = listener()
+    address = address_of(closed)
+    closed.close()  # nothing listens there now
+    conn = setup.dial(address)
+    with pytest.raises(RemoteError) as info:
+        conn.recv(1)
+    assert address in info.value.remote_message
+    assert "refused" in info.value.remote_message.lower()
+    assert not setup.pair.client.closed
+    wait_for(lambda: setup.pair.client.connection_ids() == [])
+
+
+def test_custom_dialer_and_timeout(setup_factory: Callable[..., Setup], echo_server: EchoServer) -> None:
+    calls: List[Tuple[str, str, Optional[float]]] = []
+
+    def dialer(proto: str, address: str, timeout: Optional[float]) -> socket.socket:
+        calls.append((proto, address, timeout))
+        return socket.create_connection(("127.0.0.1", echo_server.port), timeout=timeout)
+
+    setup = setup_factory(dialer=dialer)
+    conn = setup.dial("backend.internal:80")
+    conn.sendall(b"via custom dialer")
+    assert recv_exactly(conn, 17) == b"via custom dialer"
+    assert calls == [("tcp", "backend.internal:80", LIMITS.local_dial_timeout)]
+
+
+def test_dialer_raising_dial_error(setup_factory: Callable[..., Setup]) -> None:
+    def dialer(proto: str, address: str, timeout: Optional[float]) -> socket.socket:
+        raise DialError("no route to the moon")
+
+    setup = setup_factory(dialer=dialer)
+    with pytest.raises(RemoteError, match="no route to the moon"):
+        setup.dial("moon:1").recv(1)
+
+
+def test_local_socket_close_gives_eof_after_data(setup: Setup) -> None:
+    srv = listener()
+    conn = setup.dial(address_of(srv))
+    local, _ = srv.accept()
+    srv.close()
+    local.sendall(b"goodbye")
+    local.close()
+    assert recv_exactly(conn, 7) == b"goodbye"
+    assert conn.recv(1) == b""
+    wait_for(lambda: setup.piper.active_pipes == 0)
+    wait_for(lambda: setup.pair.client.connection_ids() == [] and setup.pair.server.connection_ids() == [])
+
+
+def test_tunnel_close_closes_local_socket_after_data(setup: Setup) -> None:
+    srv = listener()
+    conn = setup.dial(address_of(srv))
+    local, _ = srv.accept()
+    srv.close()
+    local.settimeout(TIMEOUT)
+    conn.sendall(b"final words")
+    conn.close()
+    received = bytearray()
+    while True:
+        chunk = local.recv(100)
+        if not chunk:
+            break
+        received += chunk
+    assert bytes(received) == b"final words"
+    local.close()
+    wait_for(lambda: setup.piper.active_pipes == 0)
+
+
+def test_tunnel_error_resets_local_socket(setup: Setup) -> None:
+    srv = listener()
+    conn = setup.dial(address_of(srv))
+    local, _ = srv.accept()
+    srv.close()
+    local.settimeout(TIMEOUT)
+    conn.abort(ConnectionResetError("server gave up"))
+    assert local.recv(1) == b""
+    local.close()
+    wait_for(lambda: setup.piper.active_pipes == 0)
+
+
+def test_session_end_closes_local_sockets(setup: Setup) -> None:
+    srv = listener()
+    setup.dial(address_of(srv))
+    local, _ = srv.accept()
+    srv.close()
+    local.settimeout(TIMEOUT)
+    wait_for(lambda: setup.piper.active_pipes == 1)
+    setup.pair.client_end.close()
+    assert local.recv(1) == b""
+    local.close()
+    wait_for(lambda: setup.piper.active_pipes == 0)
+
+
+def test_slow_local_reader_pauses_the_far_writer(setup: Setup) -> None:
+    srv = listener()
+    conn = setup.dial(address_of(srv))
+    local, _ = srv.accept()
+    srv.close()
+    local.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
+    local.settimeout(TIMEOUT)
+    total = 16 * 1024 * KiB
+    data = bytes(range(256)) * (total // 256)
+    done = threading.Event()
+
+    def write() -> None:
+        conn.sendall(data)
+        done.set()
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    wait_for(lambda: conn.peer_paused_us)  # the client's buffer filled: PAUSE
+    client_conn = setup.pair.client.connections()[0]
+    assert client_conn.buffered <= LIMITS.hard_buffer_limit
+    received = bytearray()
+    while len(received) < total:
+        chunk = local.recv(256 * KiB)
+        assert chunk
+        received += chunk
+        assert client_conn.buffered <= LIMITS.hard_buffer_limit
+    assert done.wait(TIMEOUT)
+    assert bytes(received) == data
+    writer.join(TIMEOUT)
+    local.close()
+
+
+def test_busy_pipe_does_not_starve_another(setup: Setup, echo_server: EchoServer) -> None:
+    busy = setup.dial(echo_server.address)
+    quiet = setup.dial(echo_server.address)
+    stop = threading.Event()
+    chunk = b"b" * (64 * KiB)
+
+    def pump() -> None:
+        while not stop.is_set():
+            try:
+                busy.sendall(chunk)
+            except OSError:
+                return
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                busy.recv(256 * KiB)
+            except OSError:
+                return
+
+    threads = [threading.Thread(target=pump, daemon=True), threading.Thread(target=drain, daemon=True)]
+    for thread in threads:
+        thread.start()
+    for i in range(50):
+        message = b"round trip %d" % i
+        quiet.sendall(message)
+        assert recv_exactly(quiet, len(message)) == message
+    stop.set()
+    busy.close()
+    for thread in threads:
+        thread.join(TIMEOUT)
+
+
+# --------------------------------------------------------------------- Piper
+def test_pipe_tunnels_relays_between_sessions(
+    session_pair_factory: Callable[..., SessionPair], echo_server: EchoServer,
+) -> None:
+    """A server relaying for a peer: conn A (session 1) <-> conn B (session 2)."""
+    piper = Piper("relay-piper")
+    local = LocalDialer(lambda p, a: True, limits=LIMITS, piper=piper)
+    inner = session_pair_factory(limits=LIMITS, connect_handler=local)
+    accepting = AcceptingHandler()
+    outer = session_pair_factory(limits=LIMITS, connect_handler=accepting)
+    done = threading.Event()
+    try:
+        front = outer.server.dial("tcp", "relay:1", timeout=TIMEOUT)
+        relay_end = accepting.next()
+        back = inner.server.dial("tcp", echo_server.address, timeout=TIMEOUT)
+        piper.pipe_tunnels(relay_end, back, on_done=done.set)
+        data = b"x" * (3 * 1024 * KiB)
+        sender = threading.Thread(target=front.sendall, args=(data,), daemon=True)
+        sender.start()
+        assert recv_exactly(front, len(data)) == data
+        sender.join(TIMEOUT)
+        front.close()
+        assert done.wait(TIMEOUT)
+        wait_for(lambda: inner.server.connection_ids() == [] and outer.client.connection_ids() == [])
+    finally:
+        piper.stop()
+        local.shutdown()
+
+
+def test_pipe_tunnels_forwards_remote_error(session_pair_factory: Callable[..., SessionPair]) -> None:
+    piper = Piper("relay-piper")
+    a_handler, b_handler = AcceptingHandler(), AcceptingHandler()
+    one = session_pair_factory(connect_handler=a_handler)
+    two = session_pair_factory(connect_handler=b_handler)
+    try:
+        front = one.server.dial("tcp", "x:1", timeout=TIMEOUT)
+        relay_front = a_handler.next()
+        back = two.server.dial("tcp", "y:2", timeout=TIMEOUT)
+        target = b_handler.next()
+        piper.pipe_tunnels(relay_front, back)
+        target.abort(ConnectionRefusedError("dial tcp y:2: connection refused"))
+        with pytest.raises(RemoteError, match="connection refused"):
+            front.recv(1)
+    finally:
+        piper.stop()
+
+
+def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., SessionPair]) -> None:
+    piper = Piper("stop-piper")
+    handler = AcceptingHandler()
+    pair = session_pair_factory(connect_handler=handler)
+    conn = pair.server.dial("tcp", "x:1", timeout=TIMEOUT)
+    far = handler.next()
+    left, right = socket.socketpair()
+    right.settimeout(TIMEOUT)
+    done = threading.Event()
+    piper.pipe_socket(left, far, on_done=done.set)
+    conn.sendall(b"through")
+    assert recv_exactly(right, 7) == b"through"
+    assert piper.active_pipes == 1
+    piper.stop()  # closes what is still open
+    assert done.wait(TIMEOUT)
+    assert right.recv(1) == b""
+    assert conn.recv(1) == b""
+    right.close()
+    with pytest.raises(RuntimeError):
+        piper.pipe_socket(socket.socket(), far)
+
+
+def test_dial_socket_forms(echo_server: EchoServer, tmp_path: Any) -> None:
+    sock = dial_socket("tcp", echo_server.address, TIMEOUT)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    sock.close()
+    with pytest.raises(DialError, match="unknown network"):
+        dial_socket("udp", echo_server.address, TIMEOUT)
+    with pytest.raises(DialError, match="missing port"):
+        dial_socket("tcp", "127.0.0.1", TIMEOUT)
+    path = str(tmp_path / "s.sock")
+    unix_server = socket.socket(socket.AF_UNIX)
+    unix_server.bind(path)
+    unix_server.listen(1)
+    unix = dial_socket("unix", path, TIMEOUT)
+    unix.close()
+    unix_server.close()
+    with pytest.raises(OSError):
+        dial_socket("unix", str(tmp_path / "missing.sock"), TIMEOUT)
