@@ -159,7 +159,10 @@ class _SocketPipe(_Pipe):
             self._close(None)  # far side ended and everything was delivered
             return
         wanted = 0
-        if self.to_tunnel.pending is None and not self.to_tunnel.eof and self.conn.writable_now():
+        if (
+            self.to_tunnel.pending is None and not self.to_tunnel.eof
+            and not self.conn.ended and self.conn.writable_now()
+        ):
             wanted |= selectors.EVENT_READ
         if self.to_socket.pending is not None:
             wanted |= selectors.EVENT_WRITE
@@ -172,6 +175,11 @@ class _SocketPipe(_Pipe):
         moved = 0
         direction = self.to_tunnel
         while moved < TURN_BUDGET:
+            if self.conn.ended:
+                # The far side ended: stop reading here and let the other
+                # direction deliver what it already sent, then close both.
+                direction.pending = None
+                return False
             if not _write_tunnel(self.conn, direction):
                 return False
             if direction.eof:

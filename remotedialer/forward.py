@@ -1,0 +1,376 @@
+"""Raw TCP port forwarding through a tunnel, like ``ssh -R`` or chisel's ``R:``.
+
+A :class:`PortForward` listens on a local TCP address. For every connection it
+accepts it calls a *dial function* (typically
+``lambda: server.dial("foo", "tcp", "127.0.0.1:8125")``) and hands the
+accepted socket and the resulting
+:class:`~remotedialer.connection.TunnelConnection` to a
+:class:`~remotedialer.piping.Piper`, which copies both ways on its one
+selector thread. One forward therefore costs one accept thread, whatever the
+number of connections; all forwards of a process share the piper thread.
+
+Flow control carries end to end: while the far side has paused us the piper
+stops reading the accepted socket (so the local sender's TCP window closes),
+and while the accepted socket does not drain it stops reading the tunnel,
+whose receive buffer then sends PAUSE to the far side. Nothing is buffered
+without bound.
+
+Closing, as far as the wire protocol allows (it has no half-close):
+
+* The far side ends (its target closed, or the dial failed there): every byte
+  already received is written to the accepted socket, then the socket is
+  closed, so the local client reads the data and then EOF.
+* The local client sends FIN (``shutdown(SHUT_WR)`` or close): the bytes it
+  sent before are passed on, then the tunneled connection is closed with
+  ``ERROR EOF`` and the accepted socket is closed too. The far side writes
+  what it received to its target and closes that socket, so the target reads
+  the data and then EOF. Whatever the target sends after that point (a reply
+  to a request that ended with FIN) is discarded: there is no way to keep
+  only one direction open.
+* The tunnel is gone (client disconnected) or the forward is stopped with
+  ``close_connections``: the accepted sockets are closed at once.
+
+A dial that fails at once (no session for the client key, the session is
+full or ended) closes the accepted socket at once and logs a warning.
+
+:func:`parse_forward_spec` reads the command-line form
+``[HOST:]PORT=CLIENT_KEY:PROTO:ADDRESS``, e.g.
+``127.0.0.1:9125=foo:tcp:127.0.0.1:8125``.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional, Set, Tuple
+
+from .connection import TunnelConnection
+from .piping import Piper, default_piper
+
+try:  # Python 3.8+ typing.Protocol
+    from typing import Protocol
+except ImportError:  # pragma: no cover
+    Protocol = object  # type: ignore[assignment]
+
+__all__ = [
+    "ForwardSpec",
+    "KeyDialer",
+    "PortForward",
+    "TunnelDialFunc",
+    "parse_forward_spec",
+    "parse_listen_address",
+    "start_forward",
+]
+
+log = logging.getLogger(__name__)
+
+TunnelDialFunc = Callable[[], TunnelConnection]
+"""``() -> TunnelConnection``: opens the tunneled side of one forwarded connection."""
+
+ListenAddress = Tuple[str, int]
+
+DEFAULT_LISTEN_HOST = "127.0.0.1"
+# Back off this long after accept() fails (e.g. out of file descriptors), so
+# the loop does not spin while the condition lasts.
+ACCEPT_ERROR_DELAY = 0.1
+
+
+class KeyDialer(Protocol):
+    """Anything that dials through a client by key, like the server's ``dial``."""
+
+    def dial(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float] = None
+    ) -> TunnelConnection:
+        """Open ``proto/address`` through the client ``client_key``."""
+
+
+# --------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class ForwardSpec:
+    """One forward: listen on ``listen`` here, reach ``proto/address`` through
+    the client registered as ``client_key``."""
+
+    listen: ListenAddress
+    client_key: str
+    proto: str
+    address: str
+
+    def __str__(self) -> str:
+        host, port = self.listen
+        shown = f"[{host}]" if ":" in host else host
+        return f"{shown}:{port}={self.client_key}:{self.proto}:{self.address}"
+
+
+def parse_listen_address(text: str, default_host: str = DEFAULT_LISTEN_HOST) -> ListenAddress:
+    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (on ``default_host``).
+
+    Raises ``ValueError`` for anything else; port 0 means a free port."""
+    text = text.strip()
+    if text.isdigit():
+        host, port_text = default_host, text
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"listen address {text!r}: want HOST:PORT or PORT")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"listen address {text!r}: write IPv6 hosts as [HOST]:PORT")
+        if not host:
+            raise ValueError(f"listen address {text!r}: empty host")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"listen address {text!r}: port out of range")
+    return host, port
+
+
+def parse_forward_spec(text: str) -> ForwardSpec:
+    """Parse ``[HOST:]PORT=CLIENT_KEY:PROTO:ADDRESS``.
+
+    ``ADDRESS`` is everything after the second colon of the right-hand side,
+    so it may hold colons itself (``[::1]:22``, ``127.0.0.1:8125``); the
+    client key and the proto may not. Raises ``ValueError`` with the reason.
+    """
+    listen_text, sep, target = text.partition("=")
+    if not sep:
+        raise ValueError(f"forward {text!r}: want LISTEN=CLIENT_KEY:PROTO:ADDRESS")
+    listen = parse_listen_address(listen_text)
+    client_key, sep1, rest = target.partition(":")
+    proto, sep2, address = rest.partition(":")
+    if not (sep1 and sep2) or not client_key or not proto or not address:
+        raise ValueError(f"forward {text!r}: want LISTEN=CLIENT_KEY:PROTO:ADDRESS")
+    if "/" in proto:
+        raise ValueError(f"forward {text!r}: proto may not contain '/'")
+    return ForwardSpec(listen, client_key, proto, address)
+
+
+# ------------------------------------------------------------------ forwards
+class PortForward:
+    """Listens on ``listen`` and forwards every accepted connection through a
+    tunnel opened by ``dial`` (see the module doc for data flow and closing).
+
+    The constructor binds (raising ``OSError`` if it cannot) and starts the
+    accept thread; :meth:`stop` ends it. Accepted sockets get ``TCP_NODELAY``.
+    Use as a context manager to stop on exit. ``piper`` defaults to the
+    process-wide one; ``name`` appears in logs and the thread's name.
+    """
+
+    def __init__(
+        self,
+        dial: TunnelDialFunc,
+        listen: ListenAddress = (DEFAULT_LISTEN_HOST, 0),
+        *,
+        piper: Optional[Piper] = None,
+        name: Optional[str] = None,
+        backlog: int = 128,
+    ) -> None:
+        self._dial = dial
+        self.piper = piper or default_piper()
+        self._listener = _bind(listen, backlog)
+        self._address: ListenAddress = self._listener.getsockname()[:2]
+        self.name = name or f"forward {_show(self._address)}"
+        # _lock guards _live, _stopping and the counters; it is never held
+        # while calling into a connection, the piper or the dial function.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when _live shrinks
+        self._live: Set[TunnelConnection] = set()
+        self._stopping = False
+        self._stop_event = threading.Event()  # set by stop(); for waits without the lock
+        self._accepted = 0
+        self._failed = 0
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_writer.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._listener.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"remotedialer-{self.name}", daemon=True
+        )
+        self._thread.start()
+        log.info("%s: listening", self.name)
+
+    def __repr__(self) -> str:
+        state = "stopped" if self._stopping else f"{self.active} active"
+        return f"<PortForward {_show(self._address)} {state}>"
+
+    @property
+    def address(self) -> ListenAddress:
+        """The bound ``(host, port)``, with the real port when 0 was asked for."""
+        return self._address
+
+    @property
+    def active(self) -> int:
+        """Forwarded connections currently piping."""
+        with self._lock:
+            return len(self._live)
+
+    @property
+    def accepted(self) -> int:
+        """Connections accepted so far."""
+        return self._accepted
+
+    @property
+    def failed(self) -> int:
+        """Accepted connections closed at once because the dial failed."""
+        return self._failed
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopping
+
+    def connections(self) -> Set[TunnelConnection]:
+        """A snapshot of the tunneled connections currently piping."""
+        with self._lock:
+            return set(self._live)
+
+    def stop(self, close_connections: bool = True, timeout: Optional[float] = 5.0) -> bool:
+        """Close the listener; with ``close_connections`` also close every live
+        forwarded connection (the far side gets ``ERROR EOF``). Blocks until
+        the accept thread ended and, when closing connections, until their
+        pipes finished, each bounded by ``timeout``. Returns whether all of
+        that happened in time. Idempotent."""
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+        self._stop_event.set()
+        if first:
+            try:
+                self._wake_writer.send(b"\0")
+            except OSError:  # pragma: no cover - the loop already ended
+                pass
+        done = True
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            done = not self._thread.is_alive()
+        if close_connections:
+            for conn in self.connections():
+                conn.close()  # the piper sees it and closes the accepted socket
+            done = self.wait_idle(timeout) and done
+        return done
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        """Block until no forwarded connection is piping or ``timeout`` passed;
+        True if idle."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._live, timeout)
+
+    def __enter__(self) -> "PortForward":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -------------------------------------------------------- accept thread
+    def _accept_loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._stopping:
+                        break
+                for key, _mask in self._selector.select():
+                    if key.fileobj is self._listener:
+                        self._accept_ready()
+        except Exception:  # pragma: no cover - a bug here must be loud
+            log.exception("%s: accept loop failed", self.name)
+        finally:
+            self._selector.close()
+            self._listener.close()
+            self._wake_reader.close()
+            self._wake_writer.close()
+            log.info("%s: stopped listening", self.name)
+
+    def _accept_ready(self) -> None:
+        """Accept every pending connection (the listener is non-blocking)."""
+        while True:
+            try:
+                sock, peer = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors, aborted handshake, ...
+                log.warning("%s: accept failed: %s", self.name, exc)
+                self._stop_event.wait(ACCEPT_ERROR_DELAY)
+                return
+            self._accepted += 1
+            self._forward(sock, peer)
+
+    def _forward(self, sock: socket.socket, peer: object) -> None:
+        """Dial through the tunnel for one accepted socket and start piping."""
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - not TCP
+            pass
+        try:
+            conn = self._dial()
+        except Exception as exc:
+            self._failed += 1
+            log.warning(
+                "%s: dial for %s failed, closing it: %s: %s",
+                self.name, _show(peer), type(exc).__name__, exc,
+            )
+            _close_quietly(sock)
+            return
+        log.debug("%s: %s -> %s", self.name, _show(peer), conn)
+        with self._lock:
+            self._live.add(conn)
+
+        def done() -> None:
+            with self._lock:
+                self._live.discard(conn)
+                self._idle.notify_all()
+
+        try:
+            self.piper.pipe_socket(sock, conn, on_done=done)
+        except RuntimeError as exc:  # the piper was stopped
+            log.warning("%s: cannot pipe %s: %s", self.name, _show(peer), exc)
+            conn.close()
+            _close_quietly(sock)
+            done()
+
+
+def start_forward(
+    dialer: KeyDialer,
+    spec: ForwardSpec,
+    *,
+    dial_timeout: Optional[float] = None,
+    piper: Optional[Piper] = None,
+) -> PortForward:
+    """Start forwarding ``spec.listen`` to ``spec.proto/spec.address`` through
+    the client ``spec.client_key`` of ``dialer`` (a server). ``dial_timeout``
+    bounds each dial (sending CONNECT). Raises ``OSError`` if it cannot bind."""
+
+    def dial() -> TunnelConnection:
+        return dialer.dial(spec.client_key, spec.proto, spec.address, timeout=dial_timeout)
+
+    forward = PortForward(dial, spec.listen, piper=piper, name=f"forward {spec}")
+    return forward
+
+
+# ------------------------------------------------------------------ helpers
+def _bind(listen: ListenAddress, backlog: int) -> socket.socket:
+    """A listening TCP socket on ``listen`` (IPv4 or IPv6 by the host's form)."""
+    host, port = listen
+    infos = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family = infos[0][0]
+    address = infos[0][4]
+    return socket.create_server(address[:2], family=family, backlog=backlog)
+
+
+def _show(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address)
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.close()
+    except OSError:  # pragma: no cover
+        pass
