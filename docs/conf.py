@@ -21,7 +21,9 @@ generate pages from the code, so that the documentation cannot drift from it:
     a toctree that leaves out entries listed in ``OPTIONAL_PAGES`` while
     their files do not exist yet (pages other people are writing);
 ``optional-image``
-    an image, or a short note while the file has not been generated yet.
+    an image, or a short note while the file has not been generated yet;
+``optional-include``
+    a generated reStructuredText file, or placeholder text while it is missing.
 """
 
 from __future__ import annotations
@@ -208,6 +210,22 @@ class OptionalImage(SphinxDirective):
         return _parse(self, [note])
 
 
+class OptionalInclude(SphinxDirective):
+    """``.. optional-include:: file.inc``: the file's reStructuredText if it
+    exists (e.g. written by the benchmark command), else the directive's own
+    content."""
+
+    required_arguments = 1
+    has_content = True
+
+    def run(self) -> List[nodes.Node]:
+        path = DOCS / self.arguments[0]
+        if path.exists():
+            self.env.note_dependency(str(path))
+            return _parse(self, path.read_text(encoding="utf-8").splitlines())
+        return _parse(self, list(self.content))
+
+
 def _list_table(header: Sequence[str], rows: Sequence[Sequence[str]], widths: str) -> List[str]:
     lines = [".. list-table::", "   :header-rows: 1", f"   :widths: {widths}", ""]
     for row in [header, *rows]:
@@ -234,4 +252,5 @@ def setup(app: Sphinx) -> dict:
     app.add_directive("remotedialer-metrics", MetricsDirective)
     app.add_directive("optional-toctree", OptionalTocTree)
     app.add_directive("optional-image", OptionalImage)
+    app.add_directive("optional-include", OptionalInclude)
     return {"parallel_read_safe": True}
