@@ -204,6 +204,7 @@ class OptionalImage(SphinxDirective):
 
     def run(self) -> List[nodes.Node]:
         path = self.arguments[0]
+        self.env.note_dependency(str(DOCS / path))
         if (DOCS / path).exists():
             return _parse(self, [f".. image:: {path}", f"   :alt: {self.options.get('alt', path)}"])
         note = self.options.get("missing", f"({path} has not been generated yet.)")
@@ -220,8 +221,8 @@ class OptionalInclude(SphinxDirective):
 
     def run(self) -> List[nodes.Node]:
         path = DOCS / self.arguments[0]
+        self.env.note_dependency(str(path))  # a missing one: rebuilt until it appears
         if path.exists():
-            self.env.note_dependency(str(path))
             return _parse(self, path.read_text(encoding="utf-8").splitlines())
         return _parse(self, list(self.content))
 
