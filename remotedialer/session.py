@@ -272,7 +272,13 @@ class Session:
             return self.limits.ping_interval
         silent = now - self.transport.last_keepalive
         if silent > self.limits.read_deadline:
-            self.close(f"no keepalive for {silent:.1f}s")
+            # Closing may block for a while on a stuck socket (a close frame
+            # that cannot be written): never stall the one heartbeat thread
+            # that keeps every other session of the process alive.
+            threading.Thread(
+                target=self.close, args=(f"no keepalive for {silent:.1f}s",),
+                name="remotedialer-expire", daemon=True,
+            ).start()
             return self.limits.ping_interval
         wait = self.limits.read_deadline - silent
         if self.is_client:

@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
+import websocket
 
 from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
@@ -58,6 +59,7 @@ class RawPeer:
         send_text: Callable[[str], None],
         receive: Callable[[], bytes],
         close: Callable[[], None],
+        start: bool = True,
     ) -> None:
         self._send_binary = send_binary
         self._send_text = send_text
@@ -68,6 +70,11 @@ class RawPeer:
         self.received: List[Message] = []
         self.closed = threading.Event()
         self._thread = threading.Thread(target=self._read, name="raw-peer-reader", daemon=True)
+        if start:
+            self._thread.start()
+
+    def start_reading(self) -> None:
+        """Start collecting what the victim sends (for peers made with ``start=False``)."""
         self._thread.start()
 
     def _read(self) -> None:
@@ -125,7 +132,8 @@ class RawPeer:
             self._close()
         except Exception:
             pass
-        self._thread.join(TIMEOUT)
+        if self._thread.is_alive():
+            self._thread.join(TIMEOUT)
 
 
 def memory_raw_peer(end: MemoryTransport) -> RawPeer:
@@ -269,7 +277,10 @@ def case_sync_bad_length(attacker: RawPeer, victim: Any) -> bool:
 
 
 def case_giant_message(attacker: RawPeer, victim: Any) -> bool:
-    attacker.send(MessageType.DATA, PROBE_ID, b"G" * (victim.session.limits.max_message_size + 1))
+    try:
+        attacker.send(MessageType.DATA, PROBE_ID, b"G" * (victim.session.limits.max_message_size + 1))
+    except (OSError, websocket.WebSocketException):
+        pass  # the victim may hang up before it took the whole message
     return True
 
 
@@ -531,3 +542,230 @@ def test_raw_peer_sees_transport_closed_error() -> None:
     peer.wait_closed()
     with pytest.raises(TransportClosed):
         a.send(b"x")
+
+
+# ------------------------------------------------------------ running server
+def _authorize_tunnel_id(request: Any) -> Tuple[str, bool]:
+    key = request.headers.get("X-Tunnel-ID", "")
+    return key, bool(key)
+
+
+def websocket_raw_peer(url: str, key: str, start: bool = True) -> Tuple[RawPeer, websocket.WebSocket]:
+    """A raw websocket-client WebSocket, authorized as client ``key``, that
+    sends whatever frames the test makes."""
+    ws = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
+    ws.connect(url, header=[f"X-Tunnel-ID: {key}"], timeout=TIMEOUT)
+    ws.settimeout(None)
+
+    def receive() -> bytes:
+        while True:
+            opcode, frame = ws.recv_data_frame(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_BINARY:
+                return bytes(frame.data)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise TransportClosed("closed by the server")
+            if opcode == websocket.ABNF.OPCODE_TEXT:
+                raise AssertionError("the server sent a text message")
+
+    def close() -> None:
+        ws.abort()
+        ws.shutdown()
+
+    peer = RawPeer(
+        lambda data: ws.send(data, websocket.ABNF.OPCODE_BINARY),
+        lambda text: ws.send(text, websocket.ABNF.OPCODE_TEXT),
+        receive,
+        close,
+        start=start,
+    )
+    return peer, ws
+
+
+class ServerVictim:
+    """A :class:`Server` under werkzeug's threaded server on a free loopback
+    port, a well-behaved :class:`TunnelClient` moving data through it, and raw
+    attackers connecting as client keys of their own."""
+
+    def __init__(
+        self, echo: EchoServer, limits: Limits = HOSTILE_LIMITS, client_limits: Limits = Limits()
+    ) -> None:
+        from werkzeug.serving import make_server
+
+        from remotedialer.client import Backoff, TunnelClient
+        from remotedialer.server import Server
+
+        self.server = Server(_authorize_tunnel_id, limits=limits)
+        self.httpd = make_server("127.0.0.1", 0, self.server, threaded=True)
+        self.url = f"ws://127.0.0.1:{self.httpd.server_port}/connect"
+        self.http_thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.http_thread.start()
+        self.good = TunnelClient(
+            self.url,
+            {"X-Tunnel-ID": "good"},
+            lambda proto, address: address == echo.address,
+            backoff=Backoff(initial=0.05, maximum=0.2),
+            limits=client_limits,
+        )
+        self.good.start()
+        self.good.wait_connected(TIMEOUT)
+        wait_for(lambda: self.server.has_session("good"))
+        self.good_session = self.server.sessions("good")[0]
+        self.bystander = Bystander(
+            lambda address: self.server.dial("good", "tcp", address, timeout=TIMEOUT), echo.address
+        )
+        self.attackers: List[Tuple[RawPeer, websocket.WebSocket]] = []
+        self.key = ""
+        self.session: Any = None
+        self.attacker = self.new_attacker()
+
+    def new_attacker(self, start: bool = True) -> RawPeer:
+        """Connect a fresh raw attacker; it becomes the current one."""
+        self.key = f"attacker-{len(self.attackers)}"
+        peer, ws = websocket_raw_peer(self.url, self.key, start)
+        self.attackers.append((peer, ws))
+        wait_for(lambda: self.server.has_session(self.key))
+        self.session = self.server.sessions(self.key)[0]
+        self.attacker = peer
+        return peer
+
+    def dial_attacker(self, address: str = "127.0.0.1:1") -> TunnelConnection:
+        return self.server.dial(self.key, "tcp", address, timeout=TIMEOUT)
+
+    def assert_survived(self) -> None:
+        """The bystander still flows, its session is the same one, and the
+        server still takes new tunnels."""
+        assert self.http_thread.is_alive()
+        assert not self.good_session.closed, self.good_session.close_reason
+        assert self.server.sessions("good") == [self.good_session]
+        self.bystander.assert_healthy()
+        fresh, _ws = websocket_raw_peer(self.url, "newcomer")
+        try:
+            fresh.probe()
+        finally:
+            fresh.close()
+
+    def close(self) -> None:
+        self.bystander.stop()
+        for peer, _ws in self.attackers:
+            peer.close()
+        self.good.stop(TIMEOUT)
+        self.server.close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.http_thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def server_victim(echo_server: EchoServer) -> Iterator[ServerVictim]:
+    made = ServerVictim(echo_server)
+    yield made
+    made.close()
+
+
+class TestRunningServer:
+    """The same hostile input over real WebSockets to a running server."""
+
+    @pytest.mark.parametrize("case", CASES, ids=_case_id)
+    def test_hostile_input(self, case: Case, server_victim: ServerVictim) -> None:
+        run_case(case, server_victim.attacker, server_victim)
+        if victim_ended := server_victim.session.closed:
+            wait_for(lambda: not server_victim.server.has_session(server_victim.key))
+        assert victim_ended or server_victim.server.has_session(server_victim.key)
+
+    def test_every_case_in_a_row_against_one_server(self, server_victim: ServerVictim) -> None:
+        """One server, one bystander, a new attacker for each case: the server
+        is as good after all of them as before."""
+        threads_before = threading.active_count()
+        for case in CASES:
+            attacker = server_victim.new_attacker()
+            run_case(case, attacker, server_victim)
+            attacker.close()
+        for peer, _ws in server_victim.attackers:
+            peer.close()
+        wait_for(lambda: server_victim.server.list_clients() == ["good"])
+        # Every attacker's handler thread ended (a little slack for the bystander's own).
+        wait_for(lambda: threading.active_count() <= threads_before + 2)
+
+    @pytest.mark.parametrize(
+        "frame, why",
+        [
+            (b"\x82\x05hello", "unmasked client frame"),
+            (b"\x83\x80" + b"\0\0\0\0", "reserved opcode"),
+            (b"\xc2\x80" + b"\0\0\0\0", "RSV1 without an extension"),
+            (b"\x89\xfe\x00\x7e" + b"\0\0\0\0" + b"p" * 126, "control frame over 125 bytes"),
+            (b"\x09\x80" + b"\0\0\0\0", "fragmented ping"),
+            (b"\x80\x80" + b"\0\0\0\0", "continuation without a message"),
+            (b"\x82\xff" + b"\x80" + b"\0" * 7 + b"\0\0\0\0", "64-bit length with the high bit set"),
+            (b"GET / HTTP/1.1\r\n\r\n", "HTTP where a frame belongs"),
+        ],
+    )
+    def test_malformed_websocket_frames(self, frame: bytes, why: str, server_victim: ServerVictim) -> None:
+        _peer, ws = server_victim.attackers[-1]
+        ws.sock.sendall(frame)
+        assert server_victim.session.wait_closed(TIMEOUT), why
+        reason = server_victim.session.close_reason
+        assert "websocket" in reason or "protocol" in reason, reason
+        server_victim.attacker.wait_closed()
+        server_victim.assert_survived()
+
+    def test_fragmented_message_over_the_limit(self, server_victim: ServerVictim) -> None:
+        """Many small fragments adding up past max_message_size end the session."""
+        _peer, ws = server_victim.attackers[-1]
+        limit = server_victim.session.limits.max_message_size
+        fragment = b"f" * 4096
+        try:
+            ws.send_frame(websocket.ABNF(0, 0, 0, 0, websocket.ABNF.OPCODE_BINARY, 1, fragment))
+            for _ in range(limit // len(fragment) + 2):
+                ws.send_frame(websocket.ABNF(0, 0, 0, 0, websocket.ABNF.OPCODE_CONT, 1, fragment))
+        except (OSError, websocket.WebSocketException):
+            pass  # hung up on us mid-way, as it should
+        assert server_victim.session.wait_closed(TIMEOUT)
+        assert "limit" in server_victim.session.close_reason
+        server_victim.assert_survived()
+
+    def test_peer_that_stops_reading_is_cut_at_the_read_deadline(self, echo_server: EchoServer) -> None:
+        """An attacker that never reads fills the socket; the session's writes
+        stall, and the heartbeat ends it after read_deadline without a ping
+        being answered. Blocked writers are released; the bystander flows."""
+        victim = ServerVictim(
+            echo_server,
+            HOSTILE_LIMITS.replace(read_deadline=1.0),
+            client_limits=Limits(ping_interval=0.1),  # the good client keeps its session alive
+        )
+        try:
+            attacker = victim.new_attacker(start=False)  # never reads...
+            _peer, ws = victim.attackers[-1]
+            stop_pinging = threading.Event()
+
+            def pinger() -> None:  # ...but keeps pinging, as a live client would
+                while not stop_pinging.wait(0.1):
+                    try:
+                        ws.ping()
+                    except Exception:
+                        return
+
+            threading.Thread(target=pinger, daemon=True).start()
+            conn = victim.dial_attacker()
+            conn.settimeout(None)
+            errors: List[BaseException] = []
+
+            def flood() -> None:
+                try:
+                    while True:
+                        conn.sendall(b"x" * 65536)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            writer = threading.Thread(target=flood, daemon=True)
+            writer.start()
+            assert victim.session.wait_closed(TIMEOUT), "stalled session never ended"
+            assert "keepalive" in victim.session.close_reason
+            writer.join(TIMEOUT)
+            assert not writer.is_alive(), "a writer stayed blocked on a dead session"
+            assert errors and isinstance(errors[0], (ConnectionError, OSError))
+            stop_pinging.set()
+            attacker.close()
+            assert not victim.good_session.closed, victim.good_session.close_reason
+            victim.bystander.assert_healthy()
+        finally:
+            victim.close()
