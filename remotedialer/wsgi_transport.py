@@ -366,6 +366,7 @@ class ServerWebSocket:
         self._send_lock = threading.Lock()
         self._close_sent = False  # guarded by _send_lock
         self._closed = False
+        sock.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):  # not TCP

@@ -507,3 +507,55 @@ def test_server_close_ends_every_session(harness: Harness) -> None:
     client.stop(TIMEOUT)
     status, body, _ = raw_get(harness.port, upgrade_headers(**{"X-Tunnel-ID": "foo"}))
     assert status == 503
+
+
+# ------------------------------------------------------------- TLS, IPv6
+def test_tunnel_over_tls(echo_server: EchoServer) -> None:
+    """wss:// to werkzeug with a TLS context: the taken-over socket is an
+    SSLSocket and everything works the same."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    server = Server(tunnel_id_authorizer)
+    httpd = make_server("127.0.0.1", 0, server, threaded=True, ssl_context=server_context)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    client = TunnelClient(
+        f"wss://127.0.0.1:{httpd.server_port}/connect", {"X-Tunnel-ID": "tls"},
+        lambda proto, address: True, ssl_context=client_context,
+    )
+    try:
+        client.start()
+        client.wait_connected(TIMEOUT)
+        wait_for(lambda: server.has_session("tls"))
+        with server.dial("tls", "tcp", echo_server.address, TIMEOUT) as conn:
+            echo_round_trip(conn, 4 << 20)
+        session = server.sessions("tls")[0]
+        client.stop(TIMEOUT)
+        assert session.wait_closed(TIMEOUT)
+    finally:
+        client.stop(TIMEOUT)
+        server.close()
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(TIMEOUT)
+
+
+def test_create_connection_to_ipv6_target(harness: Harness) -> None:
+    try:
+        echo6 = EchoServer("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    try:
+        harness.client("foo")
+        with harness.server.create_connection_for("foo")(("::1", echo6.port), TIMEOUT) as conn:
+            assert conn.address == f"[::1]:{echo6.port}"
+            echo_round_trip(conn, 10_000)
+    finally:
+        echo6.close()
