@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -194,5 +194,50 @@ class EchoServer:
 @pytest.fixture
 def echo_server() -> Iterator[EchoServer]:
     server = EchoServer()
+    yield server
+    server.close()
+
+
+class TunnelServer:
+    """The real WSGI :class:`~remotedialer.server.Server` under werkzeug's
+    threaded server on a free loopback port. The authorizer accepts requests
+    carrying ``X-Tunnel-ID`` (its value is the client key), records every
+    request's headers, and can be swapped by tests (``authorize``)."""
+
+    def __init__(self, **server_options: object) -> None:
+        from werkzeug.serving import make_server
+
+        from remotedialer.server import Server
+
+        self.requests: List[Dict[str, str]] = []
+        self.authorize: Callable[[Any], Tuple[str, bool]] = self.by_tunnel_id
+        self.server = Server(self._authorizer, **server_options)  # type: ignore[arg-type]
+        self.httpd = make_server("127.0.0.1", 0, self.server, threaded=True)
+        self.port = self.httpd.server_port
+        self.url = f"ws://127.0.0.1:{self.port}/connect"
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    @staticmethod
+    def by_tunnel_id(request: Any) -> Tuple[str, bool]:
+        key = request.headers.get("X-Tunnel-ID", "")
+        return key, bool(key)
+
+    def _authorizer(self, request: Any) -> Tuple[str, bool]:
+        self.requests.append(dict(request.headers))
+        return self.authorize(request)
+
+    def close(self) -> None:
+        self.server.close("test over")
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(TIMEOUT)
+
+
+@pytest.fixture
+def tunnel_server() -> Iterator[TunnelServer]:
+    server = TunnelServer()
     yield server
     server.close()
