@@ -4,6 +4,7 @@ and every module logs below the ``remotedialer`` logger."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import html
 import importlib
@@ -11,6 +12,7 @@ import inspect
 import logging
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +155,29 @@ def test_modules_log_below_the_package_logger() -> None:
     # the trace logger the logging page documents is the one sessions use
     session = importlib.import_module("remotedialer.session")
     assert session.trace_log.name == "remotedialer.trace"
+
+
+def test_generated_benchmark_results_and_chart_are_picked_up(tmp_path: Path) -> None:
+    """Once the bench command wrote its table and chart, the page shows them."""
+    docs = tmp_path / "docs"
+    shutil.copytree(DOCS, docs, ignore=shutil.ignore_patterns("_build", "bench-results.inc", "bench.png"))
+    (docs / "bench-results.inc").write_text(
+        ".. list-table::\n   :header-rows: 1\n\n   * - workload\n     - median\n"
+        "   * - MEASURED-WORKLOAD\n     - 123 MB/s\n",
+        encoding="utf-8",
+    )
+    # a valid 1x1 PNG
+    (docs / "_static" / "bench.png").write_bytes(base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+    ))
+    out = tmp_path / "html"
+    result = subprocess.run(
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html",
+         "-d", str(tmp_path / "doctrees"), str(docs), str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    page = (out / "benchmarks.html").read_text(encoding="utf-8")
+    assert "MEASURED-WORKLOAD" in page
+    assert "to be measured" not in page
+    assert 'src="_images/bench.png"' in page
