@@ -54,6 +54,7 @@ __all__ = [
     "MetricSpec",
     "PrometheusObserver",
     "make_wsgi_app",
+    "observer_with_registry",
     "with_metrics_endpoint",
 ]
 
@@ -308,6 +309,18 @@ class PrometheusObserver(Observer):
                 family.add_metric(list(labels), amount)
             families.append(family)
         return families
+
+
+def observer_with_registry(process_metrics: bool = True) -> PrometheusObserver:
+    """A :class:`PrometheusObserver` in a registry of its own (its
+    ``registry`` attribute), with the standard process and Python platform
+    metrics (``process_resident_memory_bytes``, ...) unless
+    ``process_metrics`` is false. What ``remotedialer server`` serves."""
+    registry = CollectorRegistry()
+    if process_metrics:
+        prometheus_client.ProcessCollector(registry=registry)
+        prometheus_client.PlatformCollector(registry=registry)
+    return PrometheusObserver(registry)
 
 
 def make_wsgi_app(registry: Optional[CollectorRegistry] = None) -> WSGIApp:

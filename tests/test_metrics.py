@@ -258,6 +258,16 @@ def test_go_names_false_gives_standard_counters() -> None:
         assert f"# TYPE {spec.exposed_name(go_names=False)} " in text
 
 
+def test_observer_with_registry_adds_process_metrics() -> None:
+    observer = metrics.observer_with_registry()
+    text = generate_latest(observer.registry).decode()
+    assert "process_resident_memory_bytes" in text
+    assert "python_info" in text
+    assert "# TYPE remotedialer_sessions gauge" in text
+    bare = metrics.observer_with_registry(process_metrics=False)
+    assert "python_info" not in generate_latest(bare.registry).decode()
+
+
 def test_go_names_are_exact_by_default() -> None:
     registry = CollectorRegistry()
     PrometheusObserver(registry).peer_connected("x")
