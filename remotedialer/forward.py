@@ -191,7 +191,7 @@ class PortForward:
             target=self._accept_loop, name=f"remotedialer-{self.name}", daemon=True
         )
         self._thread.start()
-        log.info("%s: listening", self.name)
+        log.info("%s: listening on %s", self.name, _show(self._address))
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopping else f"{self.active} active"

@@ -23,10 +23,11 @@ Dials never wait for a tunnel: with no open session for the key they raise
 :class:`~remotedialer.errors.NoSessionError` at once.
 
 Peering (HA) hooks: ``peers`` holds ``peer id -> token`` for incoming peer
-authentication, peer sessions live in ``peer_sessions`` (never used for
-client dials), and :meth:`Server.handle_peer_connect`,
-:meth:`Server.on_peer_client_change` and :meth:`Server.dial_via_peer` are the
-places the peering layer plugs into.
+authentication (guarded by ``peers_lock``), peer sessions live in
+``peer_sessions`` (never used for client dials), and a :class:`PeerRouter`
+set as ``server.peer_router`` serves the CONNECTs and ADD/REMOVE_CLIENT
+messages of peer sessions and routes dials for keys held elsewhere. Without
+one, peers' CONNECTs are refused and only local sessions are dialed.
 """
 
 from __future__ import annotations
@@ -37,11 +38,17 @@ import socket
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
+try:
+    from typing import Protocol
+except ImportError:  # pragma: no cover
+    Protocol = object  # type: ignore[assignment]
+
 from werkzeug.wrappers import Request
 
 from .config import DEFAULT_LIMITS, Limits
 from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, TunnelClosedError
+from .forward import ForwardSpec, PortForward, start_forward
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import Session
@@ -59,6 +66,7 @@ from .wsgi_transport import (
 __all__ = [
     "Server",
     "ClientDialer",
+    "PeerRouter",
     "Authorizer",
     "ErrorWriter",
     "default_error_writer",
@@ -104,6 +112,23 @@ def default_error_writer(
         [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
     )
     return [body]
+
+
+class PeerRouter(Protocol):
+    """What the peering layer provides to a :class:`Server` (``server.peer_router``)."""
+
+    def handle_connect(self, conn: TunnelConnection) -> None:
+        """Serve a CONNECT ``clientKey::proto/address`` from a peer session
+        (a connect handler: must not block, raises
+        :class:`~remotedialer.errors.ConnectNotAllowedError` to refuse)."""
+
+    def on_client_change(self, session: Session, added: bool, client_key: str, session_key: int) -> None:
+        """An ADD_CLIENT (``added``) or REMOVE_CLIENT arrived on a peer session."""
+
+    def dial(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float]
+    ) -> Optional[TunnelConnection]:
+        """Dial through a peer holding ``client_key``; ``None`` if none does."""
 
 
 class ClientDialer:
@@ -193,6 +218,8 @@ class Server:
         #: Peers allowed to connect: peer id -> token (guarded by ``peers_lock``).
         self.peers: Dict[str, str] = {}
         self.peers_lock = threading.Lock()
+        #: Set by the peering layer; see :class:`PeerRouter`.
+        self.peer_router: Optional[PeerRouter] = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -311,21 +338,29 @@ class Server:
     def handle_peer_connect(self, conn: TunnelConnection) -> None:
         """Connect handler of peer sessions: a peer asks us to dial
         ``clientKey::proto/address`` through one of our clients. Refused
-        until the peering layer provides it."""
-        raise ConnectNotAllowedError("connect not allowed")
+        without a :class:`PeerRouter`."""
+        router = self.peer_router
+        if router is None:
+            raise ConnectNotAllowedError("connect not allowed")
+        router.handle_connect(conn)
 
     def on_peer_client_change(self, session: Session, added: bool, client_key: str, session_key: int) -> None:
-        """Client listener of peer sessions (ADD_CLIENT / REMOVE_CLIENT).
-        Ignored until the peering layer provides it."""
+        """Client listener of peer sessions (ADD_CLIENT / REMOVE_CLIENT)."""
         log.debug("peer %s %s client %s/%s", session.client_key,
                   "added" if added else "removed", client_key, session_key)
+        router = self.peer_router
+        if router is not None:
+            router.on_client_change(session, added, client_key, session_key)
 
     def dial_via_peer(
         self, client_key: str, proto: str, address: str, timeout: Optional[float]
     ) -> Optional[TunnelConnection]:
         """Dial through a peer that holds ``client_key``; ``None`` when no
-        peer does (the peering layer provides this)."""
-        return None
+        peer does or there is no :class:`PeerRouter`."""
+        router = self.peer_router
+        if router is None:
+            return None
+        return router.dial(client_key, proto, address, timeout)
 
     # ------------------------------------------------------------------ dials
     def dial(
@@ -367,6 +402,23 @@ class Server:
         """``f((host, port), timeout=..., source_address=None)`` shaped like
         ``socket.create_connection``, dialing TCP through ``client_key``."""
         return ClientDialer(self, client_key).create_connection
+
+    def forward(
+        self,
+        listen: Tuple[str, int],
+        client_key: str,
+        proto: str,
+        address: str,
+        *,
+        dial_timeout: Optional[float] = None,
+    ) -> PortForward:
+        """Listen on ``listen`` (port 0: a free one) and forward every accepted
+        TCP connection to ``proto/address`` through ``client_key``'s client,
+        like ``ssh -R``. Returns the running
+        :class:`~remotedialer.forward.PortForward` (``stop()`` it, or use it as
+        a context manager). Raises ``OSError`` if it cannot bind."""
+        spec = ForwardSpec((listen[0], int(listen[1])), client_key, proto, address)
+        return start_forward(self, spec, dial_timeout=dial_timeout, piper=self._local_dialer.piper)
 
     # ---------------------------------------------------------------- queries
     def has_session(self, client_key: str) -> bool:
