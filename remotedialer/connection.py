@@ -573,15 +573,19 @@ class TunnelConnection:
 
         return as_socket(self)
 
-    def getpeername(self) -> Union[Tuple[str, int], str]:
-        """The dialed address, as ``(host, port)`` for TCP (names are not resolved)."""
-        return _split_address(self.proto, self.address)
+    def getpeername(self) -> Union[Tuple[str, int], Tuple[str, int, int, int], str]:
+        """The dialed address, shaped as ``socket.getpeername`` would be:
+        ``(host, port)``, or ``(host, port, 0, 0)`` for IPv6 (names are not resolved)."""
+        peer = _split_address(self.proto, self.address)
+        if self.family == socket.AF_INET6 and isinstance(peer, tuple):
+            return (peer[0], peer[1], 0, 0)
+        return peer
 
-    def getsockname(self) -> Union[Tuple[str, int], str]:
+    def getsockname(self) -> Union[Tuple[str, int], Tuple[str, int, int, int], str]:
         """There is no local address on this side of a tunnel: an unspecified one."""
         if self.family == socket.AF_UNIX:
             return ""
-        return ("::", 0) if self.family == socket.AF_INET6 else ("0.0.0.0", 0)
+        return ("::", 0, 0, 0) if self.family == socket.AF_INET6 else ("0.0.0.0", 0)
 
     def setsockopt(self, level: int, option: int, value: Any, *args: Any) -> None:
         """Accepted and remembered; socket options have no effect on a tunnel."""

@@ -21,7 +21,7 @@ import os
 import random
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, FrozenSet, List, Optional
 
 from . import heartbeat as heartbeat_module
 from .config import DEFAULT_LIMITS, Limits
@@ -114,7 +114,7 @@ class Session:
         self._close_reason = ""
         self._ended = threading.Event()
         self._close_callbacks: List[Callable[["Session"], None]] = []
-        self._sync_seen: frozenset = frozenset()  # conn ids present at the last SYNC received
+        self._sync_seen: FrozenSet[int] = frozenset()  # conn ids present at the last SYNC received
         now = time.monotonic()
         self._next_ping = now
         self._next_sync = now + limits.sync_interval

@@ -753,3 +753,22 @@ def test_memory_transport_contract() -> None:
     with pytest.raises(OSError):
         b.send(b"x")
     assert isinstance(a, MemoryTransport) and a.describe() == "memory-client"
+
+
+@pytest.mark.parametrize(
+    "proto,address,peer,own",
+    [
+        ("tcp", "127.0.0.1:8125", ("127.0.0.1", 8125), ("0.0.0.0", 0)),
+        ("tcp", "example.com:80", ("example.com", 80), ("0.0.0.0", 0)),
+        ("tcp", "[::1]:443", ("::1", 443, 0, 0), ("::", 0, 0, 0)),
+        ("tcp6", "[fe80::1]:22", ("fe80::1", 22, 0, 0), ("::", 0, 0, 0)),
+        ("unix", "/var/run/docker.sock", "/var/run/docker.sock", ""),
+    ],
+)
+def test_address_shapes_follow_socket(raw: Raw, proto: str, address: str, peer: Any, own: Any) -> None:
+    conn = raw.session.dial(proto, address)
+    assert conn.getpeername() == peer
+    assert conn.getsockname() == own
+    expected_family = {4: socket.AF_INET6, 2: socket.AF_INET}.get(len(peer), socket.AF_UNIX) \
+        if isinstance(peer, tuple) else socket.AF_UNIX
+    assert conn.family == expected_family
