@@ -20,9 +20,10 @@ import websocket
 
 from .config import DEFAULT_LIMITS, Limits
 from .errors import HandshakeError, ProtocolError
+from .masking import encode_masked_frame
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
-from .session import Session
+from .session import ConnectHandler, Session
 from .transport import TransportClosed
 
 __all__ = [
@@ -51,8 +52,17 @@ class WebSocketClientTransport:
         self._closed = False
 
     def send(self, data: bytes) -> None:
+        # Frames are built and masked here (numpy when available, see
+        # masking.py: websocket-client's masker was half the client's CPU) and
+        # written under websocket-client's own write lock, which its pongs
+        # and close frames take too.
+        frame = encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data)
         try:
-            self.ws.send(data, websocket.ABNF.OPCODE_BINARY)
+            with self.ws.lock:
+                sock = self.ws.sock
+                if sock is None:
+                    raise TransportClosed("websocket closed")
+                sock.sendall(frame)
         except (websocket.WebSocketException, OSError, AttributeError) as exc:
             raise TransportClosed(f"websocket write failed: {exc}") from exc
 
@@ -159,8 +169,9 @@ class TunnelClient:
 
     ``connect_authorizer(proto, address)`` decides which dials the server may
     make through us; ``None`` refuses all of them. ``dialer`` replaces how
-    targets are dialed locally. Call :meth:`run` (blocks) or :meth:`start`,
-    and :meth:`stop` from any thread.
+    targets are dialed locally; ``connect_handler`` replaces the whole
+    handling of the server's CONNECTs (peering uses it to relay them). Call
+    :meth:`run` (blocks) or :meth:`start`, and :meth:`stop` from any thread.
     """
 
     def __init__(
@@ -177,8 +188,11 @@ class TunnelClient:
         websocket_options: Optional[Dict[str, Any]] = None,
         observer: Optional[Observer] = None,
         piper: Optional[Piper] = None,
+        connect_handler: Optional[ConnectHandler] = None,
+        client_key: str = "",
     ) -> None:
         self.url = url
+        self.client_key = client_key
         self.headers = dict(headers or {})
         self.on_connect = on_connect
         self.limits = limits
@@ -187,6 +201,7 @@ class TunnelClient:
         self.websocket_options = websocket_options
         self.observer = observer
         self._local_dialer = LocalDialer(connect_authorizer, dialer, limits, piper)
+        self._connect_handler: ConnectHandler = connect_handler or self._local_dialer
         self._stop = threading.Event()
         self._lock = threading.Lock()  # guards _session
         self._session: Optional[Session] = None
@@ -219,7 +234,8 @@ class TunnelClient:
         session = Session(
             transport,
             is_client=True,
-            connect_handler=self._local_dialer,
+            client_key=self.client_key,
+            connect_handler=self._connect_handler,
             limits=self.limits,
             observer=self.observer,
         )

@@ -41,6 +41,7 @@ import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from . import masking
 from .errors import ProtocolError
 from .transport import TransportClosed
 
@@ -105,14 +106,7 @@ _XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
 
 def unmask(payload: Bytes, mask: bytes) -> bytes:
     """XOR ``payload`` with the 4-byte ``mask`` repeated (RFC 6455 §5.3)."""
-    if not payload:
-        return b""
-    if _AccelMasker is not None:
-        return bytes(_AccelMasker(mask).process(bytes(payload)))
-    out = bytearray(payload)
-    for i in range(4):
-        out[i::4] = out[i::4].translate(_XOR_TABLES[mask[i]])
-    return bytes(out)
+    return masking.mask(payload, mask)  # numpy, wsaccel or pure Python: see masking.py
 
 
 def encode_frame(opcode: int, payload: Bytes = b"", fin: bool = True) -> bytes:
