@@ -21,7 +21,13 @@ from werkzeug.serving import make_server
 
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.config import Limits
-from remotedialer.errors import HandshakeError, NoSessionError, RemoteError, TunnelClosedError
+from remotedialer.errors import (
+    ConnectNotAllowedError,
+    HandshakeError,
+    NoSessionError,
+    RemoteError,
+    TunnelClosedError,
+)
 from remotedialer.server import Server
 from remotedialer.session import Session
 from remotedialer.session_manager import SessionManager
@@ -396,6 +402,44 @@ def test_peer_authentication_is_tried_first(harness: Harness) -> None:
     with pytest.raises(HandshakeError) as info:
         wrong.connect_once()
     assert info.value.status == 401
+
+
+def test_peer_router_hooks(make_harness: Callable[..., Harness], echo_server: EchoServer) -> None:
+    """A PeerRouter gets peer sessions' CONNECTs and ADD_CLIENTs and routes
+    dials for keys this server does not hold."""
+    harness, other = make_harness(), make_harness()
+    other.client("far")
+    connects: List[Tuple[str, str]] = []
+    changes: List[Tuple[bool, str, int]] = []
+
+    class Router:
+        def handle_connect(self, conn: Any) -> None:
+            connects.append((conn.proto, conn.address))
+            conn.abort(ConnectNotAllowedError("no route"))
+
+        def on_client_change(self, session: Session, added: bool, key: str, session_key: int) -> None:
+            changes.append((added, key, session_key))
+
+        def dial(self, key: str, proto: str, address: str, timeout: Optional[float]) -> Any:
+            return other.server.dial(key, proto, address, timeout) if other.server.has_session(key) else None
+
+    harness.server.peer_router = Router()
+    with harness.server.dial("far", "tcp", echo_server.address, TIMEOUT) as conn:
+        echo_round_trip(conn, 10_000)
+    with pytest.raises(NoSessionError):
+        harness.server.dial("nowhere", "tcp", echo_server.address)
+    harness.server.peers["peer-a"] = "token"
+    peer = TunnelClient(harness.url, {"X-API-Tunnel-ID": "peer-a", "X-API-Tunnel-Token": "token"})
+    harness.clients.append(peer)
+    peer.start()
+    session = peer.wait_connected(TIMEOUT)
+    wait_for(lambda: harness.server.peer_sessions.has_session("peer-a"))
+    session.send_client_added("agent", 42)
+    conn = session.dial("agent::tcp", echo_server.address, TIMEOUT)
+    with pytest.raises(RemoteError, match="no route"):
+        conn.recv(1)
+    wait_for(lambda: changes == [(True, "agent", 42)])
+    assert connects == [("agent::tcp", echo_server.address)]
 
 
 def test_session_listeners_see_adds_and_removes(harness: Harness) -> None:
