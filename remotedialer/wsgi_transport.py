@@ -95,15 +95,6 @@ _CLOSE_WRITE_TIMEOUT = 1.0
 
 Bytes = Union[bytes, bytearray, memoryview]
 
-try:  # optional C speedup (the ``speedups`` extra)
-    from wsaccel.xormask import XorMaskerSimple as _AccelMasker  # type: ignore[import-untyped,import-not-found,unused-ignore]
-except ImportError:  # pragma: no cover - depends on the environment
-    _AccelMasker = None
-
-# _XOR_TABLES[k] maps every byte b to b ^ k, for bytes.translate.
-_XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
-
-
 def unmask(payload: Bytes, mask: bytes) -> bytes:
     """XOR ``payload`` with the 4-byte ``mask`` repeated (RFC 6455 §5.3)."""
     return masking.mask(payload, mask)  # numpy, wsaccel or pure Python: see masking.py
