@@ -90,7 +90,7 @@ def _timeout_value(timeout: Any) -> Optional[float]:
 def _dial_through(connection: HTTPConnection, dial: Dial) -> Any:
     """Dial ``connection``'s host and port; map failures to urllib3's errors."""
     timeout = _timeout_value(connection.timeout)
-    address = dial_address(connection._dns_host, connection.port)  # type: ignore[arg-type]
+    address = dial_address(connection._dns_host, connection.port)
     try:
         sock = dial("tcp", address, timeout)
     except socket.timeout as exc:  # TimeoutError on Python >= 3.10
@@ -179,11 +179,11 @@ def _lost_transport(exc: BaseException) -> bool:
 
 
 class TunnelHTTPConnectionPool(HTTPConnectionPool):
-    ConnectionCls = TunnelHTTPConnection  # type: ignore[assignment]
+    ConnectionCls = TunnelHTTPConnection
 
 
 class TunnelHTTPSConnectionPool(HTTPSConnectionPool):
-    ConnectionCls = TunnelHTTPSConnection  # type: ignore[assignment]
+    ConnectionCls = TunnelHTTPSConnection
 
 
 class TunnelPoolManager(urllib3.PoolManager):
@@ -204,7 +204,7 @@ class TunnelPoolManager(urllib3.PoolManager):
         # evicted, not when it is garbage collected: each holds a far-side
         # connection. Connections in use are closed when they come back.
         self.pools.dispose_func = lambda pool: pool.close()
-        self.pool_classes_by_scheme = {  # type: ignore[assignment]
+        self.pool_classes_by_scheme = {
             "http": TunnelHTTPConnectionPool,
             "https": TunnelHTTPSConnectionPool,
         }
