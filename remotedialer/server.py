@@ -35,6 +35,7 @@ from __future__ import annotations
 import hmac
 import logging
 import socket
+import ssl
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -51,6 +52,7 @@ from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, 
 from .forward import ForwardSpec, PortForward, start_forward
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
+from .peering import Peering
 from .session import Session
 from .session_manager import SessionListener, SessionManager
 from .wsgi_transport import (
@@ -179,7 +181,9 @@ class Server:
       *client* may make through the server (reverse dials); ``None`` refuses
       them all, failing only the connection concerned. ``local_dialer``
       replaces how those targets are dialed.
-    * ``peer_id``/``peer_token`` identify this server to its peers.
+    * ``peer_id``/``peer_token`` identify this server to its peers (see
+      :meth:`add_peer`); ``peer_ssl_context`` sets TLS for ``wss://`` peer
+      links, which verify certificates by default.
     * ``websocket="simple-websocket"`` uses simple-websocket for the
       WebSocket instead of the built-in reader (costs a thread per tunnel).
     """
@@ -198,6 +202,7 @@ class Server:
         piper: Optional[Piper] = None,
         websocket: str = "builtin",
         receive_bytes: int = RECEIVE_BYTES,
+        peer_ssl_context: Optional[ssl.SSLContext] = None,
     ) -> None:
         if websocket not in ("builtin", "simple-websocket"):
             raise ValueError(f"unknown websocket implementation {websocket!r}")
@@ -218,9 +223,12 @@ class Server:
         #: Peers allowed to connect: peer id -> token (guarded by ``peers_lock``).
         self.peers: Dict[str, str] = {}
         self.peers_lock = threading.Lock()
-        #: Set by the peering layer; see :class:`PeerRouter`.
-        self.peer_router: Optional[PeerRouter] = None
+        #: The peering layer (links to peers, what they advertise); see
+        #: :class:`PeerRouter` and :mod:`remotedialer.peering`.
+        self.peering = Peering(self, ssl_context=peer_ssl_context)
+        self.peer_router: Optional[PeerRouter] = self.peering
         self._closed = False
+        self._warned_single_threaded = False
 
     def __repr__(self) -> str:
         return f"<Server peer_id={self.peer_id!r} clients={self.list_clients()}>"
@@ -258,6 +266,12 @@ class Server:
         except UnsupportedServerError as exc:
             log.error("%s", exc)
             return self.error_writer(environ, start_response, 500, str(exc))
+        if not environ.get("wsgi.multithread", True) and not self._warned_single_threaded:
+            self._warned_single_threaded = True
+            log.warning(
+                "serving a tunnel on a single-threaded WSGI server blocks it for the tunnel's "
+                "lifetime; use werkzeug's threaded server or gunicorn -k gthread"
+            )
         self._serve_websocket(environ, client_key, is_peer)
         finish_taken_over_response(server_kind)  # raises: the server must write nothing more
         return []  # pragma: no cover
@@ -362,6 +376,17 @@ class Server:
             return None
         return router.dial(client_key, proto, address, timeout)
 
+    def add_peer(self, url: str, peer_id: str, token: str) -> None:
+        """Peer with the server ``peer_id`` whose connect endpoint is ``url``:
+        accept its peer link authenticated by ``token`` and keep our own link
+        to it up. Requires this server's ``peer_id`` and ``peer_token``;
+        raises ``ValueError`` without them."""
+        self.peering.add_peer(url, peer_id, token)
+
+    def remove_peer(self, peer_id: str) -> None:
+        """Stop peering with ``peer_id``: close its links and refuse it."""
+        self.peering.remove_peer(peer_id)
+
     # ------------------------------------------------------------------ dials
     def dial(
         self, client_key: str, proto: str, address: str, timeout: Optional[float] = None
@@ -447,6 +472,7 @@ class Server:
         """Refuse new tunnels and end every session (their handler threads
         then return). Does not block."""
         self._closed = True
+        self.peering.close()
         for session in self.session_manager.all_sessions() + self.peer_sessions.all_sessions():
             session.close(reason)
         self._local_dialer.shutdown()
