@@ -1,0 +1,314 @@
+"""HA peering between servers (PROTOCOL.md §6), wire-compatible with Go.
+
+Each server has a peer id and a token. For every peer it knows, a server keeps
+a :class:`PeerLink`: a client-side WebSocket to the peer's connect URL,
+authenticated with ``X-API-Tunnel-ID`` / ``X-API-Tunnel-Token`` and kept up
+with jittered backoff. Over that link it announces its own client sessions
+(ADD_CLIENT at link start and as they come, REMOVE_CLIENT as they go), and it
+serves the peer's relayed dials: a CONNECT whose proto is
+``clientKey::proto`` is dialed through our own session for ``clientKey`` and
+the two connections are piped together.
+
+On the receiving end, :class:`Peering` remembers which client keys each peer
+session advertised; :meth:`Peering.dial` uses that when the server has no
+session of its own for a key. Both servers add each other for routing in both
+directions.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
+
+from .client import Backoff, TunnelClient
+from .connection import TunnelConnection
+from .errors import ConnectNotAllowedError, NoSessionError, TunnelClosedError
+from .session import Session
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["PeerLink", "Peering", "PeerSpec", "parse_peers", "peer_ssl_context", "PEER_PROTO_SEPARATOR"]
+
+log = logging.getLogger(__name__)
+
+PEER_PROTO_SEPARATOR = "::"
+"""Separates the client key from the proto in a CONNECT relayed by a peer."""
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """One peer: its id, the token it presents (and we present to it), its URL."""
+
+    peer_id: str
+    token: str
+    url: str
+
+    def __repr__(self) -> str:  # never show the token
+        return f"PeerSpec(peer_id={self.peer_id!r}, url={self.url!r})"
+
+
+def parse_peers(text: str) -> List[PeerSpec]:
+    """Parse ``id:token:url,id:token:url`` (the Go example's ``--peers``).
+
+    The URL may itself contain colons (``ws://host:port/connect``). Raises
+    ``ValueError`` for an entry without all three parts.
+    """
+    specs = []
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        parts = entry.split(":", 2)
+        if len(parts) != 3 or not all(parts):
+            raise ValueError(f"invalid peer {entry.split(':', 1)[0]!r}: expected id:token:url")
+        specs.append(PeerSpec(*parts))
+    return specs
+
+
+def peer_ssl_context(
+    ca_file: Optional[str] = None, verify: bool = True
+) -> Optional[ssl.SSLContext]:
+    """TLS settings for ``wss://`` peer links. Certificates are verified by
+    default (Go skips verification); ``ca_file`` trusts a private CA and
+    ``verify=False`` opts out explicitly."""
+    if verify and ca_file is None:
+        return None  # websocket-client's default: verify against the system store
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class PeerLink:
+    """Our outgoing link to one peer: announces our clients, relays its dials."""
+
+    def __init__(
+        self,
+        peering: "Peering",
+        spec: PeerSpec,
+        ssl_context: Optional[ssl.SSLContext],
+        backoff: Backoff,
+    ) -> None:
+        self.peering = peering
+        self.spec = spec
+        server = peering.server
+        assert server.peer_id and server.peer_token
+        from .server import PEER_ID_HEADER, PEER_TOKEN_HEADER
+
+        self._announcements: "queue.Queue[Optional[Tuple[bool, str, int]]]" = queue.Queue()
+        self._session: Optional[Session] = None
+        self.client = TunnelClient(
+            spec.url,
+            {PEER_ID_HEADER: server.peer_id, PEER_TOKEN_HEADER: server.peer_token},
+            connect_handler=peering.handle_connect,
+            on_connect=self._on_connect,
+            limits=server.limits,
+            backoff=backoff,
+            ssl_context=ssl_context,
+            observer=server.observer,
+            client_key=spec.peer_id,
+        )
+        self._announcer = threading.Thread(
+            target=self._announce_loop, name=f"remotedialer-peer-{spec.peer_id}", daemon=True
+        )
+
+    def __repr__(self) -> str:
+        return f"<PeerLink {self.spec.peer_id} {self.spec.url}>"
+
+    def start(self) -> None:
+        self._announcer.start()
+        self.client.start()
+
+    def stop(self) -> None:
+        self.client.stop(timeout=2)
+        self._announcements.put(None)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the link's WebSocket is up."""
+        return self.client.session is not None
+
+    def _on_connect(self, session: Session) -> None:
+        """A link came up: announce every client session, now and as they change."""
+        log.info("peer link to %s (%s) up", self.spec.peer_id, self.spec.url)
+        self._session = session
+        manager = self.peering.server.session_manager
+
+        def listener(added: bool, client_key: str, client_session: Session) -> None:
+            self._announcements.put((added, client_key, client_session.session_key))
+
+        manager.add_listener(listener, replay=True)
+
+        def on_close(_ended: Session) -> None:
+            manager.remove_listener(listener)
+            log.info("peer link to %s ended: %s", self.spec.peer_id, session.close_reason)
+
+        session.add_close_callback(on_close)
+
+    def _announce_loop(self) -> None:
+        """Send ADD/REMOVE_CLIENT in order, off the session manager's thread
+        (a slow link must not hold up sessions coming and going)."""
+        while True:
+            item = self._announcements.get()
+            if item is None:
+                return
+            added, client_key, session_key = item
+            session = self._session
+            if session is None or session.closed:
+                continue  # a new link replays everything anyway
+            if added:
+                session.send_client_added(client_key, session_key)
+            else:
+                session.send_client_removed(client_key, session_key)
+
+
+class Peering:
+    """The peering state of one :class:`~remotedialer.server.Server`.
+
+    Holds our outgoing links by peer id and, for each peer session that
+    connected to us, the client keys it advertised.
+    """
+
+    def __init__(
+        self,
+        server: "Server",
+        ssl_context: Optional[ssl.SSLContext] = None,
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        self.server = server
+        self.ssl_context = ssl_context
+        self.backoff = backoff
+        self._lock = threading.Lock()  # guards _links and _advertised
+        self._links: Dict[str, PeerLink] = {}
+        # peer session -> client key -> session keys it advertised
+        self._advertised: Dict[Session, Dict[str, Set[int]]] = {}
+        self._relay_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(2, server.limits.dial_workers // 4),
+            thread_name_prefix="remotedialer-peer-relay",
+        )
+
+    # ------------------------------------------------------------- the links
+    def add_peer(self, url: str, peer_id: str, token: str) -> None:
+        """Accept ``peer_id`` with ``token`` and keep a link to it at ``url``.
+        Adding a peer again with other settings replaces its link."""
+        if not self.server.peer_id or not self.server.peer_token:
+            raise ValueError("the server needs peer_id and peer_token to peer")
+        spec = PeerSpec(peer_id, token, url)
+        with self._lock:
+            old = self._links.get(peer_id)
+            if old is not None and old.spec == spec:
+                return
+            link = PeerLink(self, spec, self.ssl_context, self.backoff)
+            self._links[peer_id] = link
+        with self.server.peers_lock:
+            self.server.peers[peer_id] = token
+        if old is not None:
+            old.stop()
+        log.info("adding peer %s at %s", peer_id, url)
+        link.start()
+
+    def remove_peer(self, peer_id: str) -> None:
+        """Forget ``peer_id``: stop its link and refuse it from now on."""
+        with self._lock:
+            link = self._links.pop(peer_id, None)
+        with self.server.peers_lock:
+            self.server.peers.pop(peer_id, None)
+        for session in self.server.peer_sessions.sessions(peer_id):
+            session.close("peer removed")
+        if link is not None:
+            log.info("removing peer %s", peer_id)
+            link.stop()
+
+    def links(self) -> List[PeerLink]:
+        """Our outgoing links."""
+        with self._lock:
+            return list(self._links.values())
+
+    def close(self) -> None:
+        """Stop every link."""
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.stop()
+        self._relay_pool.shutdown(wait=False)
+
+    # --------------------------------------------- what peers advertise to us
+    def on_client_change(self, session: Session, added: bool, client_key: str, session_key: int) -> None:
+        """Client listener of peer sessions: record ADD/REMOVE_CLIENT."""
+        with self._lock:
+            if session.closed:
+                return
+            if session not in self._advertised:
+                self._advertised[session] = {}
+                session.add_close_callback(self._forget_session)
+            keys = self._advertised[session].setdefault(client_key, set())
+            if added:
+                keys.add(session_key)
+            else:
+                keys.discard(session_key)
+                if not keys:
+                    del self._advertised[session][client_key]
+        log.debug("peer %s %s client %s/%s", session.client_key,
+                  "added" if added else "removed", client_key, session_key)
+
+    def _forget_session(self, session: Session) -> None:
+        with self._lock:
+            self._advertised.pop(session, None)
+
+    def peers_for(self, client_key: str) -> List[Session]:
+        """Open peer sessions that advertised ``client_key``."""
+        with self._lock:
+            return [
+                session for session, keys in self._advertised.items()
+                if client_key in keys and not session.closed
+            ]
+
+    def remote_clients(self) -> Dict[str, List[str]]:
+        """Client keys reachable through peers: peer id -> sorted keys."""
+        with self._lock:
+            result: Dict[str, Set[str]] = {}
+            for session, keys in self._advertised.items():
+                if not session.closed:
+                    result.setdefault(session.client_key, set()).update(keys)
+        return {peer: sorted(keys) for peer, keys in result.items()}
+
+    def dial(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float]
+    ) -> Optional[TunnelConnection]:
+        """Dial through a peer that advertised ``client_key``: CONNECT
+        ``clientKey::proto/address`` on its session. ``None`` if none did."""
+        for session in self.peers_for(client_key):
+            try:
+                return session.dial(f"{client_key}{PEER_PROTO_SEPARATOR}{proto}", address, timeout)
+            except TunnelClosedError:
+                continue
+        return None
+
+    # ------------------------------------------------- relaying peers' dials
+    def handle_connect(self, conn: TunnelConnection) -> None:
+        """Connect handler for peer sessions and links: relay
+        ``clientKey::proto/address`` through our own session for the key.
+        Only local sessions are used, so a relay never bounces between peers."""
+        client_key, sep, proto = conn.proto.partition(PEER_PROTO_SEPARATOR)
+        if not sep or not client_key or not proto:
+            raise ConnectNotAllowedError(f"invalid clientKey/proto: {conn.proto}")
+        self._relay_pool.submit(self._relay, conn, client_key, proto)
+
+    def _relay(self, conn: TunnelConnection, client_key: str, proto: str) -> None:
+        target = None
+        for session in self.server.session_manager.sessions(client_key):
+            if session.closed:
+                continue
+            try:
+                target = session.dial(proto, conn.address, self.server.limits.control_write_timeout)
+                break
+            except (TunnelClosedError, OSError):
+                continue
+        if target is None:
+            conn.abort(NoSessionError(f"failed to find Session for client {client_key}"))
+            return
+        self.server._local_dialer.piper.pipe_tunnels(conn, target)

@@ -1,0 +1,185 @@
+"""Peering between servers (remotedialer.peering) over real loopback WebSockets."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, List
+
+import pytest
+
+from remotedialer.client import Backoff, TunnelClient
+from remotedialer.errors import NoSessionError, RemoteError
+from remotedialer.peering import PeerSpec, parse_peers, peer_ssl_context
+
+from .conftest import TIMEOUT, EchoServer, TunnelServer, wait_for
+
+TOKEN = "s3cret-peer-token"
+FAST = Backoff(initial=0.05, maximum=0.2)
+
+
+def echo_through(conn_factory: object, payload: bytes = b"ping through the mesh") -> bytes:
+    conn = conn_factory()  # type: ignore[operator]
+    with conn:
+        conn.settimeout(TIMEOUT)
+        conn.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        return received
+
+
+@pytest.fixture
+def mesh() -> Iterator[List[TunnelServer]]:
+    """Three servers A, B, C, each peered with the other two."""
+    servers = [TunnelServer(peer_id=name, peer_token=TOKEN) for name in ("A", "B", "C")]
+    for server in servers:
+        server.server.peering.backoff = FAST
+    for server in servers:
+        for other in servers:
+            if other is not server:
+                server.server.add_peer(other.url, other.server.peer_id, TOKEN)
+    for server in servers:
+        wait_for(lambda s=server: all(link.connected for link in s.server.peering.links()))
+    yield servers
+    for server in servers:
+        server.close()
+
+
+def connect_client(server: TunnelServer, key: str = "foo") -> TunnelClient:
+    client = TunnelClient(server.url, {"X-Tunnel-ID": key}, lambda proto, address: True, backoff=FAST)
+    client.start()
+    client.wait_connected(TIMEOUT)
+    return client
+
+
+def test_parse_peers_keeps_colons_of_the_url() -> None:
+    specs = parse_peers("b:tok:ws://127.0.0.1:8124/connect, c:tok2:wss://[::1]:9/x")
+    assert specs == [
+        PeerSpec("b", "tok", "ws://127.0.0.1:8124/connect"),
+        PeerSpec("c", "tok2", "wss://[::1]:9/x"),
+    ]
+    assert "tok" not in repr(specs[0])
+    with pytest.raises(ValueError):
+        parse_peers("b:ws")
+
+
+def test_a_request_on_any_server_reaches_a_client_held_by_another(
+    mesh: List[TunnelServer], echo_server: EchoServer
+) -> None:
+    a, b, c = mesh
+    client = connect_client(a)
+    try:
+        wait_for(lambda: "foo" in c.server.peering.remote_clients().get("A", []))
+        assert not c.server.has_session("foo")
+        for server in (a, b, c):
+            got = echo_through(lambda s=server: s.server.dial("foo", "tcp", echo_server.address, TIMEOUT))
+            assert got == b"ping through the mesh"
+    finally:
+        client.stop()
+
+
+def test_relayed_transfer_is_byte_exact_both_ways(mesh: List[TunnelServer], echo_server: EchoServer) -> None:
+    a, _b, c = mesh
+    client = connect_client(a)
+    try:
+        wait_for(lambda: c.server.peering.peers_for("foo"))
+        payload = bytes(range(256)) * 12288  # 3 MiB
+        dial = lambda: c.server.dial("foo", "tcp", echo_server.address, TIMEOUT)  # noqa: E731
+        assert echo_through(dial, payload) == payload
+    finally:
+        client.stop()
+
+
+def test_client_moving_to_another_server_is_followed(
+    mesh: List[TunnelServer], echo_server: EchoServer
+) -> None:
+    a, b, c = mesh
+    client = connect_client(a)
+    client.stop()
+    # REMOVE_CLIENT reaches the peers: no more routing to A for foo.
+    wait_for(lambda: not c.server.peering.peers_for("foo"))
+    with pytest.raises(NoSessionError):
+        c.server.dial("foo", "tcp", echo_server.address, TIMEOUT)
+    moved = connect_client(b)
+    try:
+        wait_for(lambda: "foo" in c.server.peering.remote_clients().get("B", []))
+        assert "foo" not in c.server.peering.remote_clients().get("A", [])
+        got = echo_through(lambda: c.server.dial("foo", "tcp", echo_server.address, TIMEOUT))
+        assert got == b"ping through the mesh"
+    finally:
+        moved.stop()
+
+
+def test_peer_that_dies_and_comes_back(echo_server: EchoServer) -> None:
+    a = TunnelServer(peer_id="A", peer_token=TOKEN)
+    c = TunnelServer(peer_id="C", peer_token=TOKEN)
+    a.server.peering.backoff = c.server.peering.backoff = FAST
+    try:
+        a.server.add_peer(c.url, "C", TOKEN)
+        c.server.add_peer(a.url, "A", TOKEN)
+        client = connect_client(a)
+        wait_for(lambda: c.server.peering.peers_for("foo"))
+        # Kill every peer session C holds for A: the link must come back on its own.
+        for session in c.server.peer_sessions.sessions("A"):
+            session.close("test: peer link cut")
+        wait_for(lambda: c.server.peering.peers_for("foo"))
+        got = echo_through(lambda: c.server.dial("foo", "tcp", echo_server.address, TIMEOUT))
+        assert got == b"ping through the mesh"
+        client.stop()
+    finally:
+        a.close()
+        c.close()
+
+
+def test_relay_to_a_client_the_peer_no_longer_has_fails_cleanly(mesh: List[TunnelServer]) -> None:
+    a, _b, c = mesh
+    client = connect_client(a)
+    try:
+        wait_for(lambda: c.server.peering.peers_for("foo"))
+        # Pretend A still advertises a key it does not hold.
+        peer_session = c.server.peering.peers_for("foo")[0]
+        c.server.peering.on_client_change(peer_session, True, "ghost", 1)
+        conn = c.server.dial("ghost", "tcp", "127.0.0.1:9", TIMEOUT)
+        with pytest.raises(RemoteError, match="failed to find Session for client ghost"):
+            conn.recv(10)
+    finally:
+        client.stop()
+
+
+def test_wrong_token_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    a = TunnelServer(peer_id="A", peer_token=TOKEN)
+    b = TunnelServer(peer_id="B", peer_token="other-token")
+    a.server.peering.backoff = FAST
+    try:
+        with caplog.at_level(logging.DEBUG):
+            # Each link presents its own server's token: A's link shows TOKEN,
+            # which B expects of A; B's link shows "other-token", but A expects TOKEN.
+            b.server.add_peer(a.url, "A", TOKEN)
+            a.server.add_peer(b.url, "B", TOKEN)
+            a_link, b_link = a.server.peering.links()[0], b.server.peering.links()[0]
+            wait_for(lambda: a_link.connected)
+            wait_for(lambda: b_link.client.last_error is not None)
+        assert getattr(b_link.client.last_error, "status", None) == 401
+        assert not a.server.peer_sessions.sessions("B")
+        assert TOKEN not in caplog.text and "other-token" not in caplog.text
+    finally:
+        a.close()
+        b.close()
+
+
+def test_peering_needs_an_identity() -> None:
+    server = TunnelServer()
+    try:
+        with pytest.raises(ValueError):
+            server.server.add_peer("ws://127.0.0.1:1/connect", "B", TOKEN)
+    finally:
+        server.close()
+
+
+def test_peer_tls_verifies_by_default() -> None:
+    assert peer_ssl_context() is None  # websocket-client's default: verify
+    insecure = peer_ssl_context(verify=False)
+    assert insecure is not None and not insecure.check_hostname
