@@ -603,3 +603,43 @@ def test_create_connection_to_ipv6_target(harness: Harness) -> None:
             echo_round_trip(conn, 10_000)
     finally:
         echo6.close()
+
+
+def test_raw_client_with_fragmented_messages_like_gorilla(harness: Harness) -> None:
+    """A hand-driven client speaking as Go's gorilla client does: messages
+    split into 4 KiB continuation frames, pings and an unsolicited pong in
+    between. The server's CONNECT arrives as one binary frame; DATA sent back
+    in fragments reaches the dialed connection byte for byte."""
+    from remotedialer.protocol import MessageType, decode_message, encode_message
+
+    sock = raw_upgrade(harness.port, "gorilla")
+    wait_for(lambda: harness.server.has_session("gorilla"))
+    conn = harness.server.dial("gorilla", "tcp", "127.0.0.1:9", timeout=TIMEOUT)
+    opcode, frame = read_server_frame(sock)
+    assert opcode == 0x2
+    connect = decode_message(frame)
+    assert connect.type == MessageType.CONNECT and connect.conn_id == conn.conn_id
+    assert bytes(connect.payload) == b"tcp/127.0.0.1:9"
+    payload = os.urandom(300_000)
+    message = encode_message(12345, conn.conn_id, MessageType.DATA, payload)
+    pieces = [message[i:i + 4096] for i in range(0, len(message), 4096)]
+    stream = b""
+    for index, piece in enumerate(pieces):
+        opcode = 0x2 if index == 0 else 0x0
+        stream += client_frame(opcode, piece, fin=index == len(pieces) - 1)
+        if index % 20 == 5:
+            stream += client_frame(0x9, b"") + client_frame(0xA, b"unsolicited")
+    sender = threading.Thread(target=sock.sendall, args=(stream,))
+    sender.start()
+    assert recv_exactly(conn, len(payload)) == payload
+    sender.join(TIMEOUT)
+    # every ping was answered with a pong
+    pongs = 0
+    while pongs < sum(1 for i in range(len(pieces)) if i % 20 == 5):
+        opcode, _ = read_server_frame(sock)
+        assert opcode == 0xA
+        pongs += 1
+    sock.sendall(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
+    with pytest.raises(TunnelClosedError):
+        conn.recv(1)
+    sock.close()
