@@ -97,11 +97,11 @@ class WebSocketClientTransport:
             return
         self._closed = True
         try:
-            self.ws.abort()  # shuts the socket down: unblocks a reader in recv
+            self.ws.abort()  # type: ignore[no-untyped-call]  # unblocks a reader in recv
         except Exception:  # pragma: no cover
             pass
         try:
-            self.ws.shutdown()
+            self.ws.shutdown()  # type: ignore[no-untyped-call]
         except Exception:  # pragma: no cover
             pass
 
@@ -146,12 +146,14 @@ def _open_websocket(
         enable_multithread=True,
     )
     try:
-        ws.connect(url, header=header, timeout=limits.handshake_timeout, **options)
+        ws.connect(  # type: ignore[no-untyped-call]
+            url, header=header, timeout=limits.handshake_timeout, **options
+        )
     except websocket.WebSocketBadStatusException as exc:
         body = exc.resp_body.decode("utf-8", "replace") if exc.resp_body else ""
         raise HandshakeError(exc.status_code, body.strip(), exc) from exc
     except BaseException:
-        ws.shutdown()
+        ws.shutdown()  # type: ignore[no-untyped-call]
         raise
     ws.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
     if ws.sock is not None:
