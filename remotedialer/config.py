@@ -27,7 +27,11 @@ class Limits:
     #: We ask the peer to RESUME once a read leaves the buffer below this.
     resume_threshold: int = 256 * KiB
     #: A connection whose buffer exceeds this (a peer ignoring PAUSE) is cut.
-    hard_buffer_limit: int = 8 * MiB
+    #: PAUSE takes effect only after whatever TCP already holds in flight is
+    #: delivered (send plus receive buffers, tens of MiB with autotuning), so
+    #: this sits far above the pause threshold: at 8 MiB well-behaved peers
+    #: were cut on loopback.
+    hard_buffer_limit: int = 64 * MiB
     #: Largest payload of one DATA message we send (larger writes are split).
     #: Go's client sends at most 32 KiB; 64 KiB (one piper read) halved the
     #: per-message cost of a bulk download (benchmarks/), and every receiver
