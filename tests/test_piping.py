@@ -380,3 +380,62 @@ def test_dial_socket_forms(echo_server: EchoServer, tmp_path: Any) -> None:
     unix_server.close()
     with pytest.raises(OSError):
         dial_socket("unix", str(tmp_path / "missing.sock"), TIMEOUT)
+
+
+# --------------------------------------------------- the recorded Go session
+def _trace_messages() -> List[Any]:
+    import json
+
+    from .conftest import shared_dir
+
+    with open(shared_dir() / "vectors" / "go-session-trace.json", encoding="utf-8") as f:
+        events = json.load(f)["events"]
+    return [e for e in events if e["kind"] == "message"]
+
+
+def test_replay_go_servers_refused_dial_into_our_client() -> None:
+    """Feed the Go server's recorded messages for conn 3 (a dial to the closed
+    port 127.0.0.1:1, then the HTTP request DATA) to our client session, and
+    compare what it answers to what the Go client answered."""
+    from remotedialer.heartbeat import Heartbeat
+    from remotedialer.protocol import MessageType, decode_message
+    from remotedialer.session import Session
+    from remotedialer.transport import memory_pair
+
+    conn3 = [e for e in _trace_messages() if e["conn_id"] == 3]
+    server_said = [e for e in conn3 if e["dir"] == "s2c"]
+    go_client_said = [e for e in conn3 if e["dir"] == "c2s"]
+    far, near = memory_pair()
+    piper = Piper("replay-piper")
+    local = LocalDialer(lambda proto, address: True, piper=piper)
+    # Go's client session is keyed "client" with session key 0.
+    session = Session(near, is_client=True, client_key="client", session_key=0,
+                      connect_handler=local, heartbeat=Heartbeat("replay-heartbeat"))
+    thread = session.start()
+    try:
+        connect, data = server_said[0], server_said[1]
+        assert (connect["type_name"], data["type_name"]) == ("CONNECT", "DATA")
+        far.send(bytes.fromhex(connect["header_hex"] + connect["payload_hex"]))
+        refused = decode_message(far.receive(timeout=TIMEOUT))
+        assert (refused.type, refused.conn_id) == (MessageType.ERROR, 3)
+        go_refused = go_client_said[0]["payload_text"]
+        assert go_refused == "dial tcp 127.0.0.1:1: connect: connection refused"
+        assert refused.text.startswith("dial tcp 127.0.0.1:1: ")
+        assert "refused" in refused.text.lower()
+        # Go then sends a redundant ERROR EOF; we send one ERROR only. The
+        # request DATA that crossed it is answered exactly as Go did.
+        request = bytes.fromhex(data["payload_head_hex"]).ljust(data["payload_len"], b"\0")
+        far.send(bytes.fromhex(data["header_hex"]) + request)
+        not_found = decode_message(far.receive(timeout=TIMEOUT))
+        assert not_found.type == MessageType.ERROR
+        assert bytes(not_found.payload).hex() == go_client_said[-1]["payload_hex"]
+        assert not_found.text == "connection not found client/0/3"
+        # The Go server echoes the ERROR back: ignored, the session lives on.
+        echo = server_said[-1]
+        far.send(bytes.fromhex(echo["header_hex"] + echo["payload_hex"]))
+        assert not session.closed and session.connection_ids() == []
+    finally:
+        session.close("test over")
+        thread.join(TIMEOUT)
+        piper.stop()
+        local.shutdown()

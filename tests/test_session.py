@@ -889,3 +889,46 @@ def test_observer_sees_every_connection_added_and_removed_once(
     with observer.lock:
         assert sorted(observer.added) == sorted(observer.removed)
         assert len(observer.added) == 7
+
+
+# --------------------------------------------------- the recorded Go session
+def _trace_messages() -> List[Any]:
+    import json
+
+    from .conftest import shared_dir
+
+    with open(shared_dir() / "vectors" / "go-session-trace.json", encoding="utf-8") as f:
+        events = json.load(f)["events"]
+    return [e for e in events if e["kind"] == "message"]
+
+
+def test_replay_go_clients_answers_into_our_server(raw: Raw) -> None:
+    """Our server dials conns 2, 3 and 4 as the Go server did; the Go
+    client's recorded answers for them (ERRORs for the refused conn 3,
+    PAUSE/RESUME are the server's) and its SYNC [2, 4] are fed back verbatim."""
+    messages = _trace_messages()
+    conns = {i: raw.session.dial("tcp", f"127.0.0.1:{port}", timeout=TIMEOUT)
+             for i, port in ((2, 8125), (3, 1), (4, 8125))}
+    assert sorted(conns) == [c.conn_id for c in conns.values()]
+    connects = [e for e in messages if e["dir"] == "s2c" and e["type_name"] == "CONNECT"]
+    for expected in connects:  # our CONNECT payloads are Go's, byte for byte
+        sent = raw.receive_type(MessageType.CONNECT)
+        assert sent.conn_id == expected["conn_id"]
+        assert bytes(sent.payload).hex() == expected["payload_hex"]
+    # The first DATA the Go client sent on conn 2 (payload given by its head).
+    first_data = next(e for e in messages if e["dir"] == "c2s" and e["type_name"] == "DATA")
+    head = bytes.fromhex(first_data["payload_head_hex"])
+    raw.far.send(bytes.fromhex(first_data["header_hex"]) + head)
+    assert recv_exactly(conns[2], len(head)) == head  # "HTTP/1.1 200 OK\r"
+    client_errors = [e for e in messages if e["dir"] == "c2s" and e["type_name"] == "ERROR"]
+    for event in client_errors:
+        raw.far.send(bytes.fromhex(event["header_hex"] + event["payload_hex"]))
+    with pytest.raises(RemoteError) as info:
+        conns[3].recv(1)
+    assert info.value.remote_message == "dial tcp 127.0.0.1:1: connect: connection refused"
+    sync = next(e for e in messages if e["type_name"] == "SYNC_CONNECTIONS")
+    for _ in range(2):  # twice: a connection is only closed from its second sync on
+        raw.far.send(bytes.fromhex(sync["header_hex"] + sync["payload_hex"]))
+    raw.barrier()
+    assert raw.session.connection_ids() == [2, 4]
+    assert not conns[2].ended and not conns[4].ended and not raw.session.closed
