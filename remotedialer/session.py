@@ -259,9 +259,13 @@ class Session:
         """Send REMOVE_CLIENT ``client_key/session_key``."""
         self._send_control(MessageType.REMOVE_CLIENT, 0, f"{client_key}/{session_key}".encode())
 
-    def send_sync(self) -> None:
-        """Send SYNC_CONNECTIONS with the ids of every open connection."""
-        self._send_control(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload(self.connection_ids()))
+    def send_sync(self, timeout: Optional[float] = None) -> bool:
+        """Send SYNC_CONNECTIONS with the ids of every open connection. Waits
+        at most ``timeout`` (default ``limits.control_write_timeout``) for a
+        busy WebSocket; False if it could not go out."""
+        return self._send_control(
+            MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload(self.connection_ids()), timeout
+        )
 
     # -------------------------------------------------------------- heartbeat
     def heartbeat(self, now: float) -> float:
@@ -287,7 +291,8 @@ class Session:
                 self._ping()
             if now >= self._next_sync:
                 self._next_sync = now + self.limits.sync_interval
-                self.send_sync()
+                # Never hold up the shared heartbeat thread behind a stuck socket.
+                self.send_sync(timeout=min(1.0, self.limits.ping_interval))
             wait = min(wait, self._next_ping - now, self._next_sync - now)
         return max(wait, 0.0)
 
@@ -316,10 +321,14 @@ class Session:
         data = encode_data_header(message_id, conn.conn_id) + payload
         self._send_bytes(data, MessageType.DATA, conn.conn_id, len(payload), timeout, conn)
 
-    def _send_control(self, message_type: int, conn_id: int, payload: bytes = b"") -> bool:
+    def _send_control(
+        self, message_type: int, conn_id: int, payload: bytes = b"", timeout: Optional[float] = None
+    ) -> bool:
         """Best-effort send of a control message; False if it could not go out."""
+        if timeout is None:
+            timeout = self.limits.control_write_timeout
         try:
-            self._write(message_type, conn_id, payload, self.limits.control_write_timeout)
+            self._write(message_type, conn_id, payload, timeout)
             return True
         except (OSError, TunnelClosedError) as exc:
             log.debug("%s: could not send %s for %d: %s", self, message_type, conn_id, exc)

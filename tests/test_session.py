@@ -932,3 +932,34 @@ def test_replay_go_clients_answers_into_our_server(raw: Raw) -> None:
     raw.barrier()
     assert raw.session.connection_ids() == [2, 4]
     assert not conns[2].ended and not conns[4].ended and not raw.session.closed
+
+
+def test_stuck_session_does_not_hold_up_the_shared_heartbeat() -> None:
+    """One heartbeat thread serves every session: a session whose WebSocket
+    write is stuck must not delay the pings and syncs of the others."""
+    heartbeat = Heartbeat("shared-heartbeat")
+    limits = Limits(ping_interval=0.02, sync_interval=0.02, read_deadline=30.0,
+                    control_write_timeout=30.0)
+    stuck_far, stuck_near = memory_pair()
+    healthy_far, healthy_near = memory_pair()
+    stuck = Session(stuck_near, is_client=True, limits=limits, heartbeat=heartbeat)
+    healthy = Session(healthy_near, is_client=True, limits=limits, heartbeat=heartbeat)
+    stuck._write_lock.acquire()  # a write that never finishes
+    threads = [stuck.start(), healthy.start()]
+    try:
+        syncs = 0
+        deadline = time.monotonic() + TIMEOUT
+        while syncs < 5:
+            assert time.monotonic() < deadline, "the healthy session's syncs stalled"
+            try:
+                message = decode_message(healthy_far.receive(timeout=0.05))
+            except TimeoutError:
+                continue
+            syncs += message.type == MessageType.SYNC_CONNECTIONS
+    finally:
+        stuck._write_lock.release()
+        stuck.close("test over")
+        healthy.close("test over")
+        for thread in threads:
+            thread.join(TIMEOUT)
+    del stuck_far
