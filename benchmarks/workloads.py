@@ -252,18 +252,28 @@ def _download_rows(setup: Setup, report: Report, workload: str, size: int, paths
     for path, url in paths.items():
         options.progress(f"[{workload}] {path}: warm-up")
         download(url)
-        for run in range(options.runs):
+        failures = 0
+        run = 0
+        while run < options.runs:
             cpu_before = setup.tunnel_cpu()
             total, seconds = download(url)
             cpu = setup.tunnel_cpu() - cpu_before
             if total != size:
-                raise BenchError(f"{workload} {path}: got {total} bytes, expected {size}")
+                failures += 1
+                problem = f"{workload} {path}: got {total} bytes of {size}"
+                report.note(f"{problem} (run repeated)")
+                options.progress(f"{problem}; server log:\n{setup.procs['server'].tail(10)}\n"
+                                 f"client log:\n{setup.procs['client'].tail(10)}")
+                if failures > 2:
+                    raise BenchError(problem)
+                continue
             rate = total / seconds / 1e6
             rate_row.add(path, rate)
             if path in ("tunnel", "forward"):
                 cpu_row.add(path, cpu / (total / GiB))
             extra = f", {cpu / (total / GiB):.1f} CPU-s/GiB" if path in ("tunnel", "forward") else ""
             options.progress(f"[{workload}] {path} run {run + 1}/{options.runs}: {rate:.0f} MB/s{extra}")
+            run += 1
 
 
 def download_workload(setup: Setup, report: Report) -> None:
