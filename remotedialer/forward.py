@@ -155,7 +155,8 @@ class PortForward:
     The constructor binds (raising ``OSError`` if it cannot) and starts the
     accept thread; :meth:`stop` ends it. Accepted sockets get ``TCP_NODELAY``.
     Use as a context manager to stop on exit. ``piper`` defaults to the
-    process-wide one; ``name`` appears in logs and the thread's name.
+    process-wide one; ``target`` describes where connections go, for logs
+    (``name`` is ``forward HOST:PORT=TARGET``, with the bound port).
     """
 
     def __init__(
@@ -164,14 +165,14 @@ class PortForward:
         listen: ListenAddress = (DEFAULT_LISTEN_HOST, 0),
         *,
         piper: Optional[Piper] = None,
-        name: Optional[str] = None,
+        target: str = "",
         backlog: int = 128,
     ) -> None:
         self._dial = dial
         self.piper = piper or default_piper()
         self._listener = _bind(listen, backlog)
         self._address: ListenAddress = self._listener.getsockname()[:2]
-        self.name = name or f"forward {_show(self._address)}"
+        self.name = f"forward {_show(self._address)}" + (f"={target}" if target else "")
         # _lock guards _live, _stopping and the counters; it is never held
         # while calling into a connection, the piper or the dial function.
         self._lock = threading.Lock()
@@ -191,7 +192,7 @@ class PortForward:
             target=self._accept_loop, name=f"remotedialer-{self.name}", daemon=True
         )
         self._thread.start()
-        log.info("%s: listening on %s", self.name, _show(self._address))
+        log.info("%s: listening", self.name)
 
     def __repr__(self) -> str:
         state = "stopped" if self._stopping else f"{self.active} active"
@@ -346,8 +347,8 @@ def start_forward(
     def dial() -> TunnelConnection:
         return dialer.dial(spec.client_key, spec.proto, spec.address, timeout=dial_timeout)
 
-    forward = PortForward(dial, spec.listen, piper=piper, name=f"forward {spec}")
-    return forward
+    target = f"{spec.client_key}:{spec.proto}:{spec.address}"
+    return PortForward(dial, spec.listen, piper=piper, target=target)
 
 
 # ------------------------------------------------------------------ helpers

@@ -578,9 +578,9 @@ def test_slow_local_reader_pauses_far_side(small_window_env: Env) -> None:
         fwd = env.forward(source.address)
         with connect(fwd, rcvbuf=64 * 1024) as sock:
             # Nobody reads: the source must stall with a bounded amount in between.
+            wait_for(lambda: env.server_observer.paused >= 1)
             stalled_at = wait_stalled(lambda: source.sent)
             assert stalled_at < len(data) // 2
-            assert env.server_observer.paused >= 1
             far = env.pair.client.connections()
             assert len(far) == 1
             wait_for(lambda: far[0].peer_paused_us)  # stable once everything is full
@@ -619,9 +619,9 @@ def test_slow_far_reader_stops_local_writer(small_window_env: Env) -> None:
 
         writer = threading.Thread(target=write, daemon=True)
         writer.start()
+        wait_for(lambda: env.client_observer.paused >= 1)
         stalled_at = wait_stalled(lambda: sent[0])
         assert stalled_at < len(data) // 2
-        assert env.client_observer.paused >= 1
         near = env.pair.server.connections()
         assert len(near) == 1
         wait_for(lambda: near[0].peer_paused_us)
@@ -694,7 +694,7 @@ def test_start_forward_dials_by_key(env: Env, echo: SelectorEchoServer) -> None:
     server = FakeServer({"foo": env.pair.server})
     spec = parse_forward_spec(f"127.0.0.1:0=foo:tcp:{echo.address}")
     with start_forward(server, spec, dial_timeout=3.0, piper=env.server_piper) as fwd:
-        assert str(spec) in fwd.name
+        assert fwd.name == f"forward 127.0.0.1:{fwd.address[1]}=foo:tcp:{echo.address}"
         with connect(fwd) as sock:
             sock.sendall(b"keyed")
             assert recv_exactly(sock, 5) == b"keyed"
