@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import select
 import ssl
 import threading
 import time
@@ -87,6 +88,18 @@ class WebSocketClientTransport:
                 raise TransportClosed("websocket closed by the server")
 
     def ping(self) -> None:
+        """Send a ping unless the socket's send buffer is full: the shared
+        heartbeat thread must never block on one stuck tunnel (a tunnel that
+        stays stuck goes silent and is ended by its read deadline)."""
+        sock = self.ws.sock
+        if sock is not None:
+            try:
+                _, writable, _ = select.select([], [sock], [], 0)
+            except (OSError, ValueError) as exc:
+                raise TransportClosed(f"websocket ping failed: {exc}") from exc
+            if not writable:
+                log.debug("%s: send buffer full, ping skipped", self._description)
+                return
         try:
             self.ws.ping()
         except (websocket.WebSocketException, OSError, AttributeError) as exc:
