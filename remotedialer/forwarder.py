@@ -1,0 +1,388 @@
+"""The example server's HTTP forwarder: ``/client/<id>/<scheme>/<host>/<path...>``.
+
+A WSGI application that sends the incoming request through the tunnel of
+client ``<id>`` to ``<scheme>://<host>/<path...>`` and streams the response
+back: status, end-to-end headers, and the body chunk by chunk as it arrives,
+never buffered whole.
+
+It speaks HTTP/1.1 with :mod:`http.client` directly over the
+:class:`~remotedialer.connection.TunnelConnection` (for ``https`` targets the
+connection is bridged to a local socket pair on the shared
+:class:`~remotedialer.piping.Piper` thread so :mod:`ssl` can wrap it). All the
+work runs on the WSGI server's request thread plus that one piper thread: no
+thread per request is created here.
+
+``?timeout=N`` (seconds, default 15, ``0`` for none) is an *idle* timeout: every
+single wait (for the response head, for the next piece of the body, for the
+peer to let us send) is bounded by it, so a download that keeps flowing is
+never cut off however long it takes. The parameter is removed from the query
+string sent on. An unknown client, a failed dial or a failure before the
+response head arrived is answered with ``500`` and the error text, as the Go
+example does; a failure in the middle of the body aborts the downstream
+response (the client sees a truncated body, never a silently shortened one).
+"""
+
+from __future__ import annotations
+
+import http.client
+import itertools
+import logging
+import socket
+import ssl
+import time
+import urllib.parse
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from werkzeug.wsgi import get_input_stream
+
+from .piping import Piper, default_piper
+
+__all__ = ["Forwarder", "ForwardTarget", "parse_target", "DialFunction", "HOP_BY_HOP"]
+
+log = logging.getLogger(__name__)
+
+DialFunction = Callable[[str, str, str, Optional[float]], Any]
+"""``(client_key, proto, address, timeout) -> socket-like connection``, e.g.
+``Server.dial``."""
+
+StartResponse = Callable[..., Any]
+
+#: Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+#: Response headers every WSGI server adds itself; forwarding them would
+#: duplicate them.
+_SET_BY_WSGI_SERVER = frozenset({"date", "server"})
+
+DEFAULT_TIMEOUT = 15.0
+CHUNK = 256 * 1024
+_counter = itertools.count(1)
+
+
+class ForwardTarget:
+    """Where one forwarded request goes (parsed from the request path)."""
+
+    __slots__ = ("client_key", "scheme", "host", "address", "path")
+
+    def __init__(self, client_key: str, scheme: str, host: str, address: str, path: str) -> None:
+        self.client_key = client_key
+        self.scheme = scheme
+        self.host = host  # as given: the Host header sent on
+        self.address = address  # host:port to dial
+        self.path = path  # raw path, starts with "/"
+
+    def url(self, query: str = "") -> str:
+        """The target URL, for logs."""
+        return f"{self.scheme}://{self.host}{self.path}" + (f"?{query}" if query else "")
+
+
+class BadRequest(ValueError):
+    """The request path or query cannot be forwarded (answered with 400)."""
+
+
+def parse_target(path: str, prefix: str = "/client") -> ForwardTarget:
+    """Parse a raw request path ``<prefix>/<id>/<scheme>/<host>[/<path...>]``.
+
+    Raises :class:`BadRequest` when it does not have that shape.
+    """
+    if not path.startswith(prefix + "/"):
+        raise BadRequest(f"path must start with {prefix}/")
+    parts = path[len(prefix) + 1 :].split("/", 3)
+    if len(parts) < 3 or not parts[0] or not parts[2]:
+        raise BadRequest(f"expected {prefix}/<id>/<scheme>/<host>/<path>")
+    client_key = urllib.parse.unquote(parts[0])
+    scheme = parts[1].lower()
+    host = urllib.parse.unquote(parts[2])
+    rest = "/" + parts[3] if len(parts) == 4 else "/"
+    if scheme == "http":
+        default_port = 80
+    elif scheme == "https":
+        default_port = 443
+    else:
+        raise BadRequest(f"unsupported scheme {parts[1]!r} (http or https)")
+    if any(c in host for c in "/?#@ \t\r\n"):
+        raise BadRequest(f"invalid host {host!r}")
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0:
+            raise BadRequest(f"invalid host {host!r}")
+        after = host[end + 1 :]
+        address = host if after.startswith(":") else f"{host}:{default_port}"
+    elif ":" in host:
+        address = host
+    else:
+        address = f"{host}:{default_port}"
+    port = address.rpartition(":")[2]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequest(f"invalid port in {host!r}")
+    return ForwardTarget(client_key, scheme, host, address, rest)
+
+
+def _split_query(query: str) -> Tuple[Optional[str], str]:
+    """Take ``timeout`` out of a raw query string: ``(timeout value, rest)``."""
+    timeout: Optional[str] = None
+    kept: List[str] = []
+    for item in query.split("&") if query else []:
+        name = urllib.parse.unquote_plus(item.partition("=")[0])
+        if name == "timeout":
+            timeout = urllib.parse.unquote_plus(item.partition("=")[2])
+        elif item:
+            kept.append(item)
+    return timeout, "&".join(kept)
+
+
+def _raw_path(environ: Dict[str, Any]) -> str:
+    """The request path as the client sent it (percent-encoding intact)."""
+    raw = environ.get("RAW_URI") or environ.get("REQUEST_URI")
+    if raw:
+        if "://" in raw.split("?", 1)[0]:  # absolute-form request target
+            raw = urllib.parse.urlsplit(raw).path or "/"
+        return str(raw.split("?", 1)[0])
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    # PATH_INFO is decoded and latin-1 per PEP 3333: encode it back.
+    return urllib.parse.quote(path.encode("latin-1"), safe="/:@!$&'()*+,;=~-._")
+
+
+def _request_headers(environ: Dict[str, Any], host: str) -> Dict[str, str]:
+    """End-to-end request headers to send on, with ``Host`` set to the target."""
+    connection_tokens = {
+        token.strip().lower() for token in environ.get("HTTP_CONNECTION", "").split(",") if token.strip()
+    }
+    headers: Dict[str, str] = {"Host": host}
+    for key, value in environ.items():
+        if not key.startswith("HTTP_"):
+            continue
+        name = key[5:].replace("_", "-").title()
+        lowered = name.lower()
+        if lowered == "host" or lowered in HOP_BY_HOP or lowered in connection_tokens:
+            continue
+        headers[name] = value
+    if environ.get("CONTENT_TYPE"):
+        headers["Content-Type"] = environ["CONTENT_TYPE"]
+    if environ.get("CONTENT_LENGTH"):
+        headers["Content-Length"] = environ["CONTENT_LENGTH"]
+    return headers
+
+
+def _response_headers(response: http.client.HTTPResponse) -> List[Tuple[str, str]]:
+    connection_tokens = {
+        token.strip().lower()
+        for value in response.msg.get_all("Connection") or []
+        for token in value.split(",")
+        if token.strip()
+    }
+    return [
+        (name, value)
+        for name, value in response.getheaders()
+        if name.lower() not in HOP_BY_HOP
+        and name.lower() not in connection_tokens
+        and name.lower() not in _SET_BY_WSGI_SERVER
+    ]
+
+
+class _TunnelHTTPConnection(http.client.HTTPConnection):
+    """An ``HTTPConnection`` over an already connected socket-like object."""
+
+    def __init__(self, sock: Any, host: str, timeout: Optional[float]) -> None:
+        super().__init__(host, timeout=timeout, blocksize=CHUNK)
+        self.sock = sock
+
+    def connect(self) -> None:  # never called while self.sock is set
+        raise http.client.NotConnected("tunneled connection already closed")
+
+
+class _StreamedBody:
+    """The WSGI response iterable: yields the upstream body as it arrives."""
+
+    def __init__(
+        self,
+        request_id: int,
+        url: str,
+        response: http.client.HTTPResponse,
+        connection: _TunnelHTTPConnection,
+        started: float,
+    ) -> None:
+        self.request_id = request_id
+        self.url = url
+        self.response = response
+        self.connection = connection
+        self.started = started
+        self.sent = 0
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        # An empty first item makes the WSGI server send the response head
+        # now, before the body starts (or stalls): the client sees the status
+        # at once, and an abort later is a dropped connection, never a
+        # keep-alive connection waiting for a response that will not come.
+        yield b""
+        try:
+            while True:
+                data = self.response.read1(CHUNK)
+                if not data:
+                    return
+                self.sent += len(data)
+                yield data
+        except (OSError, http.client.HTTPException) as exc:
+            log.warning(
+                "[%03d] REQ ABORTED %s after %d bytes: %s", self.request_id, self.url, self.sent,
+                _describe(exc),
+            )
+            # Ending the iteration normally would let the WSGI server finish a
+            # chunked response as if complete; raising makes it drop the
+            # downstream connection instead.
+            raise ConnectionAbortedError(f"upstream failed mid-body: {_describe(exc)}") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.response.close()
+        finally:
+            self.connection.close()
+        log.info(
+            "[%03d] REQ DONE %s %d bytes in %.3fs", self.request_id, self.url, self.sent,
+            time.monotonic() - self.started,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, socket.timeout):
+        return "timeout waiting for the target (idle timeout exceeded)"
+    text = str(exc)
+    return text or type(exc).__name__
+
+
+class Forwarder:
+    """WSGI application forwarding ``<prefix>/<id>/<scheme>/<host>/<path...>``.
+
+    ``dial(client_key, proto, address, timeout)`` opens the tunneled
+    connection (``Server.dial``). ``ssl_context`` is used for ``https``
+    targets (default: system trust store, hostname checked).
+    """
+
+    def __init__(
+        self,
+        dial: DialFunction,
+        *,
+        prefix: str = "/client",
+        default_timeout: float = DEFAULT_TIMEOUT,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        piper: Optional[Piper] = None,
+    ) -> None:
+        self.dial = dial
+        self.prefix = prefix.rstrip("/")
+        self.default_timeout = default_timeout
+        self.ssl_context = ssl_context
+        self._piper = piper
+
+    def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        request_id = next(_counter)
+        started = time.monotonic()
+        try:
+            target = parse_target(_raw_path(environ), self.prefix)
+            timeout_text, query = _split_query(environ.get("QUERY_STRING", ""))
+            timeout = self._timeout(timeout_text)
+        except BadRequest as exc:
+            return _error(start_response, 400, str(exc))
+        method = environ.get("REQUEST_METHOD", "GET")
+        url = target.url(query)
+        log.info("[%03d] REQ t=%s %s %s", request_id, timeout_text or self.default_timeout, method, url)
+        try:
+            sock = self.dial(target.client_key, "tcp", target.address, timeout)
+        except Exception as exc:  # unknown client, dead session, full session...
+            log.warning("[%03d] REQ ERR %s: %s", request_id, url, _describe(exc))
+            return _error(start_response, 500, _describe(exc))
+        try:
+            sock.settimeout(timeout)
+            if target.scheme == "https":
+                sock = self._wrap_tls(sock, target, timeout)
+            connection = _TunnelHTTPConnection(sock, target.host, timeout)
+            response = self._send(connection, environ, target, method, query)
+        except Exception as exc:
+            try:
+                sock.close()
+            except OSError:  # pragma: no cover
+                pass
+            log.warning("[%03d] REQ ERR %s: %s", request_id, url, _describe(exc))
+            return _error(start_response, 500, _describe(exc))
+        log.debug("[%03d] REQ OK %s %d", request_id, url, response.status)
+        start_response(f"{response.status} {response.reason}", _response_headers(response))
+        return _StreamedBody(request_id, url, response, connection, started)
+
+    def _timeout(self, text: Optional[str]) -> Optional[float]:
+        if text is None or text == "":
+            value = self.default_timeout
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise BadRequest(f"invalid timeout {text!r}") from None
+            if value != value or value < 0:  # NaN or negative
+                raise BadRequest(f"invalid timeout {text!r}")
+        return value if value > 0 else None
+
+    def _send(
+        self,
+        connection: _TunnelHTTPConnection,
+        environ: Dict[str, Any],
+        target: ForwardTarget,
+        method: str,
+        query: str,
+    ) -> http.client.HTTPResponse:
+        """Send the request head and body; block for the response head."""
+        headers = _request_headers(environ, target.host)
+        body: Any = None
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if chunked:
+            stream = get_input_stream(environ)
+            body = iter(lambda: stream.read(CHUNK), b"")
+            headers.pop("Content-Length", None)
+        elif headers.get("Content-Length", "0") not in ("", "0"):
+            body = get_input_stream(environ)
+        path = target.path + (f"?{query}" if query else "")
+        connection.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+        return connection.getresponse()
+
+    def _wrap_tls(self, conn: Any, target: ForwardTarget, timeout: Optional[float]) -> ssl.SSLSocket:
+        """Bridge ``conn`` to a socket pair on the piper thread and wrap our
+        end in TLS (``ssl`` needs a real socket)."""
+        ours, theirs = socket.socketpair()
+        piper = self._piper or default_piper()
+        piper.pipe_socket(theirs, conn)
+        context = self.ssl_context or ssl.create_default_context()
+        hostname = target.host
+        if hostname.startswith("["):
+            hostname = hostname[1 : hostname.find("]")]
+        elif ":" in hostname:
+            hostname = hostname.rpartition(":")[0]
+        ours.settimeout(timeout)
+        try:
+            return context.wrap_socket(ours, server_hostname=hostname)
+        except BaseException:
+            ours.close()
+            raise
+
+
+def _error(start_response: StartResponse, status: int, text: str) -> List[bytes]:
+    body = text.encode("utf-8", "replace")
+    reason = http.client.responses.get(status, "Error")
+    start_response(
+        f"{status} {reason}",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+    )
+    return [body]
