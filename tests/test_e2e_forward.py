@@ -4,7 +4,6 @@ clients over loopback WebSockets, and real processes (``remotedialer server
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import socket
@@ -191,3 +190,172 @@ def test_client_absent_closes_accepted_connection_at_once(
     live.start_client()  # once it is there, the same forward works
     wait_forward_ready(fwd.address)
     assert echo_both_ways(fwd.address, b"late") == b"late"
+
+
+# ------------------------------------------------------------ real processes
+class LogWatcher:
+    """Collects a process's stderr lines on a thread; :meth:`wait` polls them."""
+
+    def __init__(self, proc: "subprocess.Popen[str]") -> None:
+        self.lines: List[str] = []
+        self._cond = threading.Condition()
+        assert proc.stderr is not None
+        self._stream = proc.stderr
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                self._cond.notify_all()
+
+    def wait(self, pattern: str, timeout: float = TIMEOUT) -> "re.Match[str]":
+        """Block until a line matches ``pattern``; return the match."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            seen = 0
+            while True:
+                for line in self.lines[seen:]:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"no log line matching {pattern!r} in:\n" + "\n".join(self.lines))
+                self._cond.wait(remaining)
+
+    def count(self, pattern: str) -> int:
+        with self._cond:
+            return sum(1 for line in self.lines if re.search(pattern, line))
+
+
+def _cli(*args: str) -> "subprocess.Popen[str]":
+    return subprocess.Popen(
+        [sys.executable, "-m", "remotedialer.cli", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _thread_count(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class Processes:
+    """``remotedialer server`` with two forwards (to an echo server and to an
+    endless source), and ``remotedialer client`` started on demand."""
+
+    def __init__(self, echo_address: str, source_address: str) -> None:
+        self.procs: List["subprocess.Popen[str]"] = []
+        self.server = _cli(
+            "server", "--listen", "127.0.0.1:0",
+            "--forward", f"127.0.0.1:0=foo:tcp:{echo_address}",
+            "--forward", f"0=foo:tcp:{source_address}",
+        )
+        self.procs.append(self.server)
+        self.server_log = LogWatcher(self.server)
+        port = int(self.server_log.wait(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+        self.url = f"ws://127.0.0.1:{port}/connect"
+        escaped = [re.escape(f"=foo:tcp:{a}: listening") for a in (echo_address, source_address)]
+        self.echo_port = int(self.server_log.wait(r"forward 127\.0\.0\.1:(\d+)" + escaped[0]).group(1))
+        self.source_port = int(self.server_log.wait(r"forward 127\.0\.0\.1:(\d+)" + escaped[1]).group(1))
+        self.client: Optional["subprocess.Popen[str]"] = None
+
+    @property
+    def echo(self) -> Tuple[str, int]:
+        return ("127.0.0.1", self.echo_port)
+
+    @property
+    def source(self) -> Tuple[str, int]:
+        return ("127.0.0.1", self.source_port)
+
+    def start_client(self) -> None:
+        self.client = _cli("client", "--connect", self.url, "--id", "foo")
+        self.procs.append(self.client)
+        LogWatcher(self.client)  # keep its pipe drained
+        wait_forward_ready(self.echo)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(TIMEOUT)
+            except subprocess.TimeoutExpired:  # pragma: no cover - reported by the kill
+                proc.kill()
+                proc.wait(TIMEOUT)
+
+
+@pytest.fixture
+def processes(echo: SelectorEchoServer) -> Iterator[Processes]:
+    source = SourceServer(payload(1 * MiB, 13), hold=True)
+    procs = Processes(echo.address, source.address)
+    yield procs
+    procs.close()
+    source.close()
+
+
+def test_cli_client_absent_then_present(processes: Processes) -> None:
+    for _ in range(2):
+        with connect(processes.echo) as sock:
+            assert recv_to_end(sock)[0] == b""  # closed at once, not held open
+    processes.server_log.wait(r"WARNING.*forward .*dial for .* failed.*NoSessionError")
+    processes.start_client()
+    data = payload(16 * MiB, 14)
+    assert echo_both_ways(processes.echo, data) == data
+
+
+def test_cli_many_concurrent_connections(processes: Processes) -> None:
+    processes.start_client()
+    count = 200
+    before = _thread_count(processes.server.pid)
+    socks: List[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(connect(processes.echo))
+        messages = [payload(1024, 300 + i) for i in range(count)]
+        for sock, message in zip(socks, messages):
+            sock.sendall(message)
+        for sock, message in zip(socks, messages):
+            assert recv_exactly(sock, len(message)) == message
+        during = _thread_count(processes.server.pid)
+        if before is not None and during is not None:
+            assert during - before <= 2, (before, during)  # no thread per connection
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_cli_client_killed_mid_transfer(processes: Processes) -> None:
+    processes.start_client()
+    socks = [connect(processes.source) for _ in range(5)]
+    for sock in socks:
+        recv_exactly(sock, 500_000)  # mid-transfer
+    assert processes.client is not None
+    processes.client.kill()  # no goodbye: the WebSocket's TCP connection just dies
+    processes.client.wait(TIMEOUT)
+    for sock in socks:
+        with sock:
+            recv_to_end(sock)  # EOF (or reset) within TIMEOUT, not a hang
+    with connect(processes.source) as sock:
+        assert recv_to_end(sock)[0] == b""  # and the client is now absent
+
+
+def test_cli_rejects_a_bad_forward_spec() -> None:
+    proc = _cli("server", "--listen", "127.0.0.1:0", "--forward", "9125=foo")
+    try:
+        _out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:  # pragma: no cover
+            proc.kill()
+    assert proc.returncode == 2
+    assert "LISTEN=CLIENT_KEY:PROTO:ADDRESS" in err
