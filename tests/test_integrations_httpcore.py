@@ -63,6 +63,8 @@ def test_pooled_connection_closed_by_the_far_side_is_replaced(
     first = pool.request("GET", server.url("/hello"), extensions=TIMEOUTS).content
     server.drop_idle_connections()
     wait_for(tunnel.idle)
+    # httpcore's liveness check, on every idle connection of the pool:
+    wait_for(lambda: all(conn.has_expired() for conn in pool.connections))
     second = pool.request("GET", server.url("/hello"), extensions=TIMEOUTS).content
     assert first != second
     assert len(tunnel.dialed) == 2

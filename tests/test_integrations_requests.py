@@ -15,6 +15,7 @@ import pytest
 import requests
 import trustme
 import urllib3
+from urllib3.util.wait import wait_for_read
 
 from remotedialer.connection import TunnelConnection
 from remotedialer.errors import NoSessionError, TunnelTimeoutError
@@ -40,6 +41,7 @@ def pattern(size: int) -> bytes:
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = TIMEOUT  # no handler thread outlives a stuck test for long
+    disable_nagle_algorithm = True  # headers and body go out in separate writes
     server: "LoopbackServer"
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -377,6 +379,20 @@ def test_far_side_dial_failure_is_a_connection_error(
     wait_for(tunnel.idle)
 
 
+def wait_until_pooled_connections_poll_dropped(session: requests.Session) -> None:
+    """Wait until every idle pooled connection of ``session`` polls readable,
+    which is what urllib3's liveness check looks at (the far side's close
+    reaches the pooled socket a moment after the sessions forgot it)."""
+    socks = []
+    for adapter in set(session.adapters.values()):
+        pools = adapter.poolmanager.pools  # type: ignore[attr-defined]
+        for key in pools.keys():
+            idle = [conn for conn in list(pools[key].pool.queue) if conn is not None]
+            socks += [conn.sock for conn in idle if conn.sock is not None]
+    assert socks, "no idle pooled connection"
+    wait_for(lambda: all(wait_for_read(sock, timeout=0.0) for sock in socks))
+
+
 def test_pooled_connection_closed_by_the_far_side_is_replaced(
     tunnel: Tunnel, server: LoopbackServer, http: requests.Session
 ) -> None:
@@ -384,6 +400,7 @@ def test_pooled_connection_closed_by_the_far_side_is_replaced(
     assert len(tunnel.dialed) == 1
     server.drop_idle_connections()
     wait_for(tunnel.idle)  # the far side's close reached us; the pool does not know yet
+    wait_until_pooled_connections_poll_dropped(http)
     second = http.get(server.url("/hello"), timeout=TIMEOUT).text
     assert second != first  # a new TCP connection on the far side
     assert len(tunnel.dialed) == 2
@@ -542,6 +559,7 @@ def test_https_pooled_connection_closed_by_the_far_side_is_replaced(
     first = http.get(url, verify=ca_bundle, timeout=TIMEOUT).text
     tls_server.drop_idle_connections()
     wait_for(tunnel.idle)
+    wait_until_pooled_connections_poll_dropped(http)
     second = http.get(url, verify=ca_bundle, timeout=TIMEOUT).text
     assert second != first
     assert len(tunnel.dialed) == 2
