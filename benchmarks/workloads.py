@@ -136,17 +136,21 @@ class Setup:
         server = self._spawn("server", server_args)
         self.server_port = int(server.wait_for_log(r"listening on http://[^\s]+:(\d+)")[0].group(1))
         if forwards:
-            matches = server.wait_for_log(r"forward(?:ing)?\D*?127\.0\.0\.1:(\d+)", count=forwards)
-            ports = [int(match.group(1)) for match in matches]
-            self.forward_port = ports[0]
+            self.forward_port = self._forward_port(server, self.dummy_port)
             if self.want_scale:
-                self.scale_port = ports[1]
+                self.scale_port = self._forward_port(server, self.target_port)
         client = self._spawn("client", ["client", "--connect",
                                         f"ws://127.0.0.1:{self.server_port}/connect", "--id", "foo"])
         client.wait_for_log(r"connected to ")
         wait_until(lambda: _get_ok(self.tunnel_url("1k.bin")), 20, "the tunnel to answer", 0.05)
         progress(f"setup: dummy :{self.dummy_port}, server :{self.server_port}, client pid {client.pid}"
                  + (f", forward :{self.forward_port}" if self.forward_port else ""))
+
+    @staticmethod
+    def _forward_port(server: Proc, target_port: int) -> int:
+        """The bound port of the forward to ``target_port``, from the server's log."""
+        pattern = rf"forward 127\.0\.0\.1:(\d+)=\S*127\.0\.0\.1:{target_port}\b"
+        return int(server.wait_for_log(pattern)[0].group(1))
 
     def _spawn(self, name: str, args: List[str]) -> Proc:
         proc = Proc.remotedialer(name, args, self.dir)

@@ -24,8 +24,9 @@ __all__ = ["mask", "mask_in_place", "encode_masked_frame", "NUMPY_MIN_SIZE", "im
 
 Bytes = Union[bytes, bytearray, memoryview]
 
-#: Payloads shorter than this are masked without numpy (its call overhead wins).
-NUMPY_MIN_SIZE = 512
+#: Payloads shorter than this are masked without numpy: its call overhead
+#: wins, and a process carrying only small messages never loads it (~12 MiB).
+NUMPY_MIN_SIZE = 4096
 
 _numpy: Any = None  # the module once imported, False if unavailable
 
