@@ -587,17 +587,23 @@ class ServerVictim:
     attackers connecting as client keys of their own."""
 
     def __init__(
-        self, echo: EchoServer, limits: Limits = HOSTILE_LIMITS, client_limits: Limits = Limits()
+        self,
+        echo: EchoServer,
+        limits: Limits = HOSTILE_LIMITS,
+        client_limits: Limits = Limits(),
+        **server_options: Any,
     ) -> None:
         from werkzeug.serving import make_server
 
         from remotedialer.client import Backoff, TunnelClient
         from remotedialer.server import Server
 
-        self.server = Server(_authorize_tunnel_id, limits=limits)
+        self.server = Server(_authorize_tunnel_id, limits=limits, **server_options)
         self.httpd = make_server("127.0.0.1", 0, self.server, threaded=True)
         self.url = f"ws://127.0.0.1:{self.httpd.server_port}/connect"
-        self.http_thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.http_thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.http_thread.start()
         self.good = TunnelClient(
             self.url,
@@ -769,3 +775,28 @@ class TestRunningServer:
             victim.bystander.assert_healthy()
         finally:
             victim.close()
+
+
+def test_connect_flood_at_a_server_that_allows_reverse_dials(echo_server: EchoServer) -> None:
+    """A client flooding a server that does allow reverse dials: the server
+    holds at most max_connections_per_session of them and refuses the rest
+    one by one; its other sessions keep flowing."""
+    from .test_limits import SilentListener
+
+    silent = SilentListener()  # accepts and holds every dialed connection
+    target = f"127.0.0.1:{silent.port}"
+    victim = ServerVictim(echo_server, client_connect_authorizer=lambda proto, address: address == target)
+    try:
+        limit = victim.session.limits.max_connections_per_session
+        count = 4 * limit
+        for conn_id in range(1 << 33, (1 << 33) + count):
+            victim.attacker.send(MessageType.CONNECT, conn_id, f"tcp/{target}".encode())
+        refused = [victim.attacker.expect(MessageType.ERROR, conn_id).text
+                   for conn_id in range((1 << 33) + limit, (1 << 33) + count)]
+        assert refused == ["too many connections"] * (count - limit)
+        wait_for(lambda: len(silent.accepted) == limit)
+        assert len(victim.session.connection_ids()) == limit
+        run_case(case_data_for_unknown_ids, victim.attacker, victim)
+    finally:
+        victim.close()
+        silent.close()

@@ -50,7 +50,9 @@ class LoopbackServer:
         self.httpd = make_server("127.0.0.1", 0, self.server, threaded=True, ssl_context=ssl_context)
         scheme = "wss" if ssl_context is not None else "ws"
         self.url = f"{scheme}://127.0.0.1:{self.httpd.server_port}/connect"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.thread.start()
         self.clients: List[TunnelClient] = []
 
