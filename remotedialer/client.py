@@ -218,6 +218,7 @@ class TunnelClient:
         self._local_dialer = LocalDialer(connect_authorizer, dialer, limits, piper)
         self._connect_handler: ConnectHandler = connect_handler or self._local_dialer
         self._stop = threading.Event()
+        self._wake = threading.Event()  # cuts a backoff wait short (stop, retry_now)
         self._lock = threading.Lock()  # guards _session
         self._session: Optional[Session] = None
         self._connected = threading.Event()
@@ -293,7 +294,8 @@ class TunnelClient:
             delay = self.backoff.delay(failures - 1) if failures else 0.0
             if delay:
                 log.info("reconnecting to %s in %.1fs", self.url, delay)
-            self._stop.wait(delay)
+            self._wake.wait(delay)
+            self._wake.clear()
         self._local_dialer.shutdown()
 
     def start(self) -> threading.Thread:
@@ -305,6 +307,7 @@ class TunnelClient:
     def stop(self, timeout: Optional[float] = 5.0) -> None:
         """Stop reconnecting and close the current session."""
         self._stop.set()
+        self._wake.set()
         with self._lock:
             session = self._session
         if session is not None:
@@ -312,6 +315,11 @@ class TunnelClient:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def retry_now(self) -> None:
+        """If waiting to reconnect, reconnect at once (e.g. the server is
+        known to be back)."""
+        self._wake.set()
 
     def _run_on_connect(self, session: Session) -> None:
         assert self.on_connect is not None

@@ -37,6 +37,10 @@ __all__ = ["PeerLink", "Peering", "PeerSpec", "parse_peers", "peer_ssl_context",
 
 log = logging.getLogger(__name__)
 
+PEER_BACKOFF = Backoff(initial=0.5, maximum=5.0)
+"""Reconnect delays of peer links: Go retries every 5 s; we start sooner and
+never wait longer, so a restarted peer is back in the mesh within seconds."""
+
 PEER_PROTO_SEPARATOR = "::"
 """Separates the client key from the proto in a CONNECT relayed by a peer."""
 
@@ -177,7 +181,7 @@ class Peering:
         self,
         server: "Server",
         ssl_context: Optional[ssl.SSLContext] = None,
-        backoff: Backoff = Backoff(),
+        backoff: Backoff = PEER_BACKOFF,
     ) -> None:
         self.server = server
         self.ssl_context = ssl_context
@@ -190,6 +194,7 @@ class Peering:
             max_workers=max(2, server.limits.dial_workers // 4),
             thread_name_prefix="remotedialer-peer-relay",
         )
+        server.peer_sessions.add_listener(self._on_peer_session)
 
     # ------------------------------------------------------------- the links
     def add_peer(self, url: str, peer_id: str, token: str) -> None:
@@ -222,6 +227,16 @@ class Peering:
         if link is not None:
             log.info("removing peer %s", peer_id)
             link.stop()
+
+    def _on_peer_session(self, added: bool, peer_id: str, _session: Session) -> None:
+        """A peer connected to us, so it is up: if our own link to it is
+        waiting to reconnect, reconnect now (it learns our clients sooner)."""
+        if not added:
+            return
+        with self._lock:
+            link = self._links.get(peer_id)
+        if link is not None and not link.connected:
+            link.client.retry_now()
 
     def links(self) -> List[PeerLink]:
         """Our outgoing links."""
