@@ -115,6 +115,7 @@ class Session:
         self._ended = threading.Event()
         self._close_callbacks: List[Callable[["Session"], None]] = []
         self._sync_seen: FrozenSet[int] = frozenset()  # conn ids present at the last SYNC received
+        self._sync_listed: FrozenSet[int] = frozenset()  # open conn ids the peer listed in a SYNC
         now = time.monotonic()
         self._next_ping = now
         self._next_sync = now + limits.sync_interval
@@ -443,18 +444,27 @@ class Session:
             self.client_listener(self, message.type == MessageType.ADD_CLIENT, *parsed)
 
     def _on_sync(self, message: Message) -> None:
-        """Close connections the peer no longer has. A connection is only
-        closed if it was already open at the previous SYNC: one created after
-        the peer took its snapshot is never closed by that snapshot."""
+        """Close connections the peer no longer has, never one created after
+        the peer took its snapshot. A snapshot may arrive long after it was
+        taken, and several may be in flight at once, so being open at the
+        previous SYNC is not enough: a missing connection is closed only if
+        an earlier SYNC listed it (the peer knew it, then dropped it) or, never
+        listed, it is older than the read deadline (its CONNECT was refused
+        and the ERROR lost)."""
         active = set(decode_sync_payload(message.payload))
+        too_old = time.monotonic() - self.limits.read_deadline
         with self._lock:
             stale = [
                 conn for conn_id, conn in self._connections.items()
                 if conn_id not in active and conn_id in self._sync_seen
+                and (conn_id in self._sync_listed or conn.created_at < too_old)
             ]
             for conn in stale:
                 del self._connections[conn.conn_id]
             self._sync_seen = frozenset(self._connections)
+            self._sync_listed = frozenset(
+                conn_id for conn_id in self._sync_listed | active if conn_id in self._connections
+            )
         for conn in stale:
             log.debug("%s: %s closed by SYNC_CONNECTIONS", self, conn)
             conn._end(TunnelClosedError("closed by connection sync"))

@@ -409,9 +409,12 @@ def test_sync_closes_only_connections_present_at_previous_sync(raw: Raw) -> None
     raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([]))
     raw.barrier()
     assert raw.session.connection_ids() == [2, 3]
+    # The peer lists both: it knows them now.
+    raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([2, 3]))
+    raw.barrier()
     young = raw.session.dial("tcp", "a:3", timeout=TIMEOUT)  # id 4, after that sync
-    # Second SYNC lists only 3: 2 was known at the previous sync and is gone;
-    # 4 is younger than the previous sync and must survive.
+    # Next SYNC lists only 3: 2 was listed before and is gone; 4 is younger
+    # than the previous sync and must survive.
     raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([3]))
     with pytest.raises(TunnelClosedError):
         old.recv(1)
@@ -421,7 +424,12 @@ def test_sync_closes_only_connections_present_at_previous_sync(raw: Raw) -> None
     # answer) went out.
     assert raw.receive().type == MessageType.CONNECT  # the young one
     assert raw.nothing_pending()
-    # A third SYNC without 4 now closes it.
+    # A SYNC without 4 does not close it while the peer never listed it (the
+    # snapshot may still predate it); once listed, a SYNC without 4 closes it.
+    raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([3]))
+    raw.barrier()
+    assert raw.session.connection_ids() == [3, 4]
+    raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([3, 4]))
     raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([3]))
     wait_for(lambda: raw.session.connection_ids() == [3])
 
@@ -875,7 +883,7 @@ def test_observer_sees_every_connection_added_and_removed_once(
     raw.send(MessageType.ERROR, remote_error.conn_id, b"boom again")
     raw.send(MessageType.ERROR, remote_eof.conn_id, b"EOF")
     remote_eof.close()
-    raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([]))
+    raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload([synced.conn_id]))
     raw.barrier()
     ids = [c.conn_id for c in (remote_eof, overflowed, left_open)]
     raw.send(MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload(ids))
