@@ -21,7 +21,9 @@ from .errors import (
     TunnelClosedError,
     TunnelTimeoutError,
 )
+from .forward import PortForward
 from .observer import Observer
+from .peering import Peering
 from .piping import LocalDialer, Piper, dial_socket
 from .server import ClientDialer, Server
 from .session import Session
@@ -41,6 +43,8 @@ __all__ = [
     "LocalDialer",
     "NoSessionError",
     "Observer",
+    "Peering",
+    "PortForward",
     "Piper",
     "ProtocolError",
     "RemoteError",
