@@ -318,10 +318,13 @@ def test_bin_wrappers(name: str) -> None:
 def test_gunicorn_app_factory(files: Path) -> None:
     """``gunicorn -k gthread 'remotedialer.cli.server:make_app()'`` serves the
     same routes, with the CLI client connected to it."""
-    pytest.importorskip("gunicorn")
+    config = pytest.importorskip("gunicorn.config")
+    extra = []
+    if any(setting.name == "control_socket_disable" for setting in config.KNOWN_SETTINGS):
+        extra.append("--no-control-socket")  # gunicorn 27+: no shared socket in $HOME
     dummy = Proc.cli("dummy", "--listen", "127.0.0.1:0", str(files))
     gunicorn = Proc([
-        sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "16", "-w", "1",
+        sys.executable, "-m", "gunicorn", "-k", "gthread", "--threads", "16", "-w", "1", *extra,
         "-b", "127.0.0.1:0", "--graceful-timeout", "2", "remotedialer.cli.server:make_app()",
     ])
     procs = [dummy, gunicorn]
