@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.parse
 from functools import lru_cache
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 __all__ = [
     "add_arguments",
@@ -76,7 +76,7 @@ def generated_sha256(size: int, seed: int = 0) -> str:
     return digest.hexdigest()
 
 
-def _query_number(query: dict, name: str, default: float) -> float:
+def _query_number(query: Dict[str, List[str]], name: str, default: float) -> float:
     values = query.get(name)
     if not values:
         return default
