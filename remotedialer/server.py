@@ -329,6 +329,9 @@ class Server:
             reason = session.serve()
         finally:
             session.close("handler ended")
+            # If another thread is closing the session, wait until its close
+            # frame is out: the WSGI server closes the socket once we return.
+            transport.close()
         log.info("%s session for %s ended: %s", "peer" if is_peer else "client", client_key, reason)
 
     # ------------------------------------------------------------ peering hooks

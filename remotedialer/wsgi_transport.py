@@ -350,7 +350,12 @@ class ServerWebSocket:
         self._description = description or "websocket"
         self._send_lock = threading.Lock()
         self._close_sent = False  # guarded by _send_lock
-        self._closed = False
+        # _close_lock serializes close(): a second caller waits until the
+        # first has written the close frame and shut the socket down. It is
+        # taken before _send_lock, never after.
+        self._close_lock = threading.Lock()
+        self._closed = False  # close() began: readers stop
+        self._shut_down = False  # close() finished (guarded by _close_lock)
         sock.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -484,16 +489,20 @@ class ServerWebSocket:
     def close(self) -> None:
         """Send a close frame (if none went yet) and shut the socket down,
         which ends a blocked :meth:`receive` or :meth:`send` at once. The
-        socket itself is closed by the WSGI server once the handler returns.
-        Idempotent, callable from any thread."""
-        if self._closed:
-            return
+        socket itself is closed by the WSGI server once the handler returns,
+        so the handler calls this too before returning: if another thread is
+        closing, it waits (a few seconds at most) until the close frame is
+        out. Idempotent, callable from any thread."""
         self._closed = True
-        self._send_close(CLOSE_NORMAL, "", _CLOSE_WRITE_TIMEOUT)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, ValueError):
-            pass
+        with self._close_lock:
+            if self._shut_down:
+                return
+            self._send_close(CLOSE_NORMAL, "", _CLOSE_WRITE_TIMEOUT)
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
+            self._shut_down = True
 
     def describe(self) -> str:
         return self._description
@@ -576,6 +585,8 @@ class SimpleWebSocketTransport:
                 self.ws: Any = _Events(self.ws)
 
         self._closed_error = simple_websocket.ConnectionClosed
+        self._close_lock = threading.Lock()  # serializes close(), see ServerWebSocket.close
+        self._shut_down = False
         self.ws = _Server(
             environ, receive_bytes=receive_bytes, max_message_size=max_message_size
         )
@@ -609,12 +620,16 @@ class SimpleWebSocketTransport:
             raise TransportClosed(f"websocket ping failed: {exc}") from exc
 
     def close(self) -> None:
-        try:
-            self.ws.close()
-        except Exception:
-            pass
-        self.ws.sock.close()  # shutdown: ends simple-websocket's reader thread
-        self.ws.event.set()
+        with self._close_lock:
+            if self._shut_down:
+                return
+            try:
+                self.ws.close()
+            except Exception:
+                pass
+            self.ws.sock.close()  # shutdown: ends simple-websocket's reader thread
+            self.ws.event.set()
+            self._shut_down = True
 
     def describe(self) -> str:
         return self._description

@@ -149,7 +149,7 @@ def test_no_stray_bytes_and_threads_come_back_under_gunicorn(gunicorn: Gunicorn)
         else:  # the server ends it
             requests.get(f"{gunicorn.base}/kick", params={"key": "raw"}, timeout=TIMEOUT)
         # exactly one close frame, then EOF: gunicorn wrote nothing after it
-        assert read_to_eof(sock) == close_1000
+        assert read_to_eof(sock) == close_1000, f"round {round_}"
         sock.close()
         wait_for(lambda: "raw" not in gunicorn.clients())
     assert gunicorn.clients() == []

@@ -33,7 +33,7 @@ from remotedialer.wsgi_transport import (
     unmask,
 )
 
-from .conftest import TIMEOUT
+from .conftest import TIMEOUT, wait_for
 
 
 # ----------------------------------------------------------------- helpers
@@ -407,3 +407,22 @@ def test_simple_websocket_transport(pair: Tuple[socket.socket, socket.socket]) -
     assert ws.ws.thread is not None
     ws.ws.thread.join(TIMEOUT)
     assert not ws.ws.thread.is_alive()
+
+
+def test_second_close_waits_until_the_close_frame_is_out(pair: Tuple[socket.socket, socket.socket]) -> None:
+    """The WSGI handler's close must not return (and let the server close the
+    socket) while another thread's close is still writing the close frame."""
+    server_sock, client_sock = pair
+    ws = ServerWebSocket(server_sock, 1 << 20)
+    ws._send_lock.acquire()  # a writer is busy: the first close must wait for it
+    first = threading.Thread(target=ws.close)
+    first.start()
+    wait_for(ws._close_lock.locked)
+    second_done = threading.Event()
+    second = threading.Thread(target=lambda: (ws.close(), second_done.set()))
+    second.start()
+    assert not second_done.wait(0.2), "the second close returned before the first finished"
+    ws._send_lock.release()
+    assert second_done.wait(TIMEOUT)
+    first.join(TIMEOUT)
+    assert read_to_eof(client_sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
