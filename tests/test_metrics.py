@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -57,9 +58,16 @@ def pair() -> Iterator[ObservedPair]:
     made.close()
 
 
-def scrape(registry: CollectorRegistry) -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]:
+Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
+
+
+def scrape(registry: CollectorRegistry) -> Samples:
     """Parse what a scrape of ``registry`` shows: {(sample name, labels): value}."""
-    text = generate_latest(registry).decode()
+    return scrape_text(generate_latest(registry).decode())
+
+
+def scrape_text(text: str) -> Samples:
+    """Parse the Prometheus text format: {(sample name, sorted labels): value}."""
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -427,3 +435,30 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
     assert 'session_server_total_transmit_bytes{clientkey="foo"} 400.0' in text
     assert 'session_server_total_receive_bytes{clientkey="foo"} 400.0' in text
     assert 'remotedialer_sessions{clientkey="foo",peer="false"} 1.0' in text
+
+
+def test_metrics_from_the_remotedialer_server_command(tmp_path: Path) -> None:
+    """``remotedialer server`` (a real process, with a real client process and
+    file server) serves every documented metric at /metrics."""
+    from .test_e2e_cli import CliStack
+
+    (tmp_path / "small.txt").write_bytes(b"hello, metrics\n")
+    stack = CliStack(tmp_path)  # waits until a request through the tunnel works
+    try:
+        assert stack.http.get(stack.url("/small.txt"), timeout=TIMEOUT).status_code == 200
+        response = stack.http.get(f"http://127.0.0.1:{stack.server_port}/metrics", timeout=TIMEOUT)
+    finally:
+        codes = stack.close()
+    assert codes == [0, 0, 0]
+    assert response.status_code == 200
+    families = {family.name: family for family in text_string_to_metric_families(response.text)}
+    for spec in METRICS:
+        name = spec.exposed_name()
+        assert name in families or name[: -len("_total")] in families, f"{name} missing from /metrics"
+    samples = scrape_text(response.text)
+    client_foo = (("clientkey", "foo"), ("peer", "false"))
+    assert samples[("session_server_total_add_websocket_session", client_foo)] == 1
+    assert samples[("remotedialer_sessions", client_foo)] == 1
+    assert samples[("session_server_total_transmit_bytes", (("clientkey", "foo"),))] > 0
+    assert samples[("session_server_total_receive_bytes", (("clientkey", "foo"),))] > 0
+    assert "process_resident_memory_bytes" in families

@@ -204,6 +204,15 @@ def make_app(
     if allow_client_connect is None:
         allow_client_connect = _env_flag("REMOTEDIALER_ALLOW_CLIENT_CONNECT")
     peer_list = parse_peers(peers)
+    metrics_registry = None
+    if observer is None:
+        try:
+            from ..metrics import observer_with_registry
+        except ImportError:  # the metrics extra is not installed: no /metrics
+            log.debug("prometheus_client is not installed; not serving /metrics")
+        else:
+            observer = observer_with_registry()
+            metrics_registry = observer.registry
     server = make_tunnel_server(
         peer_id=peer_id,
         peer_token=peer_token,
@@ -211,8 +220,10 @@ def make_app(
         observer=observer,
     )
     app = ServerApp(server, Forwarder(server.dial, default_timeout=timeout))
-    # /metrics: the metrics integration mounts its endpoint here with
-    # app.mount("/metrics", ...) and passes its observer above.
+    if metrics_registry is not None:
+        from ..metrics import make_wsgi_app
+
+        app.mount("/metrics", make_wsgi_app(metrics_registry))
     wire_peers(server, peer_list)
     return app
 
