@@ -187,6 +187,8 @@ class OptionalTocTree(TocTree):
         kept = []
         for line in self.content:
             entry = line.strip()
+            if entry in OPTIONAL_PAGES:
+                self.env.note_dependency(str(DOCS / f"{entry}.rst"))  # re-read when it appears
             if entry in OPTIONAL_PAGES and not (DOCS / f"{entry}.rst").exists():
                 logger.info("toctree: %s.rst does not exist yet; left out", entry)
                 continue
