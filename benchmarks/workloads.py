@@ -346,7 +346,7 @@ def forward_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int], 
                   {path: url + "1k.bin" for path, url in paths.items()}, SSH_REF, cache)
 
 
-def _open_many(port: int, count: int, batch: int = 500, timeout: float = 60.0) -> List[socket.socket]:
+def _open_many(port: int, count: int, batch: int = 100, timeout: float = 60.0) -> List[socket.socket]:
     """Open ``count`` connections to ``port`` and wait for each one's greeting byte."""
     opened: List[socket.socket] = []
     selector = selectors.DefaultSelector()
