@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Iterator, List
 
 import pytest
 import requests
@@ -31,7 +31,7 @@ THREADS = 3  # few on purpose: a handler that did not return would starve it
 class Gunicorn:
     """``gunicorn -k gthread tests.gunicorn_app:app`` on 127.0.0.1, port 0."""
 
-    def __init__(self) -> None:
+    def __init__(self, *extra_args: str) -> None:
         self.lines: List[str] = []
         self._listening = threading.Event()
         self.port = 0
@@ -40,7 +40,7 @@ class Gunicorn:
                 sys.executable, "-m", "gunicorn",
                 "-k", "gthread", "--threads", str(THREADS), "--workers", "1",
                 "--bind", "127.0.0.1:0", "--graceful-timeout", "3", "--log-level", "info",
-                "tests.gunicorn_app:app",
+                *extra_args, "tests.gunicorn_app:app",
             ],
             cwd=str(REPO),
             stdout=subprocess.DEVNULL,
@@ -51,20 +51,21 @@ class Gunicorn:
         if not self._listening.wait(TIMEOUT * 3):
             self.stop()
             raise AssertionError("gunicorn did not start:\n" + "".join(self.lines))
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.url = f"ws://127.0.0.1:{self.port}/connect"
+        tls = "--certfile" in extra_args
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.url = f"{'wss' if tls else 'ws'}://127.0.0.1:{self.port}/connect"
 
     def _read_log(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.lines.append(line)
-            match = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", line)
+            match = re.search(r"Listening at: https?://127\.0\.0\.1:(\d+)", line)
             if match:
                 self.port = int(match.group(1))
                 self._listening.set()
 
-    def clients(self) -> List[str]:
-        response = requests.get(f"{self.base}/clients", timeout=TIMEOUT)
+    def clients(self, verify: Any = True) -> List[str]:
+        response = requests.get(f"{self.base}/clients", timeout=TIMEOUT, verify=verify)
         response.raise_for_status()
         return response.text.split()
 
@@ -154,3 +155,38 @@ def test_no_stray_bytes_and_threads_come_back_under_gunicorn(gunicorn: Gunicorn)
         wait_for(lambda: "raw" not in gunicorn.clients())
     assert gunicorn.clients() == []
     assert not gunicorn.errors(), "".join(gunicorn.lines)
+
+
+def test_tunnel_over_tls_under_gunicorn(tmp_path: Path, echo_server: EchoServer) -> None:
+    """gunicorn with --certfile: the taken-over socket is an SSLSocket."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    pem = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    client_context = ssl.create_default_context(cafile=str(ca_file))
+    server = Gunicorn("--certfile", str(pem), "--keyfile", str(pem))
+    client = TunnelClient(server.url, {"X-Tunnel-ID": "tls"}, lambda proto, address: True,
+                          ssl_context=client_context)
+    try:
+        client.start()
+        session = client.wait_connected(TIMEOUT)
+        wait_for(lambda: "tls" in server.clients(verify=str(ca_file)))
+        body = os.urandom(3 << 20)
+        response = requests.post(
+            f"{server.base}/echo", params={"key": "tls", "address": echo_server.address},
+            data=body, timeout=TIMEOUT * 3, verify=str(ca_file),
+        )
+        assert response.status_code == 200 and response.content == body
+        with session.dial("tcp", echo_server.address, TIMEOUT) as conn:
+            echo_round_trip(conn, 1 << 20)
+        client.stop(TIMEOUT)
+        wait_for(lambda: "tls" not in server.clients(verify=str(ca_file)))
+    finally:
+        client.stop(TIMEOUT)
+        server.stop()
+    assert not server.errors(), "".join(server.lines)

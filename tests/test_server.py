@@ -54,7 +54,7 @@ class Harness:
         self.httpd = make_server("127.0.0.1", 0, server, threaded=True)
         self.port = self.httpd.server_port
         self.url = f"ws://127.0.0.1:{self.port}/connect"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
         self.clients: List[TunnelClient] = []
 
@@ -568,7 +568,7 @@ def test_tunnel_over_tls(echo_server: EchoServer) -> None:
     ca.configure_trust(client_context)
     server = Server(tunnel_id_authorizer)
     httpd = make_server("127.0.0.1", 0, server, threaded=True, ssl_context=server_context)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     client = TunnelClient(
         f"wss://127.0.0.1:{httpd.server_port}/connect", {"X-Tunnel-ID": "tls"},
