@@ -8,10 +8,18 @@ It handles every message type as PROTOCOL.md describes.
 Locks, in the order they may nest:
 
 * ``_lock`` guards the connection table, the id counter and ``_closed``;
-* ``_write_lock`` serializes ``transport.send``; nothing else is taken while
-  it is held.
+* ``_write_lock`` serializes ``transport.send``;
+* ``_control_lock`` guards the queue of control messages; taken last, and
+  only for a moment.
 
-A connection's own ``_cond`` is never held while either is taken.
+A connection's own ``_cond`` is never held while any of them is taken.
+
+The reader thread never writes to the socket. If both ends' readers could
+block on a write while both ends' writers wait for the other side to read,
+neither would read again: a classic stall. Control messages (PAUSE, RESUME,
+ERROR, ...) therefore go through a queue; the reader only enqueues them, and
+other threads send them inline when the socket is free, else a short-lived
+flusher thread waits for the write lock and sends them in order.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import os
 import random
 import threading
 import time
-from typing import Callable, Dict, FrozenSet, List, Optional
+from collections import deque
+from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Tuple
 
 from . import heartbeat as heartbeat_module
 from .config import DEFAULT_LIMITS, Limits
@@ -67,6 +76,10 @@ ADD_CLIENT (``added`` true) and REMOVE_CLIENT message (peering)."""
 # (the first connection gets id 2, as in Go). A client dialing the server counts
 # from far above, so dials in both directions never collide.
 _SERVER_DIAL_ID_START = 1
+
+MAX_QUEUED_CONTROL_MESSAGES = 65536
+"""Control messages waiting for the socket; more means the peer stopped
+reading while still sending to us, and the session is closed."""
 _CLIENT_DIAL_ID_START = 1 << 32
 
 
@@ -108,6 +121,10 @@ class Session:
         self._trace = tracing_enabled()
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._control_lock = threading.Lock()
+        self._control_queue: Deque[Tuple[bytes, int, int]] = deque()  # (message, type, payload size)
+        self._flusher_running = False
+        self._reader_thread: Optional[threading.Thread] = None
         self._connections: Dict[int, TunnelConnection] = {}
         self._next_conn_id = _CLIENT_DIAL_ID_START if is_client else _SERVER_DIAL_ID_START
         self._closed = False
@@ -154,6 +171,7 @@ class Session:
         """Read and handle messages on the calling thread until the session
         ends; return the reason it ended. Never raises for network or protocol
         trouble: those end the session."""
+        self._reader_thread = threading.current_thread()
         self.observer.session_started(self)
         self._heartbeat.register(self)
         reason = "closed"
@@ -325,15 +343,70 @@ class Session:
     def _send_control(
         self, message_type: int, conn_id: int, payload: bytes = b"", timeout: Optional[float] = None
     ) -> bool:
-        """Best-effort send of a control message; False if it could not go out."""
-        if timeout is None:
-            timeout = self.limits.control_write_timeout
-        try:
-            self._write(message_type, conn_id, payload, timeout)
-            return True
-        except (OSError, TunnelClosedError) as exc:
-            log.debug("%s: could not send %s for %d: %s", self, message_type, conn_id, exc)
+        """Queue a control message and see that it goes out in order; False if
+        the session has ended. Never blocks the reader thread; another caller
+        waits at most ``timeout`` (default ``limits.control_write_timeout``)
+        to send it inline, after which the flusher takes over."""
+        if self._closed:
             return False
+        data = encode_message(GLOBAL_MESSAGE_IDS.next(), conn_id, message_type, payload)
+        with self._control_lock:
+            overflow = len(self._control_queue) >= MAX_QUEUED_CONTROL_MESSAGES
+            if not overflow:
+                self._control_queue.append((data, message_type, len(payload)))
+        if overflow:
+            self.close("too many control messages queued: the peer is not reading")
+            return False
+        if threading.current_thread() is not self._reader_thread:
+            if timeout is None:
+                timeout = self.limits.control_write_timeout
+            if self._write_lock.acquire(timeout=timeout):
+                try:
+                    self._drain_control_locked()
+                finally:
+                    self._write_lock.release()
+        self._start_flusher_if_needed()
+        return not self._closed
+
+    def _drain_control_locked(self) -> None:
+        """With ``_write_lock`` held: send every queued control message."""
+        while True:
+            with self._control_lock:
+                if not self._control_queue:
+                    return
+                data, message_type, payload_size = self._control_queue.popleft()
+            try:
+                if self._trace:
+                    trace_log.debug("%s send %r", self, decode_message(data))
+                self.transport.send(data)
+            except (TransportClosed, OSError) as exc:
+                self.observer.message_send_failed(self, message_type, payload_size)
+                with self._control_lock:
+                    self._control_queue.clear()
+                self.close(f"write failed: {exc}")
+                return
+            self.observer.message_sent(self, message_type, payload_size)
+
+    def _start_flusher_if_needed(self) -> None:
+        with self._control_lock:
+            if not self._control_queue or self._flusher_running or self._closed:
+                return
+            self._flusher_running = True
+        threading.Thread(
+            target=self._flush_control, name=f"remotedialer-flush-{self.session_key}", daemon=True
+        ).start()
+
+    def _flush_control(self) -> None:
+        """Flusher thread: wait for the socket and send what is queued; exits
+        once the queue is empty (or the session ended, which frees the lock)."""
+        while True:
+            with self._write_lock:
+                self._drain_control_locked()
+            with self._control_lock:
+                if not self._control_queue or self._closed:
+                    self._control_queue.clear() if self._closed else None
+                    self._flusher_running = False
+                    return
 
     def _send_bytes(
         self,
@@ -350,6 +423,8 @@ class Session:
             self.observer.message_send_failed(self, message_type, payload_size)
             raise TunnelTimeoutError("timed out waiting to write to the tunnel")
         try:
+            if self._control_queue:
+                self._drain_control_locked()  # control messages first, in order
             if conn is not None and conn._wire_closed:
                 raise BrokenPipeError(32, "Broken pipe")
             if self._trace:
@@ -359,6 +434,8 @@ class Session:
             failure: Optional[BaseException] = exc
         except OSError as exc:
             if isinstance(exc, BrokenPipeError) and conn is not None:
+                if isinstance(conn._write_error, TunnelClosedError):
+                    raise conn._write_error from None  # the session ended under this write
                 raise
             failure = exc
         else:
