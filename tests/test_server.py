@@ -554,10 +554,12 @@ def test_server_close_ends_every_session(harness: Harness) -> None:
 
 
 # ------------------------------------------------------------- TLS, IPv6
-def test_tunnel_over_tls(echo_server: EchoServer) -> None:
+def test_tunnel_over_tls(echo_server: EchoServer, caplog: pytest.LogCaptureFixture) -> None:
     """wss:// to werkzeug with a TLS context: the taken-over socket is an
-    SSLSocket and everything works the same."""
+    SSLSocket and everything works the same, ending quietly."""
     import ssl
+
+    caplog.set_level(logging.INFO)
 
     import trustme
 
@@ -583,6 +585,8 @@ def test_tunnel_over_tls(echo_server: EchoServer) -> None:
         session = server.sessions("tls")[0]
         client.stop(TIMEOUT)
         assert session.wait_closed(TIMEOUT)
+        wait_for(lambda: not request_handler_threads())
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     finally:
         client.stop(TIMEOUT)
         server.close()
