@@ -296,15 +296,17 @@ class TunnelConnection:
 
         Flags change under ``_cond`` but messages go out after it is released,
         so a reader's RESUME could otherwise overtake the reader thread's PAUSE
-        and leave the peer paused for good. Blocks on the session's write lock
-        (bounded by ``control_write_timeout``)."""
+        and leave the peer paused for good. Never blocks: the message is
+        queued in order and sent now if the socket is free, else by the
+        session's flusher."""
         with self._flow_lock:
             with self._cond:
                 paused = self.we_paused_peer
                 if paused == self._pause_sent or self._wire_closed:
                     return
             self._pause_sent = paused
-            self.session._send_control(MessageType.PAUSE if paused else MessageType.RESUME, self.conn_id)
+            message_type = MessageType.PAUSE if paused else MessageType.RESUME
+            self.session._send_control(message_type, self.conn_id, timeout=0)
         if paused:
             self.session.observer.connection_paused(self.session, self)
         else:
