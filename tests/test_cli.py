@@ -1,0 +1,355 @@
+"""The ``remotedialer`` command's pieces, in process: argument parsing, the
+example server's routing and app factory, logging set-up, the bounded
+werkzeug server and the dummy file server."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, List
+
+import pytest
+from werkzeug.test import EnvironBuilder
+from werkzeug.wrappers import Request
+
+from remotedialer.cli import build_parser, main, parse_listen, setup_logging
+from remotedialer.cli.demo import Check, human_size
+from remotedialer.cli.dummy import BLOCK_SIZE, DummyServer, generated_bytes, generated_sha256
+from remotedialer.cli.server import (
+    BoundedThreadedWSGIServer,
+    Peer,
+    ServerApp,
+    make_app,
+    parse_peers,
+    tunnel_id_authorizer,
+    wire_peers,
+)
+from remotedialer.forwarder import Forwarder
+
+from .conftest import TIMEOUT, wait_for
+
+# ------------------------------------------------------------------ parsing
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (":8123", ("0.0.0.0", 8123)),
+        ("8125", ("0.0.0.0", 8125)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("[::1]:8123", ("::1", 8123)),
+        ("localhost:80", ("localhost", 80)),
+    ],
+)
+def test_parse_listen(text: str, expected: Any) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "host", "host:", "host:x", ":99999"])
+def test_parse_listen_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_listen(text)
+
+
+def test_parse_peers() -> None:
+    assert parse_peers("") == []
+    assert parse_peers(None) == []
+    assert parse_peers("a:t1:ws://h:8123/connect, b:t2:wss://[::1]:9/connect,") == [
+        Peer("a", "t1", "ws://h:8123/connect"),
+        Peer("b", "t2", "wss://[::1]:9/connect"),
+    ]
+    for bad in ("a:t1", "a::ws://x", ":t:ws://x"):
+        with pytest.raises(ValueError):
+            parse_peers(bad)
+
+
+def test_defaults_are_the_go_examples() -> None:
+    parser = build_parser()
+    server = parser.parse_args(["server"])
+    assert (server.listen, server.id, server.token, server.peers, server.debug) == (
+        ("0.0.0.0", 8123), "", "", "", False,
+    )
+    assert server.timeout == 15.0
+    client = parser.parse_args(["client"])
+    assert (client.connect, client.id) == ("ws://localhost:8123/connect", "foo")
+    dummy = parser.parse_args(["dummy"])
+    assert (dummy.listen, dummy.directory) == (("0.0.0.0", 8125), ".")
+    demo = parser.parse_args(["demo"])
+    assert demo.size == 64
+
+
+def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["server", "--listen", "nowhere"])
+    assert exited.value.code == 2
+    assert "invalid listen address" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+
+
+# ------------------------------------------------------ the example server
+
+
+def _request(**kwargs: Any) -> Request:
+    return Request(EnvironBuilder(**kwargs).get_environ())
+
+
+def test_tunnel_id_authorizer() -> None:
+    assert tunnel_id_authorizer(_request(headers={"X-Tunnel-ID": "foo"})) == ("foo", True)
+    assert tunnel_id_authorizer(_request(headers={"x-tunnel-id": "bar"})) == ("bar", True)
+    assert tunnel_id_authorizer(_request()) == ("", False)
+    assert tunnel_id_authorizer(_request(headers={"X-Tunnel-ID": ""})) == ("", False)
+
+
+def _call(app: Callable[..., Iterable[bytes]], path: str) -> str:
+    statuses: List[str] = []
+    body = b"".join(app(EnvironBuilder(path=path).get_environ(),
+                        lambda status, headers: statuses.append(status)))
+    return f"{statuses[0]} {body.decode()}"
+
+
+def test_server_app_routes() -> None:
+    def named(name: str) -> Callable[..., Iterable[bytes]]:
+        def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            start_response("200 OK", [])
+            return [name.encode()]
+        return app
+
+    forwarder = Forwarder(lambda *args: None)
+    forwarder.__call__ = named("forwarder")  # type: ignore[method-assign]
+    app = ServerApp(named("connect"), forwarder)
+    app.forwarder = named("forwarder")  # type: ignore[assignment]
+    app.forwarder.prefix = "/client"  # type: ignore[attr-defined]
+    app.mount("/metrics", named("metrics"))
+    assert _call(app, "/connect") == "200 OK connect"
+    assert _call(app, "/client/foo/http/h:1/x") == "200 OK forwarder"
+    assert _call(app, "/metrics") == "200 OK metrics"
+    assert _call(app, "/metrics/more").startswith("404")
+    assert _call(app, "/clientele").startswith("404")
+    assert _call(app, "/").startswith("404")
+
+
+def test_make_app_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REMOTEDIALER_ID", "a")
+    monkeypatch.setenv("REMOTEDIALER_TOKEN", "s3cret")
+    monkeypatch.setenv("REMOTEDIALER_TIMEOUT", "7.5")
+    monkeypatch.setenv("REMOTEDIALER_ALLOW_CLIENT_CONNECT", "true")
+    monkeypatch.delenv("REMOTEDIALER_PEERS", raising=False)
+    app = make_app()
+    try:
+        assert (app.server.peer_id, app.server.peer_token) == ("a", "s3cret")
+        assert app.forwarder.default_timeout == 7.5
+        assert app.server.client_connect_authorizer("tcp", "10.0.0.1:22") is True
+    finally:
+        app.close()
+    explicit = make_app(peer_id="b", peer_token="t", timeout=3, allow_client_connect=False)
+    try:
+        assert (explicit.server.peer_id, explicit.server.peer_token) == ("b", "t")
+        assert explicit.forwarder.default_timeout == 3
+        assert explicit.server.client_connect_authorizer is None
+    finally:
+        explicit.close()
+
+
+def test_make_app_rejects_malformed_peers() -> None:
+    with pytest.raises(ValueError):
+        make_app(peers="just-an-id")
+
+
+def test_wire_peers_calls_add_peer(caplog: pytest.LogCaptureFixture) -> None:
+    calls: List[Any] = []
+
+    class WithPeering:
+        def add_peer(self, url: str, peer_id: str, token: str) -> None:
+            calls.append((url, peer_id, token))
+
+    wire_peers(WithPeering(), parse_peers("b:t:ws://b:1/connect,c:t:ws://c:1/connect"))
+    assert calls == [("ws://b:1/connect", "b", "t"), ("ws://c:1/connect", "c", "t")]
+    with caplog.at_level(logging.WARNING):
+        wire_peers(object(), parse_peers("b:t:ws://b:1/connect"))
+    assert "ignoring 1 peer" in caplog.text
+
+
+# ------------------------------------------------------------------ logging
+
+
+@pytest.fixture
+def clean_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    names = ["", "werkzeug", "remotedialer", "remotedialer.trace", "urllib3", "websocket",
+             "simple_websocket", "gunicorn"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    handlers = list(logging.getLogger().handlers)
+    monkeypatch.delenv("CATTLE_TUNNEL_DATA_DEBUG", raising=False)
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_setup_logging_levels(clean_logging: None) -> None:
+    setup_logging()
+    assert logging.getLogger().level == logging.INFO
+    assert not logging.getLogger("remotedialer.trace").isEnabledFor(logging.DEBUG)
+    setup_logging(quiet=True)
+    assert logging.getLogger().level == logging.ERROR
+    assert logging.getLogger("werkzeug").level == logging.ERROR
+
+
+def test_cattle_tunnel_data_debug_enables_only_the_trace(
+    clean_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CATTLE_TUNNEL_DATA_DEBUG", "true")
+    setup_logging()
+    assert logging.getLogger("remotedialer.trace").isEnabledFor(logging.DEBUG)
+    assert not logging.getLogger("remotedialer.session").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("remotedialer.session").isEnabledFor(logging.INFO)
+
+
+def test_debug_turns_tracing_on(clean_logging: None) -> None:
+    setup_logging(debug=True)
+    assert os.environ["CATTLE_TUNNEL_DATA_DEBUG"] == "true"
+    assert logging.getLogger("remotedialer.session").isEnabledFor(logging.DEBUG)
+    assert logging.getLogger("remotedialer.trace").isEnabledFor(logging.DEBUG)
+
+
+# ------------------------------------------------- the bounded WSGI server
+
+
+def test_bounded_server_runs_at_most_max_threads() -> None:
+    release = threading.Event()
+    lock = threading.Lock()
+    running: List[int] = []
+    started: List[int] = []
+
+    def app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with lock:
+            running.append(1)
+            started.append(1)
+        release.wait(TIMEOUT)
+        with lock:
+            running.pop()
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    server = BoundedThreadedWSGIServer("127.0.0.1", 0, app, max_threads=2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    socks = []
+    try:
+        for _ in range(3):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            socks.append(sock)
+        wait_for(lambda: len(started) == 2)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:  # the third waits for a free thread
+            assert len(started) == 2
+            time.sleep(0.01)
+        release.set()
+        wait_for(lambda: len(started) == 3)
+        for sock in socks:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    finally:
+        release.set()
+        for sock in socks:
+            sock.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(TIMEOUT)
+    assert not thread.is_alive()
+
+
+# ------------------------------------------------------ the dummy server
+
+
+@pytest.fixture
+def dummy(tmp_path: Any) -> Iterator[DummyServer]:
+    (tmp_path / "file.bin").write_bytes(os.urandom(300_000))
+    (tmp_path / "sub").mkdir()
+    server = DummyServer(("127.0.0.1", 0), str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
+def _get(conn: http.client.HTTPConnection, path: str, method: str = "GET") -> http.client.HTTPResponse:
+    conn.request(method, path)
+    return conn.getresponse()
+
+
+def test_generated_bytes_are_deterministic() -> None:
+    size = BLOCK_SIZE + 12345
+    assert hashlib.sha256(generated_bytes(size)).hexdigest() == generated_sha256(size)
+    assert generated_bytes(100, seed=1) != generated_bytes(100, seed=0)
+    assert generated_sha256(0) == hashlib.sha256(b"").hexdigest()
+
+
+def test_dummy_serves_files_generated_data_with_keep_alive(dummy: DummyServer, tmp_path: Any) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
+    try:
+        response = _get(conn, "/file.bin")
+        assert response.status == 200
+        assert response.read() == (tmp_path / "file.bin").read_bytes()
+        sock = conn.sock
+        size = 3 * BLOCK_SIZE + 5
+        response = _get(conn, f"/bytes/{size}")
+        assert response.getheader("Content-Length") == str(size)
+        assert hashlib.sha256(response.read()).hexdigest() == generated_sha256(size)
+        response = _get(conn, "/bytes/77?seed=3")
+        assert response.read() == generated_bytes(77, seed=3)
+        response = _get(conn, "/bytes/10", method="HEAD")
+        assert (response.getheader("Content-Length"), response.read()) == ("10", b"")
+        response = _get(conn, "/")
+        listing = response.read()
+        assert b"file.bin" in listing and b"sub/" in listing
+        assert conn.sock is sock  # every request went over one kept-alive connection
+        response = _get(conn, "/missing")
+        assert response.status == 404
+        response.read()
+    finally:
+        conn.close()
+
+
+def test_dummy_drip_and_bad_parameters(dummy: DummyServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
+    try:
+        response = _get(conn, "/drip/1000?interval=0.01&chunks=4")
+        assert response.read() == generated_bytes(1000)
+        response = _get(conn, "/drip/10?chunks=0")
+        assert response.status == 400
+        response.read()
+        response = _get(conn, "/stall?seconds=-1")
+        assert response.status == 400
+        response.read()
+    finally:
+        conn.close()
+
+
+def test_dummy_stall_sends_the_head_at_once(dummy: DummyServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
+    try:
+        response = _get(conn, "/stall?seconds=0.2")
+        assert response.status == 200
+        assert response.read() == b"finally\n"
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------- demo
+
+
+def test_demo_helpers() -> None:
+    assert human_size(0) == "0 B"
+    assert human_size(1536) == "1.5 KiB"
+    assert human_size(64 * 1024 * 1024) == "64.0 MiB"
+    assert Check("x", True, size=2 << 20, seconds=2.0).rate == 1 << 20
+    assert Check("x", True, size=10, seconds=1.0).rate == 0.0
