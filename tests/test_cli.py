@@ -29,7 +29,6 @@ from remotedialer.cli.server import (
     tunnel_id_authorizer,
     wire_peers,
 )
-from remotedialer.forwarder import Forwarder
 
 from .conftest import TIMEOUT, wait_for
 
@@ -121,11 +120,11 @@ def test_server_app_routes() -> None:
             return [name.encode()]
         return app
 
-    forwarder = Forwarder(lambda *args: None)
-    forwarder.__call__ = named("forwarder")  # type: ignore[method-assign]
-    app = ServerApp(named("connect"), forwarder)
-    app.forwarder = named("forwarder")  # type: ignore[assignment]
-    app.forwarder.prefix = "/client"  # type: ignore[attr-defined]
+    class FakeForwarder:
+        prefix = "/client"
+        __call__ = staticmethod(named("forwarder"))
+
+    app = ServerApp(named("connect"), FakeForwarder())  # type: ignore[arg-type]
     app.mount("/metrics", named("metrics"))
     assert _call(app, "/connect") == "200 OK connect"
     assert _call(app, "/client/foo/http/h:1/x") == "200 OK forwarder"
