@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 from .client import Backoff, TunnelClient
 from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, NoSessionError, TunnelClosedError
+from .observer import NULL_OBSERVER
 from .session import Session
 
 if TYPE_CHECKING:
@@ -87,6 +88,18 @@ def peer_ssl_context(
     return context
 
 
+class _LinkClient(TunnelClient):
+    """A tunnel client that reports each connection attempt to the observer."""
+
+    def __init__(self, peer_id: str, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._peer_id = peer_id
+
+    def connect_once(self) -> str:
+        (self.observer or NULL_OBSERVER).peer_connecting(self._peer_id)
+        return super().connect_once()
+
+
 class PeerLink:
     """Our outgoing link to one peer: announces our clients, relays its dials."""
 
@@ -105,7 +118,9 @@ class PeerLink:
 
         self._announcements: "queue.Queue[Optional[Tuple[bool, str, int]]]" = queue.Queue()
         self._session: Optional[Session] = None
-        self.client = TunnelClient(
+        self.observer = server.observer or NULL_OBSERVER
+        self.client = _LinkClient(
+            spec.peer_id,
             spec.url,
             {PEER_ID_HEADER: server.peer_id, PEER_TOKEN_HEADER: server.peer_token},
             connect_handler=peering.handle_connect,
@@ -140,6 +155,7 @@ class PeerLink:
         """A link came up: announce every client session, now and as they change."""
         log.info("peer link to %s (%s) up", self.spec.peer_id, self.spec.url)
         self._session = session
+        self.observer.peer_connected(self.spec.peer_id)
         manager = self.peering.server.session_manager
 
         def listener(added: bool, client_key: str, client_session: Session) -> None:
@@ -149,6 +165,7 @@ class PeerLink:
 
         def on_close(_ended: Session) -> None:
             manager.remove_listener(listener)
+            self.observer.peer_disconnected(self.spec.peer_id)
             log.info("peer link to %s ended: %s", self.spec.peer_id, session.close_reason)
 
         session.add_close_callback(on_close)

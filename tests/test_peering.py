@@ -183,3 +183,34 @@ def test_peer_tls_verifies_by_default() -> None:
     assert peer_ssl_context() is None  # websocket-client's default: verify
     insecure = peer_ssl_context(verify=False)
     assert insecure is not None and not insecure.check_hostname
+
+
+def test_peer_links_report_to_the_observer() -> None:
+    from remotedialer.observer import Observer
+
+    class Recorder(Observer):
+        def __init__(self) -> None:
+            self.events: List[str] = []
+
+        def peer_connecting(self, peer_id: str) -> None:
+            self.events.append(f"connecting {peer_id}")
+
+        def peer_connected(self, peer_id: str) -> None:
+            self.events.append(f"connected {peer_id}")
+
+        def peer_disconnected(self, peer_id: str) -> None:
+            self.events.append(f"disconnected {peer_id}")
+
+    recorder = Recorder()
+    a = TunnelServer(peer_id="A", peer_token=TOKEN, observer=recorder)
+    b = TunnelServer(peer_id="B", peer_token=TOKEN)
+    try:
+        b.server.add_peer(a.url, "A", TOKEN)
+        a.server.add_peer(b.url, "B", TOKEN)
+        wait_for(lambda: "connected B" in recorder.events)
+        a.server.remove_peer("B")
+        wait_for(lambda: "disconnected B" in recorder.events)
+        assert recorder.events[:2] == ["connecting B", "connected B"]
+    finally:
+        a.close()
+        b.close()
