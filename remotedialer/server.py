@@ -91,8 +91,11 @@ ErrorWriter = Callable[[WSGIEnviron, StartResponse, int, str], Iterable[bytes]]
 refusal as a WSGI response (Go's ``ErrorWriter``)."""
 
 PEER_ID_HEADER = "X-API-Tunnel-ID"
+"""Header carrying a peer server's id on its peer link."""
 PEER_TOKEN_HEADER = "X-API-Tunnel-Token"
+"""Header carrying a peer server's token on its peer link."""
 FAILED_AUTHENTICATION = "failed authentication"
+"""Body of the HTTP 401 answer to a request the authorizer did not authorize."""
 
 _STATUS_TEXT = {
     400: "Bad Request",
