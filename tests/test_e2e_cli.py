@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -294,8 +293,9 @@ def test_bad_arguments_exit_2() -> None:
 
 
 def test_demo_exits_0() -> None:
-    command = shutil.which("remotedialer")
-    args = [command] if command else [sys.executable, "-m", "remotedialer.cli"]
+    # The console script of the environment under test (not one elsewhere on PATH).
+    script = Path(sys.executable).parent / "remotedialer"
+    args = [str(script)] if script.exists() else [sys.executable, "-m", "remotedialer.cli"]
     result = subprocess.run(
         [*args, "demo", "--size", "8"], capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO,
     )
