@@ -63,6 +63,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 
+#: Request headers not sent on: ``Host`` is replaced by the target's, and the
+#: WSGI server already answered ``Expect: 100-continue``.
+_REQUEST_ONLY = frozenset({"host", "expect"})
+
 #: Response headers every WSGI server adds itself; forwarding them would
 #: duplicate them.
 _SET_BY_WSGI_SERVER = frozenset({"date", "server"})
@@ -167,7 +171,7 @@ def _request_headers(environ: Dict[str, Any], host: str) -> Dict[str, str]:
             continue
         name = key[5:].replace("_", "-").title()
         lowered = name.lower()
-        if lowered == "host" or lowered in HOP_BY_HOP or lowered in connection_tokens:
+        if lowered in _REQUEST_ONLY or lowered in HOP_BY_HOP or lowered in connection_tokens:
             continue
         headers[name] = value
     if environ.get("CONTENT_TYPE"):

@@ -86,6 +86,7 @@ def test_request_headers_drop_hop_by_hop_and_set_host() -> None:
         "HTTP_KEEP_ALIVE": "timeout=5",
         "HTTP_TRANSFER_ENCODING": "chunked",
         "HTTP_ACCEPT": "*/*",
+        "HTTP_EXPECT": "100-continue",
         "HTTP_X_CUSTOM_THING": "yes",
         "CONTENT_TYPE": "text/plain",
         "CONTENT_LENGTH": "3",
