@@ -31,6 +31,7 @@ the Go server.
 from __future__ import annotations
 
 import base64
+import collections
 import errno
 import hashlib
 import logging
@@ -39,7 +40,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 from . import masking
 from .errors import ProtocolError
@@ -92,6 +93,13 @@ RECEIVE_BYTES = 64 * 1024
 _JOIN_LIMIT = 64 * 1024
 #: How long :meth:`ServerWebSocket.close` waits to write its close frame.
 _CLOSE_WRITE_TIMEOUT = 1.0
+# How long the reader waits for the send lock to answer a ping before skipping
+# the pong: it must keep reading, or a bulk send stuck on a peer that is itself
+# stuck writing to us (its PAUSE queued behind data) deadlocks both sides.
+_PONG_LOCK_WAIT = 0.1
+# Pongs owed but not written yet, at most this many (the oldest go first: a
+# pong for the latest ping is enough, RFC 6455 5.5.3).
+_MAX_PENDING_PONGS = 64
 
 Bytes = Union[bytes, bytearray, memoryview]
 
@@ -350,6 +358,8 @@ class ServerWebSocket:
         self._description = description or "websocket"
         self._send_lock = threading.Lock()
         self._close_sent = False  # guarded by _send_lock
+        # Pong frames owed, written by the reader or after any other write.
+        self._pending_pongs: Deque[bytes] = collections.deque(maxlen=_MAX_PENDING_PONGS)
         # _close_lock serializes close(): a second caller waits until the
         # first has written the close frame and shut the socket down. It is
         # taken before _send_lock, never after.
@@ -399,8 +409,34 @@ class ServerWebSocket:
                 self.sock.sendall(data)
                 if payload is not None:
                     self.sock.sendall(payload)
+                if self._pending_pongs:
+                    while self._pending_pongs:
+                        self.sock.sendall(self._pending_pongs.popleft())
+                    self.last_keepalive = time.monotonic()
             except OSError as exc:
                 raise TransportClosed(f"websocket write failed: {exc}") from exc
+
+    def _flush_pongs(self) -> None:
+        """Reader thread: write the pongs owed, waiting at most
+        ``_PONG_LOCK_WAIT`` for the send lock and again for the socket. If
+        that fails they stay owed and go out after the next write (or the next
+        ping). Errors show on the next read."""
+        if not self._send_lock.acquire(timeout=_PONG_LOCK_WAIT):
+            return
+        try:
+            if self._close_sent:
+                self._pending_pongs.clear()
+                return
+            while self._pending_pongs:
+                _, writable, _ = select.select([], [self.sock], [], _PONG_LOCK_WAIT)
+                if not writable:
+                    return
+                self.sock.sendall(self._pending_pongs.popleft())
+            self.last_keepalive = time.monotonic()
+        except (OSError, ValueError):
+            pass
+        finally:
+            self._send_lock.release()
 
     def send(self, data: Bytes) -> None:
         """Send one binary message. Blocks until the socket took all of it;
@@ -457,11 +493,10 @@ class ServerWebSocket:
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_PING:
-                self.last_keepalive = time.monotonic()
-                try:
-                    self._write(encode_frame(OP_PONG, payload))
-                except TransportClosed:
-                    pass  # the next read reports the closed socket
+                # Keepalive counts once the pong is out: a peer that pings but
+                # never reads cannot be answered and is cut at the read deadline.
+                self._pending_pongs.append(encode_frame(OP_PONG, payload))
+                self._flush_pongs()
             elif opcode == OP_TEXT:
                 self._send_close(CLOSE_UNSUPPORTED_DATA, "text message", _CLOSE_WRITE_TIMEOUT)
                 raise ProtocolError("text message received")
