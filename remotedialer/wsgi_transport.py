@@ -93,11 +93,7 @@ RECEIVE_BYTES = 64 * 1024
 _JOIN_LIMIT = 64 * 1024
 #: How long :meth:`ServerWebSocket.close` waits to write its close frame.
 _CLOSE_WRITE_TIMEOUT = 1.0
-# How long the reader waits for the send lock to answer a ping before skipping
-# the pong: it must keep reading, or a bulk send stuck on a peer that is itself
-# stuck writing to us (its PAUSE queued behind data) deadlocks both sides.
-_PONG_LOCK_WAIT = 0.1
-# Pongs owed but not written yet, at most this many (the oldest go first: a
+# Pongs owed but not written yet, at most this many (the oldest are dropped: a
 # pong for the latest ping is enough, RFC 6455 5.5.3).
 _MAX_PENDING_PONGS = 64
 
@@ -358,7 +354,16 @@ class ServerWebSocket:
         self._description = description or "websocket"
         self._send_lock = threading.Lock()
         self._close_sent = False  # guarded by _send_lock
-        # Pong frames owed, written by the reader or after any other write.
+        # Pongs: the reader must never block on the socket (a bulk send stuck
+        # on a peer that is itself stuck writing to us would deadlock both
+        # sides), so it queues its pong in _pending_pongs; writers send what
+        # is queued after their own write, and the reader sends it itself only
+        # when no writer is around and the socket can take it at once.
+        # _pong_lock guards _writers (writers waiting for or holding
+        # _send_lock); it is never held together with another lock nor during
+        # I/O. Pongs are popped only by whoever holds _send_lock.
+        self._pong_lock = threading.Lock()
+        self._writers = 0
         self._pending_pongs: Deque[bytes] = collections.deque(maxlen=_MAX_PENDING_PONGS)
         # _close_lock serializes close(): a second caller waits until the
         # first has written the close frame and shut the socket down. It is
@@ -401,38 +406,54 @@ class ServerWebSocket:
 
     # -- writes
     def _write(self, data: Bytes, payload: Optional[Bytes] = None) -> None:
-        """Write ``data`` (then ``payload``) completely, under the send lock."""
-        with self._send_lock:
-            if self._close_sent:
-                raise TransportClosed("websocket closed")
-            try:
-                self.sock.sendall(data)
-                if payload is not None:
-                    self.sock.sendall(payload)
-                if self._pending_pongs:
+        """Write ``data`` (then ``payload``) completely, under the send lock,
+        then the pongs owed."""
+        with self._pong_lock:
+            self._writers += 1
+        try:
+            with self._send_lock:
+                if self._close_sent:
+                    raise TransportClosed("websocket closed")
+                try:
+                    self.sock.sendall(data)
+                    if payload is not None:
+                        self.sock.sendall(payload)
                     while self._pending_pongs:
                         self.sock.sendall(self._pending_pongs.popleft())
-                    self.last_keepalive = time.monotonic()
-            except OSError as exc:
-                raise TransportClosed(f"websocket write failed: {exc}") from exc
+                        self.last_keepalive = time.monotonic()
+                except OSError as exc:
+                    raise TransportClosed(f"websocket write failed: {exc}") from exc
+        finally:
+            with self._pong_lock:
+                self._writers -= 1
+                stranded = not self._writers and bool(self._pending_pongs)
+            if stranded:  # a pong queued after our flush, with no writer left
+                self._flush_pongs()
+
+    def _answer_ping(self, payload: bytes) -> None:
+        """Reader thread: owe a pong and send it if that cannot block."""
+        with self._pong_lock:
+            self._pending_pongs.append(encode_frame(OP_PONG, payload))
+            if self._writers:
+                return  # a writer sends it after its write
+        self._flush_pongs()
 
     def _flush_pongs(self) -> None:
-        """Reader thread: write the pongs owed, waiting at most
-        ``_PONG_LOCK_WAIT`` for the send lock and again for the socket. If
-        that fails they stay owed and go out after the next write (or the next
-        ping). Errors show on the next read."""
-        if not self._send_lock.acquire(timeout=_PONG_LOCK_WAIT):
-            return
+        """Send the pongs owed if the socket is free and can take them at
+        once; otherwise they go after the next write (or with the next ping).
+        Never blocks. Errors show on the next read or write."""
+        if not self._send_lock.acquire(blocking=False):
+            return  # a writer took the socket since: it sends them
         try:
             if self._close_sent:
                 self._pending_pongs.clear()
                 return
             while self._pending_pongs:
-                _, writable, _ = select.select([], [self.sock], [], _PONG_LOCK_WAIT)
+                _, writable, _ = select.select([], [self.sock], [], 0)
                 if not writable:
                     return
                 self.sock.sendall(self._pending_pongs.popleft())
-            self.last_keepalive = time.monotonic()
+                self.last_keepalive = time.monotonic()
         except (OSError, ValueError):
             pass
         finally:
@@ -495,8 +516,7 @@ class ServerWebSocket:
             if opcode == OP_PING:
                 # Keepalive counts once the pong is out: a peer that pings but
                 # never reads cannot be answered and is cut at the read deadline.
-                self._pending_pongs.append(encode_frame(OP_PONG, payload))
-                self._flush_pongs()
+                self._answer_ping(payload)
             elif opcode == OP_TEXT:
                 self._send_close(CLOSE_UNSUPPORTED_DATA, "text message", _CLOSE_WRITE_TIMEOUT)
                 raise ProtocolError("text message received")
