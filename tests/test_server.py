@@ -456,7 +456,8 @@ def test_session_listeners_see_adds_and_removes(harness: Harness) -> None:
 
 def test_session_manager_limits_and_order() -> None:
     manager = SessionManager(max_sessions_per_key=2)
-    sessions = [Session(ServerWebSocket(socket.socketpair()[0], 100), is_client=False) for _ in range(3)]
+    pairs = [socket.socketpair() for _ in range(3)]
+    sessions = [Session(ServerWebSocket(a, 100), is_client=False) for a, _ in pairs]
     manager.add("k", sessions[0])
     manager.add("k", sessions[1])
     with pytest.raises(ConnectionResetError):  # LimitExceededError
@@ -468,6 +469,9 @@ def test_session_manager_limits_and_order() -> None:
     sessions[1].close("test")
     assert manager.client_keys() == [] and len(manager) == 0
     sessions[2].close("test")
+    for a, b in pairs:
+        a.close()
+        b.close()
 
 
 def test_ping_keeps_the_session_alive_and_silence_ends_it(make_harness: Callable[..., Harness]) -> None:
