@@ -474,6 +474,22 @@ def test_session_manager_limits_and_order() -> None:
         b.close()
 
 
+def test_session_manager_session_that_already_ended() -> None:
+    """A session that ended before it was registered is announced added, then
+    removed, in that order, and does not stay in the table."""
+    manager = SessionManager()
+    events: List[Tuple[bool, str]] = []
+    manager.add_listener(lambda added, key, session: events.append((added, key)))
+    a, b = socket.socketpair()
+    session = Session(ServerWebSocket(a, 100), is_client=False)
+    session.close("gone early")
+    manager.add("k", session)
+    assert events == [(True, "k"), (False, "k")]
+    assert manager.sessions("k") == [] and not manager.has_session("k")
+    a.close()
+    b.close()
+
+
 def test_ping_keeps_the_session_alive_and_silence_ends_it(make_harness: Callable[..., Harness]) -> None:
     harness = make_harness(limits=Limits(read_deadline=0.6))
     harness.client("pinger", limits=Limits(ping_interval=0.05))
