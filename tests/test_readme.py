@@ -1,0 +1,31 @@
+"""README.rst's two newcomer commands, and .ci/run running the second one."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import List
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> List[str]:
+    """The literal blocks (``::`` paragraphs) at the top of README.rst, in order."""
+    text = (ROOT / "README.rst").read_text(encoding="utf-8")
+    return [block.strip() for block in re.findall(r"::\n\n    (.+)\n", text)]
+
+
+def test_readme_starts_with_the_demo_then_the_test_command() -> None:
+    demo, tests = readme_commands()[:2]
+    assert demo.startswith("python3 -m venv .venv && ") and demo.endswith("remotedialer demo")
+    assert "pip install -e '.[test]'" in tests and tests.endswith("python -m pytest -q")
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    tests = readme_commands()[1]
+    ci_lines = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    assert tests in ci_lines
