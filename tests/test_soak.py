@@ -1,0 +1,68 @@
+"""The soak command (benchmarks/soak.py): a quick smoke run in the default
+suite, the full 10-minute run with ``-m slow``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.soak import Sample, SoakResult, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_soak_runs_clean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "soak.json"
+    status = main(["--seconds", "3", "--connections", "5", "--json", str(out)])
+    table = capsys.readouterr().out
+    assert status == 0, table
+    assert "0 errors" in table
+    figures = json.loads(out.read_text())
+    assert figures["errors"] == 0 and figures["died"] == []
+    assert figures["echo_round_trips"] > 0 and figures["http_requests"] > 0
+    for name in ("server", "client"):
+        assert figures["samples"][name], f"no samples of the {name}"
+        assert name in figures["idle"]
+        assert f"\n{name} " in table
+
+
+def test_errors_and_deaths_fail_the_run() -> None:
+    sample = Sample(0.0, 1 << 20, 5, 10)
+    result = SoakResult(seconds=1, connections=1, samples={"server": [sample]})
+    assert result.ok
+    result.errors = 1
+    result.first_errors.append("echo worker 0: ConnectionResetError()")
+    assert not result.ok and "error: echo worker 0" in result.table()
+    result.errors = 0
+    result.died.append("client")
+    assert not result.ok and "process died: client" in result.table()
+
+
+def test_bad_arguments() -> None:
+    assert main(["--seconds", "0"]) == 2
+    assert main(["--seconds", "1", "--connections", "0"]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_full_soak(tmp_path: Path) -> None:
+    """100 connections for 10 minutes (the defaults): zero errors, and the
+    processes' threads and descriptors back to their start once idle."""
+    out = tmp_path / "soak.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.soak", "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=840,
+    )
+    print(run.stdout)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["errors"] == 0
+    for name in ("server", "client"):
+        start = figures["samples"][name][0]
+        idle = figures["idle"][name]
+        assert idle["threads"] <= start["threads"] + 2, (name, start, idle)
+        assert idle["fds"] <= start["fds"] + 4, (name, start, idle)
