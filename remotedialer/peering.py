@@ -58,14 +58,15 @@ class PeerSpec:
         return f"PeerSpec(peer_id={self.peer_id!r}, url={self.url!r})"
 
 
-def parse_peers(text: str) -> List[PeerSpec]:
+def parse_peers(text: Optional[str]) -> List[PeerSpec]:
     """Parse ``id:token:url,id:token:url`` (the Go example's ``--peers``).
 
-    The URL may itself contain colons (``ws://host:port/connect``). Raises
-    ``ValueError`` for an entry without all three parts.
+    The URL may itself contain colons (``ws://host:port/connect``); empty
+    entries are ignored. Raises ``ValueError`` for an entry without all three
+    parts (the message names the peer id only, never the token).
     """
     specs = []
-    for entry in filter(None, (part.strip() for part in text.split(","))):
+    for entry in filter(None, (part.strip() for part in (text or "").split(","))):
         parts = entry.split(":", 2)
         if len(parts) != 3 or not all(parts):
             raise ValueError(f"invalid peer {entry.split(':', 1)[0]!r}: expected id:token:url")

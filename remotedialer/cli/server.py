@@ -24,13 +24,14 @@ import argparse
 import logging
 import os
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from werkzeug.serving import ThreadedWSGIServer
 from werkzeug.wrappers import Request
 
 from ..forwarder import DEFAULT_TIMEOUT, Forwarder
+from ..peering import PeerSpec as Peer
+from ..peering import parse_peers
 
 __all__ = [
     "add_arguments",
@@ -52,32 +53,6 @@ WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 #: Threads the built-in server may run at once: one per tunnel plus one per
 #: request in flight. Further connections wait to be accepted.
 DEFAULT_MAX_THREADS = 1024
-
-
-@dataclass(frozen=True)
-class Peer:
-    """One ``--peers`` entry: another server to route through."""
-
-    id: str
-    token: str
-    url: str
-
-
-def parse_peers(text: Optional[str]) -> List[Peer]:
-    """Parse ``id:token:url,id:token:url`` (the URL may contain colons).
-
-    Empty entries are ignored; a malformed one raises ``ValueError``.
-    """
-    peers: List[Peer] = []
-    for entry in (text or "").split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        parts = entry.split(":", 2)
-        if len(parts) != 3 or not all(parts):
-            raise ValueError(f"invalid peer {entry!r}: want id:token:url")
-        peers.append(Peer(parts[0], parts[1], parts[2]))
-    return peers
 
 
 def tunnel_id_authorizer(request: Request) -> Tuple[str, bool]:
@@ -124,8 +99,8 @@ def wire_peers(server: Any, peers: List[Peer]) -> None:
         log.warning("peering is not available in this build; ignoring %d peer(s)", len(peers))
         return
     for peer in peers:
-        log.info("peering with %s at %s", peer.id, peer.url)
-        add_peer(peer.url, peer.id, peer.token)
+        log.info("peering with %s at %s", peer.peer_id, peer.url)
+        add_peer(peer.url, peer.peer_id, peer.token)
 
 
 class ServerApp:
