@@ -214,3 +214,59 @@ def test_peer_links_report_to_the_observer() -> None:
     finally:
         a.close()
         b.close()
+
+
+class TLSPeerServer:
+    """A peering Server under werkzeug over TLS with a trustme certificate."""
+
+    def __init__(self, ca: "object", peer_id: str, **options: object) -> None:
+        import ssl
+        import threading
+
+        from werkzeug.serving import make_server
+
+        from remotedialer.server import Server
+
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(context)  # type: ignore[attr-defined]
+        self.server = Server(lambda request: ("", False), peer_id=peer_id, peer_token=TOKEN,
+                             **options)  # type: ignore[arg-type]
+        self.httpd = make_server("127.0.0.1", 0, self.server, threaded=True, ssl_context=context)
+        self.url = f"wss://127.0.0.1:{self.httpd.server_port}/connect"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.server.close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_wss_peer_links_verify_certificates(caplog: pytest.LogCaptureFixture) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    b = TLSPeerServer(ca, "B")
+    untrusting = TunnelServer(peer_id="A", peer_token=TOKEN)
+    untrusting.server.peering.backoff = FAST
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".pem") as bundle:
+        ca.cert_pem.write_to_path(bundle.name)
+        trusting = TunnelServer(peer_id="A2", peer_token=TOKEN,
+                                peer_ssl_context=peer_ssl_context(ca_file=bundle.name))
+    try:
+        b.server.add_peer(untrusting.url, "A", TOKEN)
+        b.server.add_peer(trusting.url, "A2", TOKEN)
+        with caplog.at_level(logging.WARNING):
+            untrusting.server.add_peer(b.url, "B", TOKEN)
+            link = untrusting.server.peering.links()[0]
+            wait_for(lambda: link.client.last_error is not None)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(link.client.last_error)
+        assert not b.server.peer_sessions.sessions("A")
+        trusting.server.add_peer(b.url, "B", TOKEN)
+        wait_for(lambda: b.server.peer_sessions.has_session("A2"))
+    finally:
+        untrusting.close()
+        trusting.close()
+        b.close()
