@@ -61,14 +61,15 @@ class Proc:
                 self.lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
 
-    def wait_log(self, pattern: str, timeout: float = TIMEOUT) -> "re.Match[str]":
+    def wait_log(self, pattern: str, timeout: float = TIMEOUT, count: int = 1) -> "re.Match[str]":
+        """Block until ``count`` lines matched ``pattern``; return the first match."""
         regex = re.compile(pattern)
         with self._cond:
             found: List["re.Match[str]"] = []
 
             def seen() -> bool:
                 found[:] = [m for m in map(regex.search, self.lines) if m]
-                return bool(found)
+                return len(found) >= count
 
             if not self._cond.wait_for(seen, timeout):
                 raise AssertionError(f"no log line matching {pattern!r}:\n" + "\n".join(self.lines[-30:]))
@@ -304,6 +305,8 @@ def test_repeated_client_kills_leak_nothing_in_the_server(deployment: Deployment
     d = deployment
     size = 16 * 1024
 
+    kills = [0]
+
     def cycle() -> None:
         client = d.start_client()
         assert ok(d.port, d.path(size), size) or measure_recovery(
@@ -312,7 +315,8 @@ def test_repeated_client_kills_leak_nothing_in_the_server(deployment: Deployment
         fault_at = time.monotonic()
         client.kill()
         download.check_cut(fault_at)
-        d.server.wait_log(r"client session for foo ended")
+        kills[0] += 1
+        d.server.wait_log(r"client session for foo ended", count=kills[0])
         d.procs.remove(client)
 
     def settled(baseline: Tuple[int, int]) -> Tuple[int, int]:
@@ -408,6 +412,7 @@ def test_peer_killed_and_restarted(deployment: Deployment) -> None:
         assert status == 500 or time.monotonic() < deadline, status
         if status == 500:
             break
+        time.sleep(0.02)
     a, _ = d.track(*start_server(a_port, "--id", "A", "--token", TOKEN,
                                  "--peers", f"B:{TOKEN}:ws://127.0.0.1:{b_port}/connect"))
     measure_recovery(b_port, d.path(size), size, "peer kill -9 + restart (via the other server)", fault_at)
