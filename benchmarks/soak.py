@@ -283,7 +283,7 @@ def run_soak(options: SoakOptions, log=lambda text: print(text, file=sys.stderr)
             for worker in workers:
                 worker.join(60)
             # Idle: give the processes a moment to close what the load left open.
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + min(10.0, max(2.0, options.seconds))
             first = {name: samples[0] for name, samples in result.samples.items() if samples}
             while True:
                 for name, proc in (("server", server), ("client", client)):
