@@ -519,3 +519,36 @@ def test_repeated_faults_leak_no_threads_or_descriptors(relay_rig: Rig) -> None:
     # no steady growth either: the last cycles are no higher than the first ones
     assert max(s[0] for s in samples[-3:]) <= max(s[0] for s in samples[:3]) + 1, samples
     assert max(s[1] for s in samples[-3:]) <= max(s[1] for s in samples[:3]) + 2, samples
+
+
+# ------------------------------------------- the reader never blocks on a pong
+def test_server_reader_keeps_reading_while_a_send_is_stuck() -> None:
+    """The mutual stall the fault tests found: a bulk send holds the
+    server's socket (the peer is not reading), a ping arrives. The reader
+    must not wait for the socket to answer it: it reads on (so the peer's
+    PAUSE gets through), and the pong goes out after the stuck write."""
+    from remotedialer.wsgi_transport import OP_BINARY, OP_PING, OP_PONG, ServerWebSocket
+
+    from .test_wsgi_transport import client_frame, read_server_frame
+
+    server_sock, client_sock = socket.socketpair()
+    client_sock.settimeout(TIMEOUT)
+    try:
+        ws = ServerWebSocket(server_sock, 1 << 20)
+        ws._send_lock.acquire()  # a send stuck on a full socket
+        keepalive = ws.last_keepalive
+        client_sock.sendall(client_frame(OP_PING, b"p1") + client_frame(OP_BINARY, b"PAUSE"))
+        got: List[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(ws.receive()), daemon=True)
+        reader.start()
+        reader.join(TIMEOUT)
+        assert got == [b"PAUSE"], "the reader blocked on the pong"
+        assert ws.last_keepalive == keepalive  # not answered yet: no keepalive
+        ws._send_lock.release()
+        ws.send(b"after")  # the next write carries the pong owed
+        frames = [read_server_frame(client_sock), read_server_frame(client_sock)]
+        assert frames == [(OP_BINARY, b"after"), (OP_PONG, b"p1")]
+        assert ws.last_keepalive > keepalive
+    finally:
+        server_sock.close()
+        client_sock.close()
