@@ -72,11 +72,17 @@ WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 """The magic GUID of RFC 6455 §1.3."""
 
 OP_CONTINUATION = 0x0
+"""Opcode of a continuation frame (RFC 6455 §5.2)."""
 OP_TEXT = 0x1
+"""Opcode of a text frame: a protocol error for remotedialer."""
 OP_BINARY = 0x2
+"""Opcode of a binary frame: every protocol message travels in these."""
 OP_CLOSE = 0x8
+"""Opcode of a close frame."""
 OP_PING = 0x9
+"""Opcode of a ping frame (clients ping every 5 s)."""
 OP_PONG = 0xA
+"""Opcode of a pong frame."""
 _DATA_OPCODES = (OP_TEXT, OP_BINARY)
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 
