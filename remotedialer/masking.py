@@ -31,7 +31,9 @@ NUMPY_MIN_SIZE = 4096
 _numpy: Any = None  # the module once imported, False if unavailable
 
 try:  # optional C speedup
-    from wsaccel.xormask import XorMaskerSimple as _AccelMasker  # type: ignore[import-not-found]
+    from wsaccel.xormask import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
+        XorMaskerSimple as _AccelMasker,
+    )
 except ImportError:  # pragma: no cover - depends on the environment
     _AccelMasker = None
 
