@@ -12,6 +12,18 @@ connection is bridged to a local socket pair on the shared
 work runs on the WSGI server's request thread plus that one piper thread: no
 thread per request is created here.
 
+Tunneled connections are kept alive and reused, as the Go example does with
+its cached ``http.Client``: a :class:`ConnectionPool` keeps a bounded number of
+idle HTTP connections per (client, scheme, address, host). A connection goes
+back to the pool only after its response was read to the end without error
+and the target did not ask to close it; before reuse it is checked (a
+tunneled connection the far side closed, or one with unexpected bytes
+waiting, is dropped). A bodyless GET, HEAD, OPTIONS or TRACE that fails on a reused connection
+before any response arrived (the target closed it at the same moment) is
+sent once more on a fresh one. Pooled connections of a client whose session
+ended are closed when the session manager reports it (:meth:`Forwarder.watch`)
+or, at the latest, when next looked at.
+
 ``?timeout=N`` (seconds, default 15, ``0`` for none) is an *idle* timeout: every
 single wait (for the response head, for the next piece of the body, for the
 peer to let us send) is bounded by it, so a download that keeps flowing is
@@ -24,20 +36,31 @@ response (the client sees a truncated body, never a silently shortened one).
 
 from __future__ import annotations
 
+import collections
 import http.client
 import itertools
 import logging
+import select
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from werkzeug.wsgi import get_input_stream
 
 from .piping import Piper, default_piper
 
-__all__ = ["Forwarder", "ForwardTarget", "parse_target", "DialFunction", "HOP_BY_HOP"]
+__all__ = [
+    "Forwarder",
+    "ForwardTarget",
+    "ConnectionPool",
+    "poll_readable",
+    "parse_target",
+    "DialFunction",
+    "HOP_BY_HOP",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +94,15 @@ _REQUEST_ONLY = frozenset({"host", "expect"})
 #: duplicate them.
 _SET_BY_WSGI_SERVER = frozenset({"date", "server"})
 
+#: Methods sent once more after a reused connection failed (bodyless ones only).
+_REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
 DEFAULT_TIMEOUT = 15.0
 CHUNK = 256 * 1024
+#: Idle keep-alive connections kept per (client, scheme, address, host).
+DEFAULT_MAX_IDLE_PER_KEY = 64
+#: Seconds an idle pooled connection is kept (Go's ``IdleConnTimeout``).
+DEFAULT_IDLE_TIMEOUT = 90.0
 _counter = itertools.count(1)
 
 
@@ -208,8 +238,127 @@ class _TunnelHTTPConnection(http.client.HTTPConnection):
         raise http.client.NotConnected("tunneled connection already closed")
 
 
+PoolKey = Tuple[str, str, str, str]
+"""``(client_key, scheme, address, host)`` of a pooled connection."""
+
+
+def _pool_key(target: ForwardTarget) -> PoolKey:
+    return (target.client_key, target.scheme, target.address, target.host)
+
+
+def poll_readable(sock: Any, timeout: float) -> bool:
+    """Whether ``sock`` (anything with ``fileno()``) becomes readable within
+    ``timeout`` seconds; blocks at most that long. Uses ``poll`` where there is
+    one (no ``FD_SETSIZE`` limit)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(max(0.0, timeout) * 1000.0))
+    readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
+    return bool(readable)
+
+
+def _reusable(connection: _TunnelHTTPConnection) -> bool:
+    """Whether an idle connection may carry another request: still open, and
+    nothing to read (an idle HTTP connection that is readable was closed by
+    the far side, or got bytes no request asked for)."""
+    sock = connection.sock
+    if sock is None:
+        return False
+    readable_now = getattr(sock, "readable_now", None)
+    if readable_now is not None:  # a TunnelConnection: no descriptor needed
+        return not sock.closed and not readable_now()
+    try:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return False
+        return not poll_readable(sock, 0.0)
+    except (OSError, ValueError):
+        return False
+
+
+class ConnectionPool:
+    """Idle keep-alive HTTP connections over tunneled connections.
+
+    At most ``max_idle_per_key`` idle connections per key, each kept at most
+    ``idle_timeout`` seconds. :meth:`get` hands out the most recently used
+    live one. ``_lock`` guards ``_idle``; connections are closed after it is
+    released. Never blocks except on that lock.
+    """
+
+    def __init__(self, max_idle_per_key: int = DEFAULT_MAX_IDLE_PER_KEY,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+        self.max_idle_per_key = max_idle_per_key
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._idle: Dict[PoolKey, Deque[Tuple[float, _TunnelHTTPConnection]]] = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(entries) for entries in self._idle.values())
+
+    def get(self, key: PoolKey) -> Optional[_TunnelHTTPConnection]:
+        """An idle live connection for ``key``, or None. Stale ones met on the
+        way are closed."""
+        stale: List[_TunnelHTTPConnection] = []
+        found: Optional[_TunnelHTTPConnection] = None
+        oldest = time.monotonic() - self.idle_timeout
+        with self._lock:
+            entries = self._idle.get(key)
+            while entries:
+                since, connection = entries.pop()
+                if since >= oldest and _reusable(connection):
+                    found = connection
+                    break
+                stale.append(connection)
+            if entries is not None and not entries:
+                del self._idle[key]
+        _close_all(stale)
+        return found
+
+    def put(self, key: PoolKey, connection: _TunnelHTTPConnection) -> None:
+        """Keep ``connection`` for reuse (closing the oldest one past the bound)."""
+        if self.max_idle_per_key <= 0:
+            connection.close()
+            return
+        dropped: List[_TunnelHTTPConnection] = []
+        with self._lock:
+            entries = self._idle.setdefault(key, collections.deque())
+            entries.append((time.monotonic(), connection))
+            while len(entries) > self.max_idle_per_key:
+                dropped.append(entries.popleft()[1])
+        _close_all(dropped)
+
+    def evict(self, client_key: str) -> int:
+        """Close every idle connection of ``client_key``; return how many."""
+        with self._lock:
+            keys = [key for key in self._idle if key[0] == client_key]
+            dropped = [connection for key in keys for _, connection in self._idle.pop(key)]
+        _close_all(dropped)
+        return len(dropped)
+
+    def clear(self) -> None:
+        """Close every idle connection."""
+        with self._lock:
+            dropped = [connection for entries in self._idle.values() for _, connection in entries]
+            self._idle.clear()
+        _close_all(dropped)
+
+
+def _close_all(connections: List[_TunnelHTTPConnection]) -> None:
+    for connection in connections:
+        try:
+            connection.close()
+        except OSError:  # pragma: no cover - closing never fails on our sockets
+            pass
+
+
 class _StreamedBody:
-    """The WSGI response iterable: yields the upstream body as it arrives."""
+    """The WSGI response iterable: yields the upstream body as it arrives.
+
+    Once the body was read to the end, :meth:`close` gives the connection
+    back to ``pool`` (unless the target asked to close it); otherwise the
+    connection is closed.
+    """
 
     def __init__(
         self,
@@ -218,13 +367,18 @@ class _StreamedBody:
         response: http.client.HTTPResponse,
         connection: _TunnelHTTPConnection,
         started: float,
+        pool: Optional[ConnectionPool] = None,
+        key: Optional[PoolKey] = None,
     ) -> None:
         self.request_id = request_id
         self.url = url
         self.response = response
         self.connection = connection
         self.started = started
+        self.pool = pool
+        self.key = key
         self.sent = 0
+        self._complete = False
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -237,6 +391,7 @@ class _StreamedBody:
             while True:
                 data = self.response.read1(CHUNK)
                 if not data:
+                    self._complete = True
                     return
                 self.sent += len(data)
                 yield data
@@ -254,14 +409,26 @@ class _StreamedBody:
         if self._closed:
             return
         self._closed = True
+        reuse = (
+            self._complete
+            and self.pool is not None
+            and self.key is not None
+            and not self.response.will_close
+            and self.connection.sock is not None
+        )
         try:
             self.response.close()
         finally:
-            self.connection.close()
-        log.info(
-            "[%03d] REQ DONE %s %d bytes in %.3fs", self.request_id, self.url, self.sent,
-            time.monotonic() - self.started,
-        )
+            if reuse:
+                assert self.pool is not None and self.key is not None
+                self.pool.put(self.key, self.connection)
+            else:
+                self.connection.close()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "[%03d] REQ DONE %s %d bytes in %.3fs%s", self.request_id, self.url, self.sent,
+                time.monotonic() - self.started, " (kept alive)" if reuse else "",
+            )
 
 
 def _describe(exc: BaseException) -> str:
@@ -276,7 +443,10 @@ class Forwarder:
 
     ``dial(client_key, proto, address, timeout)`` opens the tunneled
     connection (``Server.dial``). ``ssl_context`` is used for ``https``
-    targets (default: system trust store, hostname checked).
+    targets (default: system trust store, hostname checked). ``pool`` keeps
+    idle connections for reuse (default: a new :class:`ConnectionPool`;
+    pass ``ConnectionPool(max_idle_per_key=0)`` to open one connection per
+    request).
     """
 
     def __init__(
@@ -287,12 +457,28 @@ class Forwarder:
         default_timeout: float = DEFAULT_TIMEOUT,
         ssl_context: Optional[ssl.SSLContext] = None,
         piper: Optional[Piper] = None,
+        pool: Optional[ConnectionPool] = None,
     ) -> None:
         self.dial = dial
         self.prefix = prefix.rstrip("/")
         self.default_timeout = default_timeout
         self.ssl_context = ssl_context
         self._piper = piper
+        self.pool = pool if pool is not None else ConnectionPool()
+
+    def watch(self, server: Any) -> None:
+        """Close the pooled connections of a client once it has no session
+        left on ``server`` (a :class:`~remotedialer.server.Server`)."""
+
+        def on_change(added: bool, client_key: str, _session: Any) -> None:
+            if not added and not server.has_session(client_key):
+                self.pool.evict(client_key)
+
+        server.add_session_listener(on_change)
+
+    def close(self) -> None:
+        """Close the idle pooled connections."""
+        self.pool.clear()
 
     def __call__(self, environ: Dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         request_id = next(_counter)
@@ -305,28 +491,58 @@ class Forwarder:
             return _error(start_response, 400, str(exc))
         method = environ.get("REQUEST_METHOD", "GET")
         url = target.url(query)
-        log.info("[%03d] REQ t=%s %s %s", request_id, timeout_text or self.default_timeout, method, url)
-        try:
-            sock = self.dial(target.client_key, "tcp", target.address, timeout)
-        except Exception as exc:  # unknown client, dead session, full session...
-            log.warning("[%03d] REQ ERR %s: %s", request_id, url, _describe(exc))
-            return _error(start_response, 500, _describe(exc))
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("[%03d] REQ t=%s %s %s", request_id, timeout_text or self.default_timeout, method, url)
+        key = _pool_key(target)
+        path, headers, body, chunked = self._prepare(environ, target, query)
+        connection = self.pool.get(key)
+        reused = connection is not None
+        while True:
+            try:
+                if connection is None:
+                    connection = self._open(target, timeout)
+                else:
+                    assert connection.sock is not None
+                    connection.sock.settimeout(timeout)
+                connection.request(method, path, body=body, headers=headers, encode_chunked=chunked)
+                response = connection.getresponse()
+                break
+            except Exception as exc:  # unknown client, dead session, refused, timeout...
+                if connection is not None:
+                    connection.close()
+                    connection = None
+                if reused and body is None and method in _REPLAYABLE and not isinstance(exc, socket.timeout):
+                    # The target may have closed the idle connection just as
+                    # we sent: once more on a fresh connection.
+                    if debug:
+                        log.debug("[%03d] REQ RETRY %s on a new connection: %s", request_id, url,
+                                  _describe(exc))
+                    reused = False
+                    continue
+                log.warning("[%03d] REQ ERR %s: %s", request_id, url, _describe(exc))
+                return _error(start_response, 500, _describe(exc))
+        if debug:
+            log.debug("[%03d] REQ OK %s %d%s", request_id, url, response.status,
+                      " (reused)" if reused else "")
+        start_response(f"{response.status} {response.reason}", _response_headers(response))
+        return _StreamedBody(request_id, url, response, connection, started, self.pool, key)
+
+    def _open(self, target: ForwardTarget, timeout: Optional[float]) -> _TunnelHTTPConnection:
+        """Dial ``target`` through its client (TLS for ``https``); raises what
+        the dial or the handshake raised."""
+        sock = self.dial(target.client_key, "tcp", target.address, timeout)
         try:
             sock.settimeout(timeout)
             if target.scheme == "https":
                 sock = self._wrap_tls(sock, target, timeout)
-            connection = _TunnelHTTPConnection(sock, target.host, timeout)
-            response = self._send(connection, environ, target, method, query)
-        except Exception as exc:
+        except BaseException:
             try:
                 sock.close()
             except OSError:  # pragma: no cover
                 pass
-            log.warning("[%03d] REQ ERR %s: %s", request_id, url, _describe(exc))
-            return _error(start_response, 500, _describe(exc))
-        log.debug("[%03d] REQ OK %s %d", request_id, url, response.status)
-        start_response(f"{response.status} {response.reason}", _response_headers(response))
-        return _StreamedBody(request_id, url, response, connection, started)
+            raise
+        return _TunnelHTTPConnection(sock, target.host, timeout)
 
     def _timeout(self, text: Optional[str]) -> Optional[float]:
         if text is None or text == "":
@@ -340,15 +556,11 @@ class Forwarder:
                 raise BadRequest(f"invalid timeout {text!r}")
         return value if value > 0 else None
 
-    def _send(
-        self,
-        connection: _TunnelHTTPConnection,
-        environ: Dict[str, Any],
-        target: ForwardTarget,
-        method: str,
-        query: str,
-    ) -> http.client.HTTPResponse:
-        """Send the request head and body; block for the response head."""
+    def _prepare(
+        self, environ: Dict[str, Any], target: ForwardTarget, query: str
+    ) -> Tuple[str, Dict[str, str], Any, bool]:
+        """``(path, headers, body, chunked)`` of the request to send on; body
+        is None when the request has none."""
         headers = _request_headers(environ, target.host)
         body: Any = None
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
@@ -359,8 +571,7 @@ class Forwarder:
         elif headers.get("Content-Length", "0") not in ("", "0"):
             body = get_input_stream(environ)
         path = target.path + (f"?{query}" if query else "")
-        connection.request(method, path, body=body, headers=headers, encode_chunked=chunked)
-        return connection.getresponse()
+        return path, headers, body, chunked
 
     def _wrap_tls(self, conn: Any, target: ForwardTarget, timeout: Optional[float]) -> ssl.SSLSocket:
         """Bridge ``conn`` to a socket pair on the piper thread and wrap our

@@ -23,13 +23,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
+import ssl
 import threading
+import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
-from werkzeug.serving import ThreadedWSGIServer
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from werkzeug.wrappers import Request
+from werkzeug.wsgi import LimitedStream
 
-from ..forwarder import DEFAULT_TIMEOUT, Forwarder
+from ..forwarder import DEFAULT_TIMEOUT, Forwarder, poll_readable
 from ..peering import PeerSpec as Peer
 from ..peering import parse_peers
 
@@ -44,6 +48,7 @@ __all__ = [
     "wire_peers",
     "tunnel_id_authorizer",
     "BoundedThreadedWSGIServer",
+    "KeepAliveRequestHandler",
 ]
 
 log = logging.getLogger(__name__)
@@ -53,6 +58,10 @@ WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 #: Threads the built-in server may run at once: one per tunnel plus one per
 #: request in flight. Further connections wait to be accepted.
 DEFAULT_MAX_THREADS = 1024
+
+#: Seconds an idle keep-alive connection of the built-in server is kept open
+#: waiting for its next request (``--keepalive``; 0 closes after each request).
+DEFAULT_KEEPALIVE_TIMEOUT = 30.0
 
 
 def tunnel_id_authorizer(request: Request) -> Tuple[str, bool]:
@@ -137,10 +146,12 @@ class ServerApp:
         return [body]
 
     def close(self) -> None:
-        """Close every tunnel session the server holds (if it can)."""
+        """Close every tunnel session the server holds (if it can) and the
+        forwarder's idle connections."""
         close = getattr(self.server, "close", None)
         if close is not None:
             close()
+        self.forwarder.close()
 
 
 def _env_flag(name: str) -> bool:
@@ -194,7 +205,9 @@ def make_app(
         allow_client_connect=allow_client_connect,
         observer=observer,
     )
-    app = ServerApp(server, Forwarder(server.dial, default_timeout=timeout))
+    forwarder = Forwarder(server.dial, default_timeout=timeout)
+    forwarder.watch(server)
+    app = ServerApp(server, forwarder)
     if metrics_registry is not None:
         from ..metrics import make_wsgi_app
 
@@ -203,26 +216,299 @@ def make_app(
     return app
 
 
+_access_log = logging.getLogger(__name__ + ".access")
+
+#: Request bodies left unread by the app are read and dropped up to this many
+#: bytes to keep the connection; a longer rest closes it.
+_MAX_DRAIN = 256 * 1024
+_LARGE_CHUNK = 64 * 1024
+
+
+class KeepAliveRequestHandler(WSGIRequestHandler):
+    """werkzeug's request handler with HTTP/1.1 keep-alive.
+
+    werkzeug's own handler answers every request with ``Connection: close``;
+    this one keeps a connection open for the next request when that is safe:
+    an HTTP/1.1 request that did not ask to close, whose body (if any) was
+    read or can be drained, answered with a framed response (``Content-Length``
+    honoured exactly, or chunked) that the app finished without error. A
+    WebSocket takeover or an app that fails or aborts mid-body closes the
+    connection (an aborted chunked body is never terminated, so the client
+    sees the truncation). Between requests the thread waits at most the
+    server's ``keepalive_timeout`` (and not past the server's shutdown).
+    Sets ``TCP_NODELAY``; the access log goes to ``remotedialer.cli.server.access``
+    at DEBUG level.
+    """
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def handle(self) -> None:
+        self._requests_served = 0
+        super().handle()
+
+    def handle_one_request(self) -> None:
+        """Wait for the next request (after the first), then serve it."""
+        if self._requests_served and not self._wait_for_request():
+            self.close_connection = True
+            return
+        self._requests_served += 1
+        super().handle_one_request()
+
+    def _wait_for_request(self) -> bool:
+        """Block until the next request starts arriving (True), or until the
+        keep-alive timeout passes or the server stops (False)."""
+        sock = self.connection
+        try:
+            sock.setblocking(False)
+            try:
+                if self.rfile.peek(1):  # already buffered (pipelined)
+                    return True
+            except ssl.SSLWantReadError:
+                pass
+            finally:
+                sock.setblocking(True)
+        except OSError:
+            return False
+        deadline = time.monotonic() + float(getattr(self.server, "keepalive_timeout", 0.0))
+        stopping = getattr(self.server, "stopping", None)
+        give_up_slot = getattr(self.server, "give_up_idle_slot", None)
+        while True:
+            if stopping is not None and stopping.is_set():
+                return False
+            if give_up_slot is not None and give_up_slot():
+                return False  # a new connection waits for this thread
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if poll_readable(sock, min(remaining, 0.5)):
+                return True  # data, or EOF which the request reader sees
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        if _access_log.isEnabledFor(logging.DEBUG):
+            _access_log.debug('%s "%s" %s %s', self.address_string(), self.requestline, code, size)
+
+    def run_wsgi(self) -> None:
+        """Serve one request with ``self.server.app``."""
+        if self.headers.get("Expect", "").lower().strip() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.environ = environ = self.make_environ()
+        keep_alive = (
+            not self.close_connection
+            and self.request_version == "HTTP/1.1"
+            and float(getattr(self.server, "keepalive_timeout", 0.0)) > 0
+        )
+        body: Optional[LimitedStream] = None
+        if "wsgi.input_terminated" in environ:
+            keep_alive = False  # chunked request body: its end is not tracked here
+        else:
+            try:
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                keep_alive = False
+            elif length > 0:
+                body = LimitedStream(self.rfile, length)
+                environ["wsgi.input"] = body
+        response = _ResponseWriter(self, environ, keep_alive)
+        try:
+            app_iter = self.server.app(environ, response.start_response)
+            try:
+                for data in app_iter:
+                    response.write(data)
+                response.finish()
+            finally:
+                close = getattr(app_iter, "close", None)
+                if close is not None:
+                    close()
+        except (ConnectionError, socket.timeout, ssl.SSLEOFError) as exc:
+            # The client went away, the app aborted the response, or the
+            # socket was taken over (WebSocket): write nothing more.
+            self.close_connection = True
+            self.connection_dropped(exc, environ)
+            return
+        except Exception:
+            self.close_connection = True
+            if self.server.passthrough_errors:
+                raise
+            log.exception("error on request %s", self.requestline)
+            if not response.head_sent:
+                response.send_error_response()
+            return
+        if not response.keep_alive or not _drained(body):
+            self.close_connection = True
+
+
+def _drained(body: Optional[LimitedStream]) -> bool:
+    """Read and drop what the app left of a request body; False if too much
+    is left or the client went away."""
+    if body is None or body.is_exhausted:
+        return True
+    left = _MAX_DRAIN
+    try:
+        while not body.is_exhausted and left > 0:
+            data = body.read(min(left, _LARGE_CHUNK))
+            if not data:
+                return False
+            left -= len(data)
+    except Exception:  # ClientDisconnected, OSError
+        return False
+    return body.is_exhausted
+
+
+class _ResponseWriter:
+    """``start_response``/``write`` of one request on a
+    :class:`KeepAliveRequestHandler`: frames the body and decides whether the
+    connection can be kept."""
+
+    def __init__(self, handler: KeepAliveRequestHandler, environ: Dict[str, Any], keep_alive: bool) -> None:
+        self.handler = handler
+        self.is_head = environ.get("REQUEST_METHOD") == "HEAD"
+        self.keep_alive = keep_alive
+        self.status: Optional[str] = None
+        self.headers: List[Tuple[str, str]] = []
+        self.head_sent = False
+        self.has_body = True
+        self.chunked = False
+        self.length: Optional[int] = None
+        self.written = 0
+
+    def start_response(self, status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Any:
+        if exc_info:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response called twice")
+        self.status = status
+        self.headers = list(headers)
+        return self.write
+
+    def _send_head(self) -> None:
+        if self.status is None:
+            raise AssertionError("write() before start_response")
+        code_text, _, reason = self.status.partition(" ")
+        code = int(code_text)
+        self.has_body = not (self.is_head or 100 <= code < 200 or code in (204, 304))
+        handler = self.handler
+        handler.send_response(code, reason)
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == "content-length":
+                try:
+                    self.length = int(value)
+                except ValueError:
+                    self.keep_alive = False
+            elif lowered == "connection":
+                if "close" in value.lower():
+                    self.keep_alive = False
+                continue  # hop-by-hop: decided here
+            handler.send_header(name, value)
+        if self.has_body and self.length is None:
+            if handler.request_version == "HTTP/1.1":
+                self.chunked = True
+                handler.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.keep_alive = False  # the body ends where the connection does
+        if not self.keep_alive:
+            handler.send_header("Connection", "close")
+        handler.end_headers()
+        self.head_sent = True
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` (the head first, if not sent yet); blocks on the socket."""
+        if not self.head_sent:
+            self._send_head()
+        if not data or not self.has_body:
+            return
+        wfile = self.handler.wfile
+        if not self.chunked:
+            wfile.write(data)
+        elif len(data) <= _LARGE_CHUNK:
+            wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            wfile.write(b"%x\r\n" % len(data))
+            wfile.write(data)
+            wfile.write(b"\r\n")
+        self.written += len(data)
+
+    def finish(self) -> None:
+        """The app's iterable ended: complete the response."""
+        if not self.head_sent:
+            self.write(b"")
+        if self.chunked:
+            self.handler.wfile.write(b"0\r\n\r\n")
+        elif self.has_body and self.length is not None and self.written != self.length:
+            self.keep_alive = False  # the body does not match its length: the client must see it end
+
+    def send_error_response(self) -> None:
+        """The app failed before sending anything: 500, then close."""
+        body = b"Internal Server Error\n"
+        handler = self.handler
+        handler.send_response(500, "Internal Server Error")
+        handler.send_header("Content-Type", "text/plain; charset=utf-8")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(body)
+
+
 class BoundedThreadedWSGIServer(ThreadedWSGIServer):
-    """werkzeug's threaded server with at most ``max_threads`` request threads.
+    """werkzeug's threaded server with at most ``max_threads`` request threads
+    and HTTP/1.1 keep-alive (:class:`KeepAliveRequestHandler`, idle
+    connections closed after ``keepalive_timeout`` seconds; 0 closes each
+    connection after one request).
 
     A WebSocket tunnel holds its thread for as long as it lives, and so does a
     streamed download; when all threads are busy, new connections wait in the
-    listen backlog instead of spawning more threads.
+    listen backlog instead of spawning more threads. An idle keep-alive
+    connection gives up its thread (within half a second) when a new
+    connection waits for one.
     """
 
     def __init__(self, host: str, port: int, app: WSGIApp, max_threads: int = DEFAULT_MAX_THREADS,
-                 **kwargs: Any) -> None:
+                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT, **kwargs: Any) -> None:
         self.max_threads = max_threads
+        self.keepalive_timeout = keepalive_timeout
         self._slots = threading.BoundedSemaphore(max_threads)
         self._stopping = threading.Event()
+        self.stopping = self._stopping
+        # Connections waiting for a slot, and idle keep-alive connections
+        # closing to free one for them; both guarded by _claims_lock.
+        self._claims_lock = threading.Lock()
+        self._slots_wanted = 0
+        self._slots_freeing = 0
+        kwargs.setdefault("handler", KeepAliveRequestHandler)
         super().__init__(host, port, app, **kwargs)
 
+    def give_up_idle_slot(self) -> bool:
+        """For an idle keep-alive connection: whether it should close so that
+        a waiting connection gets its thread (True for one idle connection
+        per waiting one)."""
+        if not self._slots_wanted:
+            return False
+        with self._claims_lock:
+            if self._slots_wanted > self._slots_freeing:
+                self._slots_freeing += 1
+                return True
+        return False
+
     def process_request(self, request: Any, client_address: Any) -> None:
-        while not self._slots.acquire(timeout=0.5):
-            if self._stopping.is_set():
-                self.shutdown_request(request)
-                return
+        if not self._slots.acquire(blocking=False):
+            with self._claims_lock:
+                self._slots_wanted += 1
+            try:
+                while not self._slots.acquire(timeout=0.5):
+                    if self._stopping.is_set():
+                        self.shutdown_request(request)
+                        return
+            finally:
+                with self._claims_lock:
+                    self._slots_wanted -= 1
+                    self._slots_freeing = max(0, min(self._slots_freeing - 1, self._slots_wanted))
         try:
             super().process_request(request, client_address)
         except BaseException:
@@ -259,6 +545,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-threads", type=int, default=DEFAULT_MAX_THREADS, metavar="N",
                         help="request threads at most: tunnels + requests in flight "
                              f"(default {DEFAULT_MAX_THREADS})")
+    parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
+                        help="keep idle HTTP/1.1 connections open this long for their next request "
+                             f"(default {DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: close after each request)")
     parser.add_argument("--forward", action="append", default=[], metavar="LISTEN=CLIENT:PROTO:ADDRESS",
                         help="forward a TCP port through a client, like ssh -R (repeatable), "
                              "e.g. 127.0.0.1:9125=foo:tcp:127.0.0.1:8125")
@@ -283,7 +572,8 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     host, port = args.listen
-    httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=args.max_threads)
+    httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=args.max_threads,
+                                      keepalive_timeout=args.keepalive)
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else (f"[{host}]" if ":" in host else host)
     log.info("listening on http://%s:%d (connect: ws://%s:%d/connect)", shown, httpd.port, shown, httpd.port)
     try:
@@ -296,7 +586,10 @@ def run(args: argparse.Namespace) -> int:
     stop = install_stop_signals()
     thread = threading.Thread(target=httpd.serve_forever, name="remotedialer-http", daemon=True)
     thread.start()
-    stop.wait()
+    # Wait in slices: a signal delivered to another thread only runs its
+    # Python handler once the main thread wakes up.
+    while not stop.wait(0.5):
+        pass
     for forward in forwards:
         forward.stop()
     httpd.shutdown()
