@@ -1,9 +1,12 @@
-"""The ``remotedialer`` command: ``server``, ``client``, ``dummy`` and ``demo``.
+"""The ``remotedialer`` command: ``server``, ``client``, ``dummy``, ``demo`` and ``bench``.
 
 Each subcommand lives in its own module (``server.py``, ``client.py``,
 ``dummy.py``, ``demo.py``) with an ``add_arguments(parser)`` and a
 ``run(args) -> int``; this module wires them into one argument parser and
-sets up logging.
+sets up logging. Only the module of the subcommand being run is imported (a
+``remotedialer server`` never loads ``requests`` for the demo), which keeps the
+idle memory of each process down. ``bench`` runs ``python -m benchmarks``
+(from a source checkout).
 
 ``--debug`` (or ``CATTLE_TUNNEL_DATA_DEBUG=true``) logs every protocol message
 sent and received through the ``remotedialer.trace`` logger, as the Go
@@ -13,6 +16,7 @@ implementation does.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -89,10 +93,32 @@ def _listen_type(text: str) -> Tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``remotedialer`` command."""
-    from . import client, demo, dummy, server
+_COMMANDS = (
+    ("server", "run the example tunnel server (/connect and /client/...)"),
+    ("client", "connect to a server and serve its dials"),
+    ("dummy", "serve a directory (and generated data) over HTTP"),
+    ("demo", "run server, client and file server in one process and try them"),
+)
 
+
+def _run_bench(bench_args: Sequence[str]) -> int:
+    """``remotedialer bench ARGS``: ``python -m benchmarks ARGS`` (the
+    ``benchmarks`` package of a source checkout, searched from the current
+    directory too)."""
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        from benchmarks.main import main as bench_main
+    except ImportError:
+        log.error("the benchmarks package was not found: run from a source checkout of remotedialer")
+        return 2
+    return int(bench_main(list(bench_args)) or 0)
+
+
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser of the ``remotedialer`` command. With ``command``,
+    only that subcommand's module is imported and its options parsed (the
+    others are listed but take no options)."""
     parser = argparse.ArgumentParser(
         prog="remotedialer",
         description="Reverse tunnels over one WebSocket (a port of rancher/remotedialer).",
@@ -102,23 +128,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"remotedialer {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for name, module, summary in (
-        ("server", server, "run the example tunnel server (/connect and /client/...)"),
-        ("client", client, "connect to a server and serve its dials"),
-        ("dummy", dummy, "serve a directory (and generated data) over HTTP"),
-        ("demo", demo, "run server, client and file server in one process and try them"),
-    ):
+    for name, summary in _COMMANDS:
+        if command is not None and command != name:
+            commands.add_parser(name, help=summary)
+            continue
+        module = importlib.import_module(f"{__name__}.{name}")
         first_line = (module.__doc__ or "").split("\n", 1)[0]
         sub = commands.add_parser(name, help=summary, description=first_line.split(": ", 1)[-1])
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
+    bench = commands.add_parser("bench", help="run the benchmarks (python -m benchmarks; --help for options)",
+                                add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=lambda args: _run_bench(args.bench_args))
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``remotedialer`` console script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    names = {name for name, _ in _COMMANDS}
+    command = next((arg for arg in arguments if not arg.startswith("-")), None)
+    if command == "bench":  # every option after it is the benchmarks' own
+        return _run_bench(arguments[arguments.index("bench") + 1 :])
+    parser = build_parser(command if command in names else None)
+    args = parser.parse_args(arguments)
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
