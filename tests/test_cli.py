@@ -352,3 +352,93 @@ def test_demo_helpers() -> None:
     assert human_size(64 * 1024 * 1024) == "64.0 MiB"
     assert Check("x", True, size=2 << 20, seconds=2.0).rate == 1 << 20
     assert Check("x", True, size=10, seconds=1.0).rate == 0.0
+
+
+# ------------------------------------------ keep-alive of the built-in server
+
+
+def _keepalive_app(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    path = environ["PATH_INFO"]
+    if path == "/chunked":  # no Content-Length: chunked on HTTP/1.1
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ab", b"", b"cde"]
+    if path == "/short":  # promises more than it sends: the connection must close
+        start_response("200 OK", [("Content-Length", "10")])
+        return [b"abc"]
+    if path == "/fail":
+        raise RuntimeError("failure under test")
+    body = f"{environ['REQUEST_METHOD']} {path}".encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]  # never reads the request body
+
+
+@pytest.fixture()
+def keepalive_server() -> Iterator[BoundedThreadedWSGIServer]:
+    server = BoundedThreadedWSGIServer("127.0.0.1", 0, _keepalive_app, max_threads=8, keepalive_timeout=60.0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(TIMEOUT)
+
+
+def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: bytes = b"",
+              headers: Any = None) -> http.client.HTTPResponse:
+    conn.request(method, path, body=body or None, headers=headers or {})
+    response = conn.getresponse()
+    response.read()
+    return response
+
+
+def test_keepalive_serves_many_requests_on_one_connection(keepalive_server: BoundedThreadedWSGIServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", keepalive_server.port, timeout=TIMEOUT)
+    try:
+        first = _exchange(conn, "GET", "/a")
+        sock = conn.sock
+        assert first.getheader("Connection") is None and not first.will_close
+        # An unread request body is drained, the connection kept.
+        assert _exchange(conn, "POST", "/b", body=b"x" * 5000).status == 200
+        conn.request("GET", "/chunked")
+        chunked = conn.getresponse()
+        assert chunked.getheader("Transfer-Encoding") == "chunked"
+        assert chunked.read() == b"abcde"
+        assert _exchange(conn, "HEAD", "/c").status == 200
+        conn.request("GET", "/d")
+        assert conn.getresponse().read() == b"GET /d"
+        assert conn.sock is sock  # never reconnected
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("path, headers", [
+    ("/short", {}),  # body shorter than its Content-Length
+    ("/a", {"Connection": "close"}),  # the client asks
+    ("/fail", {}),  # the app failed: 500, then close
+])
+def test_keepalive_closes_when_it_must(keepalive_server: BoundedThreadedWSGIServer, path: str,
+                                       headers: Dict[str, str]) -> None:
+    with socket.create_connection(("127.0.0.1", keepalive_server.port), timeout=TIMEOUT) as sock:
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        sock.sendall(request.encode() + b"\r\n")
+        data = b""
+        while True:
+            chunk = sock.recv(4096)  # times out (failing the test) unless the server closes
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 ")
+
+
+def test_keepalive_http10_and_idle_timeout(keepalive_server: BoundedThreadedWSGIServer) -> None:
+    keepalive_server.keepalive_timeout = 1.0
+    with socket.create_connection(("127.0.0.1", keepalive_server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /a HTTP/1.0\r\n\r\n")
+        assert sock.makefile("rb").read().endswith(b"GET /a")  # read to the close
+    with socket.create_connection(("127.0.0.1", keepalive_server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert reader.read().endswith(b"GET /a")  # then closed after the 1 s idle timeout
+        assert time.monotonic() - started > 0.5

@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import io
 import json
+import socket
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List
@@ -18,7 +19,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from remotedialer.cli.client import make_client
-from remotedialer.cli.dummy import DummyServer, generated_sha256
+from remotedialer.cli.dummy import DummyServer, generated_bytes, generated_sha256
 from remotedialer.cli.server import BoundedThreadedWSGIServer, make_app
 from remotedialer.forwarder import (
     BadRequest,
@@ -410,3 +411,169 @@ def test_https_target(stack: Stack, tmp_path: Any) -> None:
     finally:
         front.shutdown()
         tls_target.shutdown()
+
+
+# ------------------------------------------------ keep-alive connection pool
+
+
+class CountingDial:
+    """``Server.dial`` that counts the dials and keeps what it returned."""
+
+    def __init__(self, dial: Callable[..., Any]) -> None:
+        self.dial = dial
+        self.connections: List[Any] = []
+
+    def __call__(self, *args: Any) -> Any:
+        conn = self.dial(*args)
+        self.connections.append(conn)
+        return conn
+
+
+class Front:
+    """A Forwarder with a counting dial behind its own keep-alive front end."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.dial = CountingDial(stack.app.server.dial)
+        self.forwarder = Forwarder(self.dial, default_timeout=5.0)
+        self.httpd = BoundedThreadedWSGIServer("127.0.0.1", 0, self.forwarder, max_threads=16)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.http = requests.Session()
+        self.http.trust_env = False
+
+    def url(self, port: int, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.port}/client/foo/http/127.0.0.1:{port}{path}"
+
+    def close(self) -> None:
+        self.http.close()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.forwarder.close()
+
+
+@pytest.fixture()
+def front(stack: Stack) -> Iterator[Front]:
+    built = Front(stack)
+    yield built
+    built.close()
+
+
+def test_sequential_requests_reuse_one_tunneled_connection(stack: Stack, front: Front) -> None:
+    for size in (1024, 0, 70_000):
+        response = front.http.get(front.url(stack.dummy.port, f"/bytes/{size}"), timeout=TIMEOUT)
+        assert response.status_code == 200
+        assert hashlib.sha256(response.content).hexdigest() == generated_sha256(size)
+    response = front.http.head(front.url(stack.dummy.port, "/bytes/5"), timeout=TIMEOUT)
+    assert response.headers["Content-Length"] == "5"
+    assert len(front.dial.connections) == 1
+    assert len(front.forwarder.pool) == 1
+
+
+def test_targets_get_their_own_connections_and_close_is_honoured(stack: Stack, front: Front) -> None:
+    """The file server keeps its connection alive: one dial for both of its
+    requests. werkzeug's dev server (the target app) answers
+    ``Connection: close``: its connections are never pooled."""
+    for _ in range(2):
+        assert front.http.get(front.url(stack.dummy.port, "/bytes/10"), timeout=TIMEOUT).status_code == 200
+        assert front.http.get(front.url(stack.target.port, "/echo"), timeout=TIMEOUT).status_code == 200
+    addresses = [conn.address for conn in front.dial.connections]
+    assert addresses.count(f"127.0.0.1:{stack.dummy.port}") == 1
+    assert addresses.count(f"127.0.0.1:{stack.target.port}") == 2
+    assert len(front.forwarder.pool) == 1
+
+
+def test_an_aborted_body_never_returns_to_the_pool(stack: Stack, front: Front) -> None:
+    with pytest.raises(requests.exceptions.RequestException):
+        front.http.get(front.url(stack.dummy.port, "/stall?seconds=5&timeout=0.3"),
+                       timeout=TIMEOUT).raise_for_status()
+    assert len(front.forwarder.pool) == 0
+    wait_for(lambda: front.dial.connections[0].closed)
+    assert front.http.get(front.url(stack.dummy.port, "/bytes/3"), timeout=TIMEOUT).content == generated_bytes(3)
+    assert len(front.dial.connections) == 2
+
+
+def test_a_pooled_connection_that_ended_is_not_reused(stack: Stack, front: Front) -> None:
+    assert front.http.get(front.url(stack.dummy.port, "/bytes/10"), timeout=TIMEOUT).status_code == 200
+    first = front.dial.connections[0]
+    first.abort(ConnectionResetError("cut under test"))  # as if the far side went away
+    response = front.http.get(front.url(stack.dummy.port, "/bytes/10"), timeout=TIMEOUT)
+    assert response.content == generated_bytes(10)
+    assert len(front.dial.connections) == 2
+
+
+class OneRequestPerConnection:
+    """A raw HTTP target that answers the first request of each connection
+    (keep-alive, as far as the client can tell) and drops the connection at
+    the second one without answering: the race of a target closing an idle
+    connection just as a request is sent on it."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._handle, args=(sock,), daemon=True).start()
+
+    @staticmethod
+    def _handle(sock: socket.socket) -> None:
+        sock.settimeout(TIMEOUT)
+        with sock, sock.makefile("rb") as reader:
+            for answered in range(2):
+                line = reader.readline()
+                while line not in (b"\r\n", b""):
+                    line = reader.readline()
+                if not line or answered:
+                    return  # the second request: close without a word
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_replayable_request_is_retried_once_on_a_fresh_connection(stack: Stack, front: Front) -> None:
+    target = OneRequestPerConnection()
+    try:
+        url = front.url(target.port, "/")
+        assert front.http.get(url, timeout=TIMEOUT).text == "ok"
+        assert len(front.forwarder.pool) == 1
+        assert front.http.get(url, timeout=TIMEOUT).text == "ok"  # pooled one dropped: retried
+        assert len(front.dial.connections) == 2
+        # A POST is never sent twice: the failure is the answer.
+        response = front.http.post(url, data=b"", timeout=TIMEOUT)
+        assert response.status_code == 500
+        assert len(front.dial.connections) == 2
+    finally:
+        target.close()
+
+
+def test_pooled_connections_are_closed_when_the_session_ends() -> None:
+    dummy = DummyServer(("127.0.0.1", 0))
+    dummy.start()
+    app = make_app(peers="", timeout=5.0)
+    httpd = BoundedThreadedWSGIServer("127.0.0.1", 0, app, max_threads=16)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    client = make_client(f"ws://127.0.0.1:{httpd.port}/connect", "bar")
+    client.start()
+    try:
+        client.wait_connected(TIMEOUT)
+        wait_for(lambda: app.server.has_session("bar"))
+        url = f"http://127.0.0.1:{httpd.port}/client/bar/http/127.0.0.1:{dummy.port}/bytes/100"
+        with requests.Session() as http:
+            http.trust_env = False
+            assert http.get(url, timeout=TIMEOUT).content == generated_bytes(100)
+        assert len(app.forwarder.pool) == 1
+        client.stop()
+        wait_for(lambda: len(app.forwarder.pool) == 0)
+    finally:
+        client.stop()
+        httpd.shutdown()
+        app.close()
+        httpd.server_close()
+        dummy.stop()
