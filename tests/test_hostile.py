@@ -29,7 +29,7 @@ from remotedialer.protocol import Message, MessageType, decode_message, encode_m
 from remotedialer.session import Session
 from remotedialer.transport import MemoryTransport, TransportClosed, memory_pair
 
-from .conftest import TIMEOUT, EchoServer, SessionPair, wait_for
+from .support import TIMEOUT, EchoServer, SessionPair, SilentListener, TunnelServer, wait_for
 
 KiB = 1024
 INT64_MIN = -(1 << 63)
@@ -545,11 +545,6 @@ def test_raw_peer_sees_transport_closed_error() -> None:
 
 
 # ------------------------------------------------------------ running server
-def _authorize_tunnel_id(request: Any) -> Tuple[str, bool]:
-    key = request.headers.get("X-Tunnel-ID", "")
-    return key, bool(key)
-
-
 def websocket_raw_peer(url: str, key: str, start: bool = True) -> Tuple[RawPeer, websocket.WebSocket]:
     """A raw websocket-client WebSocket, authorized as client ``key``, that
     sends whatever frames the test makes."""
@@ -593,28 +588,12 @@ class ServerVictim:
         client_limits: Limits = Limits(),
         **server_options: Any,
     ) -> None:
-        from werkzeug.serving import make_server
-
-        from remotedialer.client import Backoff, TunnelClient
-        from remotedialer.server import Server
-
-        self.server = Server(_authorize_tunnel_id, limits=limits, **server_options)
-        self.httpd = make_server("127.0.0.1", 0, self.server, threaded=True)
-        self.url = f"ws://127.0.0.1:{self.httpd.server_port}/connect"
-        self.http_thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        self.tunnel = TunnelServer(limits=limits, **server_options)
+        self.server = self.tunnel.server
+        self.url = self.tunnel.url
+        self.good = self.tunnel.client(
+            "good", lambda proto, address: address == echo.address, limits=client_limits
         )
-        self.http_thread.start()
-        self.good = TunnelClient(
-            self.url,
-            {"X-Tunnel-ID": "good"},
-            lambda proto, address: address == echo.address,
-            backoff=Backoff(initial=0.05, maximum=0.2),
-            limits=client_limits,
-        )
-        self.good.start()
-        self.good.wait_connected(TIMEOUT)
-        wait_for(lambda: self.server.has_session("good"))
         self.good_session = self.server.sessions("good")[0]
         self.bystander = Bystander(
             lambda address: self.server.dial("good", "tcp", address, timeout=TIMEOUT), echo.address
@@ -640,7 +619,7 @@ class ServerVictim:
     def assert_survived(self) -> None:
         """The bystander still flows, its session is the same one, and the
         server still takes new tunnels."""
-        assert self.http_thread.is_alive()
+        assert self.tunnel.thread.is_alive()
         assert not self.good_session.closed, self.good_session.close_reason
         assert self.server.sessions("good") == [self.good_session]
         self.bystander.assert_healthy()
@@ -654,11 +633,7 @@ class ServerVictim:
         self.bystander.stop()
         for peer, _ws in self.attackers:
             peer.close()
-        self.good.stop(TIMEOUT)
-        self.server.close()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.http_thread.join(TIMEOUT)
+        self.tunnel.close()
 
 
 @pytest.fixture
@@ -781,8 +756,6 @@ def test_connect_flood_at_a_server_that_allows_reverse_dials(echo_server: EchoSe
     """A client flooding a server that does allow reverse dials: the server
     holds at most max_connections_per_session of them and refuses the rest
     one by one; its other sessions keep flowing."""
-    from .test_limits import SilentListener
-
     silent = SilentListener()  # accepts and holds every dialed connection
     target = f"127.0.0.1:{silent.port}"
     victim = ServerVictim(echo_server, client_connect_authorizer=lambda proto, address: address == target)

@@ -4,14 +4,12 @@ sessions per client key, handshake timeout, and the hard receive-buffer cap."""
 
 from __future__ import annotations
 
-import socket
-import ssl
+import contextlib
 import threading
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 import pytest
 import websocket
-from werkzeug.serving import make_server
 
 from remotedialer.client import Backoff, TunnelClient, connect_to_proxy
 from remotedialer.config import DEFAULT_LIMITS, Limits
@@ -23,91 +21,14 @@ from remotedialer.errors import (
 )
 from remotedialer.heartbeat import Heartbeat
 from remotedialer.protocol import MessageType, encode_message
-from remotedialer.server import Server
 from remotedialer.session import Session
 from remotedialer.transport import memory_pair
 
-from .conftest import TIMEOUT, EchoServer, wait_for
-from .test_hostile import memory_raw_peer
+from .support import TIMEOUT, EchoServer, SilentListener, TunnelServer, allow_all, recv_exactly, wait_for
+from .test_hostile import RawPeer, memory_raw_peer
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-# ------------------------------------------------------------------- harness
-def authorize_tunnel_id(request: Any) -> Tuple[str, bool]:
-    """The Go example's authorizer: a non-empty X-Tunnel-ID is the client key."""
-    key = request.headers.get("X-Tunnel-ID", "")
-    return key, bool(key)
-
-
-class LoopbackServer:
-    """A :class:`Server` under werkzeug's threaded server on a free port of
-    127.0.0.1 (optionally TLS), and the tunnel clients a test starts."""
-
-    def __init__(self, ssl_context: Optional[ssl.SSLContext] = None, **server_options: Any) -> None:
-        self.server = Server(server_options.pop("authorizer", authorize_tunnel_id), **server_options)
-        self.httpd = make_server("127.0.0.1", 0, self.server, threaded=True, ssl_context=ssl_context)
-        scheme = "wss" if ssl_context is not None else "ws"
-        self.url = f"{scheme}://127.0.0.1:{self.httpd.server_port}/connect"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-        self.clients: List[TunnelClient] = []
-
-    def client(
-        self,
-        key: str,
-        connect_authorizer: Optional[Callable[[str, str], bool]] = None,
-        wait: bool = True,
-        **options: Any,
-    ) -> TunnelClient:
-        """Start a tunnel client for ``key``; by default wait until the server holds its session."""
-        before = len(self.server.sessions(key))
-        options.setdefault("backoff", Backoff(initial=0.05, maximum=0.2))
-        client = TunnelClient(self.url, {"X-Tunnel-ID": key}, connect_authorizer, **options)
-        self.clients.append(client)
-        client.start()
-        if wait:
-            client.wait_connected(TIMEOUT)
-            wait_for(lambda: len(self.server.sessions(key)) > before)
-        return client
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.stop(TIMEOUT)
-        self.server.close()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(TIMEOUT)
-
-
-@pytest.fixture
-def make_server_harness() -> Iterator[Callable[..., LoopbackServer]]:
-    made: List[LoopbackServer] = []
-
-    def make(**options: Any) -> LoopbackServer:
-        harness = LoopbackServer(**options)
-        made.append(harness)
-        return harness
-
-    yield make
-    for harness in made:
-        harness.close()
-
-
-def allow_all(proto: str, address: str) -> bool:
-    return True
-
-
-def recv_exactly(conn: Any, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        chunk = conn.recv(size - len(out))
-        assert chunk, f"EOF after {len(out)} of {size} bytes"
-        out += chunk
-    return bytes(out)
 
 
 # ------------------------------------------------------------------ defaults
@@ -149,8 +70,10 @@ def test_replace_returns_a_new_object() -> None:
 
 
 # ------------------------------------------------------------- message size
-def test_message_size_limit_is_inclusive_on_a_session() -> None:
-    limits = Limits(max_data_message=16 * KiB, max_message_size=64 * KiB)
+@contextlib.contextmanager
+def session_with_raw_peer(limits: Limits) -> Iterator[Tuple[Session, RawPeer, TunnelConnection]]:
+    """A server session with ``limits`` whose far end is a raw peer the test
+    drives, and one connection it dialed (timeout TIMEOUT); all closed after."""
     far, near = memory_pair()
     session = Session(near, is_client=False, client_key="k", session_key=1, limits=limits,
                       heartbeat=Heartbeat("limits-heartbeat"))
@@ -159,6 +82,16 @@ def test_message_size_limit_is_inclusive_on_a_session() -> None:
     try:
         conn = session.dial("tcp", "127.0.0.1:1", timeout=TIMEOUT)
         conn.settimeout(TIMEOUT)
+        yield session, peer, conn
+    finally:
+        session.close("test over")
+        thread.join(TIMEOUT)
+        peer.close()
+
+
+def test_message_size_limit_is_inclusive_on_a_session() -> None:
+    limits = Limits(max_data_message=16 * KiB, max_message_size=64 * KiB)
+    with session_with_raw_peer(limits) as (session, peer, conn):
         header = len(encode_message(1001, conn.conn_id, MessageType.DATA, b""))
         peer.send(MessageType.DATA, conn.conn_id, b"a" * (limits.max_message_size - header))
         assert len(recv_exactly(conn, limits.max_message_size - header)) == limits.max_message_size - header
@@ -167,18 +100,14 @@ def test_message_size_limit_is_inclusive_on_a_session() -> None:
         assert "over the limit" in session.close_reason
         with pytest.raises(TunnelClosedError):
             conn.recv(1)
-    finally:
-        session.close("test over")
-        thread.join(TIMEOUT)
-        peer.close()
 
 
 def test_server_ends_a_session_whose_client_sends_a_too_large_message(
-    make_server_harness: Callable[..., LoopbackServer], echo_server: EchoServer
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer
 ) -> None:
     """The client's limits allow 256 KiB DATA messages, the server accepts 64 KiB:
     the client's session ends (and it reconnects); other clients stay."""
-    harness = make_server_harness(
+    harness = make_tunnel_server(
         limits=Limits(max_data_message=16 * KiB, max_message_size=64 * KiB),
         client_connect_authorizer=allow_all,
     )
@@ -203,9 +132,9 @@ def test_server_ends_a_session_whose_client_sends_a_too_large_message(
 
 
 def test_client_ends_a_session_whose_server_sends_a_too_large_message(
-    make_server_harness: Callable[..., LoopbackServer], echo_server: EchoServer
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer
 ) -> None:
-    harness = make_server_harness(limits=Limits(max_data_message=256 * KiB, max_message_size=1 * MiB))
+    harness = make_tunnel_server(limits=Limits(max_data_message=256 * KiB, max_message_size=1 * MiB))
     client = harness.client(
         "foo", allow_all, limits=Limits(max_data_message=16 * KiB, max_message_size=64 * KiB)
     )
@@ -223,9 +152,9 @@ def test_client_ends_a_session_whose_server_sends_a_too_large_message(
 
 # --------------------------------------------------- connections per session
 def test_max_connections_per_session_on_server_dials(
-    make_server_harness: Callable[..., LoopbackServer], echo_server: EchoServer
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer
 ) -> None:
-    harness = make_server_harness(limits=Limits(max_connections_per_session=5))
+    harness = make_tunnel_server(limits=Limits(max_connections_per_session=5))
     harness.client("foo", allow_all)
     conns = [harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT) for _ in range(5)]
     with pytest.raises(LimitExceededError, match="too many connections"):
@@ -245,11 +174,11 @@ def test_max_connections_per_session_on_server_dials(
 
 
 def test_max_connections_per_session_on_the_accepting_client(
-    make_server_harness: Callable[..., LoopbackServer], echo_server: EchoServer
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer
 ) -> None:
     """A client with a lower limit than its server refuses the CONNECTs over
     its limit one by one (ERROR on that connection), keeping the session."""
-    harness = make_server_harness()
+    harness = make_tunnel_server()
     client = harness.client("foo", allow_all, limits=Limits(max_connections_per_session=3))
     conns = [harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT) for _ in range(5)]
     outcomes: List[str] = []
@@ -268,8 +197,8 @@ def test_max_connections_per_session_on_the_accepting_client(
 
 
 # ---------------------------------------------------------- sessions per key
-def test_max_sessions_per_key(make_server_harness: Callable[..., LoopbackServer]) -> None:
-    harness = make_server_harness(limits=Limits(max_sessions_per_key=2))
+def test_max_sessions_per_key(make_tunnel_server: Callable[..., TunnelServer]) -> None:
+    harness = make_tunnel_server(limits=Limits(max_sessions_per_key=2))
     first = harness.client("foo")
     harness.client("foo")
     with pytest.raises(HandshakeError) as info:
@@ -282,9 +211,9 @@ def test_max_sessions_per_key(make_server_harness: Callable[..., LoopbackServer]
 
 
 def test_client_over_the_session_limit_keeps_retrying_with_backoff(
-    make_server_harness: Callable[..., LoopbackServer],
+    make_tunnel_server: Callable[..., TunnelServer],
 ) -> None:
-    harness = make_server_harness(limits=Limits(max_sessions_per_key=1))
+    harness = make_tunnel_server(limits=Limits(max_sessions_per_key=1))
     holder = harness.client("foo")
     waiting = harness.client("foo", wait=False)
     wait_for(lambda: isinstance(waiting.last_error, HandshakeError))
@@ -295,40 +224,6 @@ def test_client_over_the_session_limit_keeps_retrying_with_backoff(
 
 
 # --------------------------------------------------------- handshake timeout
-class SilentListener:
-    """Accepts TCP connections on 127.0.0.1 and then says nothing (or only
-    ``prefix``), holding them open until closed."""
-
-    def __init__(self, prefix: bytes = b"") -> None:
-        self.prefix = prefix
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self.accepted: List[socket.socket] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            self.accepted.append(sock)
-            if self.prefix:
-                try:
-                    sock.recv(65536)  # the upgrade request
-                    sock.sendall(self.prefix)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.accepted:
-            sock.close()
-
-
 @pytest.mark.parametrize(
     "prefix",
     [b"", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"],
@@ -394,14 +289,7 @@ SMALL_BUFFERS = Limits(
 def test_hard_buffer_limit_is_exact() -> None:
     """Exactly hard_buffer_limit buffered bytes are kept; one more byte cuts
     the connection (ERROR to the peer, LimitExceededError to our reader)."""
-    far, near = memory_pair()
-    session = Session(near, is_client=False, client_key="k", session_key=1, limits=SMALL_BUFFERS,
-                      heartbeat=Heartbeat("limits-heartbeat"))
-    thread = session.start()
-    peer = memory_raw_peer(far)
-    try:
-        conn = session.dial("tcp", "127.0.0.1:1", timeout=TIMEOUT)
-        conn.settimeout(TIMEOUT)
+    with session_with_raw_peer(SMALL_BUFFERS) as (session, peer, conn):
         chunk = b"h" * SMALL_BUFFERS.max_data_message
         for _ in range(SMALL_BUFFERS.hard_buffer_limit // len(chunk)):
             peer.send(MessageType.DATA, conn.conn_id, chunk)
@@ -415,10 +303,6 @@ def test_hard_buffer_limit_is_exact() -> None:
             while conn.recv(64 * KiB):  # what was buffered may still be read
                 pass
         assert conn.conn_id not in session.connection_ids() and not session.closed
-    finally:
-        session.close("test over")
-        thread.join(TIMEOUT)
-        peer.close()
 
 
 @pytest.mark.parametrize(
@@ -434,12 +318,12 @@ def test_hard_buffer_limit_is_exact() -> None:
     ids=["defaults", "small-pause-threshold"],
 )
 def test_well_behaved_peer_never_hits_the_hard_limit(
-    make_server_harness: Callable[..., LoopbackServer], echo_server: EchoServer, limits: Limits
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer, limits: Limits
 ) -> None:
     """A slow reader at the far end of a real echo tunnel: whatever TCP holds
     in flight when PAUSE goes out still arrives, and the default hard limit
     leaves room for it (at the former 8 MiB this was cut most runs)."""
-    harness = make_server_harness(limits=limits)
+    harness = make_tunnel_server(limits=limits)
     harness.client("foo", allow_all, limits=limits)
     conn: TunnelConnection = harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
     conn.settimeout(TIMEOUT)

@@ -21,24 +21,10 @@ from remotedialer.connection import TunnelConnection
 from remotedialer.errors import ConnectNotAllowedError, HandshakeError, RemoteError
 from remotedialer.piping import LocalDialer
 
-from .conftest import TIMEOUT, EchoServer, TunnelServer, wait_for
-from .test_limits import LoopbackServer, recv_exactly
+from .support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, wait_for
 
 PACKAGE = Path(__file__).resolve().parent.parent / "remotedialer"
 FAST = Backoff(initial=0.05, maximum=0.2)
-
-
-@pytest.fixture
-def make_server_harness() -> Iterator[Callable[..., LoopbackServer]]:
-    made: List[LoopbackServer] = []
-
-    def make(**options: Any) -> LoopbackServer:
-        made.append(LoopbackServer(**options))
-        return made[-1]
-
-    yield make
-    for harness in made:
-        harness.close()
 
 
 # ------------------------------------------------ constant-time comparison
@@ -110,9 +96,9 @@ def test_peer_token_checked_with_compare_digest(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_wrong_peer_token_falls_back_to_the_authorizer_and_is_refused(
-    make_server_harness: Callable[..., LoopbackServer],
+    make_tunnel_server: Callable[..., TunnelServer],
 ) -> None:
-    harness = make_server_harness(peer_id="A", peer_token="tok-A")
+    harness = make_tunnel_server(peer_id="A", peer_token="tok-A")
     harness.server.peers["B"] = "tok-B"
     with pytest.raises(HandshakeError) as info:
         connect_to_proxy(harness.url, {"X-API-Tunnel-ID": "B", "X-API-Tunnel-Token": "tok-b"})
@@ -133,7 +119,7 @@ def test_local_dialer_without_authorizer_refuses_everything() -> None:
         dialer.shutdown()
 
 
-def _dial_outcome(harness: LoopbackServer, key: str, address: str, proto: str = "tcp") -> str:
+def _dial_outcome(harness: TunnelServer, key: str, address: str, proto: str = "tcp") -> str:
     conn = harness.server.dial(key, proto, address, timeout=TIMEOUT)
     conn.settimeout(TIMEOUT)
     try:
@@ -151,9 +137,9 @@ def _dial_outcome(harness: LoopbackServer, key: str, address: str, proto: str = 
     ids=["no-authorizer", "refusing", "crashing"],
 )
 def test_client_refuses_connects_its_authorizer_does_not_allow(
-    make_server_harness: Callable[..., LoopbackServer], echo_server: EchoServer, authorizer: Any
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer, authorizer: Any
 ) -> None:
-    harness = make_server_harness()
+    harness = make_tunnel_server()
     client = harness.client("foo", authorizer)
     for _ in range(3):
         assert _dial_outcome(harness, "foo", echo_server.address) == "connect not allowed"
@@ -163,7 +149,7 @@ def test_client_refuses_connects_its_authorizer_does_not_allow(
 
 
 def test_client_authorizer_allows_exactly_what_it_says(
-    make_server_harness: Callable[..., LoopbackServer], echo_server: EchoServer
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer
 ) -> None:
     asked: List[Tuple[str, str]] = []
 
@@ -171,7 +157,7 @@ def test_client_authorizer_allows_exactly_what_it_says(
         asked.append((proto, address))
         return proto == "tcp" and address == echo_server.address
 
-    harness = make_server_harness()
+    harness = make_tunnel_server()
     harness.client("foo", only_the_echo)
     host, port = echo_server.address.rsplit(":", 1)
     assert _dial_outcome(harness, "foo", echo_server.address) == "echoed"
@@ -188,9 +174,9 @@ def test_client_authorizer_allows_exactly_what_it_says(
 
 
 def test_server_refuses_reverse_dials_by_default(
-    make_server_harness: Callable[..., LoopbackServer], echo_server: EchoServer
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer
 ) -> None:
-    harness = make_server_harness()  # no client_connect_authorizer
+    harness = make_tunnel_server()  # no client_connect_authorizer
     client = harness.client("foo", lambda proto, address: True)
     assert client.session is not None
     conn = client.session.dial("tcp", echo_server.address, TIMEOUT)
@@ -323,9 +309,9 @@ def silence_tls_handshake_errors() -> Iterator[None]:
 
 
 def test_wss_verifies_certificates_by_default(
-    make_server_harness: Callable[..., LoopbackServer], ca: trustme.CA, silence_tls_handshake_errors: None
+    make_tunnel_server: Callable[..., TunnelServer], ca: trustme.CA, silence_tls_handshake_errors: None
 ) -> None:
-    harness = make_server_harness(ssl_context=tls_server_context(ca, "127.0.0.1"))
+    harness = make_tunnel_server(ssl_context=tls_server_context(ca, "127.0.0.1"))
     assert harness.url.startswith("wss://")
     with pytest.raises((ssl.SSLError, websocket.WebSocketException)) as info:
         connect_to_proxy(harness.url, {"X-Tunnel-ID": "foo"})
@@ -334,9 +320,9 @@ def test_wss_verifies_certificates_by_default(
 
 
 def test_wss_with_a_context_trusting_the_ca_works(
-    make_server_harness: Callable[..., LoopbackServer], ca: trustme.CA, echo_server: EchoServer
+    make_tunnel_server: Callable[..., TunnelServer], ca: trustme.CA, echo_server: EchoServer
 ) -> None:
-    harness = make_server_harness(ssl_context=tls_server_context(ca, "127.0.0.1"))
+    harness = make_tunnel_server(ssl_context=tls_server_context(ca, "127.0.0.1"))
     trusting = ssl.create_default_context()
     ca.configure_trust(trusting)
     harness.client("foo", lambda proto, address: True, ssl_context=trusting)
@@ -344,10 +330,10 @@ def test_wss_with_a_context_trusting_the_ca_works(
 
 
 def test_wss_hostname_is_checked(
-    make_server_harness: Callable[..., LoopbackServer], ca: trustme.CA, silence_tls_handshake_errors: None
+    make_tunnel_server: Callable[..., TunnelServer], ca: trustme.CA, silence_tls_handshake_errors: None
 ) -> None:
     """A certificate from a trusted CA but for another name is refused."""
-    harness = make_server_harness(ssl_context=tls_server_context(ca, "tunnel.example"))
+    harness = make_tunnel_server(ssl_context=tls_server_context(ca, "tunnel.example"))
     trusting = ssl.create_default_context()
     ca.configure_trust(trusting)
     with pytest.raises((ssl.SSLError, ssl.CertificateError, websocket.WebSocketException)):
@@ -356,9 +342,9 @@ def test_wss_hostname_is_checked(
 
 
 def test_tunnel_client_keeps_refusing_an_untrusted_server(
-    make_server_harness: Callable[..., LoopbackServer], ca: trustme.CA, silence_tls_handshake_errors: None
+    make_tunnel_server: Callable[..., TunnelServer], ca: trustme.CA, silence_tls_handshake_errors: None
 ) -> None:
-    harness = make_server_harness(ssl_context=tls_server_context(ca, "127.0.0.1"))
+    harness = make_tunnel_server(ssl_context=tls_server_context(ca, "127.0.0.1"))
     client = TunnelClient(harness.url, {"X-Tunnel-ID": "foo"}, backoff=FAST)
     client.start()
     try:

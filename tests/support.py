@@ -1,0 +1,410 @@
+"""Helpers shared by the tests: timeouts and polling, byte-exact reads, loopback
+TCP servers, in-memory session pairs, and the real WSGI server on werkzeug.
+
+Fixtures built on these live in ``conftest.py``; tests import the classes and
+functions from here (``from .support import ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from remotedialer.client import Backoff, TunnelClient
+from remotedialer.config import Limits
+from remotedialer.connection import TunnelConnection
+from remotedialer.heartbeat import Heartbeat
+from remotedialer.piping import LocalDialer, Piper
+from remotedialer.session import ConnectHandler, Session
+from remotedialer.transport import memory_pair
+
+# Every blocking call in a test is bounded by this (seconds).
+TIMEOUT = 10.0
+
+
+def shared_dir() -> Path:
+    """The project's shared/ directory (vectors, PROTOCOL.md): beside the clone,
+    or where ``REMOTEDIALER_SHARED`` points. Missing is a failure, not a skip."""
+    candidates = []
+    env = os.environ.get("REMOTEDIALER_SHARED")
+    if env:
+        candidates.append(Path(env))
+    candidates.append(Path(__file__).resolve().parents[2] / "shared")
+    for candidate in candidates:
+        if (candidate / "vectors").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"shared/ vectors not found (tried {', '.join(map(str, candidates))}); "
+        "set REMOTEDIALER_SHARED"
+    )
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT, interval: float = 0.005) -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {predicate}")
+        time.sleep(interval)
+
+
+def recv_exactly(sock: Any, size: int) -> bytes:
+    """Read exactly ``size`` bytes from a socket-like object (blocks on its
+    timeout); an EOF before that fails the test."""
+    out = bytearray()
+    while len(out) < size:
+        chunk = sock.recv(min(1 << 20, size - len(out)))
+        assert chunk, f"EOF after {len(out)} of {size} bytes"
+        out += chunk
+    return bytes(out)
+
+
+def allow_all(proto: str, address: str) -> bool:
+    """A connect authorizer that allows every dial."""
+    return True
+
+
+# --------------------------------------------------------- loopback servers
+class LoopbackListener:
+    """A TCP listener on a free loopback port whose accept loop runs on a
+    daemon thread and hands every connection to :meth:`handle` (on that
+    thread). Accepted sockets are kept in ``accepted`` and closed by
+    :meth:`close`. Subclasses set their own attributes before calling
+    ``super().__init__()`` (the loop starts at once)."""
+
+    def __init__(self, host: str = "127.0.0.1", backlog: int = 64, name: str = "test-listener") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, 0), family=family, backlog=backlog)
+        self.port: int = self.listener.getsockname()[1]
+        self.address = f"[{host}]:{self.port}" if family == socket.AF_INET6 else f"{host}:{self.port}"
+        self.accepted: List[socket.socket] = []
+        self._accepted_lock = threading.Lock()
+        self.accept_thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
+        self.accept_thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._accepted_lock:
+                self.accepted.append(sock)
+            self.handle(sock)
+
+    def handle(self, sock: socket.socket) -> None:
+        """Serve one accepted connection; runs on the accept thread, so long
+        work goes to :meth:`serve_on_thread`. By default: hold it open."""
+
+    @staticmethod
+    def serve_on_thread(target: Callable[[socket.socket], None], sock: socket.socket) -> None:
+        threading.Thread(target=target, args=(sock,), daemon=True).start()
+
+    def drop_connections(self) -> None:
+        """Close every accepted connection."""
+        with self._accepted_lock:
+            socks, self.accepted = self.accepted, []
+        for sock in socks:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.listener.close()
+        self.drop_connections()
+
+
+class EchoServer(LoopbackListener):
+    """A loopback TCP server (port 0) that echoes every connection on a thread."""
+
+    def handle(self, sock: socket.socket) -> None:
+        self.serve_on_thread(self._echo, sock)
+
+    @staticmethod
+    def _echo(sock: socket.socket) -> None:
+        with sock:
+            try:
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    sock.sendall(data)
+            except OSError:
+                return
+
+
+class SilentListener(LoopbackListener):
+    """Accepts TCP connections on 127.0.0.1 and then says nothing (or only
+    ``prefix``, after reading the request), holding them open until closed."""
+
+    def __init__(self, prefix: bytes = b"") -> None:
+        self.prefix = prefix
+        super().__init__(backlog=16)
+
+    def handle(self, sock: socket.socket) -> None:
+        if self.prefix:
+            try:
+                sock.recv(65536)  # the upgrade request
+                sock.sendall(self.prefix)
+            except OSError:
+                pass
+
+
+class SelectorEchoServer:
+    """A loopback echo server on one selector thread (so it adds one thread
+    whatever the number of connections). It echoes with backpressure and,
+    when a client sends FIN, finishes echoing and then closes."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, 0), family=family, backlog=512)
+        self.listener.setblocking(False)
+        self.port = self.listener.getsockname()[1]
+        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        self.pending: Dict[socket.socket, bytearray] = {}
+        self.eof: Dict[socket.socket, bool] = {}
+        self.accepted = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-echo", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, mask in self.selector.select(0.05):
+                if key.data is None:
+                    self._accept()
+                else:
+                    self._service(key.fileobj, mask)  # type: ignore[arg-type]
+        for sock in list(self.pending):
+            sock.close()
+        self.selector.close()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            self.accepted += 1
+            sock.setblocking(False)
+            self.pending[sock] = bytearray()
+            self.eof[sock] = False
+            self.selector.register(sock, selectors.EVENT_READ, "conn")
+
+    def _service(self, sock: socket.socket, mask: int) -> None:
+        buf = self.pending[sock]
+        try:
+            if mask & selectors.EVENT_READ:
+                data = sock.recv(65536)
+                if data:
+                    buf += data
+                else:
+                    self.eof[sock] = True
+            if buf:
+                sent = sock.send(buf)
+                del buf[:sent]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._drop(sock)
+            return
+        if self.eof[sock] and not buf:
+            self._drop(sock)
+            return
+        events = selectors.EVENT_WRITE if buf else 0
+        if len(buf) < 256 * 1024 and not self.eof[sock]:
+            events |= selectors.EVENT_READ
+        self.selector.modify(sock, events, "conn")
+
+    def _drop(self, sock: socket.socket) -> None:
+        self.selector.unregister(sock)
+        del self.pending[sock]
+        del self.eof[sock]
+        sock.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(TIMEOUT)
+
+
+# ------------------------------------------------------ in-memory sessions
+class SessionPair:
+    """A client and a server session joined by an in-memory WebSocket pair,
+    each served on its own thread."""
+
+    def __init__(
+        self,
+        *,
+        limits: Optional[Limits] = None,
+        client_limits: Optional[Limits] = None,
+        connect_handler: Optional[ConnectHandler] = None,
+        client_listener: Optional[Callable[..., None]] = None,
+        heartbeat: Optional[Heartbeat] = None,
+        capacity: int = 1 << 20,
+    ) -> None:
+        self.client_end, self.server_end = memory_pair()
+        self.client_end.capacity = self.server_end.capacity = capacity
+        limits = limits or Limits()
+        self.heartbeat = heartbeat or Heartbeat("test-heartbeat")
+        self.client = Session(
+            self.client_end,
+            is_client=True,
+            client_key="client",
+            session_key=0,
+            connect_handler=connect_handler,
+            limits=client_limits or limits,
+            heartbeat=self.heartbeat,
+        )
+        self.server = Session(
+            self.server_end,
+            is_client=False,
+            client_key="foo",
+            session_key=7,
+            client_listener=client_listener,
+            limits=limits,
+            heartbeat=self.heartbeat,
+        )
+        self.threads = [self.client.start(), self.server.start()]
+
+    def idle(self) -> bool:
+        """No tunneled connection is left on either side."""
+        return not self.server.connections() and not self.client.connections()
+
+    def close(self) -> None:
+        self.client.close("test over")
+        self.server.close("test over")
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+            assert not thread.is_alive(), "session reader thread did not end"
+
+
+class AcceptingHandler:
+    """A connect handler that accepts every CONNECT and queues the connection."""
+
+    def __init__(self) -> None:
+        self.connections: List[TunnelConnection] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, conn: TunnelConnection) -> None:
+        with self._cond:
+            self.connections.append(conn)
+            self._cond.notify_all()
+
+    def next(self, timeout: float = TIMEOUT) -> TunnelConnection:
+        """Block until a connection arrived that was not handed out yet."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.connections, timeout):
+                raise AssertionError("no CONNECT arrived")
+            return self.connections.pop(0)
+
+
+class LocalDialTunnel:
+    """A session pair whose client side serves CONNECTs with a
+    :class:`LocalDialer` (allowing every target by default) on its own piper."""
+
+    def __init__(
+        self,
+        make_pair: Callable[..., SessionPair] = SessionPair,
+        authorizer: Optional[Callable[[str, str], bool]] = allow_all,
+        dialer: Optional[Callable[..., socket.socket]] = None,
+        limits: Limits = Limits(),
+        name: str = "test-piper",
+    ) -> None:
+        self.piper = Piper(name)
+        self.local = LocalDialer(authorizer, dialer, limits, self.piper)
+        self.pair = make_pair(limits=limits, connect_handler=self.local)
+
+    def dial(self, address: str) -> TunnelConnection:
+        """Dial ``address`` from the server side (blocks up to TIMEOUT)."""
+        return self.pair.server.dial("tcp", address, timeout=TIMEOUT)
+
+    def idle(self) -> bool:
+        return self.pair.idle()
+
+    def close(self) -> None:
+        self.pair.close()
+        self.local.shutdown()
+        self.piper.stop()
+
+
+# ------------------------------------------------------ the real WSGI server
+def tunnel_id_authorizer(request: Any) -> Tuple[str, bool]:
+    """The Go example's authorizer: any non-empty X-Tunnel-ID is the client
+    key; an ``X-Error`` header makes it raise (for the server's 500 path)."""
+    if request.headers.get("X-Error"):
+        raise ValueError(request.headers["X-Error"])
+    key = request.headers.get("X-Tunnel-ID", "")
+    return key, bool(key)
+
+
+class TunnelServer:
+    """The real WSGI :class:`~remotedialer.server.Server` under werkzeug's
+    threaded server on a free loopback port (TLS with ``ssl_context``), and
+    the tunnel clients a test starts with :meth:`client`. The authorizer
+    records every request's headers and then asks ``authorize`` (by default
+    :func:`tunnel_id_authorizer`; given as ``authorizer=`` or swapped by a test)."""
+
+    def __init__(
+        self,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        authorizer: Callable[[Any], Tuple[str, bool]] = tunnel_id_authorizer,
+        **server_options: Any,
+    ) -> None:
+        from werkzeug.serving import make_server
+
+        from remotedialer.server import Server
+
+        self.requests: List[Dict[str, str]] = []
+        self.authorize = authorizer
+        self.server = Server(self._authorizer, **server_options)
+        self.httpd = make_server("127.0.0.1", 0, self.server, threaded=True, ssl_context=ssl_context)
+        self.port = self.httpd.server_port
+        scheme = "wss" if ssl_context is not None else "ws"
+        self.url = f"{scheme}://127.0.0.1:{self.port}/connect"
+        self.clients: List[TunnelClient] = []
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def _authorizer(self, request: Any) -> Tuple[str, bool]:
+        self.requests.append(dict(request.headers))
+        return self.authorize(request)
+
+    def client(
+        self,
+        key: str = "foo",
+        connect_authorizer: Optional[Callable[[str, str], bool]] = allow_all,
+        wait: bool = True,
+        **options: Any,
+    ) -> TunnelClient:
+        """Start a tunnel client for ``key`` (allowing every dial by default);
+        unless ``wait`` is false, block until the server registered its
+        session (up to TIMEOUT each). Stopped by :meth:`close`."""
+        before = len(self.server.sessions(key))
+        options.setdefault("backoff", Backoff(initial=0.05, maximum=0.2))
+        client = TunnelClient(self.url, {"X-Tunnel-ID": key}, connect_authorizer, **options)
+        self.clients.append(client)
+        client.start()
+        if wait:
+            client.wait_connected(TIMEOUT)
+            wait_for(lambda: len(self.server.sessions(key)) > before)
+        return client
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.stop(TIMEOUT)
+        self.server.close("test over")
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(TIMEOUT)
