@@ -13,13 +13,13 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 import requests
 from werkzeug.serving import make_server
 
-from remotedialer.client import Backoff, TunnelClient
+from remotedialer.client import TunnelClient
 from remotedialer.config import Limits
 from remotedialer.errors import (
     ConnectNotAllowedError,
@@ -33,86 +33,8 @@ from remotedialer.session import Session
 from remotedialer.session_manager import SessionManager
 from remotedialer.wsgi_transport import OP_CLOSE, ServerWebSocket, encode_frame
 
-from .conftest import TIMEOUT, EchoServer, wait_for
+from .support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, tunnel_id_authorizer, wait_for
 from .test_wsgi_transport import client_frame, read_server_frame, read_to_eof
-
-
-def tunnel_id_authorizer(request: Any) -> Tuple[str, bool]:
-    """The Go example's authorizer: any non-empty X-Tunnel-ID is the client key."""
-    if request.headers.get("X-Error"):
-        raise ValueError(request.headers["X-Error"])
-    key = request.headers.get("X-Tunnel-ID", "")
-    return key, bool(key)
-
-
-class Harness:
-    """A :class:`Server` on werkzeug's threaded server on a free loopback port,
-    plus the tunnel clients a test starts."""
-
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.httpd = make_server("127.0.0.1", 0, server, threaded=True)
-        self.port = self.httpd.server_port
-        self.url = f"ws://127.0.0.1:{self.port}/connect"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-        self.clients: List[TunnelClient] = []
-
-    def client(
-        self, key: str = "foo", connect_authorizer: Optional[Callable[[str, str], bool]] = None,
-        wait: bool = True, **options: Any,
-    ) -> TunnelClient:
-        """Start a tunnel client for ``key`` (allowing every dial by default)
-        and wait until the server registered its session."""
-        before = len(self.server.sessions(key))
-        client = TunnelClient(
-            self.url, {"X-Tunnel-ID": key},
-            connect_authorizer or (lambda proto, address: True),
-            backoff=Backoff(initial=0.05, maximum=0.2), **options,
-        )
-        self.clients.append(client)
-        client.start()
-        if wait:
-            client.wait_connected(TIMEOUT)
-            wait_for(lambda: len(self.server.sessions(key)) > before)
-        return client
-
-    def close(self) -> None:
-        for client in self.clients:
-            client.stop(TIMEOUT)
-        self.server.close()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(TIMEOUT)
-
-
-@pytest.fixture
-def make_harness() -> Iterator[Callable[..., Harness]]:
-    harnesses: List[Harness] = []
-
-    def make(**options: Any) -> Harness:
-        options.setdefault("client_connect_authorizer", None)
-        harness = Harness(Server(tunnel_id_authorizer, **options))
-        harnesses.append(harness)
-        return harness
-
-    yield make
-    for harness in harnesses:
-        harness.close()
-
-
-@pytest.fixture
-def harness(make_harness: Callable[..., Harness]) -> Harness:
-    return make_harness()
-
-
-def recv_exactly(conn: Any, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = conn.recv(min(1 << 20, size - len(data)))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 def echo_round_trip(conn: Any, size: int) -> None:
@@ -132,26 +54,26 @@ def request_handler_threads() -> List[threading.Thread]:
 # ------------------------------------------------------------------- dials
 @pytest.mark.parametrize("websocket", ["builtin", "simple-websocket"])
 def test_dial_through_client_multi_mib_byte_exact(
-    make_harness: Callable[..., Harness], echo_server: EchoServer, websocket: str
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer, websocket: str
 ) -> None:
-    harness = make_harness(websocket=websocket)
-    harness.client("foo")
-    assert harness.server.has_session("foo")
-    assert harness.server.list_clients() == ["foo"]
-    with harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT) as conn:
+    tunnel_server = make_tunnel_server(websocket=websocket)
+    tunnel_server.client("foo")
+    assert tunnel_server.server.has_session("foo")
+    assert tunnel_server.server.list_clients() == ["foo"]
+    with tunnel_server.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT) as conn:
         echo_round_trip(conn, 6 << 20)
         echo_round_trip(conn, 1)
-    with harness.server.dialer("foo")("tcp", echo_server.address, timeout=TIMEOUT) as conn:
+    with tunnel_server.server.dialer("foo")("tcp", echo_server.address, timeout=TIMEOUT) as conn:
         echo_round_trip(conn, 100_000)
 
 
-def test_concurrent_dials(harness: Harness, echo_server: EchoServer) -> None:
-    harness.client("foo")
+def test_concurrent_dials(tunnel_server: TunnelServer, echo_server: EchoServer) -> None:
+    tunnel_server.client("foo")
     errors: List[BaseException] = []
 
     def one() -> None:
         try:
-            with harness.server.dial("foo", "tcp", echo_server.address, TIMEOUT) as conn:
+            with tunnel_server.server.dial("foo", "tcp", echo_server.address, TIMEOUT) as conn:
                 echo_round_trip(conn, 512 * 1024)
         except BaseException as exc:  # noqa: B036 - reported below
             errors.append(exc)
@@ -162,7 +84,7 @@ def test_concurrent_dials(harness: Harness, echo_server: EchoServer) -> None:
     for thread in threads:
         thread.join(TIMEOUT * 3)
     assert not errors
-    wait_for(lambda: not harness.server.sessions("foo")[0].connections())
+    wait_for(lambda: not tunnel_server.server.sessions("foo")[0].connections())
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):
@@ -178,14 +100,14 @@ class _Hello(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_http_through_create_connection(harness: Harness) -> None:
+def test_http_through_create_connection(tunnel_server: TunnelServer) -> None:
     """http.client over the socket.create_connection-shaped dialer."""
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hello)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        harness.client("foo")
-        create_connection = harness.server.create_connection_for("foo")
+        tunnel_server.client("foo")
+        create_connection = tunnel_server.server.create_connection_for("foo")
 
         class TunnelHTTPConnection(http.client.HTTPConnection):
             def connect(self) -> None:
@@ -202,42 +124,44 @@ def test_http_through_create_connection(harness: Harness) -> None:
         httpd.server_close()
 
 
-def test_refused_target_fails_the_first_read(harness: Harness) -> None:
-    harness.client("foo")
+def test_refused_target_fails_the_first_read(tunnel_server: TunnelServer) -> None:
+    tunnel_server.client("foo")
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
-    conn = harness.server.dial("foo", "tcp", f"127.0.0.1:{port}", timeout=TIMEOUT)
+    conn = tunnel_server.server.dial("foo", "tcp", f"127.0.0.1:{port}", timeout=TIMEOUT)
     with pytest.raises(RemoteError, match="refused"):
         conn.recv(10)
     conn.close()
 
 
 def test_target_not_allowed_by_client_fails_only_that_connection(
-    harness: Harness, echo_server: EchoServer
+    tunnel_server: TunnelServer, echo_server: EchoServer
 ) -> None:
-    harness.client("foo", connect_authorizer=lambda proto, address: False)
-    conn = harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
+    tunnel_server.client("foo", connect_authorizer=lambda proto, address: False)
+    conn = tunnel_server.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
     with pytest.raises(RemoteError, match="connect not allowed"):
         conn.recv(10)
-    assert harness.server.has_session("foo")
+    assert tunnel_server.server.has_session("foo")
 
 
-def test_unknown_client_fails_at_once(harness: Harness) -> None:
+def test_unknown_client_fails_at_once(tunnel_server: TunnelServer) -> None:
     started = time.monotonic()
     with pytest.raises(NoSessionError, match="failed to find Session for client nobody"):
-        harness.server.dial("nobody", "tcp", "127.0.0.1:1", timeout=TIMEOUT)
+        tunnel_server.server.dial("nobody", "tcp", "127.0.0.1:1", timeout=TIMEOUT)
     with pytest.raises(ConnectionRefusedError):  # a socket user's except clause works
-        harness.server.create_connection_for("nobody")(("127.0.0.1", 1), TIMEOUT)
+        tunnel_server.server.create_connection_for("nobody")(("127.0.0.1", 1), TIMEOUT)
     assert time.monotonic() - started < TIMEOUT  # did not wait on a tunnel
-    assert not harness.server.has_session("nobody")
+    assert not tunnel_server.server.has_session("nobody")
 
 
-def test_dial_after_client_disconnect_fails_at_once(harness: Harness, echo_server: EchoServer) -> None:
-    client = harness.client("foo")
-    session = harness.server.sessions("foo")[0]
-    conn = harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
+def test_dial_after_client_disconnect_fails_at_once(
+    tunnel_server: TunnelServer, echo_server: EchoServer
+) -> None:
+    client = tunnel_server.client("foo")
+    session = tunnel_server.server.sessions("foo")[0]
+    conn = tunnel_server.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
     echo_round_trip(conn, 1000)
     reader_error: List[BaseException] = []
 
@@ -253,53 +177,55 @@ def test_dial_after_client_disconnect_fails_at_once(harness: Harness, echo_serve
     assert session.wait_closed(TIMEOUT)
     reader.join(TIMEOUT)
     assert reader_error and isinstance(reader_error[0], TunnelClosedError)
-    wait_for(lambda: not harness.server.has_session("foo"))
+    wait_for(lambda: not tunnel_server.server.has_session("foo"))
     with pytest.raises(NoSessionError):
-        harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
+        tunnel_server.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
     with pytest.raises(TunnelClosedError):  # the dead session itself refuses at once
         session.dial("tcp", echo_server.address)
-    assert harness.server.list_clients() == []
+    assert tunnel_server.server.list_clients() == []
     wait_for(lambda: not request_handler_threads())  # the WSGI handler thread ended
 
 
 def test_several_sessions_per_key_first_is_used_then_the_next(
-    harness: Harness, echo_server: EchoServer
+    tunnel_server: TunnelServer, echo_server: EchoServer
 ) -> None:
-    first_client = harness.client("foo")
-    harness.client("foo")
-    first, second = harness.server.sessions("foo")
-    conn = harness.server.dial("foo", "tcp", echo_server.address, TIMEOUT)
+    first_client = tunnel_server.client("foo")
+    tunnel_server.client("foo")
+    first, second = tunnel_server.server.sessions("foo")
+    conn = tunnel_server.server.dial("foo", "tcp", echo_server.address, TIMEOUT)
     assert conn.session is first
     echo_round_trip(conn, 10_000)
     # the first session dies: dials fall back to the next live one at once
     first_client.stop(TIMEOUT)
     assert first.wait_closed(TIMEOUT)
-    conn = harness.server.dial("foo", "tcp", echo_server.address, TIMEOUT)
+    conn = tunnel_server.server.dial("foo", "tcp", echo_server.address, TIMEOUT)
     assert conn.session is second
     echo_round_trip(conn, 10_000)
-    wait_for(lambda: harness.server.sessions("foo") == [second])
+    wait_for(lambda: tunnel_server.server.sessions("foo") == [second])
 
 
-def test_max_sessions_per_key(make_harness: Callable[..., Harness]) -> None:
-    harness = make_harness(limits=Limits(max_sessions_per_key=1))
-    harness.client("foo")
-    client = TunnelClient(harness.url, {"X-Tunnel-ID": "foo"})
+def test_max_sessions_per_key(make_tunnel_server: Callable[..., TunnelServer]) -> None:
+    tunnel_server = make_tunnel_server(limits=Limits(max_sessions_per_key=1))
+    tunnel_server.client("foo")
+    client = TunnelClient(tunnel_server.url, {"X-Tunnel-ID": "foo"})
     with pytest.raises(HandshakeError) as info:
         client.connect_once()
     assert info.value.status == 429
-    harness.client("bar")  # other keys are not affected
+    tunnel_server.client("bar")  # other keys are not affected
 
 
 # ------------------------------------------------------------ reverse dials
-def test_reverse_dial_allowed(make_harness: Callable[..., Harness], echo_server: EchoServer) -> None:
+def test_reverse_dial_allowed(
+    make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer
+) -> None:
     asked: List[Tuple[str, str]] = []
 
     def allow(proto: str, address: str) -> bool:
         asked.append((proto, address))
         return True
 
-    harness = make_harness(client_connect_authorizer=allow)
-    client = harness.client("foo")
+    tunnel_server = make_tunnel_server(client_connect_authorizer=allow)
+    client = tunnel_server.client("foo")
     assert client.session is not None
     conn = client.session.dial("tcp", echo_server.address, TIMEOUT)
     echo_round_trip(conn, 3 << 20)
@@ -308,16 +234,16 @@ def test_reverse_dial_allowed(make_harness: Callable[..., Harness], echo_server:
 
 
 def test_reverse_dial_refused_fails_only_that_connection(
-    harness: Harness, echo_server: EchoServer
+    tunnel_server: TunnelServer, echo_server: EchoServer
 ) -> None:
-    client = harness.client("foo")
+    client = tunnel_server.client("foo")
     assert client.session is not None
     conn = client.session.dial("tcp", echo_server.address, TIMEOUT)
     with pytest.raises(RemoteError, match="connect not allowed"):
         conn.recv(10)
     # the tunnel is still fine both ways
     assert not client.session.closed
-    with harness.server.dial("foo", "tcp", echo_server.address, TIMEOUT) as forward:
+    with tunnel_server.server.dial("foo", "tcp", echo_server.address, TIMEOUT) as forward:
         echo_round_trip(forward, 1000)
 
 
@@ -342,35 +268,35 @@ def raw_get(port: int, headers: dict) -> Tuple[int, bytes, http.client.HTTPRespo
     return response.status, body, response
 
 
-def test_unauthenticated_gets_401_before_upgrade(harness: Harness) -> None:
-    status, body, _ = raw_get(harness.port, upgrade_headers())
+def test_unauthenticated_gets_401_before_upgrade(tunnel_server: TunnelServer) -> None:
+    status, body, _ = raw_get(tunnel_server.port, upgrade_headers())
     assert (status, body) == (401, b"failed authentication")
-    response = requests.get(f"http://127.0.0.1:{harness.port}/connect", timeout=TIMEOUT)
+    response = requests.get(f"http://127.0.0.1:{tunnel_server.port}/connect", timeout=TIMEOUT)
     assert (response.status_code, response.text) == (401, "failed authentication")
     with pytest.raises(HandshakeError) as info:
-        TunnelClient(harness.url, {}).connect_once()
+        TunnelClient(tunnel_server.url, {}).connect_once()
     assert info.value.status == 401 and info.value.body == "failed authentication"
-    assert harness.server.list_clients() == []
+    assert tunnel_server.server.list_clients() == []
 
 
-def test_authorizer_error_gets_400_with_its_text(harness: Harness) -> None:
-    status, body, _ = raw_get(harness.port, upgrade_headers(**{"X-Error": "bad token format"}))
+def test_authorizer_error_gets_400_with_its_text(tunnel_server: TunnelServer) -> None:
+    status, body, _ = raw_get(tunnel_server.port, upgrade_headers(**{"X-Error": "bad token format"}))
     assert (status, body) == (400, b"bad token format")
 
 
-def test_plain_request_gets_400(harness: Harness) -> None:
+def test_plain_request_gets_400(tunnel_server: TunnelServer) -> None:
     response = requests.get(
-        f"http://127.0.0.1:{harness.port}/connect", headers={"X-Tunnel-ID": "foo"}, timeout=TIMEOUT
+        f"http://127.0.0.1:{tunnel_server.port}/connect", headers={"X-Tunnel-ID": "foo"}, timeout=TIMEOUT
     )
     assert response.status_code == 400
     assert "websocket" in response.text
-    status, _, _ = raw_get(harness.port, upgrade_headers(**{"X-Tunnel-ID": "foo",
+    status, _, _ = raw_get(tunnel_server.port, upgrade_headers(**{"X-Tunnel-ID": "foo",
                                                             "Sec-WebSocket-Version": "8"}))
     assert status == 400
-    assert harness.server.list_clients() == []
+    assert tunnel_server.server.list_clients() == []
 
 
-def test_custom_error_writer(make_harness: Callable[..., Harness]) -> None:
+def test_custom_error_writer(make_tunnel_server: Callable[..., TunnelServer]) -> None:
     seen: List[Tuple[int, str]] = []
 
     def writer(environ: Any, start_response: Any, status: int, message: str) -> List[bytes]:
@@ -378,36 +304,36 @@ def test_custom_error_writer(make_harness: Callable[..., Harness]) -> None:
         start_response(f"{status} Nope", [("Content-Type", "application/json"), ("X-Custom", "1")])
         return [b'{"error": "%s"}' % message.encode()]
 
-    harness = make_harness(error_writer=writer)
-    status, body, response = raw_get(harness.port, upgrade_headers())
+    tunnel_server = make_tunnel_server(error_writer=writer)
+    status, body, response = raw_get(tunnel_server.port, upgrade_headers())
     assert status == 401 and body == b'{"error": "failed authentication"}'
     assert response.getheader("X-Custom") == "1"
     assert seen == [(401, "failed authentication")]
 
 
 # ----------------------------------------------- peers, listeners, keepalive
-def test_peer_authentication_is_tried_first(harness: Harness) -> None:
-    harness.server.peers["peer-b"] = "s3cret"
-    peer = TunnelClient(harness.url, {"X-API-Tunnel-ID": "peer-b", "X-API-Tunnel-Token": "s3cret"})
-    harness.clients.append(peer)
+def test_peer_authentication_is_tried_first(tunnel_server: TunnelServer) -> None:
+    tunnel_server.server.peers["peer-b"] = "s3cret"
+    peer = TunnelClient(tunnel_server.url, {"X-API-Tunnel-ID": "peer-b", "X-API-Tunnel-Token": "s3cret"})
+    tunnel_server.clients.append(peer)
     peer.start()
     peer.wait_connected(TIMEOUT)
-    wait_for(lambda: harness.server.peer_sessions.sessions("peer-b"))
+    wait_for(lambda: tunnel_server.server.peer_sessions.sessions("peer-b"))
     # a peer session is not offered for client dials
-    assert harness.server.list_clients() == []
+    assert tunnel_server.server.list_clients() == []
     with pytest.raises(NoSessionError):
-        harness.server.dial("peer-b", "tcp", "127.0.0.1:1")
+        tunnel_server.server.dial("peer-b", "tcp", "127.0.0.1:1")
     # a wrong token falls through to the authorizer, which refuses
-    wrong = TunnelClient(harness.url, {"X-API-Tunnel-ID": "peer-b", "X-API-Tunnel-Token": "guess"})
+    wrong = TunnelClient(tunnel_server.url, {"X-API-Tunnel-ID": "peer-b", "X-API-Tunnel-Token": "guess"})
     with pytest.raises(HandshakeError) as info:
         wrong.connect_once()
     assert info.value.status == 401
 
 
-def test_peer_router_hooks(make_harness: Callable[..., Harness], echo_server: EchoServer) -> None:
+def test_peer_router_hooks(make_tunnel_server: Callable[..., TunnelServer], echo_server: EchoServer) -> None:
     """A PeerRouter gets peer sessions' CONNECTs and ADD_CLIENTs and routes
     dials for keys this server does not hold."""
-    harness, other = make_harness(), make_harness()
+    tunnel_server, other = make_tunnel_server(), make_tunnel_server()
     other.client("far")
     connects: List[Tuple[str, str]] = []
     changes: List[Tuple[bool, str, int]] = []
@@ -423,17 +349,17 @@ def test_peer_router_hooks(make_harness: Callable[..., Harness], echo_server: Ec
         def dial(self, key: str, proto: str, address: str, timeout: Optional[float]) -> Any:
             return other.server.dial(key, proto, address, timeout) if other.server.has_session(key) else None
 
-    harness.server.peer_router = Router()
-    with harness.server.dial("far", "tcp", echo_server.address, TIMEOUT) as conn:
+    tunnel_server.server.peer_router = Router()
+    with tunnel_server.server.dial("far", "tcp", echo_server.address, TIMEOUT) as conn:
         echo_round_trip(conn, 10_000)
     with pytest.raises(NoSessionError):
-        harness.server.dial("nowhere", "tcp", echo_server.address)
-    harness.server.peers["peer-a"] = "token"
-    peer = TunnelClient(harness.url, {"X-API-Tunnel-ID": "peer-a", "X-API-Tunnel-Token": "token"})
-    harness.clients.append(peer)
+        tunnel_server.server.dial("nowhere", "tcp", echo_server.address)
+    tunnel_server.server.peers["peer-a"] = "token"
+    peer = TunnelClient(tunnel_server.url, {"X-API-Tunnel-ID": "peer-a", "X-API-Tunnel-Token": "token"})
+    tunnel_server.clients.append(peer)
     peer.start()
     session = peer.wait_connected(TIMEOUT)
-    wait_for(lambda: harness.server.peer_sessions.has_session("peer-a"))
+    wait_for(lambda: tunnel_server.server.peer_sessions.has_session("peer-a"))
     session.send_client_added("agent", 42)
     conn = session.dial("agent::tcp", echo_server.address, TIMEOUT)
     with pytest.raises(RemoteError, match="no route"):
@@ -442,12 +368,14 @@ def test_peer_router_hooks(make_harness: Callable[..., Harness], echo_server: Ec
     assert connects == [("agent::tcp", echo_server.address)]
 
 
-def test_session_listeners_see_adds_and_removes(harness: Harness) -> None:
+def test_session_listeners_see_adds_and_removes(tunnel_server: TunnelServer) -> None:
     events: List[Tuple[bool, str, Session]] = []
-    harness.client("early")
-    harness.server.add_session_listener(lambda added, key, s: events.append((added, key, s)), replay=True)
+    tunnel_server.client("early")
+    tunnel_server.server.add_session_listener(
+        lambda added, key, s: events.append((added, key, s)), replay=True
+    )
     assert [(added, key) for added, key, _ in events] == [(True, "early")]
-    client = harness.client("late")
+    client = tunnel_server.client("late")
     client.stop(TIMEOUT)
     wait_for(lambda: len(events) == 3)
     assert [(added, key) for added, key, _ in events] == [(True, "early"), (True, "late"), (False, "late")]
@@ -490,23 +418,25 @@ def test_session_manager_session_that_already_ended() -> None:
     b.close()
 
 
-def test_ping_keeps_the_session_alive_and_silence_ends_it(make_harness: Callable[..., Harness]) -> None:
-    harness = make_harness(limits=Limits(read_deadline=0.6))
-    harness.client("pinger", limits=Limits(ping_interval=0.05))
-    transport = harness.server.sessions("pinger")[0].transport
+def test_ping_keeps_the_session_alive_and_silence_ends_it(
+    make_tunnel_server: Callable[..., TunnelServer],
+) -> None:
+    tunnel_server = make_tunnel_server(limits=Limits(read_deadline=0.6))
+    tunnel_server.client("pinger", limits=Limits(ping_interval=0.05))
+    transport = tunnel_server.server.sessions("pinger")[0].transport
     first = transport.last_keepalive
     wait_for(lambda: transport.last_keepalive > first)
     # a raw client that never pings is cut off after the read deadline
-    sock = raw_upgrade(harness.port, "silent")
-    wait_for(lambda: harness.server.has_session("silent"))
-    session = harness.server.sessions("silent")[0]
+    sock = raw_upgrade(tunnel_server.port, "silent")
+    wait_for(lambda: tunnel_server.server.has_session("silent"))
+    session = tunnel_server.server.sessions("silent")[0]
     assert session.wait_closed(TIMEOUT)
     assert "keepalive" in session.close_reason
     opcode, _ = read_server_frame(sock)
     assert opcode == OP_CLOSE
     assert read_to_eof(sock) == b""
     sock.close()
-    assert harness.server.has_session("pinger")  # the pinging one lived on
+    assert tunnel_server.server.has_session("pinger")  # the pinging one lived on
 
 
 # --------------------------------------------------- the taken-over socket
@@ -528,32 +458,34 @@ def raw_upgrade(port: int, key: str) -> socket.socket:
     return sock
 
 
-def test_no_stray_bytes_after_client_closes(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+def test_no_stray_bytes_after_client_closes(
+    tunnel_server: TunnelServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO)
-    sock = raw_upgrade(harness.port, "raw")
-    wait_for(lambda: harness.server.has_session("raw"))
+    sock = raw_upgrade(tunnel_server.port, "raw")
+    wait_for(lambda: tunnel_server.server.has_session("raw"))
     sock.sendall(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
     # exactly the close reply, then EOF: werkzeug wrote nothing after it
     assert read_to_eof(sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
     sock.close()
-    wait_for(lambda: not harness.server.has_session("raw"))
+    wait_for(lambda: not tunnel_server.server.has_session("raw"))
     wait_for(lambda: not request_handler_threads())
     # and the handler ended quietly: werkzeug saw a dropped connection, not an error
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-def test_no_stray_bytes_after_server_ends_session(harness: Harness) -> None:
-    sock = raw_upgrade(harness.port, "raw")
-    wait_for(lambda: harness.server.has_session("raw"))
-    harness.server.sessions("raw")[0].close("test ends it")
+def test_no_stray_bytes_after_server_ends_session(tunnel_server: TunnelServer) -> None:
+    sock = raw_upgrade(tunnel_server.port, "raw")
+    wait_for(lambda: tunnel_server.server.has_session("raw"))
+    tunnel_server.server.sessions("raw")[0].close("test ends it")
     assert read_to_eof(sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
     sock.close()
 
 
-def test_text_message_ends_the_session(harness: Harness) -> None:
-    sock = raw_upgrade(harness.port, "raw")
-    wait_for(lambda: harness.server.has_session("raw"))
-    session = harness.server.sessions("raw")[0]
+def test_text_message_ends_the_session(tunnel_server: TunnelServer) -> None:
+    sock = raw_upgrade(tunnel_server.port, "raw")
+    wait_for(lambda: tunnel_server.server.has_session("raw"))
+    session = tunnel_server.server.sessions("raw")[0]
     sock.sendall(client_frame(0x1, b"hello"))
     assert session.wait_closed(TIMEOUT)
     assert "text" in session.close_reason
@@ -563,13 +495,13 @@ def test_text_message_ends_the_session(harness: Harness) -> None:
     sock.close()
 
 
-def test_server_close_ends_every_session(harness: Harness) -> None:
-    client = harness.client("foo")
-    session = harness.server.sessions("foo")[0]
-    harness.server.close()
+def test_server_close_ends_every_session(tunnel_server: TunnelServer) -> None:
+    client = tunnel_server.client("foo")
+    session = tunnel_server.server.sessions("foo")[0]
+    tunnel_server.server.close()
     assert session.wait_closed(TIMEOUT)
     client.stop(TIMEOUT)
-    status, body, _ = raw_get(harness.port, upgrade_headers(**{"X-Tunnel-ID": "foo"}))
+    status, body, _ = raw_get(tunnel_server.port, upgrade_headers(**{"X-Tunnel-ID": "foo"}))
     assert status == 503
 
 
@@ -615,30 +547,30 @@ def test_tunnel_over_tls(echo_server: EchoServer, caplog: pytest.LogCaptureFixtu
         thread.join(TIMEOUT)
 
 
-def test_create_connection_to_ipv6_target(harness: Harness) -> None:
+def test_create_connection_to_ipv6_target(tunnel_server: TunnelServer) -> None:
     try:
         echo6 = EchoServer("::1")
     except OSError:
         pytest.skip("no IPv6 loopback")
     try:
-        harness.client("foo")
-        with harness.server.create_connection_for("foo")(("::1", echo6.port), TIMEOUT) as conn:
+        tunnel_server.client("foo")
+        with tunnel_server.server.create_connection_for("foo")(("::1", echo6.port), TIMEOUT) as conn:
             assert conn.address == f"[::1]:{echo6.port}"
             echo_round_trip(conn, 10_000)
     finally:
         echo6.close()
 
 
-def test_raw_client_with_fragmented_messages_like_gorilla(harness: Harness) -> None:
+def test_raw_client_with_fragmented_messages_like_gorilla(tunnel_server: TunnelServer) -> None:
     """A hand-driven client speaking as Go's gorilla client does: messages
     split into 4 KiB continuation frames, pings and an unsolicited pong in
     between. The server's CONNECT arrives as one binary frame; DATA sent back
     in fragments reaches the dialed connection byte for byte."""
     from remotedialer.protocol import MessageType, decode_message, encode_message
 
-    sock = raw_upgrade(harness.port, "gorilla")
-    wait_for(lambda: harness.server.has_session("gorilla"))
-    conn = harness.server.dial("gorilla", "tcp", "127.0.0.1:9", timeout=TIMEOUT)
+    sock = raw_upgrade(tunnel_server.port, "gorilla")
+    wait_for(lambda: tunnel_server.server.has_session("gorilla"))
+    conn = tunnel_server.server.dial("gorilla", "tcp", "127.0.0.1:9", timeout=TIMEOUT)
     opcode, frame = read_server_frame(sock)
     assert opcode == 0x2
     connect = decode_message(frame)
