@@ -26,7 +26,7 @@ from typing import Any, Callable, List, Optional
 
 import pytest
 
-TIMEOUT = 10.0
+from .support import TIMEOUT, recv_exactly
 
 
 @dataclass
@@ -43,15 +43,6 @@ class Pair:
     @property
     def is_tunnel(self) -> bool:
         return self.kind == "tunnel"
-
-
-def recv_exactly(sock: Any, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        chunk = sock.recv(min(size - len(out), 1 << 20))
-        assert chunk, f"EOF after {len(out)} of {size} bytes"
-        out += chunk
-    return bytes(out)
 
 
 def recv_until_eof(sock: Any) -> bytes:

@@ -15,18 +15,9 @@ from remotedialer.config import Limits
 from remotedialer.errors import HandshakeError, RemoteError
 from remotedialer.session import Session
 
-from .conftest import TIMEOUT, EchoServer, TunnelServer, wait_for
+from .support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, wait_for
 
 FAST = Backoff(initial=0.02, maximum=0.1, factor=2.0, jitter=0.5)
-
-
-def recv_exactly(conn: Any, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        chunk = conn.recv(size - len(out))
-        assert chunk, f"EOF after {len(out)} of {size} bytes"
-        out += chunk
-    return bytes(out)
 
 
 @pytest.fixture

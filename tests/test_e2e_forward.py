@@ -4,6 +4,7 @@ clients over loopback WebSockets, and real processes (``remotedialer server
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -19,15 +20,8 @@ from remotedialer.client import Backoff, TunnelClient
 from remotedialer.forward import PortForward
 from remotedialer.piping import Piper
 
-from .conftest import TIMEOUT, TunnelServer, wait_for
-from .test_forward import (
-    MiB,
-    SelectorEchoServer,
-    SourceServer,
-    payload,
-    recv_exactly,
-    recv_to_end,
-)
+from .support import TIMEOUT, SelectorEchoServer, TunnelServer, recv_exactly, wait_for
+from .test_forward import MiB, SourceServer, payload, recv_to_end
 
 
 def connect(address: Tuple[str, int]) -> socket.socket:
@@ -52,6 +46,30 @@ def echo_both_ways(address: Tuple[str, int], data: bytes) -> bytes:
         writer.join(TIMEOUT)
         assert not errors and not writer.is_alive()
         return got
+
+
+@contextlib.contextmanager
+def echoing_connections(
+    address: Tuple[str, int], count: int, size: int, seed: int,
+    on_echo: Callable[[], object] = lambda: None,
+) -> Iterator[List[socket.socket]]:
+    """Open ``count`` connections to ``address`` (an echo), send each its own
+    ``size``-byte message, check every echo (calling ``on_echo`` after each),
+    and yield the still-open sockets; they are closed afterwards."""
+    socks: List[socket.socket] = []
+    try:
+        for _ in range(count):
+            socks.append(connect(address))
+        messages = [payload(size, seed + i) for i in range(count)]
+        for sock, message in zip(socks, messages):
+            sock.sendall(message)
+        for sock, message in zip(socks, messages):
+            assert recv_exactly(sock, len(message)) == message
+            on_echo()
+        yield socks
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def wait_forward_ready(address: Tuple[str, int]) -> None:
@@ -116,13 +134,6 @@ def live() -> Iterator[InProcess]:
     env.close()
 
 
-@pytest.fixture
-def echo() -> Iterator[SelectorEchoServer]:
-    server = SelectorEchoServer()
-    yield server
-    server.close()
-
-
 def test_server_forward_multi_mib_both_ways(live: InProcess, echo: SelectorEchoServer) -> None:
     live.start_client()
     fwd = live.forward(echo.address)
@@ -139,23 +150,11 @@ def test_server_forward_many_connections_bounded_threads(
     wait_forward_ready(fwd.address)
     count = 200
     baseline = threading.active_count()
-    peak = baseline
-    socks: List[socket.socket] = []
-    try:
-        for _ in range(count):
-            socks.append(connect(fwd.address))
-        messages = [payload(2048, 200 + i) for i in range(count)]
-        for sock, message in zip(socks, messages):
-            sock.sendall(message)
-        for sock, message in zip(socks, messages):
-            assert recv_exactly(sock, len(message)) == message
-            peak = max(peak, threading.active_count())
+    seen = [baseline]
+    with echoing_connections(fwd.address, count, 2048, 200, lambda: seen.append(threading.active_count())):
         wait_for(lambda: fwd.active == count)
-        peak = max(peak, threading.active_count())
+        peak = max(seen + [threading.active_count()])
         assert peak - baseline <= 16 + 2, (baseline, peak)  # the client's dial pool, at most
-    finally:
-        for sock in socks:
-            sock.close()
     wait_for(lambda: fwd.active == 0)
     wait_for(lambda: not live.tunnel.server.sessions("foo")[0].connections())
 
@@ -318,21 +317,10 @@ def test_cli_many_concurrent_connections(processes: Processes) -> None:
     processes.start_client()
     count = 200
     before = _thread_count(processes.server.pid)
-    socks: List[socket.socket] = []
-    try:
-        for _ in range(count):
-            socks.append(connect(processes.echo))
-        messages = [payload(1024, 300 + i) for i in range(count)]
-        for sock, message in zip(socks, messages):
-            sock.sendall(message)
-        for sock, message in zip(socks, messages):
-            assert recv_exactly(sock, len(message)) == message
+    with echoing_connections(processes.echo, count, 1024, 300):
         during = _thread_count(processes.server.pid)
         if before is not None and during is not None:
             assert during - before <= 2, (before, during)  # no thread per connection
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 def test_cli_client_killed_mid_transfer(processes: Processes) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import random
-import selectors
 import socket
 import threading
 import time
@@ -27,93 +26,13 @@ from remotedialer.observer import Observer
 from remotedialer.piping import LocalDialer, Piper
 from remotedialer.session import Session
 
-from .conftest import TIMEOUT, SessionPair, wait_for
+from .support import TIMEOUT, LoopbackListener, SelectorEchoServer, SessionPair, recv_exactly, wait_for
 
 MiB = 1 << 20
 
 
 # --------------------------------------------------------------- servers
-class SelectorEchoServer:
-    """A loopback echo server on one selector thread (so it adds one thread
-    whatever the number of connections). It echoes with backpressure and,
-    when a client sends FIN, finishes echoing and then closes."""
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.listener = socket.create_server((host, 0), family=family, backlog=512)
-        self.listener.setblocking(False)
-        self.port = self.listener.getsockname()[1]
-        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(self.listener, selectors.EVENT_READ, None)
-        self.pending: Dict[socket.socket, bytearray] = {}
-        self.eof: Dict[socket.socket, bool] = {}
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="test-echo", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            for key, mask in self.selector.select(0.05):
-                if key.data is None:
-                    self._accept()
-                else:
-                    self._service(key.fileobj, mask)  # type: ignore[arg-type]
-        for sock in list(self.pending):
-            sock.close()
-        self.selector.close()
-        self.listener.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except BlockingIOError:
-                return
-            self.accepted += 1
-            sock.setblocking(False)
-            self.pending[sock] = bytearray()
-            self.eof[sock] = False
-            self.selector.register(sock, selectors.EVENT_READ, "conn")
-
-    def _service(self, sock: socket.socket, mask: int) -> None:
-        buf = self.pending[sock]
-        try:
-            if mask & selectors.EVENT_READ:
-                data = sock.recv(65536)
-                if data:
-                    buf += data
-                else:
-                    self.eof[sock] = True
-            if buf:
-                sent = sock.send(buf)
-                del buf[:sent]
-        except BlockingIOError:
-            pass
-        except OSError:
-            self._drop(sock)
-            return
-        if self.eof[sock] and not buf:
-            self._drop(sock)
-            return
-        events = selectors.EVENT_WRITE if buf else 0
-        if len(buf) < 256 * 1024 and not self.eof[sock]:
-            events |= selectors.EVENT_READ
-        self.selector.modify(sock, events, "conn")
-
-    def _drop(self, sock: socket.socket) -> None:
-        self.selector.unregister(sock)
-        del self.pending[sock]
-        del self.eof[sock]
-        sock.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(TIMEOUT)
-
-
-class SourceServer:
+class SourceServer(LoopbackListener):
     """Sends ``payload`` to every connection, counting bytes handed to the
     kernel, then closes (unless ``hold`` is set: then it waits for EOF)."""
 
@@ -121,22 +40,13 @@ class SourceServer:
         self.payload = payload
         self.sndbuf = sndbuf
         self.hold = hold
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
         self.sent = 0
         self.finished = threading.Event()
         self.peer_closed = threading.Event()
-        self.connections: List[socket.socket] = []
-        threading.Thread(target=self._run, name="test-source", daemon=True).start()
+        super().__init__(name="test-source")
 
-    def _run(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections.append(sock)
-            threading.Thread(target=self._send, args=(sock,), daemon=True).start()
+    def handle(self, sock: socket.socket) -> None:
+        self.serve_on_thread(self._send, sock)
 
     def _send(self, sock: socket.socket) -> None:
         if self.sndbuf:
@@ -155,11 +65,6 @@ class SourceServer:
         finally:
             if self.hold:
                 self.peer_closed.set()
-            sock.close()
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.connections:
             sock.close()
 
 
@@ -259,13 +164,6 @@ def env(session_pair_factory: Callable[..., SessionPair]) -> Iterator[Env]:
     environment.close()
 
 
-@pytest.fixture
-def echo() -> Iterator[SelectorEchoServer]:
-    server = SelectorEchoServer()
-    yield server
-    server.close()
-
-
 def connect(fwd: PortForward, rcvbuf: Optional[int] = None) -> socket.socket:
     """A client socket connected to the forward's port, with a timeout."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -274,16 +172,6 @@ def connect(fwd: PortForward, rcvbuf: Optional[int] = None) -> socket.socket:
     sock.settimeout(TIMEOUT)
     sock.connect(fwd.address)
     return sock
-
-
-def recv_exactly(sock: socket.socket, count: int) -> bytes:
-    got = bytearray()
-    while len(got) < count:
-        data = sock.recv(min(1 << 20, count - len(got)))
-        if not data:
-            raise AssertionError(f"EOF after {len(got)} of {count} bytes")
-        got += data
-    return bytes(got)
 
 
 def recv_to_end(sock: socket.socket) -> Tuple[bytes, Optional[BaseException]]:

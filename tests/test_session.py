@@ -29,7 +29,7 @@ from remotedialer.protocol import (
 from remotedialer.session import Session
 from remotedialer.transport import MemoryTransport, memory_pair
 
-from .conftest import TIMEOUT, AcceptingHandler, SessionPair, wait_for
+from .support import TIMEOUT, AcceptingHandler, SessionPair, recv_exactly, wait_for
 
 KiB = 1024
 SMALL = Limits(
@@ -121,15 +121,6 @@ def dial_pair(pair: SessionPair, handler: AcceptingHandler, address: str = "127.
     client_conn = handler.next()
     client_conn.settimeout(TIMEOUT)
     return server_conn, client_conn
-
-
-def recv_exactly(conn: Any, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        chunk = conn.recv(size - len(out))
-        assert chunk, f"EOF after {len(out)} of {size} bytes"
-        out += chunk
-    return bytes(out)
 
 
 # ---------------------------------------------------------------- dialing
