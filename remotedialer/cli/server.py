@@ -216,8 +216,6 @@ def make_app(
     return app
 
 
-_access_log = logging.getLogger(__name__ + ".access")
-
 #: Request bodies left unread by the app are read and dropped up to this many
 #: bytes to keep the connection; a longer rest closes it.
 _MAX_DRAIN = 256 * 1024
@@ -236,8 +234,8 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
     connection (an aborted chunked body is never terminated, so the client
     sees the truncation). Between requests the thread waits at most the
     server's ``keepalive_timeout`` (and not past the server's shutdown).
-    Sets ``TCP_NODELAY``; the access log goes to ``remotedialer.cli.server.access``
-    at DEBUG level.
+    Sets ``TCP_NODELAY``; the access log is at DEBUG level (this module's
+    logger).
     """
 
     protocol_version = "HTTP/1.1"
@@ -285,8 +283,8 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
                 return True  # data, or EOF which the request reader sees
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        if _access_log.isEnabledFor(logging.DEBUG):
-            _access_log.debug('%s "%s" %s %s', self.address_string(), self.requestline, code, size)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug('%s "%s" %s %s', self.address_string(), self.requestline, code, size)
 
     def run_wsgi(self) -> None:
         """Serve one request with ``self.server.app``."""
