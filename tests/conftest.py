@@ -3,7 +3,7 @@ server. The classes and helpers behind them live in ``support.py``."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, Tuple
 
 import pytest
 
@@ -15,6 +15,7 @@ from .support import (  # noqa: F401
     SelectorEchoServer,
     SessionPair,
     TunnelServer,
+    closing_all,
     shared_dir,
     wait_for,
 )
@@ -23,16 +24,8 @@ from .support import (  # noqa: F401
 @pytest.fixture
 def session_pair_factory() -> Iterator[Callable[..., SessionPair]]:
     """Build :class:`SessionPair` objects; all are closed at teardown."""
-    pairs: List[SessionPair] = []
-
-    def make(**kwargs: Any) -> SessionPair:
-        pair = SessionPair(**kwargs)
-        pairs.append(pair)
-        return pair
-
-    yield make
-    for pair in pairs:
-        pair.close()
+    with closing_all(SessionPair) as make:
+        yield make
 
 
 @pytest.fixture
@@ -63,16 +56,8 @@ def echo() -> Iterator[SelectorEchoServer]:
 def make_tunnel_server() -> Iterator[Callable[..., TunnelServer]]:
     """Build :class:`TunnelServer` objects (arguments as its constructor);
     all are closed at teardown."""
-    made: List[TunnelServer] = []
-
-    def make(**options: Any) -> TunnelServer:
-        server = TunnelServer(**options)
-        made.append(server)
-        return server
-
-    yield make
-    for server in made:
-        server.close()
+    with closing_all(TunnelServer) as make:
+        yield make
 
 
 @pytest.fixture

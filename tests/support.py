@@ -7,6 +7,7 @@ functions from here (``from .support import ...``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import socket
@@ -14,7 +15,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.config import Limits
@@ -26,6 +27,8 @@ from remotedialer.transport import memory_pair
 
 # Every blocking call in a test is bounded by this (seconds).
 TIMEOUT = 10.0
+
+T = TypeVar("T")
 
 
 def shared_dir() -> Path:
@@ -68,6 +71,39 @@ def recv_exactly(sock: Any, size: int) -> bytes:
 def allow_all(proto: str, address: str) -> bool:
     """A connect authorizer that allows every dial."""
     return True
+
+
+@contextlib.contextmanager
+def closing_all(factory: Callable[..., T]) -> Iterator[Callable[..., T]]:
+    """Yield a function that calls ``factory`` and remembers what it made;
+    everything made is closed (``close()``, in order) on the way out. For
+    factory fixtures: ``with closing_all(SessionPair) as make: yield make``."""
+    made: List[Any] = []
+
+    def make(*args: Any, **kwargs: Any) -> T:
+        thing = factory(*args, **kwargs)
+        made.append(thing)
+        return thing
+
+    try:
+        yield make
+    finally:
+        for thing in made:
+            thing.close()
+
+
+def dial_and_accept(dial: Callable[[str], T]) -> Tuple[T, socket.socket]:
+    """Listen on a free loopback port, call ``dial`` with its address and
+    accept the connection that makes (blocks up to TIMEOUT); returns what
+    ``dial`` returned and the accepted socket. The listener is closed."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+    try:
+        conn = dial(f"127.0.0.1:{listener.getsockname()[1]}")
+        far, _ = listener.accept()
+    finally:
+        listener.close()
+    return conn, far
 
 
 # --------------------------------------------------------- loopback servers

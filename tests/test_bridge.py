@@ -23,42 +23,26 @@ from urllib3.util.wait import wait_for_read
 
 from remotedialer.bridge import BridgedSocket, as_socket
 from remotedialer.config import Limits
-from remotedialer.connection import TunnelConnection
 from remotedialer.errors import RemoteError, TunnelClosedError
-from remotedialer.piping import LocalDialer, Piper
+from remotedialer.piping import Piper
 
-from .conftest import TIMEOUT, EchoServer, SessionPair, wait_for
+from .support import TIMEOUT, EchoServer, LocalDialTunnel, LoopbackListener, dial_and_accept, wait_for
 
 KiB = 1024
 SMALL_LIMITS = Limits(pause_threshold=256 * KiB, resume_threshold=32 * KiB, hard_buffer_limit=8192 * KiB)
 
 
-class Bridge:
-    """A session pair whose client dials locally, with its own piper."""
-
-    def __init__(self, limits: Limits = SMALL_LIMITS) -> None:
-        self.piper = Piper("test-bridge-piper")
-        self.local = LocalDialer(lambda proto, address: True, limits=limits, piper=self.piper)
-        self.pair = SessionPair(limits=limits, connect_handler=self.local)
-
-    def dial(self, address: str) -> TunnelConnection:
-        return self.pair.server.dial("tcp", address, timeout=TIMEOUT)
+class Bridge(LocalDialTunnel):
+    """A session pair whose client dials locally, with its own piper, and
+    sockets bridged to the connections it dials."""
 
     def bridged(self, address: str) -> BridgedSocket:
         return as_socket(self.dial(address), self.piper)
 
-    def idle(self) -> bool:
-        return not self.pair.server.connections() and not self.pair.client.connections()
-
-    def close(self) -> None:
-        self.pair.close()
-        self.local.shutdown()
-        self.piper.stop()
-
 
 @pytest.fixture
 def bridge() -> Iterator[Bridge]:
-    b = Bridge()
+    b = Bridge(limits=SMALL_LIMITS, name="test-bridge-piper")
     yield b
     b.close()
 
@@ -100,13 +84,7 @@ def test_closing_the_socket_ends_the_tunneled_connection(bridge: Bridge, echo_se
 
 
 def test_data_written_before_close_is_delivered(bridge: Bridge) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(TIMEOUT)
-    try:
-        sock = bridge.bridged(f"127.0.0.1:{listener.getsockname()[1]}")
-        far, _ = listener.accept()
-    finally:
-        listener.close()
+    sock, far = dial_and_accept(bridge.bridged)
     with far:
         far.settimeout(TIMEOUT)
         data = bytes(range(256)) * 4096
@@ -136,13 +114,7 @@ def test_far_side_dial_failure_shows_as_eof_and_tunnel_error(bridge: Bridge) -> 
 
 
 def test_clean_far_close_is_eof_without_error(bridge: Bridge) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(TIMEOUT)
-    try:
-        sock = bridge.bridged(f"127.0.0.1:{listener.getsockname()[1]}")
-        far, _ = listener.accept()
-    finally:
-        listener.close()
+    sock, far = dial_and_accept(bridge.bridged)
     with sock:
         sock.settimeout(TIMEOUT)
         far.sendall(b"bye")
@@ -161,13 +133,7 @@ def test_session_end_shows_as_eof_and_tunnel_disconnect(bridge: Bridge, echo_ser
 
 
 def test_backpressure_pauses_the_far_side_while_the_socket_is_not_read(bridge: Bridge) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(TIMEOUT)
-    try:
-        sock = bridge.bridged(f"127.0.0.1:{listener.getsockname()[1]}")
-        far, _ = listener.accept()
-    finally:
-        listener.close()
+    sock, far = dial_and_accept(bridge.bridged)
     data = hashlib.sha256(b"seed").digest() * (6 * 1024 * 1024 // 32)  # 6 MiB
     conn = sock.tunnel
     assert conn is not None
@@ -201,18 +167,23 @@ def test_stopped_piper_refuses_and_closes_the_connection(bridge: Bridge, echo_se
 
 
 # --------------------------------------------------------- what it is for
-@pytest.fixture(scope="module")
-def tls_echo() -> Iterator[Tuple[str, str]]:
-    """A loopback TLS echo server for "localhost": yields (address, CA PEM)."""
-    ca = trustme.CA()
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ca.issue_cert("localhost").configure_cert(context)
-    listener = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
+class TLSEchoServer(LoopbackListener):
+    """A loopback TLS echo server whose certificate for "localhost" comes
+    from a CA of its own (``ca``)."""
 
-    def serve(raw: socket.socket) -> None:
+    def __init__(self) -> None:
+        self.ca = trustme.CA()
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ca.issue_cert("localhost").configure_cert(self.context)
+        super().__init__(name="test-tls-echo")
+
+    def handle(self, sock: socket.socket) -> None:
+        sock.settimeout(TIMEOUT)
+        self.serve_on_thread(self._echo, sock)
+
+    def _echo(self, raw: socket.socket) -> None:
         try:
-            with context.wrap_socket(raw, server_side=True) as tls:
+            with self.context.wrap_socket(raw, server_side=True) as tls:
                 tls.settimeout(TIMEOUT)
                 while True:
                     data = tls.recv(65536)
@@ -222,19 +193,13 @@ def tls_echo() -> Iterator[Tuple[str, str]]:
         except (OSError, ssl.SSLError):
             return
 
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                raw, _ = listener.accept()
-            except OSError:
-                return
-            raw.settimeout(TIMEOUT)
-            threading.Thread(target=serve, args=(raw,), daemon=True).start()
 
-    threading.Thread(target=accept, daemon=True).start()
-    yield f"localhost:{listener.getsockname()[1]}", ca.cert_pem.bytes().decode()
-    stop.set()
-    listener.close()
+@pytest.fixture(scope="module")
+def tls_echo() -> Iterator[Tuple[str, str]]:
+    """A loopback TLS echo server for "localhost": yields (address, CA PEM)."""
+    server = TLSEchoServer()
+    yield f"localhost:{server.port}", server.ca.cert_pem.bytes().decode()
+    server.close()
 
 
 def test_ssl_wrap_socket_with_verification(bridge: Bridge, tls_echo: Tuple[str, str]) -> None:
@@ -314,13 +279,7 @@ def test_urllib3_liveness_check(bridge: Bridge, make: Callable[[Bridge, str], An
     """urllib3 treats a pooled connection as dropped when it polls readable:
     neither kind may poll readable while idle, both must once the far side
     closed."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(TIMEOUT)
-    try:
-        sock = make(bridge, f"127.0.0.1:{listener.getsockname()[1]}")
-        far, _ = listener.accept()
-    finally:
-        listener.close()
+    sock, far = dial_and_accept(lambda address: make(bridge, address))
     with sock:
         sock.settimeout(TIMEOUT)
         sock.sendall(b"request")

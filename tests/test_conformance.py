@@ -9,9 +9,8 @@ import pytest
 
 from remotedialer.bridge import as_socket
 from remotedialer.config import Limits
-from remotedialer.piping import LocalDialer, Piper
 
-from .conftest import TIMEOUT, SessionPair, wait_for
+from .support import TIMEOUT, LocalDialTunnel, dial_and_accept, wait_for
 from .socket_conformance import *  # noqa: F401,F403  (the tests)
 from .socket_conformance import Pair
 
@@ -22,12 +21,9 @@ TUNNEL_LIMITS = Limits(
 )
 
 
-def _tcp_listener() -> socket.socket:
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    listener.settimeout(TIMEOUT)
-    return listener
+def _tcp_connect(address: str) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=TIMEOUT)
 
 
 @pytest.fixture(params=["socketpair", "tcp", "tunnel", "as_socket"])
@@ -39,30 +35,19 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
         closers += [a.close, b.close]
         result = Pair(kind, a, b)
     elif kind == "tcp":
-        listener = _tcp_listener()
-        a = socket.create_connection(listener.getsockname(), timeout=TIMEOUT)
-        b, _ = listener.accept()
-        listener.close()
+        a, b = dial_and_accept(_tcp_connect)
         closers += [a.close, b.close]
         result = Pair(kind, a, b)
     else:
-        listener = _tcp_listener()
-        piper = Piper("conformance-piper")
-        dialer = LocalDialer(lambda proto, address: True, limits=TUNNEL_LIMITS, piper=piper)
-        sessions = SessionPair(limits=TUNNEL_LIMITS, connect_handler=dialer)
-        host, port = listener.getsockname()
-        a = sessions.server.dial("tcp", f"{host}:{port}", timeout=TIMEOUT)
-        b, _ = listener.accept()
-        listener.close()
+        tunnel = LocalDialTunnel(limits=TUNNEL_LIMITS, name="conformance-piper")
+        conn, b = dial_and_accept(tunnel.dial)
 
         def teardown() -> None:
-            sessions.close()
-            piper.stop()
-            dialer.shutdown()
-            wait_for(lambda: piper.active_pipes == 0)
+            tunnel.close()
+            wait_for(lambda: tunnel.piper.active_pipes == 0)
 
-        if kind == "as_socket":
-            a = as_socket(a, piper)  # a real socket bridged to the tunneled connection
+        # as_socket: a real socket bridged to the tunneled connection
+        a = as_socket(conn, tunnel.piper) if kind == "as_socket" else conn
         closers += [a.close, b.close, teardown]
         result = Pair(kind, a, b)
     result.b.settimeout(TIMEOUT)

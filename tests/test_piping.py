@@ -10,82 +10,47 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import pytest
 
 from remotedialer.config import Limits
-from remotedialer.connection import TunnelConnection
 from remotedialer.errors import DialError, RemoteError
 from remotedialer.piping import LocalDialer, Piper, dial_socket
 
-from .conftest import TIMEOUT, AcceptingHandler, EchoServer, SessionPair, wait_for
+from .support import (
+    TIMEOUT,
+    AcceptingHandler,
+    EchoServer,
+    LocalDialTunnel,
+    SessionPair,
+    closing_all,
+    dial_and_accept,
+    recv_exactly,
+    wait_for,
+)
 
 KiB = 1024
 LIMITS = Limits(pause_threshold=256 * KiB, resume_threshold=32 * KiB, hard_buffer_limit=8192 * KiB)
 
 
-def recv_exactly(conn: Any, size: int) -> bytes:
-    out = bytearray()
-    while len(out) < size:
-        chunk = conn.recv(size - len(out))
-        assert chunk, f"EOF after {len(out)} of {size} bytes"
-        out += chunk
-    return bytes(out)
+@pytest.fixture
+def setup_factory(
+    session_pair_factory: Callable[..., SessionPair],
+) -> Iterator[Callable[..., LocalDialTunnel]]:
+    """Build :class:`LocalDialTunnel` objects (with LIMITS unless told);
+    all are closed at teardown."""
 
+    def local_dial_tunnel(**kwargs: Any) -> LocalDialTunnel:
+        kwargs.setdefault("limits", LIMITS)
+        return LocalDialTunnel(session_pair_factory, **kwargs)
 
-class Setup:
-    """A session pair whose client side serves CONNECTs with a LocalDialer."""
-
-    def __init__(
-        self,
-        factory: Callable[..., SessionPair],
-        authorizer: Optional[Callable[[str, str], bool]] = lambda proto, address: True,
-        dialer: Optional[Callable[..., socket.socket]] = None,
-        limits: Limits = LIMITS,
-    ) -> None:
-        self.piper = Piper("test-piper")
-        self.local = LocalDialer(authorizer, dialer, limits, self.piper)
-        self.pair = factory(limits=limits, connect_handler=self.local)
-
-    def dial(self, address: str) -> TunnelConnection:
-        return self.pair.server.dial("tcp", address, timeout=TIMEOUT)
-
-    def close(self) -> None:
-        self.pair.close()
-        self.local.shutdown()
-        self.piper.stop()
+    with closing_all(local_dial_tunnel) as make:
+        yield make
 
 
 @pytest.fixture
-def setup_factory(session_pair_factory: Callable[..., SessionPair]) -> Iterator[Callable[..., Setup]]:
-    made: List[Setup] = []
-
-    def make(**kwargs: Any) -> Setup:
-        setup = Setup(session_pair_factory, **kwargs)
-        made.append(setup)
-        return setup
-
-    yield make
-    for setup in made:
-        setup.close()
-
-
-@pytest.fixture
-def setup(setup_factory: Callable[..., Setup]) -> Setup:
+def setup(setup_factory: Callable[..., LocalDialTunnel]) -> LocalDialTunnel:
     return setup_factory()
 
 
-def listener() -> socket.socket:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    sock.settimeout(TIMEOUT)
-    return sock
-
-
-def address_of(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"{host}:{port}"
-
-
 # -------------------------------------------------------------- LocalDialer
-def test_echo_through_the_tunnel(setup: Setup, echo_server: EchoServer) -> None:
+def test_echo_through_the_tunnel(setup: LocalDialTunnel, echo_server: EchoServer) -> None:
     conn = setup.dial(echo_server.address)
     data = bytes(range(256)) * 4096  # 1 MiB
     sender = threading.Thread(target=conn.sendall, args=(data,), daemon=True)
@@ -98,7 +63,7 @@ def test_echo_through_the_tunnel(setup: Setup, echo_server: EchoServer) -> None:
 
 
 def test_no_authorizer_refuses_that_connection_only(
-    setup_factory: Callable[..., Setup], echo_server: EchoServer,
+    setup_factory: Callable[..., LocalDialTunnel], echo_server: EchoServer,
 ) -> None:
     setup = setup_factory(authorizer=None)
     conn = setup.dial(echo_server.address)
@@ -109,7 +74,9 @@ def test_no_authorizer_refuses_that_connection_only(
     assert echo_server.accepted == []
 
 
-def test_authorizer_decides_per_target(setup_factory: Callable[..., Setup], echo_server: EchoServer) -> None:
+def test_authorizer_decides_per_target(
+    setup_factory: Callable[..., LocalDialTunnel], echo_server: EchoServer
+) -> None:
     seen: List[Tuple[str, str]] = []
 
     def authorizer(proto: str, address: str) -> bool:
@@ -126,7 +93,7 @@ def test_authorizer_decides_per_target(setup_factory: Callable[..., Setup], echo
     assert seen == [("tcp", "127.0.0.1:1"), ("tcp", echo_server.address)]
 
 
-def test_authorizer_crash_refuses(setup_factory: Callable[..., Setup]) -> None:
+def test_authorizer_crash_refuses(setup_factory: Callable[..., LocalDialTunnel]) -> None:
     def authorizer(proto: str, address: str) -> bool:
         raise RuntimeError("bug")
 
@@ -136,9 +103,9 @@ def test_authorizer_crash_refuses(setup_factory: Callable[..., Setup]) -> None:
     assert not setup.pair.client.closed
 
 
-def test_refused_local_dial_answers_error_with_its_text(setup: Setup) -> None:
-    closed = listener()
-    address = address_of(closed)
+def test_refused_local_dial_answers_error_with_its_text(setup: LocalDialTunnel) -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{closed.getsockname()[1]}"
     closed.close()  # nothing listens there now
     conn = setup.dial(address)
     with pytest.raises(RemoteError) as info:
@@ -149,7 +116,9 @@ def test_refused_local_dial_answers_error_with_its_text(setup: Setup) -> None:
     wait_for(lambda: setup.pair.client.connection_ids() == [])
 
 
-def test_custom_dialer_and_timeout(setup_factory: Callable[..., Setup], echo_server: EchoServer) -> None:
+def test_custom_dialer_and_timeout(
+    setup_factory: Callable[..., LocalDialTunnel], echo_server: EchoServer
+) -> None:
     calls: List[Tuple[str, str, Optional[float]]] = []
 
     def dialer(proto: str, address: str, timeout: Optional[float]) -> socket.socket:
@@ -163,7 +132,7 @@ def test_custom_dialer_and_timeout(setup_factory: Callable[..., Setup], echo_ser
     assert calls == [("tcp", "backend.internal:80", LIMITS.local_dial_timeout)]
 
 
-def test_dialer_raising_dial_error(setup_factory: Callable[..., Setup]) -> None:
+def test_dialer_raising_dial_error(setup_factory: Callable[..., LocalDialTunnel]) -> None:
     def dialer(proto: str, address: str, timeout: Optional[float]) -> socket.socket:
         raise DialError("no route to the moon")
 
@@ -172,11 +141,8 @@ def test_dialer_raising_dial_error(setup_factory: Callable[..., Setup]) -> None:
         setup.dial("moon:1").recv(1)
 
 
-def test_local_socket_close_gives_eof_after_data(setup: Setup) -> None:
-    srv = listener()
-    conn = setup.dial(address_of(srv))
-    local, _ = srv.accept()
-    srv.close()
+def test_local_socket_close_gives_eof_after_data(setup: LocalDialTunnel) -> None:
+    conn, local = dial_and_accept(setup.dial)
     local.sendall(b"goodbye")
     local.close()
     assert recv_exactly(conn, 7) == b"goodbye"
@@ -185,11 +151,8 @@ def test_local_socket_close_gives_eof_after_data(setup: Setup) -> None:
     wait_for(lambda: setup.pair.client.connection_ids() == [] and setup.pair.server.connection_ids() == [])
 
 
-def test_tunnel_close_closes_local_socket_after_data(setup: Setup) -> None:
-    srv = listener()
-    conn = setup.dial(address_of(srv))
-    local, _ = srv.accept()
-    srv.close()
+def test_tunnel_close_closes_local_socket_after_data(setup: LocalDialTunnel) -> None:
+    conn, local = dial_and_accept(setup.dial)
     local.settimeout(TIMEOUT)
     conn.sendall(b"final words")
     conn.close()
@@ -204,11 +167,8 @@ def test_tunnel_close_closes_local_socket_after_data(setup: Setup) -> None:
     wait_for(lambda: setup.piper.active_pipes == 0)
 
 
-def test_tunnel_error_resets_local_socket(setup: Setup) -> None:
-    srv = listener()
-    conn = setup.dial(address_of(srv))
-    local, _ = srv.accept()
-    srv.close()
+def test_tunnel_error_resets_local_socket(setup: LocalDialTunnel) -> None:
+    conn, local = dial_and_accept(setup.dial)
     local.settimeout(TIMEOUT)
     conn.abort(ConnectionResetError("server gave up"))
     assert local.recv(1) == b""
@@ -216,11 +176,8 @@ def test_tunnel_error_resets_local_socket(setup: Setup) -> None:
     wait_for(lambda: setup.piper.active_pipes == 0)
 
 
-def test_session_end_closes_local_sockets(setup: Setup) -> None:
-    srv = listener()
-    setup.dial(address_of(srv))
-    local, _ = srv.accept()
-    srv.close()
+def test_session_end_closes_local_sockets(setup: LocalDialTunnel) -> None:
+    _, local = dial_and_accept(setup.dial)
     local.settimeout(TIMEOUT)
     wait_for(lambda: setup.piper.active_pipes == 1)
     setup.pair.client_end.close()
@@ -229,11 +186,8 @@ def test_session_end_closes_local_sockets(setup: Setup) -> None:
     wait_for(lambda: setup.piper.active_pipes == 0)
 
 
-def test_slow_local_reader_pauses_the_far_writer(setup: Setup) -> None:
-    srv = listener()
-    conn = setup.dial(address_of(srv))
-    local, _ = srv.accept()
-    srv.close()
+def test_slow_local_reader_pauses_the_far_writer(setup: LocalDialTunnel) -> None:
+    conn, local = dial_and_accept(setup.dial)
     local.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * KiB)
     local.settimeout(TIMEOUT)
     total = 16 * 1024 * KiB
@@ -261,7 +215,7 @@ def test_slow_local_reader_pauses_the_far_writer(setup: Setup) -> None:
     local.close()
 
 
-def test_busy_pipe_does_not_starve_another(setup: Setup, echo_server: EchoServer) -> None:
+def test_busy_pipe_does_not_starve_another(setup: LocalDialTunnel, echo_server: EchoServer) -> None:
     busy = setup.dial(echo_server.address)
     quiet = setup.dial(echo_server.address)
     stop = threading.Event()
