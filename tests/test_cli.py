@@ -442,3 +442,10 @@ def test_keepalive_http10_and_idle_timeout(keepalive_server: BoundedThreadedWSGI
         started = time.monotonic()
         assert reader.read().endswith(b"GET /a")  # then closed after the 1 s idle timeout
         assert time.monotonic() - started > 0.5
+
+
+def test_bench_subcommand_runs_the_benchmarks_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--help"])
+    assert exited.value.code == 0
+    assert "python -m benchmarks" in capsys.readouterr().out

@@ -151,7 +151,9 @@ class ServerApp:
         close = getattr(self.server, "close", None)
         if close is not None:
             close()
-        self.forwarder.close()
+        close_forwarder = getattr(self.forwarder, "close", None)
+        if close_forwarder is not None:
+            close_forwarder()
 
 
 def _env_flag(name: str) -> bool:
