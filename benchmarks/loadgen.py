@@ -21,7 +21,7 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["LoadResult", "run_load", "run_wrk", "run_builtin", "wrk_path", "parse_wrk"]
 
@@ -155,7 +155,7 @@ class _Client:
         return True
 
 
-def generate(url: str, connections: int, duration: float) -> dict:
+def generate(url: str, connections: int, duration: float) -> Dict[str, Any]:
     """Drive the load in this process; return the result as a dict."""
     parts = urllib.parse.urlsplit(url)
     address = (parts.hostname or "127.0.0.1", parts.port or 80)

@@ -446,8 +446,12 @@ def scale_workload(setup: Setup, report: Report) -> None:
             f"[{workload}] run {run + 1}/{runs}: threads server {after['server'].threads}, "
             f"client {after['client'].threads}; first byte p50 {statistics.median(loaded_first):.2f} ms"
         )
-        wait_until(lambda limit=fds_before + 50: _fd_count(setup.procs["server"].pid) <= limit, 60,
-                   "the server to close the connections")
+        _wait_fds_at_most(setup.procs["server"].pid, fds_before + 50)
+
+
+def _wait_fds_at_most(pid: int, limit: int) -> None:
+    """Block until process ``pid`` has at most ``limit`` descriptors (60 s)."""
+    wait_until(lambda: _fd_count(pid) <= limit, 60, "the server to close the connections")
 
 
 def _fd_count(pid: int) -> int:

@@ -262,7 +262,7 @@ def _reusable(connection: _TunnelHTTPConnection) -> bool:
     """Whether an idle connection may carry another request: still open, and
     nothing to read (an idle HTTP connection that is readable was closed by
     the far side, or got bytes no request asked for)."""
-    sock = connection.sock
+    sock: Any = connection.sock
     if sock is None:
         return False
     readable_now = getattr(sock, "readable_now", None)

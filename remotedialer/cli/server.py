@@ -262,7 +262,8 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         try:
             sock.setblocking(False)
             try:
-                if self.rfile.peek(1):  # already buffered (pipelined)
+                rfile: Any = self.rfile
+                if rfile.peek(1):  # already buffered (pipelined)
                     return True
             except ssl.SSLWantReadError:
                 pass
@@ -309,7 +310,7 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
             if length < 0:
                 keep_alive = False
             elif length > 0:
-                body = LimitedStream(self.rfile, length)
+                body = LimitedStream(self.rfile, length)  # type: ignore[arg-type]
                 environ["wsgi.input"] = body
         response = _ResponseWriter(self, environ, keep_alive)
         try:
