@@ -68,6 +68,18 @@ def recv_exactly(sock: Any, size: int) -> bytes:
     return bytes(out)
 
 
+def recv_up_to(sock: Any, size: int) -> bytes:
+    """Read until ``size`` bytes arrived or EOF (blocks on the socket's
+    timeout); returns what arrived, possibly short."""
+    out = bytearray()
+    while len(out) < size:
+        chunk = sock.recv(min(1 << 20, size - len(out)))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
 def allow_all(proto: str, address: str) -> bool:
     """A connect authorizer that allows every dial."""
     return True
@@ -385,7 +397,8 @@ def tunnel_id_authorizer(request: Any) -> Tuple[str, bool]:
 
 class TunnelServer:
     """The real WSGI :class:`~remotedialer.server.Server` under werkzeug's
-    threaded server on a free loopback port (TLS with ``ssl_context``), and
+    threaded server on a loopback port (``port``, 0: a free one; TLS with
+    ``ssl_context``), and
     the tunnel clients a test starts with :meth:`client`. The authorizer
     records every request's headers and then asks ``authorize`` (by default
     :func:`tunnel_id_authorizer`; given as ``authorizer=`` or swapped by a test)."""
@@ -394,6 +407,7 @@ class TunnelServer:
         self,
         ssl_context: Optional[ssl.SSLContext] = None,
         authorizer: Callable[[Any], Tuple[str, bool]] = tunnel_id_authorizer,
+        port: int = 0,
         **server_options: Any,
     ) -> None:
         from werkzeug.serving import make_server
@@ -403,7 +417,7 @@ class TunnelServer:
         self.requests: List[Dict[str, str]] = []
         self.authorize = authorizer
         self.server = Server(self._authorizer, **server_options)
-        self.httpd = make_server("127.0.0.1", 0, self.server, threaded=True, ssl_context=ssl_context)
+        self.httpd = make_server("127.0.0.1", port, self.server, threaded=True, ssl_context=ssl_context)
         self.port = self.httpd.server_port
         scheme = "wss" if ssl_context is not None else "ws"
         self.url = f"{scheme}://127.0.0.1:{self.port}/connect"

@@ -24,20 +24,17 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
 from remotedialer.cli.dummy import DummyServer, generated_bytes
 
-from .conftest import TIMEOUT
-from .test_faults import Relay
+from .support import TIMEOUT
+from .test_faults import Relay, wait_recovered
 
 MiB = 1024 * 1024
 TOKEN = "e2e-fault-token"
-
-#: Recovery times measured in this module: scenario -> seconds.
-RECOVERY: Dict[str, List[float]] = {}
 
 
 # ----------------------------------------------------------------- processes
@@ -236,14 +233,21 @@ def measure_recovery(port: int, path: str, size: int, scenario: str, fault_at: f
     """Poll until a request through the tunnel succeeds; each failed one must
     fail fast (an HTTP 500 from the forwarder or a refused connection while
     the server is down). Returns and records the recovery time."""
-    deadline = fault_at + timeout
-    while not ok(port, path, size):
-        assert time.monotonic() < deadline, f"{scenario}: no recovery within {timeout}s"
-        time.sleep(0.02)
-    recovery = time.monotonic() - fault_at
-    RECOVERY.setdefault(scenario, []).append(recovery)
-    print(f"\n{scenario}: recovered in {recovery * 1000:.0f} ms")
-    return recovery
+    return wait_recovered(lambda: ok(port, path, size), scenario, fault_at, timeout, 0.02)
+
+
+def settled(counts: Callable[[], Tuple[int, int]], baseline: Tuple[int, int]) -> Tuple[int, int]:
+    """Poll ``counts()`` (threads, descriptors) until it is at most one thread
+    and two descriptors above ``baseline``, or TIMEOUT passed; returns the
+    last counts (the caller asserts on them)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        now = counts()
+        if now[0] <= baseline[0] + 1 and now[1] <= baseline[1] + 2:
+            return now
+        if time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
 
 
 def assert_fails_fast(port: int, path: str) -> None:
@@ -319,23 +323,16 @@ def test_repeated_client_kills_leak_nothing_in_the_server(deployment: Deployment
         d.server.wait_log(r"client session for foo ended", count=kills[0])
         d.procs.remove(client)
 
-    def settled(baseline: Tuple[int, int]) -> Tuple[int, int]:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            counts = (d.server.threads(), d.server.fds())
-            if counts[0] <= baseline[0] + 1 and counts[1] <= baseline[1] + 2:
-                return counts
-            if time.monotonic() > deadline:
-                return counts
-            time.sleep(0.05)
+    def counts() -> Tuple[int, int]:
+        return d.server.threads(), d.server.fds()
 
     cycle()
     cycle()
-    baseline = settled((10**6, 10**6))
+    baseline = settled(counts, (10**6, 10**6))
     samples = [baseline]
     for _ in range(5):
         cycle()
-        samples.append(settled(baseline))
+        samples.append(settled(counts, baseline))
     print(f"\nserver threads/fds after each kill -9 of the client: {samples}")
     assert samples[-1][0] <= baseline[0] + 1, samples
     assert samples[-1][1] <= baseline[1] + 2, samples
@@ -359,25 +356,18 @@ def test_repeated_tunnel_cuts_leak_nothing_in_the_client(deployment: Deployment)
             relay.cut()
             download.check_cut(fault_at)
 
-        def settled(baseline: Tuple[int, int]) -> Tuple[int, int]:
-            deadline = time.monotonic() + TIMEOUT
-            while True:
-                counts = (client.threads(), client.fds())
-                if counts[0] <= baseline[0] + 1 and counts[1] <= baseline[1] + 2:
-                    return counts
-                if time.monotonic() > deadline:
-                    return counts
-                time.sleep(0.05)
+        def counts() -> Tuple[int, int]:
+            return client.threads(), client.fds()
 
         cycle()
         cycle()
         measure_recovery(d.port, d.path(size), size, "leak cycle: relay cut", time.monotonic())
-        baseline = settled((10**6, 10**6))
+        baseline = settled(counts, (10**6, 10**6))
         samples = [baseline]
         for _ in range(4):
             cycle()
             measure_recovery(d.port, d.path(size), size, "leak cycle: relay cut", time.monotonic())
-            samples.append(settled(baseline))
+            samples.append(settled(counts, baseline))
         print(f"\nclient threads/fds after each cut of its tunnel: {samples}")
         assert samples[-1][0] <= baseline[0] + 1, samples
         assert samples[-1][1] <= baseline[1] + 2, samples

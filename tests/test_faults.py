@@ -31,7 +31,7 @@ from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
 from remotedialer.errors import NoSessionError, RemoteError, TunnelClosedError, TunnelTimeoutError
 
-from .conftest import TIMEOUT, EchoServer, wait_for
+from .support import TIMEOUT, EchoServer, LoopbackListener, TunnelServer, recv_up_to, wait_for
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -50,32 +50,21 @@ RECOVERY: Dict[str, List[float]] = {}
 
 
 # ------------------------------------------------------------ test targets
-class Target:
+class Target(LoopbackListener):
     """A loopback TCP server of one kind, one thread per connection:
     ``source`` sends endless data, ``silent`` never sends, ``sink`` never
-    reads (so whoever writes to it is soon paused)."""
+    reads (so whoever writes to it is soon paused). ``drop_connections()``
+    closes what it accepted (a silent or sink target never notices on its
+    own that the far side went away)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
-        self._socks: List[socket.socket] = []
-        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+        super().__init__(name=f"test-{kind}")
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._socks = [s for s in self._socks if s.fileno() != -1]
-                self._socks.append(sock)
-            if self.kind == "source":
-                threading.Thread(target=self._source, args=(sock,), daemon=True).start()
+    def handle(self, sock: socket.socket) -> None:
+        if self.kind == "source":
+            self.serve_on_thread(self._source, sock)
 
     def _source(self, sock: socket.socket) -> None:
         # About 16 MB/s: a transfer in flow that does not saturate the tunnel
@@ -90,55 +79,35 @@ class Target:
         finally:
             sock.close()
 
-    def drop_connections(self) -> None:
-        """Close every accepted connection (a silent or sink target never
-        notices on its own that the far side went away)."""
-        with self._lock:
-            socks, self._socks = self._socks, []
-        for sock in socks:
-            try:
-                sock.close()
-            except OSError:
-                pass
-
     def close(self) -> None:
         self._stop.set()
-        self.listener.close()
-        self.drop_connections()
+        super().close()
 
 
-class Relay:
+class Relay(LoopbackListener):
     """A TCP relay on a free loopback port in front of ``upstream``. ``cut()``
     resets every relayed connection (the TCP under a WebSocket dies);
     ``blackhole()`` keeps them open but drops every byte from now on."""
 
     def __init__(self, upstream: Tuple[str, int]) -> None:
         self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self._lock = threading.Lock()
         self._pairs: List[Tuple[socket.socket, socket.socket, threading.Event]] = []
-        self._threads: List[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(name="test-relay")
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                down, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                up = socket.create_connection(self.upstream, timeout=TIMEOUT)
-                up.settimeout(None)
-            except OSError:
-                down.close()
-                continue
-            drop = threading.Event()
-            with self._lock:
-                self._pairs.append((down, up, drop))
-            ended = [0]
-            for src, dst in ((down, up), (up, down)):
-                threading.Thread(target=self._pump, args=(src, dst, drop, ended), daemon=True).start()
+    def handle(self, down: socket.socket) -> None:
+        try:
+            up = socket.create_connection(self.upstream, timeout=TIMEOUT)
+            up.settimeout(None)
+        except OSError:
+            down.close()
+            return
+        drop = threading.Event()
+        with self._lock:
+            self._pairs.append((down, up, drop))
+        ended = [0]
+        for src, dst in ((down, up), (up, down)):
+            threading.Thread(target=self._pump, args=(src, dst, drop, ended), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, drop: threading.Event, ended: List[int]) -> None:
         try:
@@ -194,34 +163,6 @@ class Relay:
         self.cut()
 
 
-class InProcessServer:
-    """The real WSGI server under werkzeug on ``port`` (0: a free one); can
-    be stopped and started again on the same port."""
-
-    def __init__(self, port: int = 0) -> None:
-        from werkzeug.serving import make_server
-
-        from remotedialer.server import Server
-
-        def authorize(request: object) -> Tuple[str, bool]:
-            key = request.headers.get("X-Tunnel-ID", "")  # type: ignore[attr-defined]
-            return key, bool(key)
-
-        self.server = Server(authorize, limits=FAULT_LIMITS)
-        self.httpd = make_server("127.0.0.1", port, self.server, threaded=True)
-        self.port = self.httpd.server_port
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.server.close("test: server stopped")
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(TIMEOUT)
-
-
 # ------------------------------------------------------------------ the rig
 class Rig:
     """Server, client (directly or through a relay) and the targets."""
@@ -231,7 +172,7 @@ class Rig:
         self.silent = Target("silent")
         self.sink = Target("sink")
         self.echo = EchoServer()
-        self.server = InProcessServer()
+        self.server = TunnelServer(limits=FAULT_LIMITS)
         self.relay: Optional[Relay] = Relay(("127.0.0.1", self.server.port)) if through_relay else None
         port = self.relay.port if self.relay else self.server.port
         self.client = TunnelClient(
@@ -253,25 +194,19 @@ class Rig:
         try:
             with self.dial(self.echo.address, timeout) as conn:
                 conn.sendall(b"are you there?")
-                got = b""
-                while len(got) < 14:
-                    chunk = conn.recv(64)
-                    if not chunk:
-                        return False
-                    got += chunk
-                return got == b"are you there?"
+                return recv_up_to(conn, 14) == b"are you there?"
         except (TunnelClosedError, RemoteError, NoSessionError, TimeoutError, OSError):
             return False
 
     def restart_server(self, outage: float = 0.3) -> None:
         port = self.server.port
-        self.server.stop()
+        self.server.close()
         time.sleep(outage)  # the outage itself, not synchronisation
-        self.server = InProcessServer(port)
+        self.server = TunnelServer(port=port, limits=FAULT_LIMITS)
 
     def close(self) -> None:
         self.client.stop(TIMEOUT)
-        self.server.stop()
+        self.server.close()
         if self.relay is not None:
             self.relay.close()
         for target in (self.source, self.silent, self.sink):
@@ -355,19 +290,26 @@ class Blocked:
         self.rig.sink.drop_connections()
 
 
-def measure_recovery(rig: Rig, scenario: str, fault_at: float, allow: Tuple[type, ...] = ()) -> float:
-    """Poll requests through the tunnel until one succeeds; every failed dial
-    must fail with a clear error. Returns (and records) the recovery time."""
-    deadline = fault_at + 3 * TIMEOUT
-    while True:
-        if rig.echo_once():
-            break
-        assert time.monotonic() < deadline, f"{scenario}: no recovery within {3 * TIMEOUT}s"
-        time.sleep(0.01)
+def wait_recovered(
+    attempt: Callable[[], bool], scenario: str, fault_at: float, timeout: float, interval: float
+) -> float:
+    """Poll ``attempt`` (a request through the tunnel) until it succeeds;
+    fail the test ``timeout`` seconds after ``fault_at``. Returns, records
+    and prints the recovery time (fault to first good request)."""
+    deadline = fault_at + timeout
+    while not attempt():
+        assert time.monotonic() < deadline, f"{scenario}: no recovery within {timeout}s"
+        time.sleep(interval)
     recovery = time.monotonic() - fault_at
     RECOVERY.setdefault(scenario, []).append(recovery)
     print(f"\n{scenario}: recovered in {recovery * 1000:.0f} ms")
     return recovery
+
+
+def measure_recovery(rig: Rig, scenario: str, fault_at: float, allow: Tuple[type, ...] = ()) -> float:
+    """Poll requests through the tunnel until one succeeds; every failed dial
+    must fail with a clear error. Returns (and records) the recovery time."""
+    return wait_recovered(rig.echo_once, scenario, fault_at, 3 * TIMEOUT, 0.01)
 
 
 def server_session(rig: Rig) -> object:

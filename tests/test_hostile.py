@@ -29,7 +29,7 @@ from remotedialer.protocol import Message, MessageType, decode_message, encode_m
 from remotedialer.session import Session
 from remotedialer.transport import MemoryTransport, TransportClosed, memory_pair
 
-from .support import TIMEOUT, EchoServer, SessionPair, SilentListener, TunnelServer, wait_for
+from .support import TIMEOUT, EchoServer, SessionPair, SilentListener, TunnelServer, recv_up_to, wait_for
 
 KiB = 1024
 INT64_MIN = -(1 << 63)
@@ -159,13 +159,10 @@ class Bystander:
         try:
             while not self._stop.is_set():
                 self.conn.sendall(self.CHUNK)
-                got = bytearray()
-                while len(got) < len(self.CHUNK):
-                    data = self.conn.recv(len(self.CHUNK) - len(got))
-                    if not data:
-                        raise EOFError("bystander connection ended")
-                    got += data
-                if bytes(got) != self.CHUNK:
+                got = recv_up_to(self.conn, len(self.CHUNK))
+                if len(got) < len(self.CHUNK):
+                    raise EOFError("bystander connection ended")
+                if got != self.CHUNK:
                     raise AssertionError("bystander data corrupted")
                 self.rounds += 1
         except BaseException as exc:  # recorded, asserted by the test

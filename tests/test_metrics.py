@@ -20,9 +20,9 @@ from remotedialer.config import Limits
 from remotedialer.heartbeat import Heartbeat
 from remotedialer.metrics import METRICS, PrometheusObserver, with_metrics_endpoint
 from remotedialer.session import Session
-from remotedialer.transport import memory_pair
+from remotedialer.transport import MemoryTransport, memory_pair
 
-from .conftest import TIMEOUT, AcceptingHandler, EchoServer, wait_for
+from .support import TIMEOUT, AcceptingHandler, EchoServer, recv_exactly, tunnel_id_authorizer, wait_for
 
 
 class ObservedPair:
@@ -56,6 +56,34 @@ def pair() -> Iterator[ObservedPair]:
     made = ObservedPair()
     yield made
     made.close()
+
+
+def observed_session(
+    observer: PrometheusObserver, key: str, **kwargs: Any
+) -> Tuple[Session, MemoryTransport]:
+    """A server session for ``key`` reporting to ``observer`` (not started),
+    and the far end of its in-memory transport."""
+    client_end, server_end = memory_pair()
+    session = Session(server_end, is_client=False, client_key=key, observer=observer,
+                      heartbeat=Heartbeat("test-metrics-heartbeat"), **kwargs)
+    return session, client_end
+
+
+def end_by_a_failed_write(observer: PrometheusObserver, key: str) -> None:
+    """A session for ``key``, started as serve() would (nobody reads it),
+    whose socket is gone: its next write fails and ends it."""
+    doomed, far = observed_session(observer, key)
+    observer.session_started(doomed)
+    far.close()
+    with pytest.raises(ConnectionError):
+        doomed.dial("tcp", "127.0.0.1:1")
+
+
+def peer_link_up_and_down(observer: PrometheusObserver, peer: str) -> None:
+    """The peering layer's hooks for one link that came up and went down."""
+    observer.peer_connecting(peer)
+    observer.peer_connected(peer)
+    observer.peer_disconnected(peer)
 
 
 Samples = Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]
@@ -116,9 +144,7 @@ def test_peer_label_for_server_sessions_with_a_client_listener() -> None:
     """A server session that listens for ADD_CLIENT/REMOVE_CLIENT is a peer link."""
     registry = CollectorRegistry()
     obs = PrometheusObserver(registry)
-    client_end, server_end = memory_pair()
-    session = Session(server_end, is_client=False, client_key="peer-a", observer=obs,
-                      client_listener=lambda *args: None, heartbeat=Heartbeat("test-metrics-heartbeat"))
+    session, client_end = observed_session(obs, "peer-a", client_listener=lambda *args: None)
     thread = session.start()
     try:
         wait_for(lambda: obs.value(metrics.SESSIONS, clientkey="peer-a", peer="true") == 1)
@@ -131,9 +157,7 @@ def test_peer_label_for_server_sessions_with_a_client_listener() -> None:
 def test_peer_label_follows_is_peer_attribute() -> None:
     registry = CollectorRegistry()
     obs = PrometheusObserver(registry)
-    client_end, server_end = memory_pair()
-    session = Session(server_end, is_client=False, client_key="peer-b", observer=obs,
-                      heartbeat=Heartbeat("test-metrics-heartbeat"))
+    session, client_end = observed_session(obs, "peer-b")
     session.is_peer = True  # type: ignore[attr-defined]
     thread = session.start()
     try:
@@ -231,9 +255,7 @@ def test_peer_hooks() -> None:
 def test_send_failure_counted() -> None:
     registry = CollectorRegistry()
     obs = PrometheusObserver(registry)
-    client_end, server_end = memory_pair()
-    session = Session(server_end, is_client=False, client_key="k", observer=obs,
-                      heartbeat=Heartbeat("test-metrics-heartbeat"))
+    session, client_end = observed_session(obs, "k")
     client_end.close()  # the next write fails
     with pytest.raises(ConnectionError):
         session.dial("tcp", "127.0.0.1:1")
@@ -333,17 +355,8 @@ def test_metrics_endpoint_over_http(pair: ObservedPair) -> None:
     far.sendall(b"back")
     wait_for(lambda: observer.value(metrics.RECEIVE_BYTES, clientkey="foo") == 4)
     pair.server.dial("tcp", "127.0.0.1:10", timeout=TIMEOUT).close()  # an ERROR EOF goes out
-    # a second session that ends after a failed write
-    client_end, server_end = memory_pair()
-    doomed = Session(server_end, is_client=False, client_key="bar", observer=observer,
-                     heartbeat=Heartbeat("test-metrics-heartbeat"))
-    observer.session_started(doomed)  # as serve() would; nobody reads this one
-    client_end.close()
-    with pytest.raises(ConnectionError):
-        doomed.dial("tcp", "127.0.0.1:1")
-    observer.peer_connecting("b")
-    observer.peer_connected("b")
-    observer.peer_disconnected("b")
+    end_by_a_failed_write(observer, "bar")  # a second session
+    peer_link_up_and_down(observer, "b")
 
     served = Served(with_metrics_endpoint(_not_found, pair.server_registry))
     try:
@@ -367,11 +380,6 @@ def test_metrics_endpoint_over_http(pair: ObservedPair) -> None:
     assert 'session_server_total_remove_websocket_session{clientkey="bar",peer="false"} 1.0' in response.text
 
 
-def _tunnel_id_authorizer(request: Any) -> Tuple[str, bool]:
-    key = request.headers.get("X-Tunnel-ID", "")
-    return key, bool(key)
-
-
 def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
     """A real Server under werkzeug with real tunnel clients (one of them a
     peer): /metrics shows every documented metric with its labels."""
@@ -380,7 +388,7 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
 
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)
-    server = Server(_tunnel_id_authorizer, observer=observer)
+    server = Server(tunnel_id_authorizer, observer=observer)
     server.peers["peer-b"] = "s3cret"
     served = Served(with_metrics_endpoint(server, registry))
     url = served.url.replace("http://", "ws://") + "/connect"
@@ -398,22 +406,11 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
         wait_for(lambda: server.has_session("foo"))
         with server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT) as conn:
             conn.sendall(b"ping" * 100)
-            received = b""
-            while len(received) < 400:
-                received += conn.recv(4096)
+            recv_exactly(conn, 400)
         wait_for(lambda: observer.value(metrics.REMOVE_CONNECTIONS, clientkey="foo", proto="tcp",
                                         addr=echo_server.address) == 1)
-        # a write to a session whose socket is gone fails and ends it
-        doomed_client, doomed_server = memory_pair()
-        doomed = Session(doomed_server, is_client=False, client_key="gone", observer=observer,
-                         heartbeat=Heartbeat("test-metrics-heartbeat"))
-        observer.session_started(doomed)  # as serve() would; nobody reads this one
-        doomed_client.close()
-        with pytest.raises(ConnectionError):
-            doomed.dial("tcp", "127.0.0.1:1")
-        observer.peer_connecting("peer-b")  # the peering layer's hooks
-        observer.peer_connected("peer-b")
-        observer.peer_disconnected("peer-b")
+        end_by_a_failed_write(observer, "gone")
+        peer_link_up_and_down(observer, "peer-b")
 
         response = requests.get(served.url + "/metrics", timeout=TIMEOUT)
         assert response.status_code == 200

@@ -11,7 +11,7 @@ from remotedialer.client import Backoff, TunnelClient
 from remotedialer.errors import NoSessionError, RemoteError
 from remotedialer.peering import PeerSpec, parse_peers, peer_ssl_context
 
-from .conftest import TIMEOUT, EchoServer, TunnelServer, wait_for
+from .support import TIMEOUT, EchoServer, TunnelServer, recv_up_to, wait_for
 
 TOKEN = "s3cret-peer-token"
 FAST = Backoff(initial=0.05, maximum=0.2)
@@ -22,13 +22,7 @@ def echo_through(conn_factory: object, payload: bytes = b"ping through the mesh"
     with conn:
         conn.settimeout(TIMEOUT)
         conn.sendall(payload)
-        received = b""
-        while len(received) < len(payload):
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            received += chunk
-        return received
+        return recv_up_to(conn, len(payload))
 
 
 @pytest.fixture

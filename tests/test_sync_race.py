@@ -28,7 +28,7 @@ from remotedialer.protocol import MessageType, decode_message, encode_message, e
 from remotedialer.session import Session
 from remotedialer.transport import memory_pair
 
-from .conftest import TIMEOUT, EchoServer, TunnelServer, wait_for
+from .support import TIMEOUT, EchoServer, TunnelServer, recv_up_to, wait_for
 
 SYNC_CLOSE_TEXT = "closed by connection sync"
 
@@ -216,22 +216,12 @@ class Churn:
                 conn = self.dial()
                 with conn:
                     conn.sendall(message)
-                    got = b""
-                    while len(got) < len(message):
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        got += chunk
+                    got = recv_up_to(conn, len(message))
                     if self.hold:
                         # stay open across several syncs, idle then busy again
                         self.stop.wait(self.hold)
                         conn.sendall(message)
-                        again = b""
-                        while len(again) < len(message):
-                            chunk = conn.recv(65536)
-                            if not chunk:
-                                break
-                            again += chunk
+                        again = recv_up_to(conn, len(message))
                         got = got if again == message else b"mismatch after hold"
             except (TunnelClosedError, RemoteError, OSError) as exc:
                 with self._lock:
