@@ -53,7 +53,7 @@ from .forward import ForwardSpec, PortForward, start_forward
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .peering import Peering
-from .session import Session
+from .session import ClientListener, ConnectHandler, Session
 from .session_manager import SessionListener, SessionManager
 from .wsgi_transport import (
     RECEIVE_BYTES,
@@ -300,27 +300,24 @@ class Server:
             except OSError:
                 pass
             return
+        # A peer's session relays dials and reports its clients; a client's
+        # session dials locally (if allowed) and reports nothing.
         if is_peer:
-            session = Session(
-                transport,
-                is_client=False,
-                client_key=client_key,
-                connect_handler=self.handle_peer_connect,
-                client_listener=self.on_peer_client_change,
-                limits=self.limits,
-                observer=self.observer,
-            )
+            connect_handler: ConnectHandler = self.handle_peer_connect
+            client_listener: Optional[ClientListener] = self.on_peer_client_change
             manager = self.peer_sessions
         else:
-            session = Session(
-                transport,
-                is_client=False,
-                client_key=client_key,
-                connect_handler=self._local_dialer,
-                limits=self.limits,
-                observer=self.observer,
-            )
+            connect_handler, client_listener = self._local_dialer, None
             manager = self.session_manager
+        session = Session(
+            transport,
+            is_client=False,
+            client_key=client_key,
+            connect_handler=connect_handler,
+            client_listener=client_listener,
+            limits=self.limits,
+            observer=self.observer,
+        )
         try:
             manager.add(client_key, session)
         except LimitExceededError as exc:
