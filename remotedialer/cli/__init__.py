@@ -86,6 +86,14 @@ def install_stop_signals() -> threading.Event:
     return stop
 
 
+def wait_for_stop(stop: threading.Event) -> None:
+    """Block the main thread until ``stop`` is set. Waits in slices: a signal
+    delivered to another thread only runs its Python handler once the main
+    thread wakes up."""
+    while not stop.wait(0.5):
+        pass
+
+
 def _listen_type(text: str) -> Tuple[str, int]:
     try:
         return parse_listen(text)

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Keep the tunnel up until SIGINT or SIGTERM; returns the exit status."""
-    from . import install_stop_signals, setup_logging
+    from . import install_stop_signals, setup_logging, wait_for_stop
 
     setup_logging(args.debug)
     url = urllib.parse.urlsplit(args.connect)
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("connecting to %s as %r", args.connect, args.id)
     stop = install_stop_signals()
     client.start()
-    stop.wait()
+    wait_for_stop(stop)
     client.stop()
     log.info("stopped")
     return 0

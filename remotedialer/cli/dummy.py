@@ -250,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted (SIGINT or SIGTERM); returns the exit status."""
-    from . import install_stop_signals, setup_logging
+    from . import install_stop_signals, setup_logging, wait_for_stop
 
     setup_logging(args.debug)
     if not os.path.isdir(args.directory):
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     log.info("listening on %s serving %s", _url(str(host), server.port), server.directory)
     stop = install_stop_signals()
     server.start()
-    stop.wait()
+    wait_for_stop(stop)
     log.info("stopping")
     server.stop()
     return 0

@@ -557,7 +557,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; returns the exit status."""
     from ..forward import parse_forward_spec
-    from . import install_stop_signals
+    from . import install_stop_signals, wait_for_stop
 
     try:
         app = make_app(
@@ -587,10 +587,7 @@ def run(args: argparse.Namespace) -> int:
     stop = install_stop_signals()
     thread = threading.Thread(target=httpd.serve_forever, name="remotedialer-http", daemon=True)
     thread.start()
-    # Wait in slices: a signal delivered to another thread only runs its
-    # Python handler once the main thread wakes up.
-    while not stop.wait(0.5):
-        pass
+    wait_for_stop(stop)
     for forward in forwards:
         forward.stop()
     httpd.shutdown()
