@@ -80,6 +80,26 @@ def recv_up_to(sock: Any, size: int) -> bytes:
     return bytes(out)
 
 
+def echo_concurrently(sock: Any, data: bytes) -> bytes:
+    """Send ``data`` on a thread while reading as many bytes back on this one
+    (the far end echoes; both bounded by the socket's timeout). A failed or
+    hung write fails the test. Returns what came back."""
+    errors: List[BaseException] = []
+
+    def write() -> None:
+        try:
+            sock.sendall(data)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    got = recv_exactly(sock, len(data))
+    writer.join(TIMEOUT)
+    assert not errors and not writer.is_alive(), errors
+    return got
+
+
 def allow_all(proto: str, address: str) -> bool:
     """A connect authorizer that allows every dial."""
     return True

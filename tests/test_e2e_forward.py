@@ -20,7 +20,7 @@ from remotedialer.client import Backoff, TunnelClient
 from remotedialer.forward import PortForward
 from remotedialer.piping import Piper
 
-from .support import TIMEOUT, SelectorEchoServer, TunnelServer, recv_exactly, wait_for
+from .support import TIMEOUT, SelectorEchoServer, TunnelServer, echo_concurrently, recv_exactly, wait_for
 from .test_forward import MiB, SourceServer, payload, recv_to_end
 
 
@@ -32,20 +32,7 @@ def connect(address: Tuple[str, int]) -> socket.socket:
 def echo_both_ways(address: Tuple[str, int], data: bytes) -> bytes:
     """Write ``data`` on one thread while reading its echo on this one."""
     with connect(address) as sock:
-        errors: List[BaseException] = []
-
-        def write() -> None:
-            try:
-                sock.sendall(data)
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        writer = threading.Thread(target=write, daemon=True)
-        writer.start()
-        got = recv_exactly(sock, len(data))
-        writer.join(TIMEOUT)
-        assert not errors and not writer.is_alive()
-        return got
+        return echo_concurrently(sock, data)
 
 
 @contextlib.contextmanager

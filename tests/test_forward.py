@@ -26,7 +26,15 @@ from remotedialer.observer import Observer
 from remotedialer.piping import LocalDialer, Piper
 from remotedialer.session import Session
 
-from .support import TIMEOUT, LoopbackListener, SelectorEchoServer, SessionPair, recv_exactly, wait_for
+from .support import (
+    TIMEOUT,
+    LoopbackListener,
+    SelectorEchoServer,
+    SessionPair,
+    echo_concurrently,
+    recv_exactly,
+    wait_for,
+)
 
 MiB = 1 << 20
 
@@ -297,20 +305,7 @@ def test_bytes_both_ways_byte_exact(env: Env, echo: SelectorEchoServer) -> None:
     fwd = env.forward(echo.address)
     data = payload(8 * MiB, 1)
     with connect(fwd) as sock:
-        errors: List[BaseException] = []
-
-        def write() -> None:
-            try:
-                sock.sendall(data)
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-
-        writer = threading.Thread(target=write)
-        writer.start()
-        got = recv_exactly(sock, len(data))
-        writer.join(TIMEOUT)
-        assert not errors and not writer.is_alive()
-        assert got == data
+        assert echo_concurrently(sock, data) == data
     wait_for(lambda: fwd.active == 0)
 
 
