@@ -391,7 +391,9 @@ def _exchange(conn: http.client.HTTPConnection, method: str, path: str, body: by
     return response
 
 
-def test_keepalive_serves_many_requests_on_one_connection(keepalive_server: BoundedThreadedWSGIServer) -> None:
+def test_keepalive_serves_many_requests_on_one_connection(
+    keepalive_server: BoundedThreadedWSGIServer,
+) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", keepalive_server.port, timeout=TIMEOUT)
     try:
         first = _exchange(conn, "GET", "/a")

@@ -487,7 +487,8 @@ def test_an_aborted_body_never_returns_to_the_pool(stack: Stack, front: Front) -
                        timeout=TIMEOUT).raise_for_status()
     assert len(front.forwarder.pool) == 0
     wait_for(lambda: front.dial.connections[0].closed)
-    assert front.http.get(front.url(stack.dummy.port, "/bytes/3"), timeout=TIMEOUT).content == generated_bytes(3)
+    response = front.http.get(front.url(stack.dummy.port, "/bytes/3"), timeout=TIMEOUT)
+    assert response.content == generated_bytes(3)
     assert len(front.dial.connections) == 2
 
 
