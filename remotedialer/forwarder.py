@@ -5,7 +5,9 @@ client ``<id>`` to ``<scheme>://<host>/<path...>`` and streams the response
 back: status, end-to-end headers, and the body chunk by chunk as it arrives,
 never buffered whole.
 
-It speaks HTTP/1.1 with :mod:`http.client` directly over the
+It speaks HTTP/1.1 itself (:class:`UpstreamConnection`, a small strict
+client: no :mod:`http.client`, whose ``email``-based header parsing was the
+largest item in the server's profile) directly over the
 :class:`~remotedialer.connection.TunnelConnection` (for ``https`` targets the
 connection is bridged to a local socket pair on the shared
 :class:`~remotedialer.piping.Piper` thread so :mod:`ssl` can wrap it). All the
@@ -37,9 +39,10 @@ response (the client sees a truncated body, never a silently shortened one).
 from __future__ import annotations
 
 import collections
-import http.client
+import http
 import itertools
 import logging
+import re
 import select
 import socket
 import ssl
@@ -60,6 +63,11 @@ __all__ = [
     "parse_target",
     "DialFunction",
     "HOP_BY_HOP",
+    "UpstreamConnection",
+    "UpstreamResponse",
+    "ResponseHead",
+    "parse_response_head",
+    "BadResponse",
 ]
 
 log = logging.getLogger(__name__)
@@ -211,31 +219,338 @@ def _request_headers(environ: Dict[str, Any], host: str) -> Dict[str, str]:
     return headers
 
 
-def _response_headers(response: http.client.HTTPResponse) -> List[Tuple[str, str]]:
+def _response_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
+    """The end-to-end response headers to pass on (hop-by-hop ones, those
+    named in ``Connection`` and those the WSGI server sets itself dropped)."""
     connection_tokens = {
         token.strip().lower()
-        for value in response.msg.get_all("Connection") or []
+        for name, value in headers
+        if name.lower() == "connection"
         for token in value.split(",")
         if token.strip()
     }
     return [
         (name, value)
-        for name, value in response.getheaders()
+        for name, value in headers
         if name.lower() not in HOP_BY_HOP
         and name.lower() not in connection_tokens
         and name.lower() not in _SET_BY_WSGI_SERVER
     ]
 
 
-class _TunnelHTTPConnection(http.client.HTTPConnection):
-    """An ``HTTPConnection`` over an already connected socket-like object."""
+# ------------------------------------------------------- the upstream HTTP/1.1 client
+#
+# http.client parses every response head with the email package, which was
+# the largest item in the server's profile. The forwarder only needs the
+# status, the header list and the body framing, so it speaks HTTP/1.1 itself:
+# one send for a bodyless request, the head read into a bytearray and split
+# once, the body framed by Content-Length, chunked coding or the connection
+# closing (RFC 9112 §6.3). Anything malformed is refused with BadResponse.
 
-    def __init__(self, sock: Any, host: str, timeout: Optional[float]) -> None:
-        super().__init__(host, timeout=timeout, blocksize=CHUNK)
-        self.sock = sock
+#: A response head longer than this is refused (http.client allows 100 lines
+#: of 64 KiB; real heads are a few hundred bytes).
+MAX_RESPONSE_HEAD = 64 * 1024
+#: Header lines a response head may have (as http.client).
+MAX_RESPONSE_HEADERS = 100
+#: Longest chunk-size or trailer line accepted in a chunked body.
+_MAX_CHUNK_LINE = 4096
 
-    def connect(self) -> None:  # never called while self.sock is set
-        raise http.client.NotConnected("tunneled connection already closed")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEX = re.compile(r"[0-9A-Fa-f]{1,16}")
+_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
+#: Methods that get ``Content-Length: 0`` when sent without a body (as http.client).
+_BODY_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
+
+
+class BadResponse(ConnectionError):
+    """The target's answer is not HTTP/1.1 the forwarder can pass on; the
+    connection is unusable afterwards."""
+
+
+class ResponseHead:
+    """A parsed response head: ``status``, ``reason``, ``version`` (10 or 11)
+    and ``headers`` as received (name case kept, order kept)."""
+
+    __slots__ = ("version", "status", "reason", "headers")
+
+    def __init__(self, version: int, status: int, reason: str, headers: List[Tuple[str, str]]) -> None:
+        self.version = version
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+
+
+def parse_response_head(head: bytes) -> ResponseHead:
+    """Parse a response head (status line and header lines, without the empty
+    line ending it; lines end in CRLF or LF). Obsolete line folding is
+    replaced by a space (RFC 9112 §5.2). Raises :class:`BadResponse`."""
+    lines = head.decode("latin-1").split("\n")
+    status_line = lines[0].rstrip("\r")
+    version_text, _, rest = status_line.partition(" ")
+    if version_text == "HTTP/1.1":
+        version = 11
+    elif version_text == "HTTP/1.0":
+        version = 10
+    else:
+        raise BadResponse(f"invalid status line from the target: {status_line[:100]!r}")
+    code, _, reason = rest.partition(" ")
+    if len(code) != 3 or not code.isdigit() or code[0] == "0":
+        raise BadResponse(f"invalid status line from the target: {status_line[:100]!r}")
+    if len(lines) > MAX_RESPONSE_HEADERS + 1:
+        raise BadResponse(f"more than {MAX_RESPONSE_HEADERS} response headers")
+    headers: List[Tuple[str, str]] = []
+    for line in itertools.islice(lines, 1, None):
+        if line.endswith("\r"):
+            line = line[:-1]
+        if line[:1] in (" ", "\t"):
+            if not headers:
+                raise BadResponse("response head starts with a continuation line")
+            name, value = headers[-1]
+            folded = line.strip(" \t")
+            headers[-1] = (name, f"{value} {folded}" if value else folded)
+            continue
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise BadResponse(f"invalid response header line {line[:100]!r}")
+        if "\r" in value or "\x00" in value:
+            raise BadResponse(f"invalid value of response header {name}")
+        headers.append((name, value.strip(" \t")))
+    return ResponseHead(version, int(code), reason.strip(), headers)
+
+
+class UpstreamConnection:
+    """One HTTP/1.1 client connection over a connected socket-like object (a
+    tunneled connection, or an ``SSLSocket`` for ``https``), one request at a
+    time. ``sock`` is None once closed. Reads block on ``sock`` with its
+    timeout and raise what it raises (``socket.timeout`` included), or
+    :class:`BadResponse`."""
+
+    def __init__(self, sock: Any, host: str) -> None:
+        self.sock: Any = sock
+        self.host = host
+        self._buffer = bytearray()  # received, not yet consumed
+
+    @property
+    def idle_clean(self) -> bool:
+        """Whether no unread bytes are left over (a kept-alive connection must
+        have none between responses)."""
+        return not self._buffer
+
+    def close(self) -> None:
+        """Close the socket; never raises."""
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:  # pragma: no cover - closing never fails on our sockets
+                pass
+
+    def request(self, method: str, path: str, headers: Dict[str, str], body: Any, chunked: bool) -> None:
+        """Send a request: ``body`` is None, a file-like object (sent as read,
+        framed by the ``Content-Length`` in ``headers``) or, with ``chunked``,
+        an iterable of bytes sent with chunked coding. Blocks on the socket
+        (the peer may pause us); raises ``ValueError`` for a method, path or
+        header value that cannot be sent, ``OSError`` from the socket."""
+        if not _TOKEN.fullmatch(method):
+            raise ValueError(f"invalid method {method!r}")
+        if not path.isascii() or _BAD_TARGET.search(path):
+            raise ValueError(f"invalid characters in the request target {path!r}")
+        parts = [f"{method} {path} HTTP/1.1\r\n"]
+        send_length = method in _BODY_EXPECTED and body is None
+        send_encoding = True
+        for name, value in headers.items():
+            if _BAD_HEADER_VALUE.search(value):
+                raise ValueError(f"invalid value of header {name}")
+            lowered = name.lower()
+            if lowered == "content-length":
+                send_length = False
+            elif lowered == "accept-encoding":
+                send_encoding = False
+            parts.append(f"{name}: {value}\r\n")
+        if send_encoding:  # as http.client: no compressed answer the client did not ask for
+            parts.append("Accept-Encoding: identity\r\n")
+        if chunked:
+            parts.append("Transfer-Encoding: chunked\r\n")
+        elif send_length:
+            parts.append("Content-Length: 0\r\n")
+        parts.append("\r\n")
+        head = "".join(parts).encode("latin-1")
+        sock = self._socket()
+        if body is None:
+            sock.sendall(head)
+        elif chunked:
+            sock.sendall(head)
+            for data in body:
+                if data:
+                    sock.sendall(b"%x\r\n%b\r\n" % (len(data), data))
+            sock.sendall(b"0\r\n\r\n")
+        else:
+            data = body.read(CHUNK)
+            sock.sendall(head + data if data else head)
+            while data:
+                data = body.read(CHUNK)
+                if data:
+                    sock.sendall(data)
+
+    def getresponse(self, method: str) -> "UpstreamResponse":
+        """Read the response head (interim 1xx answers skipped). Raises
+        ``ConnectionResetError`` when the target closed the connection before
+        answering, :class:`BadResponse` for a malformed head."""
+        while True:
+            head = parse_response_head(self._read_head())
+            if not 100 <= head.status < 200 or head.status == 101:
+                return UpstreamResponse(self, head, method)
+
+    def _socket(self) -> Any:
+        if self.sock is None:
+            raise BrokenPipeError(32, "upstream connection closed")
+        return self.sock
+
+    def _fill(self) -> bool:
+        """Receive more into the buffer; False at EOF."""
+        data = self._socket().recv(CHUNK)
+        if not data:
+            return False
+        self._buffer += data
+        return True
+
+    def _read_head(self) -> bytes:
+        buffer = self._buffer
+        searched = 0
+        while True:
+            match = _HEAD_END.search(buffer, max(0, searched - 3))
+            if match is not None:
+                head = bytes(buffer[: match.start()])
+                del buffer[: match.end()]
+                return head
+            if len(buffer) > MAX_RESPONSE_HEAD:
+                raise BadResponse(f"response head over {MAX_RESPONSE_HEAD} bytes")
+            searched = len(buffer)
+            if not self._fill():
+                if buffer:
+                    raise BadResponse("the target closed the connection in the middle of the response head")
+                raise ConnectionResetError("the target closed the connection without a response")
+
+    def _read_line(self) -> str:
+        """One CRLF- or LF-ended line of a chunked body, without its ending."""
+        buffer = self._buffer
+        searched = 0
+        while True:
+            end = buffer.find(b"\n", searched)
+            if end >= 0:
+                line = bytes(buffer[:end]).rstrip(b"\r")
+                del buffer[: end + 1]
+                return line.decode("latin-1")
+            if len(buffer) > _MAX_CHUNK_LINE:
+                raise BadResponse("chunk line too long")
+            searched = len(buffer)
+            if not self._fill():
+                raise BadResponse("the target closed the connection in the middle of a chunked body")
+
+    def _read_some(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes: buffered ones first, else one ``recv``
+        (``b""`` at EOF)."""
+        buffer = self._buffer
+        if buffer:
+            data = bytes(buffer[:limit])
+            del buffer[:limit]
+            return data
+        return bytes(self._socket().recv(limit))
+
+
+class UpstreamResponse:
+    """A response from the target: the head's fields, and :meth:`read1` for
+    the body as it arrives. ``will_close`` says the connection cannot carry
+    another request; ``complete`` that the body was read to its end."""
+
+    def __init__(self, connection: UpstreamConnection, head: ResponseHead, method: str) -> None:
+        self.connection = connection
+        self.status = head.status
+        self.reason = head.reason
+        self.headers = head.headers
+        self.complete = False
+        self._chunked = False
+        self._chunk_left = 0  # chunked: bytes left in the current chunk (-1: its CRLF is due)
+        self._length: Optional[int] = None  # bytes of body left; None: until EOF
+        tokens: List[str] = []
+        lengths: List[str] = []
+        codings: List[str] = []
+        for name, value in head.headers:
+            lowered = name.lower()
+            if lowered == "connection":
+                tokens.extend(token.strip().lower() for token in value.split(","))
+            elif lowered == "content-length":
+                lengths.extend(item.strip() for item in value.split(","))
+            elif lowered == "transfer-encoding":
+                codings.extend(item.strip().lower() for item in value.split(",") if item.strip())
+        if head.version == 10:
+            self.will_close = "keep-alive" not in tokens
+        else:
+            self.will_close = "close" in tokens
+        if method == "HEAD" or self.status < 200 or self.status in (204, 304):
+            self._length = 0
+            if self.status == 101:
+                self.will_close = True
+        elif codings:
+            if lengths:
+                self.will_close = True  # RFC 9112 §6.3: never reuse such a connection
+            if codings[-1] == "chunked":
+                self._chunked = True
+            else:
+                self.will_close = True  # the body ends where the connection does
+        elif lengths:
+            if len(set(lengths)) != 1 or not lengths[0].isdigit() or not lengths[0].isascii():
+                raise BadResponse(f"invalid Content-Length from the target: {', '.join(lengths)[:100]!r}")
+            self._length = int(lengths[0])
+        else:
+            self.will_close = True  # the body ends where the connection does
+        if self._length == 0:
+            self.complete = True
+
+    def read1(self, limit: int) -> bytes:
+        """The next piece of the body, at most ``limit`` bytes, as soon as any
+        arrived; ``b""`` once it ended. Blocks on the socket with its
+        timeout; raises ``OSError`` (``BadResponse`` when the target closed
+        the connection too early or broke the chunked coding)."""
+        if self.complete:
+            return b""
+        connection = self.connection
+        if self._chunked:
+            if self._chunk_left <= 0:
+                if self._chunk_left < 0 and connection._read_line():
+                    raise BadResponse("invalid chunked body from the target (no CRLF after a chunk)")
+                size_text = connection._read_line().partition(";")[0].strip(" \t")
+                if not _HEX.fullmatch(size_text):
+                    raise BadResponse(f"invalid chunk size from the target: {size_text[:40]!r}")
+                size = int(size_text, 16)
+                if size == 0:
+                    while connection._read_line():  # trailer fields: dropped
+                        pass
+                    self.complete = True
+                    return b""
+                self._chunk_left = size
+            data = connection._read_some(min(limit, self._chunk_left))
+            if not data:
+                raise BadResponse("the target closed the connection in the middle of a chunked body")
+            self._chunk_left -= len(data)
+            if self._chunk_left == 0:
+                self._chunk_left = -1
+            return data
+        length = self._length
+        if length is None:
+            data = connection._read_some(limit)
+            if not data:
+                self.complete = True
+            return data
+        data = connection._read_some(min(limit, length))
+        if not data:
+            raise BadResponse(f"the target closed the connection with {length} body bytes missing")
+        self._length = length = length - len(data)
+        if length == 0:
+            self.complete = True
+        return data
 
 
 PoolKey = Tuple[str, str, str, str]
@@ -258,12 +573,12 @@ def poll_readable(sock: Any, timeout: float) -> bool:
     return bool(readable)
 
 
-def _reusable(connection: _TunnelHTTPConnection) -> bool:
+def _reusable(connection: UpstreamConnection) -> bool:
     """Whether an idle connection may carry another request: still open, and
     nothing to read (an idle HTTP connection that is readable was closed by
     the far side, or got bytes no request asked for)."""
     sock: Any = connection.sock
-    if sock is None:
+    if sock is None or not connection.idle_clean:
         return False
     readable_now = getattr(sock, "readable_now", None)
     if readable_now is not None:  # a TunnelConnection: no descriptor needed
@@ -290,17 +605,17 @@ class ConnectionPool:
         self.max_idle_per_key = max_idle_per_key
         self.idle_timeout = idle_timeout
         self._lock = threading.Lock()
-        self._idle: Dict[PoolKey, Deque[Tuple[float, _TunnelHTTPConnection]]] = {}
+        self._idle: Dict[PoolKey, Deque[Tuple[float, UpstreamConnection]]] = {}
 
     def __len__(self) -> int:
         with self._lock:
             return sum(len(entries) for entries in self._idle.values())
 
-    def get(self, key: PoolKey) -> Optional[_TunnelHTTPConnection]:
+    def get(self, key: PoolKey) -> Optional[UpstreamConnection]:
         """An idle live connection for ``key``, or None. Stale ones met on the
         way are closed."""
-        stale: List[_TunnelHTTPConnection] = []
-        found: Optional[_TunnelHTTPConnection] = None
+        stale: List[UpstreamConnection] = []
+        found: Optional[UpstreamConnection] = None
         oldest = time.monotonic() - self.idle_timeout
         with self._lock:
             entries = self._idle.get(key)
@@ -315,12 +630,12 @@ class ConnectionPool:
         _close_all(stale)
         return found
 
-    def put(self, key: PoolKey, connection: _TunnelHTTPConnection) -> None:
+    def put(self, key: PoolKey, connection: UpstreamConnection) -> None:
         """Keep ``connection`` for reuse (closing the oldest one past the bound)."""
         if self.max_idle_per_key <= 0:
             connection.close()
             return
-        dropped: List[_TunnelHTTPConnection] = []
+        dropped: List[UpstreamConnection] = []
         with self._lock:
             entries = self._idle.setdefault(key, collections.deque())
             entries.append((time.monotonic(), connection))
@@ -344,7 +659,7 @@ class ConnectionPool:
         _close_all(dropped)
 
 
-def _close_all(connections: List[_TunnelHTTPConnection]) -> None:
+def _close_all(connections: List[UpstreamConnection]) -> None:
     for connection in connections:
         try:
             connection.close()
@@ -364,8 +679,8 @@ class _StreamedBody:
         self,
         request_id: int,
         url: str,
-        response: http.client.HTTPResponse,
-        connection: _TunnelHTTPConnection,
+        response: UpstreamResponse,
+        connection: UpstreamConnection,
         started: float,
         pool: Optional[ConnectionPool] = None,
         key: Optional[PoolKey] = None,
@@ -395,7 +710,7 @@ class _StreamedBody:
                     return
                 self.sent += len(data)
                 yield data
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             log.warning(
                 "[%03d] REQ ABORTED %s after %d bytes: %s", self.request_id, self.url, self.sent,
                 _describe(exc),
@@ -415,15 +730,13 @@ class _StreamedBody:
             and self.key is not None
             and not self.response.will_close
             and self.connection.sock is not None
+            and self.connection.idle_clean
         )
-        try:
-            self.response.close()
-        finally:
-            if reuse:
-                assert self.pool is not None and self.key is not None
-                self.pool.put(self.key, self.connection)
-            else:
-                self.connection.close()
+        if reuse:
+            assert self.pool is not None and self.key is not None
+            self.pool.put(self.key, self.connection)
+        else:
+            self.connection.close()
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "[%03d] REQ DONE %s %d bytes in %.3fs%s", self.request_id, self.url, self.sent,
@@ -505,8 +818,8 @@ class Forwarder:
                 else:
                     assert connection.sock is not None
                     connection.sock.settimeout(timeout)
-                connection.request(method, path, body=body, headers=headers, encode_chunked=chunked)
-                response = connection.getresponse()
+                connection.request(method, path, headers, body, chunked)
+                response = connection.getresponse(method)
                 break
             except Exception as exc:  # unknown client, dead session, refused, timeout...
                 if connection is not None:
@@ -525,10 +838,10 @@ class Forwarder:
         if debug:
             log.debug("[%03d] REQ OK %s %d%s", request_id, url, response.status,
                       " (reused)" if reused else "")
-        start_response(f"{response.status} {response.reason}", _response_headers(response))
+        start_response(f"{response.status} {response.reason}", _response_headers(response.headers))
         return _StreamedBody(request_id, url, response, connection, started, self.pool, key)
 
-    def _open(self, target: ForwardTarget, timeout: Optional[float]) -> _TunnelHTTPConnection:
+    def _open(self, target: ForwardTarget, timeout: Optional[float]) -> UpstreamConnection:
         """Dial ``target`` through its client (TLS for ``https``); raises what
         the dial or the handshake raised."""
         sock = self.dial(target.client_key, "tcp", target.address, timeout)
@@ -542,7 +855,7 @@ class Forwarder:
             except OSError:  # pragma: no cover
                 pass
             raise
-        return _TunnelHTTPConnection(sock, target.host, timeout)
+        return UpstreamConnection(sock, target.host)
 
     def _timeout(self, text: Optional[str]) -> Optional[float]:
         if text is None or text == "":
@@ -595,7 +908,11 @@ class Forwarder:
 
 def _error(start_response: StartResponse, status: int, text: str) -> List[bytes]:
     body = text.encode("utf-8", "replace")
-    reason = http.client.responses.get(status, "Error")
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+
     start_response(
         f"{status} {reason}",
         [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
