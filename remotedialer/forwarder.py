@@ -509,6 +509,11 @@ class UpstreamResponse:
         if self._length == 0:
             self.complete = True
 
+    def body_ready(self) -> bool:
+        """Whether :meth:`read1` would return without waiting: the body ended,
+        or a Content-Length or close-delimited body has bytes buffered."""
+        return self.complete or (not self._chunked and not self.connection.idle_clean)
+
     def read1(self, limit: int) -> bytes:
         """The next piece of the body, at most ``limit`` bytes, as soon as any
         arrived; ``b""`` once it ended. Blocks on the socket with its
@@ -701,7 +706,10 @@ class _StreamedBody:
         # now, before the body starts (or stalls): the client sees the status
         # at once, and an abort later is a dropped connection, never a
         # keep-alive connection waiting for a response that will not come.
-        yield b""
+        # Not needed when the body (or its first piece) is already here: the
+        # head then goes out with it, in one write.
+        if not self.response.body_ready():
+            yield b""
         try:
             while True:
                 data = self.response.read1(CHUNK)

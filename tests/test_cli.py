@@ -367,6 +367,11 @@ def _keepalive_app(environ: Dict[str, Any], start_response: Callable[..., Any]) 
         return [b"abc"]
     if path == "/fail":
         raise RuntimeError("failure under test")
+    if path == "/env":  # what the front end parsed
+        names = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL", "HTTP_X_A", "HTTP_X_B")
+        body = "|".join(str(environ.get(name)) for name in names).encode("latin-1")
+        start_response("200 OK", [("Content-Length", str(len(body)))])
+        return [body]
     body = f"{environ['REQUEST_METHOD']} {path}".encode()
     start_response("200 OK", [("Content-Length", str(len(body)))])
     return [body]  # never reads the request body
@@ -444,6 +449,53 @@ def test_keepalive_http10_and_idle_timeout(keepalive_server: BoundedThreadedWSGI
         started = time.monotonic()
         assert reader.read().endswith(b"GET /a")  # then closed after the 1 s idle timeout
         assert time.monotonic() - started > 0.5
+
+
+def _raw_exchange(port: int, request: bytes) -> bytes:
+    """Send ``request`` and read the answer to the server's close (or the
+    first response, for a kept connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        reader = sock.makefile("rb")
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            line = reader.readline()
+            assert line, f"closed after {head!r}"
+            head += line
+        length = [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")]
+        return head + (reader.read(int(length[0].split(b":")[1])) if length else b"")
+
+
+def test_front_end_request_head_parsing(keepalive_server: BoundedThreadedWSGIServer) -> None:
+    answer = _raw_exchange(
+        keepalive_server.port,
+        b"GET //en%76?x=1 HTTP/1.1\r\nHost: h\r\nX-A:  one two \r\nx-b:\xe9\nX-Empty:\r\n\r\n",
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\nServer: ")
+    date = [line for line in head.split(b"\r\n") if line.startswith(b"Date: ")]
+    assert len(date) == 1 and date[0].endswith(b" GMT")
+    assert body.decode("latin-1") == "GET|/env|x=1|HTTP/1.1|one two|\u00e9"
+
+
+@pytest.mark.parametrize("lines, status", [
+    (b"Bad Name: 1\r\n", b"400"),
+    (b"X-A: 1\r\n folded\r\n", b"400"),
+    (b"no colon\r\n", b"400"),
+    (b": empty name\r\n", b"400"),
+    (b"X: y\r\n" * 101, b"431"),
+    (b"X: " + b"y" * 70_000 + b"\r\n", b"431"),
+])
+def test_front_end_refuses_malformed_request_heads(keepalive_server: BoundedThreadedWSGIServer,
+                                                   lines: bytes, status: bytes) -> None:
+    answer = _raw_exchange(keepalive_server.port, b"GET /a HTTP/1.1\r\nHost: h\r\n" + lines + b"\r\n")
+    assert answer.startswith(b"HTTP/1.1 " + status)
+
+
+def test_front_end_other_request_lines_go_to_http_server(keepalive_server: BoundedThreadedWSGIServer) -> None:
+    assert _raw_exchange(keepalive_server.port, b"GET /a B HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
+    answer = _raw_exchange(keepalive_server.port, b"GET /env HTTP/1.01\r\nHost: h\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"HTTP/1.01|None|None")
 
 
 def test_bench_subcommand_runs_the_benchmarks_command(capsys: pytest.CaptureFixture[str]) -> None:
