@@ -15,9 +15,10 @@ from __future__ import annotations
 import enum
 import itertools
 import random
+import re
 import struct
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .errors import ProtocolError
 
@@ -95,6 +96,24 @@ def to_int64(value: int) -> int:
 _SMALL_VARINTS = {n: bytes([(n << 1) if n >= 0 else ((-n << 1) - 1)]) for n in range(-64, 64)}
 
 
+_BYTE = [bytes((n,)) for n in range(256)]
+# Message ids count up by one, so all but the first byte of their varint stay
+# the same for 128 messages in a row: those tails are remembered (a few
+# entries, emptied when full). Plain dict operations, safe from any thread.
+_TAIL_CACHE_SIZE = 64
+_encoded_tails: Dict[int, bytes] = {}  # unsigned >> 7 -> its LEB128 bytes
+_decoded_tails: Dict[bytes, int] = {}  # LEB128 bytes after the first -> their value
+
+
+def _encode_unsigned(unsigned: int) -> bytes:
+    out = bytearray()
+    while unsigned >= 0x80:
+        out.append((unsigned & 0x7F) | 0x80)
+        unsigned >>= 7
+    out.append(unsigned)
+    return bytes(out)
+
+
 def encode_varint(value: int) -> bytes:
     """Encode a signed 64-bit integer as Go's ``binary.PutVarint`` does."""
     small = _SMALL_VARINTS.get(value)
@@ -103,12 +122,14 @@ def encode_varint(value: int) -> bytes:
     if not _INT64_MIN <= value < (1 << 63):
         raise ValueError(f"varint out of int64 range: {value}")
     unsigned = ((value << 1) ^ (value >> 63)) & _UINT64_MASK
-    out = bytearray()
-    while unsigned >= 0x80:
-        out.append((unsigned & 0x7F) | 0x80)
-        unsigned >>= 7
-    out.append(unsigned)
-    return bytes(out)
+    high = unsigned >> 7
+    tail = _encoded_tails.get(high)
+    if tail is None:
+        tail = _encode_unsigned(high)
+        if len(_encoded_tails) >= _TAIL_CACHE_SIZE:
+            _encoded_tails.clear()
+        _encoded_tails[high] = tail
+    return _BYTE[(unsigned & 0x7F) | 0x80] + tail
 
 
 def decode_varint(data: Bytes, offset: int = 0) -> Tuple[int, int]:
@@ -189,6 +210,52 @@ class Message:
         )
 
 
+#: The header of a DATA message: message id, connection id, type 1 (zig-zag
+#: 2), deadline; each varint at most 10 bytes (the 10th is checked after).
+_DATA_HEADER = re.compile(
+    rb"([\x80-\xff]{0,9}[\x00-\x7f])([\x80-\xff]{0,9}[\x00-\x7f])\x02([\x80-\xff]{0,9}[\x00-\x7f])"
+)
+
+
+def _varint_value(data: Bytes, start: int, end: int) -> int:
+    """The value of the well-formed varint ``data[start:end]``."""
+    if end - start == 1:
+        unsigned = data[start]
+    else:
+        key = bytes(data[start + 1 : end])
+        high = _decoded_tails.get(key)
+        if high is None:
+            high = 0
+            for byte in reversed(key):
+                high = (high << 7) | (byte & 0x7F)
+            if len(_decoded_tails) >= _TAIL_CACHE_SIZE:
+                _decoded_tails.clear()
+            _decoded_tails[key] = high
+        unsigned = (high << 7) | (data[start] & 0x7F)
+    return (unsigned >> 1) ^ -(unsigned & 1)
+
+
+def _decode_data_fast(data: Bytes) -> Optional[Message]:
+    """The common case of :func:`decode_message`: a well-formed DATA header
+    (None for anything else, which the general path decodes or refuses)."""
+    match = _DATA_HEADER.match(data)
+    if match is None:
+        return None
+    id_end, conn_end, end = match.end(1), match.end(2), match.end()
+    if (
+        (id_end == 10 and data[9] > 1)
+        or (conn_end - id_end == 10 and data[conn_end - 1] > 1)
+        or (end - conn_end == 11 and data[end - 1] > 1)
+    ):
+        return None  # a 10-byte varint overflowing 64 bits
+    return Message(
+        _varint_value(data, 0, id_end),
+        _varint_value(data, id_end, conn_end),
+        MessageType.DATA,
+        memoryview(data)[end:],
+    )
+
+
 def decode_message(data: Bytes) -> Message:
     """Decode one whole WebSocket binary message.
 
@@ -197,6 +264,9 @@ def decode_message(data: Bytes) -> Message:
     :class:`ProtocolError` for a header that cannot be decoded or a CONNECT
     without ``/``; unknown types decode fine and are for the caller to ignore.
     """
+    fast = _decode_data_fast(data)
+    if fast is not None:
+        return fast
     message_id, offset = decode_varint(data, 0)
     conn_id, offset = decode_varint(data, offset)
     message_type, offset = decode_varint(data, offset)
@@ -213,16 +283,12 @@ def decode_message(data: Bytes) -> Message:
     return Message(message_id, conn_id, message_type, payload)
 
 
+_DATA_TYPE_AND_DEADLINE = encode_varint(MessageType.DATA) + encode_varint(LEGACY_DEADLINE_MS)
+
+
 def encode_data_header(message_id: int, conn_id: int) -> bytes:
     """The header of a DATA message; the payload follows it unchanged."""
-    return b"".join(
-        (
-            encode_varint(message_id),
-            encode_varint(conn_id),
-            encode_varint(MessageType.DATA),
-            encode_varint(LEGACY_DEADLINE_MS),
-        )
-    )
+    return encode_varint(message_id) + encode_varint(conn_id) + _DATA_TYPE_AND_DEADLINE
 
 
 def encode_message(message_id: int, conn_id: int, message_type: int, payload: Bytes = b"") -> bytes:
