@@ -135,6 +135,13 @@ class BadRequest(ValueError):
     """The request path or query cannot be forwarded (answered with 400)."""
 
 
+_BAD_HOST = re.compile(r"[/?#@ \t\r\n]")
+
+
+def _unquote(text: str) -> str:
+    return urllib.parse.unquote(text) if "%" in text else text
+
+
 def parse_target(path: str, prefix: str = "/client") -> ForwardTarget:
     """Parse a raw request path ``<prefix>/<id>/<scheme>/<host>[/<path...>]``.
 
@@ -145,9 +152,9 @@ def parse_target(path: str, prefix: str = "/client") -> ForwardTarget:
     parts = path[len(prefix) + 1 :].split("/", 3)
     if len(parts) < 3 or not parts[0] or not parts[2]:
         raise BadRequest(f"expected {prefix}/<id>/<scheme>/<host>/<path>")
-    client_key = urllib.parse.unquote(parts[0])
+    client_key = _unquote(parts[0])
     scheme = parts[1].lower()
-    host = urllib.parse.unquote(parts[2])
+    host = _unquote(parts[2])
     rest = "/" + parts[3] if len(parts) == 4 else "/"
     if scheme == "http":
         default_port = 80
@@ -155,7 +162,7 @@ def parse_target(path: str, prefix: str = "/client") -> ForwardTarget:
         default_port = 443
     else:
         raise BadRequest(f"unsupported scheme {parts[1]!r} (http or https)")
-    if any(c in host for c in "/?#@ \t\r\n"):
+    if _BAD_HOST.search(host):
         raise BadRequest(f"invalid host {host!r}")
     if host.startswith("["):
         end = host.find("]")
