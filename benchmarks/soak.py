@@ -109,6 +109,20 @@ class SoakResult:
 
 
 # ------------------------------------------------------------------ targets
+def echo_until_eof(sock: socket.socket) -> None:
+    """Send back everything ``sock`` receives until EOF or an error; close it.
+    (The test suite's echo servers use this too.)"""
+    with sock:
+        try:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    return
+                sock.sendall(data)
+        except OSError:
+            return
+
+
 class EchoServer:
     """A threaded loopback echo server (one thread per connection)."""
 
@@ -123,19 +137,7 @@ class EchoServer:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
-            threading.Thread(target=self._echo, args=(sock,), daemon=True).start()
-
-    @staticmethod
-    def _echo(sock: socket.socket) -> None:
-        with sock:
-            try:
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    sock.sendall(data)
-            except OSError:
-                return
+            threading.Thread(target=echo_until_eof, args=(sock,), daemon=True).start()
 
     def close(self) -> None:
         self.listener.close()

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
+from benchmarks.soak import echo_until_eof
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
@@ -193,19 +194,7 @@ class EchoServer(LoopbackListener):
     """A loopback TCP server (port 0) that echoes every connection on a thread."""
 
     def handle(self, sock: socket.socket) -> None:
-        self.serve_on_thread(self._echo, sock)
-
-    @staticmethod
-    def _echo(sock: socket.socket) -> None:
-        with sock:
-            try:
-                while True:
-                    data = sock.recv(65536)
-                    if not data:
-                        return
-                    sock.sendall(data)
-            except OSError:
-                return
+        self.serve_on_thread(echo_until_eof, sock)
 
 
 class SilentListener(LoopbackListener):
