@@ -245,7 +245,7 @@ class Blocked:
             for name, call in (
                 ("recv on a silent target", lambda: self.silent.recv(1)),
                 ("download in flow", self._drain),
-                ("sendall held by PAUSE", lambda: self.upload.sendall(b"u" * (256 * MiB))),
+                ("sendall held by PAUSE", self._upload),
             )
         ]
         for thread in self.threads:
@@ -258,6 +258,16 @@ class Blocked:
                                  f"client conns {session and session.connections()}") from None
         wait_for(lambda: self.download.buffered > 0 or "download in flow" in self.outcomes)
         assert not self.outcomes, self.outcomes
+
+    def _upload(self) -> None:
+        """sendall into a target that never reads, until the tunnel fails.
+        The far side PAUSEs and RESUMEs as its buffers fill; a RESUME that
+        lands just before a fault can free the writer into a tunnel that
+        silently drops data, so no finite upload is sure to still be held
+        when the fault hits: only an error may end this call."""
+        chunk = b"u" * MiB
+        while True:
+            self.upload.sendall(chunk)
 
     def _drain(self) -> None:
         while self.download.recv(65536):
