@@ -30,6 +30,7 @@ from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, NoSessionError, TunnelClosedError
 from .observer import NULL_OBSERVER
 from .session import Session
+from .session_manager import dial_first
 
 if TYPE_CHECKING:
     from .server import Server
@@ -314,12 +315,8 @@ class Peering:
     ) -> Optional[TunnelConnection]:
         """Dial through a peer that advertised ``client_key``: CONNECT
         ``clientKey::proto/address`` on its session. ``None`` if none did."""
-        for session in self.peers_for(client_key):
-            try:
-                return session.dial(f"{client_key}{PEER_PROTO_SEPARATOR}{proto}", address, timeout)
-            except TunnelClosedError:
-                continue
-        return None
+        relayed_proto = f"{client_key}{PEER_PROTO_SEPARATOR}{proto}"
+        return dial_first(self.peers_for(client_key), relayed_proto, address, timeout)
 
     # ------------------------------------------------- relaying peers' dials
     def handle_connect(self, conn: TunnelConnection) -> None:
@@ -332,15 +329,10 @@ class Peering:
         self._relay_pool.submit(self._relay, conn, client_key, proto)
 
     def _relay(self, conn: TunnelConnection, client_key: str, proto: str) -> None:
-        target = None
-        for session in self.server.session_manager.sessions(client_key):
-            if session.closed:
-                continue
-            try:
-                target = session.dial(proto, conn.address, self.server.limits.control_write_timeout)
-                break
-            except (TunnelClosedError, OSError):
-                continue
+        target = dial_first(
+            self.server.session_manager.sessions(client_key), proto, conn.address,
+            self.server.limits.control_write_timeout, skip=(TunnelClosedError, OSError),
+        )
         if target is None:
             conn.abort(NoSessionError(f"failed to find Session for client {client_key}"))
             return

@@ -48,13 +48,13 @@ from werkzeug.wrappers import Request
 
 from .config import DEFAULT_LIMITS, Limits
 from .connection import TunnelConnection
-from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, TunnelClosedError
+from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError
 from .forward import ForwardSpec, PortForward, start_forward
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .peering import Peering
 from .session import ClientListener, ConnectHandler, Session
-from .session_manager import SessionListener, SessionManager
+from .session_manager import SessionListener, SessionManager, dial_first
 from .wsgi_transport import (
     RECEIVE_BYTES,
     ServerWebSocket,
@@ -406,14 +406,9 @@ class Server:
         Raises :class:`~remotedialer.errors.NoSessionError` at once when no
         open session holds the key.
         """
-        for session in self.session_manager.sessions(client_key):
-            if session.closed:
-                continue
-            try:
-                return session.dial(proto, address, timeout)
-            except TunnelClosedError:
-                continue  # died under us: try the next one
-        conn = self.dial_via_peer(client_key, proto, address, timeout)
+        conn = dial_first(self.session_manager.sessions(client_key), proto, address, timeout)
+        if conn is None:
+            conn = self.dial_via_peer(client_key, proto, address, timeout)
         if conn is not None:
             return conn
         raise NoSessionError(f"failed to find Session for client {client_key}")

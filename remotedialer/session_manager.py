@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
-from .errors import LimitExceededError
+from .connection import TunnelConnection
+from .errors import LimitExceededError, TunnelClosedError
 from .session import Session
 
-__all__ = ["SessionManager", "SessionListener"]
+__all__ = ["SessionManager", "SessionListener", "dial_first"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,26 @@ SessionListener = Callable[[bool, str, Session], None]
 (``added`` true) or removed from the table. Runs on the thread that changed
 the table, one call at a time; it must be quick (hand slow work, such as a
 write that may block, to another thread) and must not raise."""
+
+
+def dial_first(
+    sessions: Iterable[Session],
+    proto: str,
+    address: str,
+    timeout: Optional[float],
+    skip: Tuple[Type[BaseException], ...] = (TunnelClosedError,),
+) -> Optional[TunnelConnection]:
+    """Dial through the first of ``sessions`` that takes the CONNECT, in
+    order. A closed session, or one whose dial raises one of ``skip`` (it died
+    under us), is passed over; ``None`` when none took it."""
+    for session in sessions:
+        if session.closed:
+            continue
+        try:
+            return session.dial(proto, address, timeout)
+        except skip:
+            continue
+    return None
 
 
 class SessionManager:
