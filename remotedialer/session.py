@@ -321,24 +321,27 @@ class Session:
         try:
             self.transport.ping()
         except Exception as exc:
+            failure: Optional[BaseException] = exc
+        else:
+            failure = None
+        finally:
             self._write_lock.release()
-            self.close(f"ping failed: {exc}")
-            return
-        self._write_lock.release()
+        if failure is not None:
+            self.close(f"ping failed: {failure}")
 
     # ------------------------------------------------------------------ writes
     def _write(self, message_type: int, conn_id: int, payload: Bytes, timeout: Optional[float]) -> None:
         """Encode and send one message, waiting at most ``timeout`` for the socket."""
         message_id = GLOBAL_MESSAGE_IDS.next()
         data = encode_message(message_id, conn_id, message_type, payload)
-        self._send_bytes(data, message_type, conn_id, len(payload), timeout)
+        self._send_bytes(data, message_type, len(payload), timeout)
 
     def _send_data(self, conn: TunnelConnection, payload: memoryview, timeout: Optional[float]) -> None:
         """Send one DATA message for ``conn``. Raises ``BrokenPipeError`` if the
         connection's ERROR already went out: data never follows a close."""
         message_id = GLOBAL_MESSAGE_IDS.next()
         data = encode_data_header(message_id, conn.conn_id) + payload
-        self._send_bytes(data, MessageType.DATA, conn.conn_id, len(payload), timeout, conn)
+        self._send_bytes(data, MessageType.DATA, len(payload), timeout, conn)
 
     def _send_control(
         self, message_type: int, conn_id: int, payload: bytes = b"", timeout: Optional[float] = None
@@ -375,17 +378,24 @@ class Session:
                 if not self._control_queue:
                     return
                 data, message_type, payload_size = self._control_queue.popleft()
-            try:
-                if self._trace:
-                    trace_log.debug("%s send %r", self, decode_message(data))
-                self.transport.send(data)
-            except (TransportClosed, OSError) as exc:
-                self.observer.message_send_failed(self, message_type, payload_size)
-                with self._control_lock:
-                    self._control_queue.clear()
-                self.close(f"write failed: {exc}")
+            if self._transmit_locked(data, message_type, payload_size) is not None:
                 return
-            self.observer.message_sent(self, message_type, payload_size)
+
+    def _transmit_locked(self, data: bytes, message_type: int, payload_size: int) -> Optional[BaseException]:
+        """With ``_write_lock`` held: send one encoded message and tell the
+        observer. A failed write ends the session; the failure is returned."""
+        try:
+            if self._trace:
+                trace_log.debug("%s send %r", self, decode_message(data))
+            self.transport.send(data)
+        except (TransportClosed, OSError) as exc:
+            self.observer.message_send_failed(self, message_type, payload_size)
+            with self._control_lock:
+                self._control_queue.clear()
+            self.close(f"write failed: {exc}")
+            return exc
+        self.observer.message_sent(self, message_type, payload_size)
+        return None
 
     def _start_flusher_if_needed(self) -> None:
         with self._control_lock:
@@ -403,8 +413,9 @@ class Session:
             with self._write_lock:
                 self._drain_control_locked()
             with self._control_lock:
-                if not self._control_queue or self._closed:
-                    self._control_queue.clear() if self._closed else None
+                if self._closed:
+                    self._control_queue.clear()
+                if not self._control_queue:
                     self._flusher_running = False
                     return
 
@@ -412,7 +423,6 @@ class Session:
         self,
         data: bytes,
         message_type: int,
-        conn_id: int,
         payload_size: int,
         timeout: Optional[float],
         conn: Optional[TunnelConnection] = None,
@@ -426,27 +436,14 @@ class Session:
             if self._control_queue:
                 self._drain_control_locked()  # control messages first, in order
             if conn is not None and conn._wire_closed:
-                raise BrokenPipeError(32, "Broken pipe")
-            if self._trace:
-                trace_log.debug("%s send %r", self, decode_message(data))
-            self.transport.send(data)
-        except TransportClosed as exc:
-            failure: Optional[BaseException] = exc
-        except OSError as exc:
-            if isinstance(exc, BrokenPipeError) and conn is not None:
                 if isinstance(conn._write_error, TunnelClosedError):
-                    raise conn._write_error from None  # the session ended under this write
-                raise
-            failure = exc
-        else:
-            failure = None
+                    raise conn._write_error  # the session ended under this write
+                raise BrokenPipeError(32, "Broken pipe")
+            failure = self._transmit_locked(data, message_type, payload_size)
         finally:
             self._write_lock.release()
         if failure is not None:
-            self.observer.message_send_failed(self, message_type, payload_size)
-            self.close(f"write failed: {failure}")
             raise TunnelClosedError(f"session ended: {failure}") from failure
-        self.observer.message_sent(self, message_type, payload_size)
 
     # ------------------------------------------------------------------- reads
     def _handle(self, data: bytes) -> None:
