@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import select
+import socket
 import ssl
 import threading
 import time
@@ -171,8 +172,6 @@ def _open_websocket(
     ws.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
     if ws.sock is not None:
         try:
-            import socket
-
             ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:  # pragma: no cover - not a TCP socket
             pass
