@@ -16,7 +16,6 @@ from .support import (  # noqa: F401
     SessionPair,
     TunnelServer,
     closing_all,
-    shared_dir,
     wait_for,
 )
 

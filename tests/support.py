@@ -32,21 +32,14 @@ TIMEOUT = 10.0
 T = TypeVar("T")
 
 
-def shared_dir() -> Path:
-    """The project's shared/ directory (vectors, PROTOCOL.md): beside the clone,
-    or where ``REMOTEDIALER_SHARED`` points. Missing is a failure, not a skip."""
-    candidates = []
-    env = os.environ.get("REMOTEDIALER_SHARED")
-    if env:
-        candidates.append(Path(env))
-    candidates.append(Path(__file__).resolve().parents[2] / "shared")
-    for candidate in candidates:
-        if (candidate / "vectors").is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"shared/ vectors not found (tried {', '.join(map(str, candidates))}); "
-        "set REMOTEDIALER_SHARED"
-    )
+# Test data kept in the repository: the Go vectors and a recorded Go session
+# (byte-exact messages from rancher/remotedialer; see tests/data/README.md).
+DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
+def go_vectors(name: str) -> Path:
+    """The path of a recorded Go vector file in ``tests/data``."""
+    return DATA_DIR / name
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT, interval: float = 0.005) -> None:

@@ -340,9 +340,9 @@ def test_dial_socket_forms(echo_server: EchoServer, tmp_path: Any) -> None:
 def _trace_messages() -> List[Any]:
     import json
 
-    from .conftest import shared_dir
+    from .support import go_vectors
 
-    with open(shared_dir() / "vectors" / "go-session-trace.json", encoding="utf-8") as f:
+    with open(go_vectors("go-session-trace.json"), encoding="utf-8") as f:
         events = json.load(f)["events"]
     return [e for e in events if e["kind"] == "message"]
 

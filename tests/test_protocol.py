@@ -28,11 +28,11 @@ from remotedialer.protocol import (
     to_int64,
 )
 
-from .conftest import shared_dir
+from .support import go_vectors
 
 
 def _load(name: str) -> Dict[str, Any]:
-    path = shared_dir() / "vectors" / name
+    path = go_vectors(name)
     with open(path, encoding="utf-8") as f:
         data: Dict[str, Any] = json.load(f)
     return data

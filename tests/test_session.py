@@ -894,9 +894,9 @@ def test_observer_sees_every_connection_added_and_removed_once(
 def _trace_messages() -> List[Any]:
     import json
 
-    from .conftest import shared_dir
+    from .support import go_vectors
 
-    with open(shared_dir() / "vectors" / "go-session-trace.json", encoding="utf-8") as f:
+    with open(go_vectors("go-session-trace.json"), encoding="utf-8") as f:
         events = json.load(f)["events"]
     return [e for e in events if e["kind"] == "message"]
 
