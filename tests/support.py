@@ -42,6 +42,13 @@ def go_vectors(name: str) -> Path:
     return DATA_DIR / name
 
 
+def go_reference(name: str) -> Optional[Path]:
+    """A Go reference program (``server``, ``client``, ``dummy`` of rancher/remotedialer,
+    built outside the project) from ``$REMOTEDIALER_GOREF`` or ``~/.cache/rd-goref/bin``."""
+    path = Path(os.environ.get("REMOTEDIALER_GOREF") or Path.home() / ".cache/rd-goref/bin") / name
+    return path if os.access(path, os.X_OK) else None
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT, interval: float = 0.005) -> None:
     """Poll ``predicate`` until true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
