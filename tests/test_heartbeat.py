@@ -29,6 +29,10 @@ def _register(heartbeat: Heartbeat, session: Any) -> None:
     heartbeat.register(session)
 
 
+def _unregister(heartbeat: Heartbeat, session: Any) -> None:
+    heartbeat.unregister(session)
+
+
 def test_idle_sessions_cost_nothing_between_their_deadlines() -> None:
     """2,000 sessions asking to wait a minute are visited once each; the one
     session asking for 20 ms keeps being visited meanwhile."""
@@ -46,7 +50,7 @@ def test_idle_sessions_cost_nothing_between_their_deadlines() -> None:
         assert min(gaps) >= 0.015  # visited when due, not earlier
     finally:
         for session in idle + [busy]:
-            heartbeat.unregister(session)
+            _unregister(heartbeat, session)
 
 
 def test_unregistered_session_is_not_visited_and_the_thread_exits() -> None:
@@ -55,12 +59,12 @@ def test_unregistered_session_is_not_visited_and_the_thread_exits() -> None:
     _register(heartbeat, gone)
     _register(heartbeat, staying)
     assert gone.called.wait(TIMEOUT)
-    heartbeat.unregister(gone)
+    _unregister(heartbeat, gone)
     calls = len(gone.calls)
     before = len(staying.calls)
     wait_for(lambda: len(staying.calls) >= before + 10)
     assert len(gone.calls) <= calls + 1  # at most the call that was running
-    heartbeat.unregister(staying)
+    _unregister(heartbeat, staying)
     wait_for(lambda: not any(t.name == "test-heartbeat-exit" for t in threading.enumerate()))
     assert len(heartbeat) == 0
 
@@ -80,8 +84,8 @@ def test_a_failing_heartbeat_is_retried_and_does_not_stop_the_others() -> None:
         wait_for(lambda: len(healthy.calls) >= 20)
         wait_for(lambda: len(failing.calls) >= 2, timeout=TIMEOUT)  # retried after a second
     finally:
-        heartbeat.unregister(failing)
-        heartbeat.unregister(healthy)
+        _unregister(heartbeat, failing)
+        _unregister(heartbeat, healthy)
 
 
 def test_register_wakes_a_long_wait() -> None:
@@ -98,5 +102,5 @@ def test_register_wakes_a_long_wait() -> None:
         assert newcomer.called.wait(TIMEOUT)
         assert time.monotonic() - started < 5.0
     finally:
-        heartbeat.unregister(far)
-        heartbeat.unregister(newcomer)
+        _unregister(heartbeat, far)
+        _unregister(heartbeat, newcomer)
