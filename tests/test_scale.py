@@ -121,3 +121,14 @@ def test_client_keeps_its_tunnel_on_descriptors_past_1023(
     assert server.server.sessions("high") == [server_session] and not server_session.closed
     with server.server.dial("high", "tcp", echo_server.address, timeout=TIMEOUT) as conn:
         assert echo_concurrently(conn, b"past 1023" * 1000) == b"past 1023" * 1000
+
+
+def test_example_server_thread_cap_follows_the_descriptor_limit() -> None:
+    """The example server's thread cap no longer stops it at ~1,000 tunnels:
+    with 20,000 descriptors it serves 10,000 tunnels and more."""
+    from remotedialer.cli.server import DEFAULT_MAX_THREADS, default_max_threads
+
+    assert default_max_threads(20000) >= 10000 + 1000
+    assert default_max_threads(20000) < 20000  # descriptors kept for the rest
+    assert default_max_threads(0) == DEFAULT_MAX_THREADS  # unknown limit
+    assert default_max_threads(100) >= 64
