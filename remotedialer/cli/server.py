@@ -685,8 +685,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-client-connect", action="store_true",
                         help="let clients dial through this server (the Go example allows it)")
     parser.add_argument("--max-threads", type=int, default=None, metavar="N",
-                        help="request threads at most: tunnels + requests in flight (default: "
-                             f"the open-files limit, raised to its hard limit, minus {_RESERVED_DESCRIPTORS})")
+                        help="request threads at most: tunnels + requests in flight (default: the "
+                             f"open-files limit, raised to its hard limit, minus {_RESERVED_DESCRIPTORS})")
     parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
                         help="keep idle HTTP/1.1 connections open this long for their next request "
                              f"(default {DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: close after each request)")
