@@ -22,7 +22,7 @@ import websocket
 
 from .config import DEFAULT_LIMITS, Limits
 from .errors import HandshakeError, ProtocolError
-from .masking import encode_masked_frame
+from .frames import encode_masked_frame
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
@@ -55,7 +55,7 @@ class WebSocketClientTransport:
 
     def send(self, data: bytes) -> None:
         # Frames are built and masked here (numpy when available, see
-        # masking.py: websocket-client's masker was half the client's CPU) and
+        # frames.py: websocket-client's masker was half the client's CPU) and
         # written under websocket-client's own write lock, which its pongs
         # and close frames take too.
         frame = encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data)

@@ -31,7 +31,8 @@ from remotedialer.errors import (
 from remotedialer.server import Server
 from remotedialer.session import Session
 from remotedialer.session_manager import SessionManager
-from remotedialer.wsgi_transport import OP_CLOSE, ServerWebSocket, encode_frame
+from remotedialer.frames import OP_CLOSE, encode_frame
+from remotedialer.wsgi_transport import ServerWebSocket
 
 from .support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, tunnel_id_authorizer, wait_for
 from .test_wsgi_transport import client_frame, read_server_frame, read_to_eof
