@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover
 
 from werkzeug.wrappers import Request
 
+from .addresses import join_host_port
 from .config import DEFAULT_LIMITS, Limits
 from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError
@@ -59,6 +60,7 @@ from .wsgi_transport import (
     ServerWebSocket,
     SimpleWebSocketTransport,
     UnsupportedServerError,
+    describe_remote,
     finish_taken_over_response,
     is_websocket_request,
     socket_from_environ,
@@ -158,11 +160,9 @@ class ClientDialer:
         is not a number (the default sentinel) means
         ``socket.getdefaulttimeout()``; ``source_address`` is ignored (the
         client picks its own). Raises like :meth:`Server.dial`."""
-        host, port = address[0], address[1]
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
             timeout = socket.getdefaulttimeout()
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return self.server.dial(self.client_key, "tcp", target, timeout)
+        return self.server.dial(self.client_key, "tcp", join_host_port(address[0], address[1]), timeout)
 
 
 class Server:
@@ -239,10 +239,10 @@ class Server:
             try:
                 client_key, authed = self.authorizer(request)
             except Exception as exc:
-                log.info("refused %s: %s", _describe(environ), exc)
+                log.info("refused %s: %s", describe_remote(environ), exc)
                 return self.error_writer(environ, start_response, 400, str(exc))
             if not authed:
-                log.info("refused %s: %s", _describe(environ), FAILED_AUTHENTICATION)
+                log.info("refused %s: %s", describe_remote(environ), FAILED_AUTHENTICATION)
                 return self.error_writer(environ, start_response, 401, FAILED_AUTHENTICATION)
         problem = is_websocket_request(environ)
         if problem is not None:
@@ -283,7 +283,7 @@ class Server:
                     environ, self.limits.max_message_size, self.receive_bytes
                 )
         except Exception as exc:
-            log.info("websocket upgrade of %s failed: %s", _describe(environ), exc)
+            log.info("websocket upgrade of %s failed: %s", describe_remote(environ), exc)
             sock, _kind = socket_from_environ(environ)
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -445,7 +445,3 @@ class Server:
         for session in self.session_manager.all_sessions() + self.peer_sessions.all_sessions():
             session.close(reason)
         self._local_dialer.shutdown()
-
-
-def _describe(environ: WSGIEnviron) -> str:
-    return f"{environ.get('REMOTE_ADDR', '?')}:{environ.get('REMOTE_PORT', '?')}"

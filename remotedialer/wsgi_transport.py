@@ -37,6 +37,7 @@ import threading
 import time
 from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
+from .addresses import join_host_port
 from .errors import ProtocolError
 from .frames import (
     CLOSE_NO_STATUS,
@@ -115,6 +116,11 @@ def accept_key(key: str) -> str:
     """The ``Sec-WebSocket-Accept`` value answering ``Sec-WebSocket-Key: key``."""
     digest = hashlib.sha1(key.strip().encode("ascii") + WEBSOCKET_GUID).digest()
     return base64.b64encode(digest).decode("ascii")
+
+
+def describe_remote(environ: Mapping[str, Any]) -> str:
+    """``host:port`` of the client of a WSGI request, for logs."""
+    return join_host_port(str(environ.get("REMOTE_ADDR") or "?"), str(environ.get("REMOTE_PORT") or "?"))
 
 
 class UnsupportedServerError(RuntimeError):
@@ -229,10 +235,7 @@ class ServerWebSocket:
             "\r\n"
         ).encode("ascii")
         sock.sendall(response)
-        peer = environ.get("REMOTE_ADDR", "?")
-        port = environ.get("REMOTE_PORT")
-        description = f"{peer}:{port}" if port else str(peer)
-        return cls(sock, max_message_size, description, receive_bytes)
+        return cls(sock, max_message_size, describe_remote(environ), receive_bytes)
 
     # -- writes
     def _write(self, data: Bytes, payload: Optional[Bytes] = None) -> None:
@@ -475,8 +478,7 @@ class SimpleWebSocketTransport:
         self.ws = _Server(
             environ, receive_bytes=receive_bytes, max_message_size=max_message_size
         )
-        peer = environ.get("REMOTE_ADDR", "?")
-        self._description = f"{peer}:{environ.get('REMOTE_PORT', '?')} (simple-websocket)"
+        self._description = f"{describe_remote(environ)} (simple-websocket)"
 
     def send(self, data: Bytes) -> None:
         try:
