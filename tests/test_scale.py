@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.fleet import OP_PING, OP_PONG, handshake_request, read_server_frames
 from remotedialer.config import Limits
-from remotedialer.masking import encode_masked_frame
+from remotedialer.frames import encode_masked_frame
 
 from .support import TIMEOUT, EchoServer, TunnelServer, echo_concurrently, wait_for
 
