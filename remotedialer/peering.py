@@ -22,8 +22,9 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple, Union
 
 from .client import Backoff, TunnelClient
 from .connection import TunnelConnection
@@ -118,7 +119,9 @@ class PeerLink:
         assert server.peer_id and server.peer_token
         from .server import PEER_ID_HEADER, PEER_TOKEN_HEADER
 
-        self._announcements: "queue.Queue[Optional[Tuple[bool, str, int]]]" = queue.Queue()
+        # (added, client key, session key), a flush marker, or None to stop
+        self._announcements: "queue.Queue[Union[None, Tuple[bool, str, int], threading.Event]]"
+        self._announcements = queue.Queue()
         self._session: Optional[Session] = None
         self.observer = server.observer or NULL_OBSERVER
         self.client = _LinkClient(
@@ -147,6 +150,13 @@ class PeerLink:
     def stop(self) -> None:
         self.client.stop(timeout=2)
         self._announcements.put(None)
+
+    def flush_marker(self) -> threading.Event:
+        """An event set once every announcement queued so far has been sent
+        (or dropped, for a link that is down)."""
+        done = threading.Event()
+        self._announcements.put(done)
+        return done
 
     @property
     def connected(self) -> bool:
@@ -179,6 +189,9 @@ class PeerLink:
             item = self._announcements.get()
             if item is None:
                 return
+            if isinstance(item, threading.Event):
+                item.set()  # everything queued before the marker went out
+                continue
             added, client_key, session_key = item
             session = self._session
             if session is None or session.closed:
@@ -261,6 +274,14 @@ class Peering:
         """Our outgoing links."""
         with self._lock:
             return list(self._links.values())
+
+    def flush_announcements(self, timeout: float) -> bool:
+        """Wait until every link has sent the ADD/REMOVE_CLIENT announcements
+        queued so far; False if some did not within ``timeout`` seconds
+        (shared by all links)."""
+        markers = [link.flush_marker() for link in self.links()]
+        deadline = time.monotonic() + timeout
+        return all([marker.wait(max(0.0, deadline - time.monotonic())) for marker in markers])
 
     def close(self) -> None:
         """Stop every link."""
