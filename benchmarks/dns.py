@@ -33,12 +33,23 @@ class ZoneServer:
         self._records: Dict[str, List[Any]] = {}  # lower-case name with dot -> RRs
         self._fail = False
         self.queries = 0
-        self._udp = DNSServer(_Resolver(self), address=host, port=0, logger=_QuietLogger())
-        port = self._udp.server.server_address[1]
-        self._tcp = DNSServer(_Resolver(self), address=host, port=port, tcp=True, logger=_QuietLogger())
+        #: Whether SRV answers carry their targets' addresses (as CoreDNS's do).
+        self.glue = True
+        for _attempt in range(50):  # a UDP port whose TCP twin is free too
+            self._udp = DNSServer(_Resolver(self), address=host, port=0, logger=_QuietLogger())
+            port = self._udp.server.server_address[1]
+            try:
+                self._tcp = DNSServer(_Resolver(self), address=host, port=port, tcp=True,
+                                      logger=_QuietLogger())
+                break
+            except OSError:
+                self._udp.server.server_close()
+        else:  # pragma: no cover
+            raise OSError("no port free for both UDP and TCP")
         self.address: Tuple[str, int] = (host, port)
-        self._udp.start_thread()
-        self._tcp.start_thread()
+        for dns_server in (self._udp, self._tcp):
+            threading.Thread(target=dns_server.server.serve_forever, kwargs={"poll_interval": 0.05},
+                             name="dns-server", daemon=True).start()
 
     def set_endpoints(self, name: str, endpoints: Iterable[Tuple[str, int]], srv: bool = True) -> None:
         """Publish ``endpoints`` (``(ip, port)`` pairs) for ``name``: SRV
@@ -88,15 +99,15 @@ class ZoneServer:
         for record in records:
             if record.rtype == question.qtype:
                 reply.add_answer(record)
-                if record.rtype == QTYPE.SRV:
+                if record.rtype == QTYPE.SRV and self.glue:
                     for extra in glue.get(str(record.rdata.target).lower(), ()):
                         reply.add_ar(extra)
         return reply
 
     def stop(self) -> None:
         """Stop serving (both threads end)."""
-        self._udp.stop()
-        self._tcp.stop()
+        self._udp.server.shutdown()
+        self._tcp.server.shutdown()
         self._udp.server.server_close()
         self._tcp.server.server_close()
 
