@@ -40,7 +40,7 @@ import sys
 import time
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
-from remotedialer.masking import encode_masked_frame
+from remotedialer.frames import encode_masked_frame
 from remotedialer.protocol import MessageType, decode_message, encode_message
 
 __all__ = ["Agent", "Fleet", "handshake_request", "read_server_frames", "main"]

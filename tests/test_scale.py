@@ -17,7 +17,7 @@ import pytest
 
 from benchmarks.fleet import OP_PING, OP_PONG, handshake_request, read_server_frames
 from remotedialer.config import Limits
-from remotedialer.masking import encode_masked_frame
+from remotedialer.frames import encode_masked_frame
 
 from .support import TIMEOUT, EchoServer, TunnelServer, echo_concurrently, wait_for
 
@@ -49,9 +49,10 @@ def high_descriptors() -> Iterator[None]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-#: Short keepalive limits: a tunnel must live through several deadlines.
-SHORT = Limits(ping_interval=0.1, read_deadline=0.5)
-DEADLINES = 4
+#: Short keepalive limits: a tunnel must live through several deadlines
+#: (six pings per deadline leave room for a loaded CI machine).
+SHORT = Limits(ping_interval=0.25, read_deadline=1.5)
+DEADLINES = 3
 
 
 def _raw_upgrade(port: int, key: str) -> socket.socket:
