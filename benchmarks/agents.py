@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .goref import GOREF_HINT, go_binary
 from .loadgen import run_load
@@ -279,3 +279,47 @@ def agents_workload(options: AgentsOptions, runs: int, report: Report,
         for count in options.counts:
             for kind in kinds:
                 _one(kind, count, options, runs, report, log_dir, data_dir, progress)
+    keys = max(options.counts)
+    scrape = report.row(f"agents {keys}", "/metrics scrape with N client keys", "s", "<= 1", False)
+    for seconds in metrics_scrape_seconds(keys, max(runs, 3)):
+        scrape.add("python", seconds)
+
+
+def metrics_with_clients(count: int) -> Tuple[Any, List[Any]]:
+    """A Prometheus registry whose observer saw ``count`` sessions (client
+    keys ``agent-0``...) start and receive a message each, as the example
+    server's ``/metrics`` would after ``count`` agents connected; returns
+    ``(registry, sessions)`` (keep the sessions: the observer holds them
+    weakly)."""
+    from prometheus_client import CollectorRegistry
+
+    from remotedialer.metrics import PrometheusObserver
+    from remotedialer.protocol import MessageType
+    from remotedialer.session import Session
+    from remotedialer.transport import memory_pair
+
+    registry = CollectorRegistry()
+    observer = PrometheusObserver(registry)
+    sessions = []
+    for index in range(count):
+        _client_end, server_end = memory_pair()
+        session = Session(server_end, is_client=False, client_key=f"agent-{index}", observer=observer)
+        observer.session_started(session)
+        observer.message_received(session, MessageType.DATA, 100)
+        sessions.append(session)
+    return registry, sessions
+
+
+def metrics_scrape_seconds(count: int, runs: int) -> List[float]:
+    """Seconds to render ``/metrics`` (``generate_latest``) with ``count``
+    client keys, once per run."""
+    from prometheus_client import generate_latest
+
+    registry, sessions = metrics_with_clients(count)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        generate_latest(registry)
+        times.append(time.perf_counter() - started)
+    del sessions
+    return times

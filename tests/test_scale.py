@@ -16,6 +16,7 @@ from typing import Any, Callable, Counter, Dict, Iterator, List
 
 import pytest
 
+from benchmarks.agents import metrics_with_clients
 from benchmarks.fleet import CANNED_RESPONSE, OP_PING, OP_PONG, Fleet, handshake_request, read_server_frames
 from remotedialer.client import TunnelClient
 from remotedialer.config import Limits
@@ -272,3 +273,16 @@ def test_peering_announces_every_agent_and_mass_disconnect_removes_them() -> Non
         fleet.stop()
         a.close()
         b.close()
+
+
+def test_metrics_scrape_with_thousands_of_client_keys() -> None:
+    """/metrics renders every one of 3,000 client keys (10,000 and the time
+    it takes are a benchmark figure: ``agents``, "/metrics scrape")."""
+    from prometheus_client import generate_latest
+
+    registry, sessions = metrics_with_clients(3000)
+    text = generate_latest(registry).decode()
+    live = [line for line in text.splitlines() if line.startswith("remotedialer_sessions{")]
+    assert len(live) == 3000
+    assert 'clientkey="agent-2999"' in text
+    assert len(sessions) == 3000
