@@ -286,3 +286,23 @@ def test_metrics_scrape_with_thousands_of_client_keys() -> None:
     assert len(live) == 3000
     assert 'clientkey="agent-2999"' in text
     assert len(sessions) == 3000
+
+
+def test_example_server_lengthens_the_switch_interval() -> None:
+    """Thousands of tunnel threads waiting for the GIL each wake once per
+    switch interval: the example server lengthens it (past ~6,000 tunnels
+    the default 5 ms stopped it accepting and answering pings)."""
+    import sys
+
+    from remotedialer.cli.server import SWITCH_INTERVAL, tune_interpreter_for_many_threads
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        tune_interpreter_for_many_threads()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+        sys.setswitchinterval(1.0)
+        tune_interpreter_for_many_threads()  # never shortened
+        assert sys.getswitchinterval() == pytest.approx(1.0)
+    finally:
+        sys.setswitchinterval(before)

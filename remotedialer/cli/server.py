@@ -31,6 +31,7 @@ import re
 import signal
 import socket
 import ssl
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -59,6 +60,7 @@ __all__ = [
     "tunnel_id_authorizer",
     "BoundedThreadedWSGIServer",
     "default_max_threads",
+    "tune_interpreter_for_many_threads",
     "raise_open_files_limit",
     "KeepAliveRequestHandler",
 ]
@@ -80,6 +82,23 @@ _RESERVED_DESCRIPTORS = 256
 #: reader touches about 12 KiB of it; 8 MiB (the usual default) only costs
 #: address space, but 10,000 tunnels would reserve 80 GiB of it.
 THREAD_STACK_SIZE = 1024 * 1024
+
+#: ``sys.setswitchinterval`` of a server process. Every thread waiting for
+#: the GIL wakes up once per interval; with thousands of tunnel threads the
+#: default 5 ms meant a million futex wake-ups a second, and past ~6,000
+#: tunnels the server stopped accepting and answering pings. The threads are
+#: I/O-bound and release the GIL on every socket call, so a longer interval
+#: only delays a CPU-bound request's neighbours.
+SWITCH_INTERVAL = 0.05
+
+
+def tune_interpreter_for_many_threads() -> None:
+    """Set :data:`SWITCH_INTERVAL` (if the interval is still shorter), as
+    ``remotedialer server`` does at start; under gunicorn, call it from the
+    ``post_worker_init`` hook (docs/deployment.rst)."""
+    if sys.getswitchinterval() < SWITCH_INTERVAL:
+        sys.setswitchinterval(SWITCH_INTERVAL)
+
 
 #: Connections waiting in the listen queue (the kernel caps it at somaxconn):
 #: werkzeug's 128 overflowed when agents reconnected all at once.
@@ -764,6 +783,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     host, port = args.listen
     open_files = raise_open_files_limit()
+    tune_interpreter_for_many_threads()
     max_threads = args.max_threads or default_max_threads(open_files)
     threading.stack_size(THREAD_STACK_SIZE)  # threads started from here on
     httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=max_threads,
