@@ -39,7 +39,6 @@ response (the client sees a truncated body, never a silently shortened one).
 from __future__ import annotations
 
 import collections
-import http
 import itertools
 import logging
 import re
@@ -54,6 +53,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 from werkzeug.wsgi import get_input_stream
 
 from .addresses import join_host_port, split_host_optional_port
+from .httputil import header_tokens, plain_text_response
 from .piping import Piper, default_piper
 
 __all__ = [
@@ -204,9 +204,7 @@ def _raw_path(environ: Dict[str, Any]) -> str:
 
 def _request_headers(environ: Dict[str, Any], host: str) -> Dict[str, str]:
     """End-to-end request headers to send on, with ``Host`` set to the target."""
-    connection_tokens = {
-        token.strip().lower() for token in environ.get("HTTP_CONNECTION", "").split(",") if token.strip()
-    }
+    connection_tokens = set(header_tokens(environ.get("HTTP_CONNECTION", "")))
     headers: Dict[str, str] = {"Host": host}
     for key, value in environ.items():
         if not key.startswith("HTTP_"):
@@ -226,13 +224,9 @@ def _request_headers(environ: Dict[str, Any], host: str) -> Dict[str, str]:
 def _response_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
     """The end-to-end response headers to pass on (hop-by-hop ones, those
     named in ``Connection`` and those the WSGI server sets itself dropped)."""
-    connection_tokens = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-        if token.strip()
-    }
+    connection_tokens = set(
+        header_tokens(",".join(value for name, value in headers if name.lower() == "connection"))
+    )
     return [
         (name, value)
         for name, value in headers
@@ -484,7 +478,7 @@ class UpstreamResponse:
         for name, value in head.headers:
             lowered = name.lower()
             if lowered == "connection":
-                tokens.extend(token.strip().lower() for token in value.split(","))
+                tokens.extend(header_tokens(value))
             elif lowered == "content-length":
                 lengths.extend(item.strip() for item in value.split(","))
             elif lowered == "transfer-encoding":
@@ -813,7 +807,7 @@ class Forwarder:
             timeout_text, query = _split_query(environ.get("QUERY_STRING", ""))
             timeout = self._timeout(timeout_text)
         except BadRequest as exc:
-            return _error(start_response, 400, str(exc))
+            return plain_text_response(start_response, 400, str(exc))
         method = environ.get("REQUEST_METHOD", "GET")
         url = target.url(query)
         debug = log.isEnabledFor(logging.DEBUG)
@@ -846,7 +840,7 @@ class Forwarder:
                     reused = False
                     continue
                 log.warning("[%03d] REQ ERR %s: %s", request_id, url, _describe(exc))
-                return _error(start_response, 500, _describe(exc))
+                return plain_text_response(start_response, 500, _describe(exc))
         if debug:
             log.debug("[%03d] REQ OK %s %d%s", request_id, url, response.status,
                       " (reused)" if reused else "")
@@ -912,17 +906,3 @@ class Forwarder:
         except BaseException:
             ours.close()
             raise
-
-
-def _error(start_response: StartResponse, status: int, text: str) -> List[bytes]:
-    body = text.encode("utf-8", "replace")
-    try:
-        reason = http.HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Error"
-
-    start_response(
-        f"{status} {reason}",
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
-    )
-    return [body]

@@ -50,6 +50,7 @@ from .config import DEFAULT_LIMITS, Limits
 from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError
 from .forward import ForwardSpec, PortForward, start_forward
+from .httputil import plain_text_response
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .peering import Peering
@@ -92,26 +93,11 @@ refusal as a WSGI response (Go's ``ErrorWriter``)."""
 FAILED_AUTHENTICATION = "failed authentication"
 """Body of the HTTP 401 answer to a request the authorizer did not authorize."""
 
-_STATUS_TEXT = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
 def default_error_writer(
     environ: WSGIEnviron, start_response: StartResponse, status_code: int, message: str
 ) -> Iterable[bytes]:
     """Answer ``status_code`` with ``message`` as a plain-text body, as Go does."""
-    body = message.encode("utf-8")
-    start_response(
-        f"{status_code} {_STATUS_TEXT.get(status_code, 'Error')}",
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
-    )
-    return [body]
+    return plain_text_response(start_response, status_code, message)
 
 
 class PeerRouter(Protocol):

@@ -39,6 +39,7 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 from .addresses import join_host_port
 from .errors import ProtocolError
+from .httputil import header_tokens
 from .frames import (
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
@@ -87,8 +88,7 @@ Bytes = Union[bytes, bytearray, memoryview]
 
 # ---------------------------------------------------------------- handshake
 def _header_tokens(environ: Mapping[str, Any], name: str) -> List[str]:
-    value = str(environ.get(name, ""))
-    return [token.strip().lower() for token in value.split(",") if token.strip()]
+    return header_tokens(str(environ.get(name, "")))
 
 
 def is_websocket_request(environ: Mapping[str, Any]) -> Optional[str]:

@@ -38,6 +38,7 @@ from werkzeug.wsgi import LimitedStream
 
 from ..addresses import join_host_port, reachable_host
 from ..forwarder import DEFAULT_TIMEOUT, Forwarder, poll_readable
+from ..httputil import header_tokens, plain_text_response
 from ..peering import PeerSpec as Peer
 from ..peering import parse_peers
 
@@ -142,12 +143,7 @@ class ServerApp:
         mounted = self._mounts.get(path)
         if mounted is not None:
             return mounted(environ, start_response)
-        body = b"not found\n"
-        start_response(
-            "404 Not Found",
-            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
-        )
-        return [body]
+        return plain_text_response(start_response, 404, "not found\n")
 
     def close(self) -> None:
         """Close every tunnel session the server holds (if it can) and the
@@ -320,10 +316,10 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         if headers is None:
             return False
         self.headers = headers
-        connection = headers.get("Connection", "").lower()
-        if connection == "close":
+        connection = header_tokens(headers.get("Connection", ""))
+        if "close" in connection:
             self.close_connection = True
-        elif connection == "keep-alive":
+        elif "keep-alive" in connection:
             self.close_connection = False
         if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             return bool(self.handle_expect_100())
@@ -492,7 +488,7 @@ class _ResponseWriter:
                 except ValueError:
                     self.keep_alive = False
             elif lowered == "connection":
-                if "close" in value.lower():
+                if "close" in header_tokens(value):
                     self.keep_alive = False
                 continue  # hop-by-hop: decided here
             lines.append(f"{name}: {value}\r\n")

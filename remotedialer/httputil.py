@@ -1,0 +1,32 @@
+"""Two small HTTP helpers shared by the server, the forwarder and the example
+server: reading comma-separated header tokens (``Connection``, ``Upgrade``)
+and answering a WSGI request with a plain-text body."""
+
+from __future__ import annotations
+
+import http
+from typing import Any, Callable, List
+
+__all__ = ["header_tokens", "plain_text_response"]
+
+
+def header_tokens(value: str) -> List[str]:
+    """The lower-cased tokens of a comma-separated header value such as
+    ``Connection: keep-alive, Upgrade`` (empty items dropped). Join repeated
+    headers with ``","`` first."""
+    return [token for token in (item.strip().lower() for item in value.split(",")) if token]
+
+
+def plain_text_response(start_response: Callable[..., Any], status: int, text: str) -> List[bytes]:
+    """Start a WSGI response ``status`` whose body is ``text`` (UTF-8 plain
+    text, with its length) and return the body to hand back to the server."""
+    body = text.encode("utf-8", "replace")
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    start_response(
+        f"{status} {reason}",
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+    )
+    return [body]
