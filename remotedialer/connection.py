@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tu
 
 from .addresses import split_host_port
 from .errors import LimitExceededError, RemoteError, TunnelClosedError, TunnelTimeoutError
-from .protocol import EOF_TEXT, TUNNEL_DISCONNECT_TEXT, MessageType
+from .protocol import EOF_TEXT, TUNNEL_DISCONNECT_TEXT, Bytes, MessageType
 
 if TYPE_CHECKING:
     from .session import Session
@@ -34,8 +34,8 @@ __all__ = ["TunnelConnection"]
 
 log = logging.getLogger(__name__)
 
-Buffer = Union[bytes, bytearray, memoryview]
 Listener = Callable[["TunnelConnection"], None]
+
 
 def _ebadf() -> OSError:
     return OSError(9, "Bad file descriptor")
@@ -108,7 +108,7 @@ class TunnelConnection:
         self._cond = threading.Condition(threading.Lock())
         # The receive buffer: chunks as they arrived, _offset bytes of the
         # first one already consumed, _buffered bytes left in all.
-        self._chunks: Deque[Buffer] = collections.deque()
+        self._chunks: Deque[Bytes] = collections.deque()
         self._buffered = 0
         self._offset = 0
         self.we_paused_peer = False
@@ -314,7 +314,7 @@ class TunnelConnection:
             self.session.observer.connection_resumed(self.session, self)
 
     # ----------------------------------------------------------------- writes
-    def send(self, data: Buffer, flags: int = 0) -> int:
+    def send(self, data: Bytes, flags: int = 0) -> int:
         """Send up to one DATA message worth of ``data``; return how much was sent.
 
         Blocks while the peer has paused us, bounded by the timeout.
@@ -329,7 +329,7 @@ class TunnelConnection:
         self.session._send_data(self, view[:count], _remaining(deadline))
         return count
 
-    def sendall(self, data: Buffer, flags: int = 0) -> None:
+    def sendall(self, data: Bytes, flags: int = 0) -> None:
         """Send all of ``data``; the timeout bounds the whole call."""
         _check_flags(flags)
         view = memoryview(data).cast("B")
@@ -341,7 +341,7 @@ class TunnelConnection:
             self.session._send_data(self, view[sent : sent + count], _remaining(deadline))
             sent += count
 
-    def try_send(self, data: Buffer) -> int:
+    def try_send(self, data: Bytes) -> int:
         """For event loops: send one DATA message worth of ``data`` unless the
         peer has paused us; return the bytes sent (0 while paused). Raises like
         :meth:`send` once the connection ended."""
@@ -373,7 +373,7 @@ class TunnelConnection:
                 self._wait(deadline)
 
     # ---------------------------------------------- events from the session
-    def _feed(self, payload: Buffer) -> None:
+    def _feed(self, payload: Bytes) -> None:
         """Reader thread: a DATA payload arrived for this connection."""
         pause = overflow = False
         with self._cond:

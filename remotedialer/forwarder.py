@@ -53,7 +53,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 from werkzeug.wsgi import get_input_stream
 
 from .addresses import join_host_port, split_host_optional_port
-from .httputil import header_tokens, plain_text_response
+from .httputil import StartResponse, header_tokens, plain_text_response
 from .piping import Piper, default_piper
 
 __all__ = [
@@ -77,7 +77,6 @@ DialFunction = Callable[[str, str, str, Optional[float]], Any]
 """``(client_key, proto, address, timeout) -> socket-like connection``, e.g.
 ``Server.dial``."""
 
-StartResponse = Callable[..., Any]
 
 #: Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
 HOP_BY_HOP = frozenset(
@@ -136,6 +135,8 @@ class BadRequest(ValueError):
     """The request path or query cannot be forwarded (answered with 400)."""
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_VERSIONS = {"HTTP/1.1": 11, "HTTP/1.0": 10}
 _BAD_HOST = re.compile(r"[/?#@ \t\r\n]")
 
 
@@ -157,11 +158,8 @@ def parse_target(path: str, prefix: str = "/client") -> ForwardTarget:
     scheme = parts[1].lower()
     host = _unquote(parts[2])
     rest = "/" + parts[3] if len(parts) == 4 else "/"
-    if scheme == "http":
-        default_port = 80
-    elif scheme == "https":
-        default_port = 443
-    else:
+    default_port = _DEFAULT_PORTS.get(scheme)
+    if default_port is None:
         raise BadRequest(f"unsupported scheme {parts[1]!r} (http or https)")
     if _BAD_HOST.search(host):
         raise BadRequest(f"invalid host {host!r}")
@@ -287,11 +285,8 @@ def parse_response_head(head: bytes) -> ResponseHead:
     lines = head.decode("latin-1").split("\n")
     status_line = lines[0].rstrip("\r")
     version_text, _, rest = status_line.partition(" ")
-    if version_text == "HTTP/1.1":
-        version = 11
-    elif version_text == "HTTP/1.0":
-        version = 10
-    else:
+    version = _VERSIONS.get(version_text)
+    if version is None:
         raise BadResponse(f"invalid status line from the target: {status_line[:100]!r}")
     code, _, reason = rest.partition(" ")
     if len(code) != 3 or not code.isdigit() or code[0] == "0":

@@ -1,13 +1,21 @@
-"""Two small HTTP helpers shared by the server, the forwarder and the example
-server: reading comma-separated header tokens (``Connection``, ``Upgrade``)
-and answering a WSGI request with a plain-text body."""
+"""Small HTTP and WSGI pieces shared by the server, the forwarder, the
+metrics endpoint and the example server: the WSGI type aliases, reading
+comma-separated header tokens (``Connection``, ``Upgrade``) and answering a
+WSGI request with a plain-text body."""
 
 from __future__ import annotations
 
 import http
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, Iterable, List
 
-__all__ = ["header_tokens", "plain_text_response"]
+__all__ = ["WSGIEnviron", "StartResponse", "WSGIApp", "header_tokens", "plain_text_response"]
+
+WSGIEnviron = Dict[str, Any]
+"""The ``environ`` of a WSGI call."""
+StartResponse = Callable[..., Any]
+"""The ``start_response`` of a WSGI call."""
+WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
+"""A WSGI application."""
 
 
 def header_tokens(value: str) -> List[str]:
@@ -17,7 +25,7 @@ def header_tokens(value: str) -> List[str]:
     return [token for token in (item.strip().lower() for item in value.split(",")) if token]
 
 
-def plain_text_response(start_response: Callable[..., Any], status: int, text: str) -> List[bytes]:
+def plain_text_response(start_response: StartResponse, status: int, text: str) -> List[bytes]:
     """Start a WSGI response ``status`` whose body is ``text`` (UTF-8 plain
     text, with its length) and return the body to hand back to the server."""
     body = text.encode("utf-8", "replace")

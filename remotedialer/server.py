@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 try:
     from typing import Protocol
@@ -50,7 +50,7 @@ from .config import DEFAULT_LIMITS, Limits
 from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError
 from .forward import ForwardSpec, PortForward, start_forward
-from .httputil import plain_text_response
+from .httputil import StartResponse, WSGIEnviron, plain_text_response
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .peering import Peering
@@ -79,8 +79,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-StartResponse = Callable[..., Any]
-WSGIEnviron = Dict[str, Any]
 
 Authorizer = Callable[[Request], Tuple[str, bool]]
 """``authorizer(request) -> (client_key, authed)``; raising refuses the

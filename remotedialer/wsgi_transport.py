@@ -35,7 +35,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 from .addresses import join_host_port
 from .errors import ProtocolError
@@ -56,6 +56,7 @@ from .frames import (
     encode_frame_header,
     parse_close,
 )
+from .protocol import Bytes
 from .transport import TransportClosed
 
 __all__ = [
@@ -82,8 +83,6 @@ _CLOSE_WRITE_TIMEOUT = 1.0
 # Pongs owed but not written yet, at most this many (the oldest are dropped: a
 # pong for the latest ping is enough, RFC 6455 5.5.3).
 _MAX_PENDING_PONGS = 64
-
-Bytes = Union[bytes, bytearray, memoryview]
 
 
 # ---------------------------------------------------------------- handshake

@@ -38,7 +38,7 @@ from werkzeug.wsgi import LimitedStream
 
 from ..addresses import join_host_port, reachable_host
 from ..forwarder import DEFAULT_TIMEOUT, Forwarder, poll_readable
-from ..httputil import header_tokens, plain_text_response
+from ..httputil import WSGIApp, header_tokens, plain_text_response
 from ..peering import PeerSpec as Peer
 from ..peering import parse_peers
 
@@ -57,8 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 #: Threads the built-in server may run at once: one per tunnel plus one per
 #: request in flight. Further connections wait to be accepted.
