@@ -145,6 +145,12 @@ class TunnelConnection:
         return self._read_error is not None
 
     @property
+    def end_error(self) -> Optional[BaseException]:
+        """What ended the connection (``EOFError`` for a clean end), ``None``
+        until it ends; set once, never reset."""
+        return self._read_error
+
+    @property
     def buffered(self) -> int:
         """Bytes received and not yet read."""
         return self._buffered

@@ -20,13 +20,15 @@ import logging
 import selectors
 import socket
 import threading
-from typing import Callable, Dict, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Set
 
 from .addresses import split_host_port
 from .config import DEFAULT_LIMITS, Limits
-from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, DialError, RemoteError
 from .singleton import Singleton
+
+if TYPE_CHECKING:
+    from .connection import TunnelConnection
 
 __all__ = [
     "Piper",

@@ -620,9 +620,9 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``remotedialer server`` options (the Go example's flags and a few more)."""
-    from . import _listen_type
+    from . import listen_address_type
 
-    parser.add_argument("--listen", default=":8123", type=_listen_type, metavar="ADDR",
+    parser.add_argument("--listen", default=":8123", type=listen_address_type, metavar="ADDR",
                         help="listen address, HOST:PORT or :PORT (default :8123)")
     parser.add_argument("--id", default="", help="peer id of this server (peering)")
     parser.add_argument("--token", default="", help="peer token shared by the servers (peering)")
