@@ -16,15 +16,23 @@ so messages are sent only after ``_cond`` is released.
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import logging
+import os
 import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from .addresses import split_host_port
-from .errors import LimitExceededError, RemoteError, TunnelClosedError, TunnelTimeoutError
+from .errors import (
+    LimitExceededError,
+    TunnelClosedError,
+    TunnelTimeoutError,
+    error_text,
+    remote_error as _remote_error,
+)
 from .protocol import EOF_TEXT, TUNNEL_DISCONNECT_TEXT, Bytes, MessageType
 
 if TYPE_CHECKING:
@@ -38,11 +46,15 @@ Listener = Callable[["TunnelConnection"], None]
 
 
 def _ebadf() -> OSError:
-    return OSError(9, "Bad file descriptor")
+    return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
 
 def _eagain() -> BlockingIOError:
-    return BlockingIOError(11, "Resource temporarily unavailable")
+    return BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
+def _epipe() -> BrokenPipeError:
+    return BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 class _ReadinessSignal:
@@ -85,7 +97,9 @@ class TunnelConnection:
     ``recv_into``, ``send``, ``sendall``, ``makefile``, timeouts, ``shutdown``,
     ``close`` and use as a context manager. Reads return ``b""`` once the far
     side closed cleanly and raise :class:`~remotedialer.errors.RemoteError`
-    with the far side's text when it closed with an error, or
+    with the far side's text when it closed with an error
+    (:class:`~remotedialer.errors.RemoteRefusedError`, a
+    ``ConnectionRefusedError``, when its dial of the target was refused), or
     :class:`~remotedialer.errors.TunnelClosedError` when the session ended.
     """
 
@@ -427,7 +441,7 @@ class TunnelConnection:
             self._read_error = error
             if self._write_error is None:
                 eof = isinstance(error, EOFError)
-                self._write_error = BrokenPipeError(32, "Broken pipe") if eof else error
+                self._write_error = _epipe() if eof else error
             self._cond.notify_all()
             self._update_signal()
         self._notify()
@@ -460,7 +474,7 @@ class TunnelConnection:
                 self._chunks.clear()
                 self._buffered = self._offset = 0
             if how != socket.SHUT_RD and self._write_error is None:
-                self._write_error = BrokenPipeError(32, "Broken pipe")
+                self._write_error = _epipe()
             self._cond.notify_all()
             self._update_signal()
         if how == socket.SHUT_RDWR:
@@ -481,7 +495,7 @@ class TunnelConnection:
         """End the connection at once: local readers and writers get ``error``
         and the peer gets its text as ERROR."""
         self._end(error, peer_gone=False)
-        self._finish(str(error) or EOF_TEXT)
+        self._finish(error_text(error) or EOF_TEXT)
 
     def _real_close(self) -> None:
         with self._cond:
@@ -505,7 +519,7 @@ class TunnelConnection:
             self._wire_closed = True
             if self._read_error is None:
                 self._read_error = TunnelClosedError("connection closed")
-                self._write_error = self._write_error or BrokenPipeError(32, "Broken pipe")
+                self._write_error = self._write_error or _epipe()
                 self._cond.notify_all()
                 self._update_signal()
         self.session._remove_connection(self)
@@ -628,12 +642,12 @@ def _family_of(proto: str, address: str) -> int:
     return socket.AF_INET6 if address.startswith("[") else socket.AF_INET
 
 
-def end_all(connections: List[TunnelConnection], error_text: str = TUNNEL_DISCONNECT_TEXT) -> None:
+def end_all(connections: List[TunnelConnection], reason: str = TUNNEL_DISCONNECT_TEXT) -> None:
     """Fail every connection at once (session end): no call stays blocked."""
     for conn in connections:
-        conn._end(TunnelClosedError(error_text))
+        conn._end(TunnelClosedError(reason))
 
 
 def remote_error(text: str) -> BaseException:
     """What local readers see for a peer's ERROR text (``EOF`` is a clean end)."""
-    return EOFError() if text == EOF_TEXT else RemoteError(text)
+    return EOFError() if text == EOF_TEXT else _remote_error(text)

@@ -42,7 +42,6 @@ import collections
 import itertools
 import logging
 import re
-import select
 import socket
 import ssl
 import threading
@@ -50,6 +49,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from urllib3.util.wait import wait_for_read
 from werkzeug.wsgi import get_input_stream
 
 from .addresses import join_host_port, split_host_optional_port
@@ -561,14 +561,10 @@ def _pool_key(target: ForwardTarget) -> PoolKey:
 
 def poll_readable(sock: Any, timeout: float) -> bool:
     """Whether ``sock`` (anything with ``fileno()``) becomes readable within
-    ``timeout`` seconds; blocks at most that long. Uses ``poll`` where there is
-    one (no ``FD_SETSIZE`` limit)."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(poller.poll(max(0.0, timeout) * 1000.0))
-    readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
-    return bool(readable)
+    ``timeout`` seconds (EOF and errors count as readable); blocks at most
+    that long. urllib3's wait: ``poll`` where there is one, so any descriptor
+    number works (``select`` fails past 1023), ``select`` on Windows."""
+    return wait_for_read(sock, timeout=max(0.0, timeout))
 
 
 def _reusable(connection: UpstreamConnection) -> bool:

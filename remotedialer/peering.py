@@ -24,6 +24,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple, Union
 
@@ -135,7 +136,9 @@ class PeerLink:
         self.spec = spec
         server = peering.server
         assert server.peer_id and server.peer_token
-        self._announcements: "queue.Queue[Optional[Tuple[bool, str, int]]]" = queue.Queue()
+        # (added, client key, session key), a flush marker, or None to stop
+        self._announcements: "queue.Queue[Union[None, Tuple[bool, str, int], threading.Event]]"
+        self._announcements = queue.Queue()
         self._session: Optional[Session] = None
         self.observer = server.observer or NULL_OBSERVER
         self.client = _LinkClient(
@@ -164,6 +167,13 @@ class PeerLink:
     def stop(self) -> None:
         self.client.stop(timeout=2)
         self._announcements.put(None)
+
+    def flush_marker(self) -> threading.Event:
+        """An event set once every announcement queued so far has been sent
+        (or dropped, for a link that is down)."""
+        done = threading.Event()
+        self._announcements.put(done)
+        return done
 
     @property
     def connected(self) -> bool:
@@ -196,6 +206,9 @@ class PeerLink:
             item = self._announcements.get()
             if item is None:
                 return
+            if isinstance(item, threading.Event):
+                item.set()  # everything queued before the marker went out
+                continue
             added, client_key, session_key = item
             session = self._session
             if session is None or session.closed:
@@ -303,6 +316,14 @@ class Peering:
         """Our outgoing links."""
         with self._lock:
             return list(self._links.values())
+
+    def flush_announcements(self, timeout: float) -> bool:
+        """Wait until every link has sent the ADD/REMOVE_CLIENT announcements
+        queued so far; False if some did not within ``timeout`` seconds
+        (shared by all links)."""
+        markers = [link.flush_marker() for link in self.links()]
+        deadline = time.monotonic() + timeout
+        return all([marker.wait(max(0.0, deadline - time.monotonic())) for marker in markers])
 
     def close(self) -> None:
         """Stop every link."""

@@ -48,7 +48,7 @@ from werkzeug.wrappers import Request
 from .addresses import join_host_port
 from .config import DEFAULT_LIMITS, Limits
 from .connection import TunnelConnection
-from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError
+from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, error_text
 from .forward import ForwardSpec, PortForward, start_forward
 from .httputil import StartResponse, WSGIEnviron, plain_text_response
 from .observer import Observer
@@ -295,7 +295,7 @@ class Server:
         try:
             manager.add(client_key, session)
         except LimitExceededError as exc:
-            session.close(str(exc))
+            session.close(error_text(exc))
             return
         log.info("%s session started for %s from %s", "peer" if is_peer else "client",
                  client_key, transport.describe())

@@ -31,11 +31,12 @@ import collections
 import errno
 import hashlib
 import logging
-import select
 import socket
 import threading
 import time
 from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+
+from urllib3.util.wait import wait_for_write
 
 from .addresses import join_host_port
 from .errors import ProtocolError
@@ -281,8 +282,8 @@ class ServerWebSocket:
                 self._pending_pongs.clear()
                 return
             while self._pending_pongs:
-                _, writable, _ = select.select([], [self.sock], [], 0)
-                if not writable:
+                # poll, not select: any descriptor number (select fails past 1023)
+                if not wait_for_write(self.sock, timeout=0):
                     return
                 self.sock.sendall(self._pending_pongs.popleft())
                 self.last_keepalive = time.monotonic()
@@ -314,10 +315,8 @@ class ServerWebSocket:
                 return
             self._close_sent = True
             frame = encode_frame(OP_CLOSE, close_payload(code, reason))
-            if timeout is not None:
-                _, writable, _ = select.select([], [self.sock], [], timeout)
-                if not writable:
-                    return
+            if timeout is not None and not wait_for_write(self.sock, timeout=timeout):
+                return
             self.sock.sendall(frame)
         except (OSError, ValueError):
             pass
