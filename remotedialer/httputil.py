@@ -6,7 +6,7 @@ WSGI request with a plain-text body."""
 from __future__ import annotations
 
 import http
-from typing import Any, Callable, Dict, Iterable, List
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
 
 __all__ = ["WSGIEnviron", "StartResponse", "WSGIApp", "header_tokens", "plain_text_response"]
 
@@ -25,9 +25,12 @@ def header_tokens(value: str) -> List[str]:
     return [token for token in (item.strip().lower() for item in value.split(",")) if token]
 
 
-def plain_text_response(start_response: StartResponse, status: int, text: str) -> List[bytes]:
+def plain_text_response(
+    start_response: StartResponse, status: int, text: str, headers: Sequence[Tuple[str, str]] = ()
+) -> List[bytes]:
     """Start a WSGI response ``status`` whose body is ``text`` (UTF-8 plain
-    text, with its length) and return the body to hand back to the server."""
+    text, with its length, then ``headers``) and return the body to hand back
+    to the server."""
     body = text.encode("utf-8", "replace")
     try:
         reason = http.HTTPStatus(status).phrase
@@ -35,6 +38,6 @@ def plain_text_response(start_response: StartResponse, status: int, text: str) -
         reason = "Error"
     start_response(
         f"{status} {reason}",
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers],
     )
     return [body]

@@ -53,7 +53,7 @@ def test_split_host_port(address: str, expected: Tuple[str, int]) -> None:
         ("[::1:80", "missing ']'"),
         ("[::1]80", "after ']'"),
         ("[::1]:80:1", "invalid port"),
-        ("ho]st:80", "bracket"),
+        ("ho]st:80", "unexpected ']'"),
         ("[a[b]:80", "bracket"),
         ("ho]st", "unexpected ']'"),
     ],
@@ -70,6 +70,7 @@ def test_split_host_port_rejects(address: str, reason: str) -> None:
         ("example.com:8080", ("example.com", 8080)),
         ("[::1]", ("::1", None)),
         ("[::1]:443", ("::1", 443)),
+        ("fd00::5", ("fd00::5", None)),  # bare IPv6: no port without brackets
         ("", ("", None)),
     ],
 )

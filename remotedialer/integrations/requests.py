@@ -272,10 +272,7 @@ HostSpec = Tuple[str, Optional[int]]
 def _parse_host(entry: str) -> HostSpec:
     """``"name"``, ``"name:port"``, ``"[v6]"``, ``"[v6]:port"`` or a bare IPv6
     literal -> (lower-case host, port or None)."""
-    entry = entry.strip().lower()
-    if entry.count(":") > 1 and not entry.startswith("["):
-        return entry, None  # a bare IPv6 literal
-    return split_host_optional_port(entry)
+    return split_host_optional_port(entry.strip().lower())
 
 
 class _HostRouter(requests.adapters.BaseAdapter):
