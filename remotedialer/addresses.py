@@ -16,6 +16,7 @@ __all__ = [
     "ALL_INTERFACES",
     "split_host_port",
     "split_host_optional_port",
+    "split_remote_address",
     "join_host_port",
     "parse_listen_address",
     "reachable_host",
@@ -50,6 +51,17 @@ def split_host_optional_port(address: str) -> Tuple[str, Optional[int]]:
     if "[" in host or "]" in host:
         raise ValueError(f"address {address}: unexpected bracket in address")
     return host, _port(address, port_text)
+
+
+def split_remote_address(address: str) -> Tuple[str, Optional[int]]:
+    """:func:`split_host_optional_port` for an address to connect to: the
+    host may not be empty nor the port 0."""
+    host, port = split_host_optional_port(address)
+    if not host:
+        raise ValueError(f"address {address}: missing host in address")
+    if port == 0:
+        raise ValueError(f"address {address}: invalid port '0'")
+    return host, port
 
 
 def split_host_port(address: str) -> Tuple[str, int]:

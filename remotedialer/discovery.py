@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
-from .addresses import join_host_port, split_host_optional_port
+from .addresses import join_host_port, split_remote_address
 from .errors import RemotedialerError
 
 if TYPE_CHECKING:
@@ -89,14 +89,9 @@ def _split_port(text: str, what: str) -> Tuple[str, Optional[int]]:
     -> (host, port or None); the host may not be empty nor the port 0."""
     text = text.strip()
     try:
-        host, port = split_host_optional_port(text)
+        return split_remote_address(text)
     except ValueError as exc:
         raise ValueError(f"invalid {what} {text!r}: {exc}") from None
-    if not host:
-        raise ValueError(f"invalid {what} {text!r}: no host")
-    if port == 0:
-        raise ValueError(f"invalid port in {what} {text!r}")
-    return host, port
 
 
 def parse_dns_name(text: str, default_port: int) -> Tuple[str, str, int]:

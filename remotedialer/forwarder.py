@@ -52,7 +52,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 from urllib3.util.wait import wait_for_read
 from werkzeug.wsgi import get_input_stream
 
-from .addresses import join_host_port, split_host_optional_port
+from .addresses import join_host_port, split_host_optional_port, split_remote_address
 from .httputil import StartResponse, header_tokens, plain_text_response
 from .piping import Piper, default_piper
 
@@ -164,13 +164,9 @@ def parse_target(path: str, prefix: str = "/client") -> ForwardTarget:
     if _BAD_HOST.search(host):
         raise BadRequest(f"invalid host {host!r}")
     try:
-        hostname, port = split_host_optional_port(host)
+        hostname, port = split_remote_address(host)
     except ValueError as exc:
         raise BadRequest(f"invalid host {host!r}: {exc}") from None
-    if not hostname:
-        raise BadRequest(f"invalid host {host!r}")
-    if port == 0:
-        raise BadRequest(f"invalid port in {host!r}")
     address = join_host_port(hostname, default_port if port is None else port)
     return ForwardTarget(client_key, scheme, host, address, rest)
 

@@ -14,6 +14,7 @@ from remotedialer.addresses import (
     reachable_host,
     split_host_optional_port,
     split_host_port,
+    split_remote_address,
 )
 from remotedialer.cli import build_parser
 from remotedialer.forward import parse_forward_spec
@@ -76,6 +77,14 @@ def test_split_host_port_rejects(address: str, reason: str) -> None:
 )
 def test_split_host_optional_port(address: str, expected: Tuple[str, Optional[int]]) -> None:
     assert split_host_optional_port(address) == expected
+
+
+def test_split_remote_address() -> None:
+    assert split_remote_address("example.com") == ("example.com", None)
+    assert split_remote_address("[::1]:1") == ("::1", 1)
+    for bad in ("", ":80", "[]:80", "example.com:0", "[::1"):
+        with pytest.raises(ValueError):
+            split_remote_address(bad)
 
 
 def test_join_host_port_brackets_ipv6_only() -> None:
