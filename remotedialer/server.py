@@ -36,12 +36,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from typing import Any, Callable, Iterable, List, Optional, Tuple
-
-try:
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore[assignment]
+from typing import Any, Callable, Iterable, List, Optional, Protocol, Tuple
 
 from werkzeug.wrappers import Request
 
