@@ -9,8 +9,10 @@ import http.client
 import logging
 import os
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List
 
 import pytest
@@ -478,8 +480,17 @@ def test_front_end_other_request_lines_go_to_http_server(keepalive_server: Bound
     assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"HTTP/1.01|None|None")
 
 
-def test_bench_subcommand_runs_the_benchmarks_command(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["bench", "--help"])
-    assert exited.value.code == 0
-    assert "python -m benchmarks" in capsys.readouterr().out
+def test_bench_subcommand_runs_the_benchmarks_command(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """``remotedialer bench`` runs ``python -m benchmarks`` from a source
+    checkout, in a child process: this process's ``sys.path`` is untouched."""
+    path_before = list(sys.path)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["bench", "--help"]) == 0
+    assert "python -m benchmarks" in capfd.readouterr().out
+    monkeypatch.chdir(tmp_path)  # not a checkout
+    assert main(["bench", "--help"]) == 2
+    assert "source checkout" in caplog.text
+    assert sys.path == path_before
