@@ -57,20 +57,7 @@ from .errors import error_text
 from .httputil import StartResponse, header_tokens, plain_text_response
 from .piping import Piper, default_piper
 
-__all__ = [
-    "Forwarder",
-    "ForwardTarget",
-    "ConnectionPool",
-    "poll_readable",
-    "parse_target",
-    "DialFunction",
-    "HOP_BY_HOP",
-    "UpstreamConnection",
-    "UpstreamResponse",
-    "ResponseHead",
-    "parse_response_head",
-    "BadResponse",
-]
+__all__ = ["Forwarder", "DialFunction"]
 
 log = logging.getLogger(__name__)
 

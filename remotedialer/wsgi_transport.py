@@ -61,9 +61,7 @@ from .protocol import Bytes
 from .transport import TransportClosed
 
 __all__ = [
-    "accept_key",
     "is_websocket_request",
-    "socket_from_environ",
     "ServerWebSocket",
     "SimpleWebSocketTransport",
     "finish_taken_over_response",

@@ -34,15 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..addresses import join_host_port, reachable_host
 
-__all__ = [
-    "add_arguments",
-    "run",
-    "DummyServer",
-    "DummyHandler",
-    "generated_bytes",
-    "generated_sha256",
-    "BLOCK_SIZE",
-]
+__all__ = ["add_arguments", "run", "DummyServer", "generated_bytes", "generated_sha256"]
 
 log = logging.getLogger(__name__)
 

@@ -54,12 +54,8 @@ __all__ = [
     "make_app",
     "make_tunnel_server",
     "ServerApp",
-    "Peer",
-    "parse_peers",
-    "wire_peers",
     "tunnel_id_authorizer",
     "BoundedThreadedWSGIServer",
-    "KeepAliveRequestHandler",
 ]
 
 log = logging.getLogger(__name__)
@@ -108,17 +104,11 @@ def make_tunnel_server(
 
 
 def wire_peers(server: Any, peers: List[Peer]) -> None:
-    """Connect ``server`` to each peer (peering, see docs/). A server without
-    peering support only logs that the peers are ignored."""
-    if not peers:
-        return
-    add_peer = getattr(server, "add_peer", None)
-    if add_peer is None:
-        log.warning("peering is not available in this build; ignoring %d peer(s)", len(peers))
-        return
+    """Peer ``server`` (a :class:`~remotedialer.server.Server`) with each of
+    ``peers`` (see docs/deployment.rst)."""
     for peer in peers:
         log.info("peering with %s at %s", peer.peer_id, peer.url)
-        add_peer(peer.url, peer.peer_id, peer.token)
+        server.add_peer(peer.url, peer.peer_id, peer.token)
 
 
 class ServerApp:
