@@ -1,9 +1,10 @@
 """The small interface a :class:`~remotedialer.session.Session` needs from a WebSocket.
 
-A transport sends and receives whole binary messages, pings, and closes. Each
-WebSocket library gets a thin adapter (``client.WebSocketClientTransport`` for
-websocket-client, ``server`` has one for simple-websocket); tests use the
-in-memory :func:`memory_pair`.
+A transport sends and receives whole binary messages, pings, and closes:
+``client.WebSocketClientTransport`` adapts websocket-client,
+``wsgi_transport.ServerWebSocket`` is the server's own, and
+``wsgi_transport.SimpleWebSocketTransport`` adapts simple-websocket; tests use
+the in-memory :func:`memory_pair`.
 
 Contract:
 
