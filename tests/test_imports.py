@@ -156,3 +156,17 @@ def test_all_names_exist(module: str) -> None:
     loaded = importlib.import_module(module)
     missing = [name for name in getattr(loaded, "__all__", ()) if not hasattr(loaded, name)]
     assert missing == []
+
+
+def test_no_fallbacks_for_typing_names() -> None:
+    """``typing`` has everything the package uses on every supported Python
+    (>= 3.9): no ``try: from typing import X / except ImportError`` left."""
+    offences = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Try) and any(
+                isinstance(child, ast.ImportFrom) and child.module in ("typing", "typing_extensions")
+                for child in node.body
+            ):
+                offences.append(f"{module}:{node.lineno}")
+    assert offences == []
