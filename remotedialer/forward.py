@@ -45,16 +45,11 @@ import selectors
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Optional, Protocol, Set, Tuple
 
 from .addresses import join_host_port, parse_listen_address
 from .connection import TunnelConnection
 from .piping import Piper, default_piper
-
-try:  # Python 3.8+ typing.Protocol
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore[assignment]
 
 __all__ = [
     "ForwardSpec",

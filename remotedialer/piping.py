@@ -20,12 +20,15 @@ import logging
 import selectors
 import socket
 import threading
-from typing import Callable, Dict, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Set
 
 from .addresses import split_host_port
 from .config import DEFAULT_LIMITS, Limits
-from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, DialError, RemoteError
+from .singleton import Singleton
+
+if TYPE_CHECKING:
+    from .connection import TunnelConnection
 
 __all__ = [
     "Piper",
@@ -435,17 +438,12 @@ class Piper:
             self._thread = None
 
 
-_default_piper: Optional[Piper] = None
-_default_lock = threading.Lock()
+_default_piper = Singleton(Piper)
 
 
 def default_piper() -> Piper:
     """The process-wide piper used when none is given."""
-    global _default_piper
-    with _default_lock:
-        if _default_piper is None:
-            _default_piper = Piper()
-        return _default_piper
+    return _default_piper.get()
 
 
 class LocalDialer:

@@ -42,6 +42,7 @@ from werkzeug.wsgi import LimitedStream
 from ..addresses import join_host_port, reachable_host
 from ..discovery import DnsPeerDiscovery
 from ..forwarder import DEFAULT_TIMEOUT, Forwarder, poll_readable
+from ..httputil import WSGIApp, header_tokens, plain_text_response
 from ..lifecycle import GracefulShutdown, chain_sigterm, is_gunicorn_worker
 from ..peering import PeerSpec as Peer
 from ..peering import parse_peers
@@ -62,8 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 #: Threads the built-in server may run at once: one per tunnel plus one per
 #: request in flight. Further connections wait to be accepted.
@@ -154,12 +153,7 @@ class ServerApp:
         mounted = self._mounts.get(path)
         if mounted is not None:
             return mounted(environ, start_response)
-        body = b"not found\n"
-        start_response(
-            "404 Not Found",
-            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
-        )
-        return [body]
+        return plain_text_response(start_response, 404, "not found\n")
 
     def close(self) -> None:
         """Close every tunnel session the server holds (if it can) and the
@@ -359,10 +353,10 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         if headers is None:
             return False
         self.headers = headers
-        connection = headers.get("Connection", "").lower()
-        if connection == "close":
+        connection = header_tokens(headers.get("Connection", ""))
+        if "close" in connection:
             self.close_connection = True
-        elif connection == "keep-alive":
+        elif "keep-alive" in connection:
             self.close_connection = False
         if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             return bool(self.handle_expect_100())
@@ -531,7 +525,7 @@ class _ResponseWriter:
                 except ValueError:
                     self.keep_alive = False
             elif lowered == "connection":
-                if "close" in value.lower():
+                if "close" in header_tokens(value):
                     self.keep_alive = False
                 continue  # hop-by-hop: decided here
             lines.append(f"{name}: {value}\r\n")
@@ -665,9 +659,9 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``remotedialer server`` options (the Go example's flags and a few more)."""
-    from . import _listen_type
+    from . import listen_address_type
 
-    parser.add_argument("--listen", default=":8123", type=_listen_type, metavar="ADDR",
+    parser.add_argument("--listen", default=":8123", type=listen_address_type, metavar="ADDR",
                         help="listen address, HOST:PORT or :PORT (default :8123)")
     parser.add_argument("--id", default="", help="peer id of this server (peering)")
     parser.add_argument("--token", default="", help="peer token shared by the servers (peering)")
