@@ -338,6 +338,7 @@ def test_known_cases(stream: bytes, outcome: Outcome) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @SLOW
 @given(streams, chunk_sizes, chunk_sizes)
 def test_whole_streams_agree_long(stream: bytes, ours_sizes: List[int], theirs_sizes: List[int]) -> None:
