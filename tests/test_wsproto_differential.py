@@ -1,6 +1,7 @@
 """Differential test of the server's WebSocket frame decoder against wsproto.
 
-The same client-to-server byte streams go to our :class:`FrameReader` and to
+The same client-to-server byte streams go to our
+:class:`~remotedialer.frames.FrameReader` and to
 wsproto's frame parser (``wsproto.frame_protocol.FrameProtocol``, the engine
 under simple-websocket), server side, each fed in its own random chunks.
 Streams mix valid traffic (fragmented messages with interleaved control
@@ -40,7 +41,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
-from remotedialer.wsgi_transport import (
+from remotedialer.frames import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
