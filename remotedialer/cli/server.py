@@ -47,6 +47,7 @@ from ..lifecycle import GracefulShutdown, chain_sigterm, is_gunicorn_worker
 from ..peering import PeerSpec as Peer
 from ..peering import parse_peers
 from . import scaleout
+from .request_framing import ChunkedRequestBody, framing_error
 
 __all__ = [
     "add_arguments",
@@ -265,6 +266,8 @@ _MAX_HEADER_LINE = 65536
 _MAX_REQUEST_HEADERS = 100
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FAST_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
+_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
+_BAD_VALUE = re.compile(r"[\r\x00]")
 
 
 class KeepAliveRequestHandler(WSGIRequestHandler):
@@ -338,11 +341,27 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         header lines are split here instead of by the ``email`` package (the
         front end's largest cost per request); a malformed header line or an
         obsolete folded one is answered with 400, more than 100 lines or one
-        over 64 KiB with 431. Anything else goes to ``http.server``."""
+        over 64 KiB with 431. Against request smuggling, lines must end in
+        CRLF, values hold no CR or NUL, and the body's framing must be
+        unambiguous (:func:`~remotedialer.cli.request_framing.framing_error`);
+        another ``HTTP/x.y`` version is answered with 505. A request line
+        without a version (HTTP/0.9) goes to ``http.server``."""
         requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = requestline.split()
-        if len(words) != 3 or words[2] not in _FAST_VERSIONS:
+        if len(words) != 3:
             return bool(super().parse_request())
+        self.request_version = "HTTP/1.0"  # for the error answers below
+        if words[2] not in _FAST_VERSIONS:
+            self.close_connection = True
+            if _VERSION.fullmatch(words[2]):
+                self.send_error(505, "HTTP Version Not Supported")
+            else:
+                self.send_error(400, "Bad request version")
+            return False
+        if not self.raw_requestline.endswith(b"\r\n"):
+            self.close_connection = True
+            self.send_error(400, "Request line not ended by CRLF")
+            return False
         self.requestline = requestline
         self.command, path, self.request_version = words
         if path.startswith("//"):  # as http.server (gh-87389)
@@ -372,16 +391,21 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
             if len(line) > _MAX_HEADER_LINE:
                 self.send_error(431, "Line too long", "header line")
                 return None
-            if line in (b"\r\n", b"\n", b""):
+            if line in (b"\r\n", b""):
                 break
             if len(fields) >= _MAX_REQUEST_HEADERS:
                 self.send_error(431, "Too many headers", f"got more than {_MAX_REQUEST_HEADERS} headers")
                 return None
             name, colon, value = line.decode("iso-8859-1").partition(":")
-            if not colon or not _TOKEN.fullmatch(name):
+            value = value[:-2] if value.endswith("\r\n") else "\r"  # a bare LF: refused below
+            if not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
                 self.send_error(400, "Bad request header")
                 return None
-            fields.append((name, value.strip(" \t\r\n")))
+            fields.append((name, value.strip(" \t")))
+        refused = framing_error(self.request_version, fields)
+        if refused is not None:
+            self.send_error(*refused)
+            return None
         message: http.client.HTTPMessage = self.MessageClass()
         for name, value in fields:
             message[name] = value
@@ -415,6 +439,7 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         body: Optional[LimitedStream] = None
         if "wsgi.input_terminated" in environ:
             keep_alive = False  # chunked request body: its end is not tracked here
+            environ["wsgi.input"] = ChunkedRequestBody(self.rfile)  # type: ignore[arg-type]
         else:
             try:
                 length = int(environ.get("CONTENT_LENGTH") or 0)
