@@ -173,7 +173,10 @@ class DnsResolver:
         the resolver fails."""
         errors = self._dns.resolver
         try:
-            srv = self._query(name, "SRV")
+            try:
+                srv = self._query(name, "SRV")
+            except errors.NXDOMAIN:  # some servers only know the name's SRV under _port._tcp
+                srv = None
             if srv is None:
                 return {Endpoint(address, default_port) for address in self._addresses(name)}
             found: Set[Endpoint] = set()
