@@ -294,13 +294,13 @@ class DnsPeerDiscovery:
         if self.last_error is not None:
             log.info("peer discovery of %s works again", self.name)
         self.last_error = None
-        self.last_success = time.monotonic()
         wanted = {
             endpoint.peer_id(self.port): endpoint.url(self.scheme)
             for endpoint in endpoints
         }
         wanted.pop(self.self_id, None)
         self._apply(wanted)
+        self.last_success = time.monotonic()
         return True
 
     def _apply(self, wanted: Dict[str, str]) -> None:

@@ -73,7 +73,9 @@ def test_the_objects_are_all_there(objects: Dict[str, Dict[str, Any]]) -> None:
         assert objects[name]["spec"]["selector"].items() <= labels.items()
     headless = objects["Service/remotedialer-peers"]["spec"]
     assert headless["clusterIP"] == "None" or headless["clusterIP"] is None
-    assert headless.get("publishNotReadyAddresses", False) is False
+    # A new pod becomes ready only after its peers found it (see lifecycle.py).
+    assert headless["publishNotReadyAddresses"] is True
+    assert objects["Service/remotedialer"]["spec"].get("publishNotReadyAddresses", False) is False
 
 
 def test_ports_agree_with_the_cli(objects: Dict[str, Dict[str, Any]]) -> None:
