@@ -18,6 +18,8 @@ from .errors import (
     ProtocolError,
     RemotedialerError,
     RemoteError,
+    RemoteRefusedError,
+    RemoteTimeoutError,
     TunnelClosedError,
     TunnelTimeoutError,
 )
@@ -48,6 +50,8 @@ __all__ = [
     "Piper",
     "ProtocolError",
     "RemoteError",
+    "RemoteRefusedError",
+    "RemoteTimeoutError",
     "RemotedialerError",
     "Server",
     "Session",

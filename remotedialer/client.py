@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import select
 import socket
 import ssl
 import threading
@@ -19,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import websocket
+from urllib3.util.wait import wait_for_write
 
 from .config import DEFAULT_LIMITS, Limits
 from .errors import HandshakeError, ProtocolError
-from .masking import encode_masked_frame
+from .frames import encode_masked_frame
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
@@ -55,7 +55,7 @@ class WebSocketClientTransport:
 
     def send(self, data: bytes) -> None:
         # Frames are built and masked here (numpy when available, see
-        # masking.py: websocket-client's masker was half the client's CPU) and
+        # frames.py: websocket-client's masker was half the client's CPU) and
         # written under websocket-client's own write lock, which its pongs
         # and close frames take too.
         frame = encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data)
@@ -95,7 +95,8 @@ class WebSocketClientTransport:
         sock = self.ws.sock
         if sock is not None:
             try:
-                _, writable, _ = select.select([], [sock], [], 0)
+                # poll where there is one: select fails for descriptors past 1023
+                writable = wait_for_write(sock, timeout=0)
             except (OSError, ValueError) as exc:
                 raise TransportClosed(f"websocket ping failed: {exc}") from exc
             if not writable:

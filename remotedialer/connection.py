@@ -16,14 +16,23 @@ so messages are sent only after ``_cond`` is released.
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import logging
+import os
 import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
-from .errors import LimitExceededError, RemoteError, TunnelClosedError, TunnelTimeoutError
+from .addresses import split_host_port
+from .errors import (
+    LimitExceededError,
+    TunnelClosedError,
+    TunnelTimeoutError,
+    error_text,
+    remote_error as _remote_error,
+)
 from .protocol import EOF_TEXT, TUNNEL_DISCONNECT_TEXT, MessageType
 
 if TYPE_CHECKING:
@@ -37,11 +46,15 @@ Buffer = Union[bytes, bytearray, memoryview]
 Listener = Callable[["TunnelConnection"], None]
 
 def _ebadf() -> OSError:
-    return OSError(9, "Bad file descriptor")
+    return OSError(errno.EBADF, os.strerror(errno.EBADF))
 
 
 def _eagain() -> BlockingIOError:
-    return BlockingIOError(11, "Resource temporarily unavailable")
+    return BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
+def _epipe() -> BrokenPipeError:
+    return BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 class _ReadinessSignal:
@@ -84,7 +97,9 @@ class TunnelConnection:
     ``recv_into``, ``send``, ``sendall``, ``makefile``, timeouts, ``shutdown``,
     ``close`` and use as a context manager. Reads return ``b""`` once the far
     side closed cleanly and raise :class:`~remotedialer.errors.RemoteError`
-    with the far side's text when it closed with an error, or
+    with the far side's text when it closed with an error
+    (:class:`~remotedialer.errors.RemoteRefusedError`, a
+    ``ConnectionRefusedError``, when its dial of the target was refused), or
     :class:`~remotedialer.errors.TunnelClosedError` when the session ended.
     """
 
@@ -420,7 +435,7 @@ class TunnelConnection:
             self._read_error = error
             if self._write_error is None:
                 eof = isinstance(error, EOFError)
-                self._write_error = BrokenPipeError(32, "Broken pipe") if eof else error
+                self._write_error = _epipe() if eof else error
             self._cond.notify_all()
             self._update_signal()
         self._notify()
@@ -453,7 +468,7 @@ class TunnelConnection:
                 self._chunks.clear()
                 self._buffered = self._offset = 0
             if how != socket.SHUT_RD and self._write_error is None:
-                self._write_error = BrokenPipeError(32, "Broken pipe")
+                self._write_error = _epipe()
             self._cond.notify_all()
             self._update_signal()
         if how == socket.SHUT_RDWR:
@@ -474,7 +489,7 @@ class TunnelConnection:
         """End the connection at once: local readers and writers get ``error``
         and the peer gets its text as ERROR."""
         self._end(error, peer_gone=False)
-        self._finish(str(error) or EOF_TEXT)
+        self._finish(error_text(error) or EOF_TEXT)
 
     def _real_close(self) -> None:
         with self._cond:
@@ -498,7 +513,7 @@ class TunnelConnection:
             self._wire_closed = True
             if self._read_error is None:
                 self._read_error = TunnelClosedError("connection closed")
-                self._write_error = self._write_error or BrokenPipeError(32, "Broken pipe")
+                self._write_error = self._write_error or _epipe()
                 self._cond.notify_all()
                 self._update_signal()
         self.session._remove_connection(self)
@@ -609,11 +624,8 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
 def _split_address(proto: str, address: str) -> Union[Tuple[str, int], str]:
     if proto == "unix":
         return address
-    host, _, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     try:
-        return host, int(port)
+        return split_host_port(address)
     except ValueError:
         return address, 0
 
@@ -624,12 +636,12 @@ def _family_of(proto: str, address: str) -> int:
     return socket.AF_INET6 if address.startswith("[") else socket.AF_INET
 
 
-def end_all(connections: List[TunnelConnection], error_text: str = TUNNEL_DISCONNECT_TEXT) -> None:
+def end_all(connections: List[TunnelConnection], reason: str = TUNNEL_DISCONNECT_TEXT) -> None:
     """Fail every connection at once (session end): no call stays blocked."""
     for conn in connections:
-        conn._end(TunnelClosedError(error_text))
+        conn._end(TunnelClosedError(reason))
 
 
 def remote_error(text: str) -> BaseException:
     """What local readers see for a peer's ERROR text (``EOF`` is a clean end)."""
-    return EOFError() if text == EOF_TEXT else RemoteError(text)
+    return EOFError() if text == EOF_TEXT else _remote_error(text)

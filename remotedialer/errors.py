@@ -4,24 +4,36 @@ Everything raised on purpose derives from :class:`RemotedialerError`. Errors a
 socket user expects also derive from the matching built-in ``OSError``
 subclass, so ``except ConnectionError`` or ``except TimeoutError`` written for
 plain sockets keeps working with tunneled connections.
+
+They are also shaped like the stdlib's socket errors: ``errno`` is set and
+``args == (errno, strerror)``, with the library's text as ``strerror``
+(``ECONNRESET`` for a lost tunnel or a connection the far side ended with an
+error, ``ECONNREFUSED`` for a refused dial, ``ETIMEDOUT`` for a timeout).
+Third-party code such as paramiko reads ``e.args[1]`` and ``e.errno``.
 """
 
 from __future__ import annotations
 
+import errno
+import re
 import socket
-from typing import Optional
+from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 __all__ = [
     "RemotedialerError",
     "ProtocolError",
     "TunnelClosedError",
     "RemoteError",
+    "RemoteRefusedError",
+    "RemoteTimeoutError",
     "DialError",
     "NoSessionError",
     "ConnectNotAllowedError",
     "HandshakeError",
     "LimitExceededError",
     "TunnelTimeoutError",
+    "error_text",
+    "remote_error",
 ]
 
 
@@ -29,29 +41,63 @@ class RemotedialerError(Exception):
     """Base class of every error this library raises on purpose."""
 
 
+def _rebuild(cls: Type["_SocketError"], args: Tuple[Any, ...], state: Dict[str, Any]) -> "_SocketError":
+    """Unpickle a :class:`_SocketError` without calling its ``__init__``."""
+    error = cls.__new__(cls, *args)
+    OSError.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
+
+class _SocketError(RemotedialerError):
+    """Mixin for the ``OSError`` subclasses: built from a message alone, it
+    carries the class's ``default_errno`` and ``args == (errno, message)``."""
+
+    default_errno: ClassVar[int] = errno.ECONNRESET
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(self.default_errno, message)
+
+    def __reduce__(self) -> Any:
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
 class ProtocolError(RemotedialerError, ValueError):
     """A message that breaks the wire protocol (undecodable header, text frame, ...)."""
 
 
-class TunnelClosedError(RemotedialerError, ConnectionAbortedError):
+class TunnelClosedError(_SocketError, ConnectionResetError, ConnectionAbortedError):
     """The session carrying the connection ended ("tunnel disconnect"), or the
-    connection was closed on this side."""
+    connection was closed on this side. ``errno`` is ``ECONNRESET``; it is
+    both a ``ConnectionResetError`` and (as before) a ``ConnectionAbortedError``."""
 
 
-class RemoteError(RemotedialerError, ConnectionResetError):
-    """The far side ended the connection with an error text (its ERROR message)."""
+class RemoteError(_SocketError, ConnectionResetError):
+    """The far side ended the connection with an error text (its ERROR
+    message), kept as ``remote_message``. ``errno`` is ``ECONNRESET``."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.remote_message = message
 
 
-class DialError(RemotedialerError, ConnectionRefusedError):
-    """Dialing a target failed: the far side could not (or would not) connect."""
+class DialError(_SocketError, ConnectionRefusedError):
+    """Dialing a target failed: the far side could not (or would not) connect.
+    ``errno`` is ``ECONNREFUSED``."""
+
+    default_errno = errno.ECONNREFUSED
 
     def __init__(self, message: str, cause: Optional[BaseException] = None) -> None:
         super().__init__(message)
         self.__cause__ = cause
+
+
+class RemoteRefusedError(RemoteError, DialError):
+    """The far side's dial of the target was refused ("connection refused"):
+    a ``ConnectionRefusedError`` with ``errno`` ``ECONNREFUSED``, and a
+    :class:`RemoteError` carrying the far side's text."""
+
+    default_errno = errno.ECONNREFUSED
 
 
 class NoSessionError(DialError):
@@ -62,8 +108,11 @@ class ConnectNotAllowedError(DialError):
     """A connect authorizer refused the ``proto/address``."""
 
 
-class HandshakeError(RemotedialerError, ConnectionRefusedError):
-    """The server refused the WebSocket handshake; carries its HTTP status and body."""
+class HandshakeError(_SocketError, ConnectionRefusedError):
+    """The server refused the WebSocket handshake; carries its HTTP status and
+    body. ``errno`` is ``ECONNREFUSED``."""
+
+    default_errno = errno.ECONNREFUSED
 
     def __init__(self, status: int, body: str = "", cause: Optional[BaseException] = None) -> None:
         super().__init__(f"handshake refused: HTTP {status}: {body}".rstrip(": "))
@@ -72,12 +121,50 @@ class HandshakeError(RemotedialerError, ConnectionRefusedError):
         self.__cause__ = cause
 
 
-class LimitExceededError(RemotedialerError, ConnectionResetError):
-    """A configured limit (buffer, connections, message size) was exceeded."""
+class LimitExceededError(_SocketError, ConnectionResetError):
+    """A configured limit (buffer, connections, message size) was exceeded.
+    ``errno`` is ``ECONNRESET``."""
 
 
-class TunnelTimeoutError(RemotedialerError, socket.timeout):
+class TunnelTimeoutError(_SocketError, socket.timeout):
     """A blocking call on a tunnel did not complete within its timeout.
+    ``errno`` is ``ETIMEDOUT``.
 
     ``socket.timeout`` is ``TimeoutError`` on Python 3.10 and later.
     """
+
+    default_errno = errno.ETIMEDOUT
+
+
+class RemoteTimeoutError(RemoteError, TunnelTimeoutError):
+    """The far side's dial of the target timed out: a ``TimeoutError`` with
+    ``errno`` ``ETIMEDOUT``, and a :class:`RemoteError` carrying its text."""
+
+    default_errno = errno.ETIMEDOUT
+
+
+# How far sides word a failed dial. Go's net package: "dial tcp 127.0.0.1:1:
+# connect: connection refused" and "...: i/o timeout"; this library's client
+# passes the OS text on: "dial tcp 127.0.0.1:1: Connection refused" (Windows:
+# "...target machine actively refused it") and "...: timed out".
+_REFUSED = re.compile(r"connection refused|actively refused", re.IGNORECASE)
+_TIMED_OUT = re.compile(r"i/o timeout|timed out", re.IGNORECASE)
+
+
+def remote_error(text: str) -> RemoteError:
+    """The error local readers and writers see for a far side's ERROR text
+    (other than ``EOF``, a clean end): refused and timed-out dials get their
+    own types, anything else is a :class:`RemoteError`."""
+    if _REFUSED.search(text):
+        return RemoteRefusedError(text)
+    if _TIMED_OUT.search(text):
+        return RemoteTimeoutError(text)
+    return RemoteError(text)
+
+
+def error_text(error: BaseException) -> str:
+    """An error's message without the ``[Errno N]`` prefix ``str()`` adds:
+    the text to send the peer as ERROR or to show in a log line."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)

@@ -190,7 +190,7 @@ class GracefulShutdown:
         503 once shutdown began; authenticated peers still get through."""
 
         def guarded(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            if self._state != SERVING and self.server.authenticate_peer(Request(environ)) is None:
+            if self._state != SERVING and self.server.peering.authenticate(Request(environ).headers) is None:
                 return self.server.error_writer(environ, start_response, 503, "server shutting down")
             return app(environ, start_response)
 

@@ -24,6 +24,7 @@ flusher thread waits for the write lock and sends them in order.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -41,6 +42,7 @@ from .errors import (
     ProtocolError,
     TunnelClosedError,
     TunnelTimeoutError,
+    error_text,
 )
 from .observer import NULL_OBSERVER, Observer
 from .protocol import (
@@ -180,7 +182,7 @@ class Session:
                 data = self.transport.receive()
                 self._handle(data)
         except TransportClosed as exc:
-            reason = str(exc) or "websocket closed"
+            reason = error_text(exc) or "websocket closed"
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.warning("%s: %s", self, reason)
@@ -438,7 +440,7 @@ class Session:
             if conn is not None and conn._wire_closed:
                 if isinstance(conn._write_error, TunnelClosedError):
                     raise conn._write_error  # the session ended under this write
-                raise BrokenPipeError(32, "Broken pipe")
+                raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
             failure = self._transmit_locked(data, message_type, payload_size)
         finally:
             self._write_lock.release()

@@ -15,16 +15,18 @@ behaviour: nothing is skipped.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
-import select
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import pytest
+from urllib3.util.wait import wait_for_read
 
 from .support import TIMEOUT, recv_exactly
 
@@ -39,6 +41,9 @@ class Pair:
     #: Set by the tunnel pair: called with a predicate that holds once the
     #: tunnel machinery settled (used only where the kinds differ).
     settle: Optional[Callable[[Callable[[], bool]], None]] = None
+    #: Set by the tunnel pairs: end the link under ``a`` as abruptly as the
+    #: kind allows (the session ends). Sockets: ``b`` resets (SO_LINGER 0).
+    break_link: Optional[Callable[[], None]] = None
 
     @property
     def is_tunnel(self) -> bool:
@@ -55,7 +60,7 @@ def recv_until_eof(sock: Any) -> bytes:
 
 
 def readable(sock: Any, timeout: float) -> bool:
-    return bool(select.select([sock], [], [], timeout)[0])
+    return wait_for_read(sock, timeout=timeout)  # poll: any descriptor number
 
 
 def run_in_thread(target: Callable[[], Any]) -> Callable[[], Any]:
@@ -81,6 +86,24 @@ def run_in_thread(target: Callable[[], Any]) -> Callable[[], Any]:
         return result[0]
 
     return join
+
+
+def check_socket_error(error: BaseException, *errnos: Optional[int]) -> None:
+    """An error shaped as the stdlib shapes socket errors: an ``OSError``
+    whose ``errno`` is one of ``errnos`` and, when it has an errno,
+    ``args == (errno, strerror)`` (paramiko formats ``args[1]``, others read
+    ``errno``). The stdlib's timeouts are the one kind without an errno."""
+    assert isinstance(error, OSError), repr(error)
+    assert error.errno in errnos, f"{error!r}: errno {error.errno}, want one of {errnos}"
+    if error.errno is not None:
+        assert error.args == (error.errno, error.strerror), repr(error)
+        assert isinstance(error.strerror, str) and error.strerror
+
+
+def check_timeout(pair: Pair, error: BaseException) -> None:
+    """The stdlib's timeout has no errno; a tunnel's says ETIMEDOUT."""
+    assert isinstance(error, TimeoutError)
+    check_socket_error(error, errno.ETIMEDOUT if pair.is_tunnel else None)
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -171,10 +194,12 @@ def test_timeouts(pair: Pair) -> None:
     a.settimeout(0.05)
     assert a.gettimeout() == 0.05
     assert a.getblocking()
-    with pytest.raises(socket.timeout):
+    with pytest.raises(socket.timeout) as timed_out:
         a.recv(1)
-    with pytest.raises(TimeoutError):
+    check_timeout(pair, timed_out.value)
+    with pytest.raises(TimeoutError) as timed_out:
         a.recv_into(bytearray(1))
+    check_timeout(pair, timed_out.value)
     pair.b.sendall(b"x")
     a.settimeout(TIMEOUT)
     assert a.recv(1) == b"x"  # usable after a timeout
@@ -190,10 +215,11 @@ def test_send_timeout_when_far_end_does_not_read(pair: Pair) -> None:
     pair.a.settimeout(0.2)
     chunk = b"f" * (256 * 1024)
     sent = 0
-    with pytest.raises(socket.timeout):
+    with pytest.raises(socket.timeout) as timed_out:
         for _ in range(4096):  # 1 GiB: far beyond every buffer on the way
             pair.a.sendall(chunk)
             sent += len(chunk)
+    check_timeout(pair, timed_out.value)
     assert sent < 512 * 1024 * 1024
 
 
@@ -201,11 +227,13 @@ def test_setblocking(pair: Pair) -> None:
     a = pair.a
     a.setblocking(False)
     assert a.gettimeout() == 0.0 and not a.getblocking()
-    with pytest.raises(BlockingIOError):
+    with pytest.raises(BlockingIOError) as would_block:
         a.recv(1)
+    check_socket_error(would_block.value, errno.EAGAIN)
     a.settimeout(0)
-    with pytest.raises(BlockingIOError):
+    with pytest.raises(BlockingIOError) as would_block:
         a.recv_into(bytearray(1))
+    check_socket_error(would_block.value, errno.EAGAIN)
     pair.b.sendall(b"nb")
     assert readable(a, TIMEOUT)
     assert recv_exactly(a, 2) == b"nb"
@@ -325,8 +353,9 @@ def test_makefile_deferred_close(pair: Pair) -> None:
     f.close()  # the last reference: now the connection really closes
     pair.b.settimeout(TIMEOUT)
     assert recv_until_eof(pair.b) == b""
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as closed:
         pair.a.recv(1)
+    check_socket_error(closed.value, errno.EBADF)
 
 
 def test_makefile_after_close_is_an_error(pair: Pair) -> None:
@@ -347,11 +376,32 @@ def test_eof_after_far_end_closes(pair: Pair) -> None:
 def test_send_after_far_end_closed_fails(pair: Pair) -> None:
     pair.b.close()
     assert recv_until_eof(pair.a) == b""
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as failed:
         # A TCP socket may accept a write or two before the reset comes back.
         for _ in range(1000):
             pair.a.sendall(b"x" * 1024)
             time.sleep(0.001)
+    check_socket_error(failed.value, errno.EPIPE, errno.ECONNRESET)
+
+
+def test_errors_when_the_link_is_lost(pair: Pair) -> None:
+    """The far end resets (a tunnel: its session ends). Reads and writes then
+    fail with ECONNRESET or EPIPE, shaped like the stdlib's errors (a socket
+    pair may first read EOF: AF_UNIX has no reset)."""
+    if pair.break_link is not None:
+        pair.break_link()
+    else:
+        pair.b.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        pair.b.close()
+    with pytest.raises(OSError) as failed:
+        for _ in range(1000):
+            if not pair.a.recv(1024):
+                pair.a.sendall(b"x" * 1024)
+                time.sleep(0.001)
+    check_socket_error(failed.value, errno.EPIPE, errno.ECONNRESET)
+    with pytest.raises(OSError) as again:
+        pair.a.sendall(b"x")
+    check_socket_error(again.value, errno.EPIPE, errno.ECONNRESET)
 
 
 def test_close(pair: Pair) -> None:
@@ -359,10 +409,12 @@ def test_close(pair: Pair) -> None:
     pair.a.close()
     assert pair.a.fileno() == -1
     assert recv_until_eof(pair.b) == b"bye"  # far end: data, then EOF
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as closed:
         pair.a.recv(1)
-    with pytest.raises(OSError):
+    check_socket_error(closed.value, errno.EBADF)
+    with pytest.raises(OSError) as closed:
         pair.a.send(b"x")
+    check_socket_error(closed.value, errno.EBADF)
     pair.a.close()  # idempotent
 
 
@@ -379,8 +431,9 @@ def test_shutdown_rdwr(pair: Pair) -> None:
     pair.a.shutdown(socket.SHUT_RDWR)
     assert recv_until_eof(pair.b) == b"before"
     assert pair.a.recv(1) == b""
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as shut:
         pair.a.send(b"x")
+    check_socket_error(shut.value, errno.EPIPE)
     pair.a.close()
 
 
@@ -391,8 +444,9 @@ def test_shutdown_wr(pair: Pair) -> None:
     remotedialer protocol has no half-close (ERROR ends both directions), so
     a tunnel tells the far end nothing until the connection is closed."""
     pair.a.shutdown(socket.SHUT_WR)
-    with pytest.raises(BrokenPipeError):
+    with pytest.raises(BrokenPipeError) as broken:
         pair.a.send(b"x")
+    check_socket_error(broken.value, errno.EPIPE)
     if pair.kind == "as_socket":
         # The bridged socket half-closes, but the tunnel behind it cannot:
         # the end of the socket's data ends the tunneled connection.

@@ -49,7 +49,7 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
         # as_socket: a real socket bridged to the tunneled connection
         a = as_socket(conn, tunnel.piper) if kind == "as_socket" else conn
         closers += [a.close, b.close, teardown]
-        result = Pair(kind, a, b)
+        result = Pair(kind, a, b, break_link=lambda: tunnel.pair.client.close("link lost"))
     result.b.settimeout(TIMEOUT)
     result.a.settimeout(TIMEOUT)
     yield result

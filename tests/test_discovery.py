@@ -18,6 +18,7 @@ from remotedialer.discovery import (
     parse_dns_name,
     parse_dns_server,
 )
+from remotedialer.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
 from remotedialer.server import Server
 
 NAME = "peers.test"
@@ -95,11 +96,12 @@ def server() -> Iterator[Server]:
 
 
 def peers_of(server: Server) -> List[Tuple[str, str]]:
-    with server.peers_lock:
-        tokens = dict(server.peers)
-    assert set(tokens.values()) <= {"s3cret"}
-    return sorted((link.spec.peer_id, link.spec.url) for link in server.peering.links()
-                  if tokens.get(link.spec.peer_id))
+    """The peers ``server`` links to, each also accepted with the shared token."""
+    links = [(link.spec.peer_id, link.spec.url) for link in server.peering.links()]
+    for peer_id, _ in links:
+        headers = {PEER_ID_HEADER: peer_id, PEER_TOKEN_HEADER: "s3cret"}
+        assert server.peering.authenticate(headers) == peer_id
+    return sorted(links)
 
 
 def test_discovery_adds_and_removes_peers_and_skips_itself(zone: ZoneServer, server: Server) -> None:
@@ -117,8 +119,8 @@ def test_discovery_adds_and_removes_peers_and_skips_itself(zone: ZoneServer, ser
     zone.set_endpoints(NAME, [("127.0.0.1", 9001), ("127.0.0.1", 9003), ("127.0.0.1", 9004)])
     assert discovery.refresh()
     assert [peer for peer, _url in peers_of(server)] == ["127.0.0.1:9003", "127.0.0.1:9004", "by-hand"]
-    with server.peers_lock:
-        assert "127.0.0.1:9002" not in server.peers  # a removed peer is refused from now on
+    removed = {PEER_ID_HEADER: "127.0.0.1:9002", PEER_TOKEN_HEADER: "s3cret"}
+    assert server.peering.authenticate(removed) is None  # a removed peer is refused from now on
 
     zone.set_endpoints(NAME, [])  # the name is gone: no discovered peers
     assert discovery.refresh()

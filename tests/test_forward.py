@@ -19,7 +19,6 @@ from remotedialer.forward import (
     ForwardSpec,
     PortForward,
     parse_forward_spec,
-    parse_listen_address,
     start_forward,
 )
 from remotedialer.observer import Observer
@@ -225,6 +224,7 @@ def payload(size: int, seed: int) -> bytes:
         ("[::1]:0=a-b.c:tcp6:[::1]:22", ForwardSpec(("::1", 0), "a-b.c", "tcp6", "[::1]:22")),
         ("0.0.0.0:80=k:unix:/run/app.sock", ForwardSpec(("0.0.0.0", 80), "k", "unix", "/run/app.sock")),
         ("localhost:1=k:tcp:db.internal:5432", ForwardSpec(("localhost", 1), "k", "tcp", "db.internal:5432")),
+        (":9125=k:tcp:127.0.0.1:1", ForwardSpec(("0.0.0.0", 9125), "k", "tcp", "127.0.0.1:1")),
     ],
 )
 def test_parse_forward_spec(text: str, spec: ForwardSpec) -> None:
@@ -236,21 +236,13 @@ def test_parse_forward_spec(text: str, spec: ForwardSpec) -> None:
     "text",
     [
         "", "9125", "9125=foo", "9125=foo:tcp", "9125=foo:tcp:", "9125=:tcp:x:1", "9125=foo::x:1",
-        "host=foo:tcp:x:1", ":9125=foo:tcp:x:1", "70000=foo:tcp:x:1", "::1:80=foo:tcp:x:1",
+        "host=foo:tcp:x:1", "70000=foo:tcp:x:1", "::1:80=foo:tcp:x:1",
         "9125=foo:tc/p:x:1", "a:b=foo:tcp:x:1",
     ],
 )
 def test_parse_forward_spec_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_forward_spec(text)
-
-
-def test_parse_listen_address() -> None:
-    assert parse_listen_address("8080") == ("127.0.0.1", 8080)
-    assert parse_listen_address("8080", default_host="0.0.0.0") == ("0.0.0.0", 8080)
-    assert parse_listen_address(" [::]:0 ") == ("::", 0)
-    with pytest.raises(ValueError):
-        parse_listen_address("[::1]")
 
 
 # ---------------------------------------------------------------- listener

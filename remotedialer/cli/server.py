@@ -39,6 +39,7 @@ from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from werkzeug.wrappers import Request
 from werkzeug.wsgi import LimitedStream
 
+from ..addresses import join_host_port, reachable_host
 from ..discovery import DnsPeerDiscovery
 from ..forwarder import DEFAULT_TIMEOUT, Forwarder, poll_readable
 from ..lifecycle import GracefulShutdown, chain_sigterm, is_gunicorn_worker
@@ -727,8 +728,8 @@ def run(args: argparse.Namespace) -> int:
     host, port = args.listen
     httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=args.max_threads,
                                       keepalive_timeout=args.keepalive)
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else (f"[{host}]" if ":" in host else host)
-    log.info("listening on http://%s:%d (connect: ws://%s:%d/connect)", shown, httpd.port, shown, httpd.port)
+    shown = join_host_port(reachable_host(host), httpd.port)
+    log.info("listening on http://%s (connect: ws://%s/connect)", shown, shown)
     try:
         forwards = [app.server.forward(s.listen, s.client_key, s.proto, s.address) for s in specs]
     except OSError as exc:
