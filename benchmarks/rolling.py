@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import http.server
 import json
+import logging
 import os
 import selectors
 import signal
@@ -604,6 +605,12 @@ def run_roll(options: RollOptions) -> RollResult:
     :class:`BenchError` if the cluster cannot be set up."""
     result = RollResult(options.agents, options.instances)
     workdir = options.workdir or tempfile.mkdtemp(prefix="rolling-")
+    log_handler = logging.FileHandler(os.path.join(workdir, "agents.log"))
+    log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    agents_log = logging.getLogger("remotedialer")
+    agents_log.addHandler(log_handler)
+    agents_log.setLevel(logging.INFO)
+    agents_log.propagate = False
     settle = 30.0 + options.agents / 20
     cluster = Cluster(options, workdir)
     target = Target()
@@ -665,6 +672,9 @@ def run_roll(options: RollOptions) -> RollResult:
         cluster.close()
         target.shutdown()
         target.server_close()
+        agents_log.removeHandler(log_handler)
+        agents_log.propagate = True
+        log_handler.close()
 
 
 def _measure(result: RollResult, agents: Agents, loop: RequestLoop, options: RollOptions,
