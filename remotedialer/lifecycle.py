@@ -41,6 +41,7 @@ from werkzeug.wrappers import Request
 if TYPE_CHECKING:
     from .discovery import DnsPeerDiscovery
     from .server import Server
+    from .session import Session
 
 __all__ = [
     "DEFAULT_DRAIN_SECONDS",
@@ -266,16 +267,26 @@ class GracefulShutdown:
 
     def _close_tunnels(self) -> int:
         """Close every client session (each sends its close frame) and wait
-        until they left the session table; returns how many there were."""
+        (at most ``close_timeout``) until they left the session table;
+        returns how many there were."""
         manager = self.server.session_manager
-        sessions = manager.all_sessions()
-        for session in sessions:
-            session.close("server shutting down")
-        deadline = time.monotonic() + self.close_timeout
-        while len(manager) and time.monotonic() < deadline:
-            for session in manager.all_sessions():  # a tunnel that slipped in
+        emptied = threading.Event()
+
+        def listener(added: bool, _key: str, _session: "Session") -> None:
+            if not added and len(manager) == 0:
+                emptied.set()
+
+        manager.add_listener(listener)
+        try:
+            sessions = manager.all_sessions()
+            for session in sessions:
                 session.close("server shutting down")
-            time.sleep(0.01)
+            if len(manager):
+                emptied.wait(self.close_timeout)
+            for session in manager.all_sessions():  # one that slipped past the guard
+                session.close("server shutting down")
+        finally:
+            manager.remove_listener(listener)
         return len(sessions)
 
 
