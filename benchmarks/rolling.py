@@ -102,6 +102,8 @@ class RollResult:
     request_max_ms: float = 0.0
     discovery_max: float = 0.0
     stale_entries: List[str] = field(default_factory=list)
+    #: The machine's 1-minute load average before and after the roll.
+    load_average: Tuple[float, float] = (0.0, 0.0)
     #: What happened when (seconds from the start of the roll).
     timeline: List[str] = field(default_factory=list)
 
@@ -113,7 +115,8 @@ class RollResult:
             f"failed {self.failed} ({self.failed_while_moving} while their agent moved, "
             f"{self.failed_otherwise} otherwise), stalled {self.stalled}, p50 {self.request_p50_ms:.1f} ms, "
             f"max {self.request_max_ms:.0f} ms; discovery max {self.discovery_max:.2f}s; "
-            f"stale session-table entries {len(self.stale_entries)}"
+            f"stale session-table entries {len(self.stale_entries)}; load average "
+            f"{self.load_average[0]:.1f}/{self.load_average[1]:.1f} on {os.cpu_count()} cores"
         )
 
 
@@ -630,6 +633,7 @@ def run_roll(options: RollOptions) -> RollResult:
         loop.start()
         time.sleep(1.0)  # requests before the roll, as a baseline
         started = time.monotonic()
+        load_before = os.getloadavg()[0]
         current = list(old)
         discovery: List[float] = []
 
@@ -654,6 +658,7 @@ def run_roll(options: RollOptions) -> RollResult:
             current = others + [new]
             wait_until(agents.all_up, settle, "every agent to be back", interval=0.05)
         result.roll_seconds = time.monotonic() - started
+        result.load_average = (load_before, os.getloadavg()[0])
         time.sleep(1.0)  # requests after the roll
         loop.stop()
         time.sleep(2 * options.peer_refresh)  # the last announcements and refreshes
