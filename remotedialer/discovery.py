@@ -61,6 +61,7 @@ DEFAULT_DNS_TIMEOUT = 2.0
 """Seconds one resolution may take in all (every query and retry)."""
 
 DNS_EXTRA_HINT = "peer discovery from DNS needs dnspython: pip install 'remotedialer[k8s]'"
+"""What the ``ImportError`` says when dnspython is missing."""
 
 
 class DiscoveryError(RemotedialerError, OSError):

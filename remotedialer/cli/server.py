@@ -252,7 +252,11 @@ def make_app(
 
         app.mount("/metrics", make_wsgi_app(metrics_registry))
     wire_peers(server, peer_list)
-    app.discovery = scaleout.start_discovery(server, scale, dns_default_port)
+    try:
+        app.discovery = scaleout.start_discovery(server, scale, dns_default_port)
+    except BaseException:
+        app.close()
+        raise
     app.shutdown = scale.shutdown_for(server, app.discovery)
     app.connect_app = app.shutdown.guard(server)
     app.mount("/healthz", app.shutdown.healthz)
