@@ -61,7 +61,7 @@ DEFAULT_DNS_TIMEOUT = 2.0
 """Seconds one resolution may take in all (every query and retry)."""
 
 DNS_EXTRA_HINT = "peer discovery from DNS needs dnspython: pip install 'remotedialer[k8s]'"
-"""What the ``ImportError`` says when dnspython is missing."""
+"""What to install when dnspython is missing (shown by the CLI and in errors)."""
 
 
 class DiscoveryError(RemotedialerError, OSError):

@@ -54,6 +54,7 @@ from urllib3.util.wait import wait_for_read
 from werkzeug.wsgi import get_input_stream
 
 from .addresses import join_host_port, split_host_optional_port
+from .errors import error_text
 from .piping import Piper, default_piper
 
 __all__ = [
@@ -755,8 +756,7 @@ class _StreamedBody:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, socket.timeout):
         return "timeout waiting for the target (idle timeout exceeded)"
-    text = str(exc)
-    return text or type(exc).__name__
+    return error_text(exc) or type(exc).__name__
 
 
 class Forwarder:
