@@ -189,6 +189,7 @@ def make_app(
     drain_seconds: Optional[float] = None,
     dns_default_port: int = scaleout.DEFAULT_PORT,
     handle_sigterm: Optional[bool] = None,
+    debug_endpoints: Optional[bool] = None,
 ) -> ServerApp:
     """Build the example server's WSGI app (the gunicorn app factory).
 
@@ -197,7 +198,10 @@ def make_app(
     ``handle_sigterm`` runs the graceful shutdown on SIGTERM and then hands
     the signal to the handler installed before; by default it does so when
     that handler is a gunicorn worker's (the app is loaded in the worker,
-    i.e. without ``--preload``).
+    i.e. without ``--preload``). ``debug_endpoints``
+    (``REMOTEDIALER_DEBUG_ENDPOINTS``) serves ``/debug/sessions``: the
+    instance's session table as JSON (client keys, peers, what peers
+    advertised).
     """
     if debug is None:
         debug = _env_flag("REMOTEDIALER_DEBUG")
@@ -243,11 +247,19 @@ def make_app(
 
         app.mount("/metrics", make_wsgi_app(metrics_registry))
     wire_peers(server, peer_list)
-    app.discovery = scaleout.start_discovery(server, scale, dns_default_port)
+    try:
+        app.discovery = scaleout.start_discovery(server, scale, dns_default_port)
+    except BaseException:
+        app.close()
+        raise
     app.shutdown = scale.shutdown_for(server, app.discovery)
     app.connect_app = app.shutdown.guard(server)
     app.mount("/healthz", app.shutdown.healthz)
     app.mount("/readyz", app.shutdown.readyz)
+    if debug_endpoints is None:
+        debug_endpoints = _env_flag("REMOTEDIALER_DEBUG_ENDPOINTS")
+    if debug_endpoints:
+        app.mount("/debug/sessions", app.shutdown.sessions)
     if handle_sigterm is None:
         handle_sigterm = (threading.current_thread() is threading.main_thread()
                           and is_gunicorn_worker(signal.getsignal(signal.SIGTERM)))
