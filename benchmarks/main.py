@@ -17,7 +17,8 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmark remotedialer's example server + client against the direct path.",
+        description="Benchmark remotedialer's example server + client against the Go reference, ssh -R "
+                    "and the direct path, side by side in one run.",
     )
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 run, small sizes, 1 s load runs, 200 scale connections")
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=None, help="scale connections (default 10000)")
     parser.add_argument("--no-wrk", action="store_true", help="built-in load generator, not wrk")
     parser.add_argument("--no-ssh", action="store_true", help="skip the ssh -R comparison")
+    parser.add_argument("--no-go", action="store_true",
+                        help="skip the Go reference stacks (run when built: see benchmarks/goref.py)")
+    parser.add_argument("--no-gunicorn", action="store_true", help="skip the gunicorn gthread stack")
     return parser
 
 
@@ -58,6 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         options.scale_connections = args.connections
     options.use_wrk = not args.no_wrk
     options.ssh = not args.no_ssh
+    options.go = not args.no_go
+    options.gunicorn = not args.no_gunicorn
     raise_fd_limit()
     report = Report()
     started = time.monotonic()

@@ -18,7 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["BenchError", "Proc", "ProcStats", "free_port", "raise_fd_limit", "wait_until"]
+__all__ = [
+    "BenchError", "Proc", "ProcStats", "free_port", "raise_fd_limit", "tree_cpu_seconds", "wait_listening",
+    "wait_until",
+]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -116,8 +119,7 @@ class Proc:
 
     def stats(self) -> ProcStats:
         """CPU seconds, RSS and thread count from ``/proc/PID/stat``."""
-        with open(f"/proc/{self.pid}/stat") as handle:
-            fields = handle.read().rpartition(")")[2].split()
+        fields = _stat_fields(self.pid)
         # fields[0] is field 3 (state): utime is field 14, stime 15, threads 20, rss 24
         utime, stime = int(fields[11]), int(fields[12])
         threads = int(fields[17])
@@ -137,3 +139,51 @@ class Proc:
                 self.popen.kill()
                 self.popen.wait(timeout)
         self._log.close()
+
+
+def _stat_fields(pid: int) -> List[str]:
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().rpartition(")")[2].split()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and all its live descendants, plus
+    what its waited-for children used (for servers that fork per connection or
+    run their work in a child: sshd, gunicorn). Linux only."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(_stat_fields(int(entry))[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited while we looked
+        children.setdefault(parent, []).append(int(entry))
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = _stat_fields(current)
+        except OSError:
+            continue
+        # utime, stime, cutime, cstime are fields 14-17
+        total += sum(int(value) for value in fields[11:15])
+        pending.extend(children.get(current, ()))
+    return total / _CLOCK_TICKS
+
+
+def wait_listening(proc: Proc, port: int, timeout: float = 20.0) -> None:
+    """Block until something accepts on 127.0.0.1:``port``; :class:`BenchError`
+    if ``proc`` exits first (a port collision) or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            raise BenchError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{proc.name} did not listen on :{port} within {timeout:.0f}s") from None
+            time.sleep(0.05)

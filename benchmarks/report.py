@@ -9,14 +9,19 @@ and the min-max with the run count.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 __all__ = ["Row", "Report", "PATHS"]
 
-#: Path columns, in table order.
-PATHS = ("tunnel", "direct", "forward", "ssh-R")
+#: Path columns, in table order ("tunnel" is the Python server + Python client,
+#: "go" the Go reference's server + client, both started in the same run).
+PATHS = ("tunnel", "go", "go-srv+py-cli", "py-srv+go-cli", "gunicorn", "forward", "ssh-R", "direct")
+
+#: Ratio columns (medians, first / second), shown when a table has both paths.
+RATIOS = (("tunnel", "go"), ("gunicorn", "go"), ("forward", "ssh-R"), ("tunnel", "direct"))
 
 
 @dataclass
@@ -26,7 +31,7 @@ class Row:
     workload: str
     metric: str
     unit: str
-    reference: str = ""  # the Go / OpenSSH reference figure, as text
+    reference: str = ""  # the target for this figure, as text (shown in the "target" column)
     higher_is_better: bool = True
     values: Dict[str, List[float]] = field(default_factory=dict)
     note: str = ""
@@ -83,47 +88,60 @@ class Report:
         if text not in self.notes:
             self.notes.append(text)
 
-    def paths(self) -> List[str]:
-        used = {path for row in self.rows for path in row.values}
+    def paths(self, rows: Optional[Sequence[Row]] = None) -> List[str]:
+        used = {path for row in (self.rows if rows is None else rows) for path in row.values}
         return [path for path in PATHS if path in used] + sorted(used - set(PATHS))
 
-    def table(self) -> str:
-        """The figures as a plain-text table (medians, [min-max], run counts)."""
-        paths = self.paths()
-        header = ["workload", "metric", *paths]
-        if "tunnel" in paths and "direct" in paths:
-            header.append("tunnel/direct")
-        header.append("reference")
-        lines = [header]
+    def blocks(self) -> List[List[Row]]:
+        """The rows in groups that share one header: a workload at all its
+        concurrencies ("1 KiB GET c1", "... c10"...) is one group."""
+        groups: Dict[str, List[Row]] = {}
         for row in self.rows:
+            groups.setdefault(re.sub(r" c\d+$", "", row.workload), []).append(row)
+        return list(groups.values())
+
+    def _lines(self, rows: Sequence[Row]) -> List[List[str]]:
+        """Header and cells of one block of rows."""
+        paths = self.paths(rows)
+        ratios = [pair for pair in RATIOS if pair[0] in paths and pair[1] in paths]
+        header = ["workload", "metric", *paths, *(f"{a}/{b}" for a, b in ratios), "target"]
+        lines = [header]
+        for row in rows:
             cells = [row.workload, f"{row.metric} ({row.unit})"]
             cells += [row.cell(path) for path in paths]
-            if "tunnel/direct" in header:
-                tunnel, direct = row.median("tunnel"), row.median("direct")
-                cells.append(f"{tunnel / direct:.2f}" if tunnel is not None and direct else "-")
+            for first, second in ratios:
+                top, bottom = row.median(first), row.median(second)
+                cells.append(f"{top / bottom:.2f}" if top is not None and bottom else "-")
             cells.append(row.reference or "-")
             lines.append(cells)
-        widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-        out = []
-        for number, cells in enumerate(lines):
-            out.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
-            if number == 0:
-                out.append("  ".join("-" * width for width in widths))
+        return lines
+
+    def table(self) -> str:
+        """The figures as plain-text tables, one per workload (medians,
+        [min-max], run counts, ratios of medians), then the notes."""
+        out: List[str] = []
+        for rows in self.blocks():
+            lines = self._lines(rows)
+            widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+            if out:
+                out.append("")
+            for number, cells in enumerate(lines):
+                out.append("  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip())
+                if number == 0:
+                    out.append("  ".join("-" * width for width in widths))
         for note in self.notes:
             out.append(f"note: {note}")
         return "\n".join(out)
 
     def rst_table(self) -> str:
-        """The figures as a reStructuredText list-table (for the docs)."""
-        paths = self.paths()
-        header = ["workload", "metric", *paths, "reference"]
-        out = [".. list-table::", "   :header-rows: 1", ""]
-        out.append("   * - " + "\n     - ".join(header))
-        for row in self.rows:
-            cells = [row.workload, f"{row.metric} ({row.unit})", *[row.cell(p) for p in paths],
-                     row.reference or "-"]
-            out.append("   * - " + "\n     - ".join(cells))
-        return "\n".join(out)
+        """The figures as reStructuredText list-tables (for the docs)."""
+        out: List[str] = []
+        for rows in self.blocks():
+            lines = self._lines(rows)
+            out += [".. list-table::", "   :header-rows: 1", ""]
+            out += ["   * - " + "\n     - ".join(cells) for cells in lines]
+            out.append("")
+        return "\n".join(out).rstrip()
 
     def to_json(self) -> str:
         return json.dumps(
@@ -160,7 +178,8 @@ class Report:
         columns = 3
         lines = (len(chosen) + columns - 1) // columns
         figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 2.6 * lines), squeeze=False)
-        colours = {"tunnel": "#1f77b4", "direct": "#7f7f7f", "forward": "#2ca02c", "ssh-R": "#d62728"}
+        colours = {"tunnel": "#1f77b4", "direct": "#7f7f7f", "forward": "#2ca02c", "ssh-R": "#d62728",
+                   "go": "#ff7f0e", "gunicorn": "#8c564b"}
         for index, row in enumerate(chosen):
             axis = axes[index // columns][index % columns]
             names = [path for path in self.paths() if row.values.get(path)]

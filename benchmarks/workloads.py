@@ -9,6 +9,7 @@ client``, plus the scale workload's TCP target.
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import os
 import selectors
@@ -25,24 +26,19 @@ from .loadgen import LoadResult, run_load, wrk_path
 from .procs import BenchError, Proc, ProcStats, wait_until
 from .report import Report
 from .sshd import SSHReverseForward
+from .stacks import Route, start_stacks
 
 __all__ = ["Options", "Setup", "WORKLOADS", "run_workloads"]
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-#: Reference figures (issue 6: Go rancher/remotedialer; issue 9: OpenSSH), same machine class.
-GO_REF = {
-    "download MB/s": "Go 217",
-    "download CPU": "Go ~9.5",
-    "c1 rps": "Go 1930", "c1 p50": "Go 0.47",
-    "c10 rps": "Go 3305", "c10 p50": "Go 2.8",
-    "c100 rps": "Go 3882", "c100 p50": "Go 25",
-    "idle server": "Go 11", "idle client": "Go 10",
-}
-SSH_REF = {
-    "download MB/s": "ssh -R 357-409",
-    "c1 rps": "ssh -R 2926", "c10 rps": "ssh -R 11981", "c100 rps": "ssh -R 13452",
+#: Targets of issue 13, shown beside the figures (all in the same run: "go" is
+#: the Go reference started by this benchmark, not a remembered figure).
+TARGETS = {
+    "download MB/s": ">= 2x go",
+    "rps": "tunnel >= 1.0x go", "p50 c1": "tunnel <= go", "cpu": "tunnel <= go",
+    "gunicorn c10": "gunicorn >= 0.8x go", "forward rps": "forward >= 1.0x ssh-R",
 }
 
 
@@ -59,6 +55,8 @@ class Options:
     scale_connections: int = 10000
     use_wrk: bool = True
     ssh: bool = True
+    go: bool = True
+    gunicorn: bool = True
     progress: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
 
     @classmethod
@@ -77,7 +75,8 @@ def _cli_has_forward() -> bool:
 class Setup:
     """The processes and files of one benchmark run (a context manager)."""
 
-    def __init__(self, options: Options, want_forward: bool, want_scale: bool) -> None:
+    def __init__(self, options: Options, want_forward: bool, want_scale: bool,
+                 want_stacks: bool = False) -> None:
         self.options = options
         self.tmp = tempfile.TemporaryDirectory(prefix="remotedialer-bench-")
         self.dir = self.tmp.name
@@ -85,6 +84,9 @@ class Setup:
         self.procs: Dict[str, Proc] = {}
         self.want_forward = want_forward
         self.want_scale = want_scale
+        self.want_stacks = want_stacks
+        self.stacks: Dict[str, Route] = {}
+        self.notes: List[str] = []
         self.has_forward = False
         self.dummy_port = self.server_port = self.target_port = 0
         self.forward_port = self.scale_port = 0
@@ -142,7 +144,14 @@ class Setup:
         client = self._spawn("client", ["client", "--connect",
                                         f"ws://127.0.0.1:{self.server_port}/connect", "--id", "foo"])
         client.wait_for_log(r"connected to ")
-        wait_until(lambda: _get_ok(self.tunnel_url("1k.bin")), 20, "the tunnel to answer", 0.05)
+        self.stacks["tunnel"] = Route(self.tunnel_url(""), server, client)
+        if self.want_stacks:
+            self.stacks.update(start_stacks(
+                self.dir, server, self.server_port, f"127.0.0.1:{self.dummy_port}", self.options.go,
+                self.options.gunicorn, self.procs, self.notes.append))
+        for name, route in self.stacks.items():
+            url = route.url("1k.bin")
+            wait_until(lambda: _get_ok(url), 20, f"the {name} tunnel to answer", 0.05)  # noqa: B023
         progress(f"setup: dummy :{self.dummy_port}, server :{self.server_port}, client pid {client.pid}"
                  + (f", forward :{self.forward_port}" if self.forward_port else ""))
 
@@ -175,7 +184,7 @@ class Setup:
     def stop(self) -> None:
         if self.ssh is not None:
             self.ssh.stop()
-        for name in ("client", "server", "dummy", "target"):
+        for name in ["client", "server", "dummy", "target", *self.procs]:
             proc = self.procs.pop(name, None)
             if proc is not None:
                 proc.stop()
@@ -190,9 +199,6 @@ class Setup:
 
     def stats(self, name: str) -> ProcStats:
         return self.procs[name].stats()
-
-    def tunnel_cpu(self) -> float:
-        return self.stats("server").cpu_seconds + self.stats("client").cpu_seconds
 
 
 def _get_ok(url: str) -> bool:
@@ -240,28 +246,36 @@ def download(url: str, timeout: float = 300.0) -> Tuple[int, float]:
 
 # --------------------------------------------------------------- workloads
 def idle_workload(setup: Setup, report: Report) -> None:
-    """RSS and threads of the server and the client, connected and idle."""
-    for name in ("server", "client"):
-        stats = setup.stats(name)
-        report.row("idle", f"RSS {name}", "MiB", GO_REF[f"idle {name}"], False).add(
-            "tunnel", stats.rss_bytes / MiB)
-        report.row("idle", f"threads {name}", "count", "", False).add("tunnel", stats.threads)
+    """RSS and threads of the server and the client, connected and idle
+    (Python's, and Go's when the Go stack runs)."""
+    for path in ("tunnel", "go"):
+        route = setup.stacks.get(path)
+        if route is None or route.server is None or route.client is None:
+            continue
+        for name, proc in (("server", route.server), ("client", route.client)):
+            stats = proc.stats()
+            report.row("idle", f"RSS {name}", "MiB", "", False).add(path, stats.rss_bytes / MiB)
+            report.row("idle", f"threads {name}", "count", "", False).add(path, stats.threads)
 
 
-def _download_rows(setup: Setup, report: Report, workload: str, size: int, paths: Dict[str, str],
-                   reference: str, cpu_reference: str) -> None:
+def _cpu_of(routes: Dict[str, Route]) -> Dict[str, Optional[Tuple[float, float]]]:
+    return {path: route.cpu_seconds() for path, route in routes.items()}
+
+
+def _download_rows(setup: Setup, report: Report, workload: str, size: int, routes: Dict[str, Route],
+                   name: str, target: str) -> None:
     options = setup.options
-    rate_row = report.row(workload, "throughput", "MB/s", reference)
-    cpu_row = report.row(workload, "CPU server+client", "s/GiB", cpu_reference, False)
-    for path, url in paths.items():
+    rate_row = report.row(workload, "throughput", "MB/s", target)
+    cpu_row = report.row(workload, "CPU server+client", "s/GiB", "", False)
+    for path, route in routes.items():
         options.progress(f"[{workload}] {path}: warm-up")
-        download(url)
+        download(route.url(name))
         failures = 0
         run = 0
         while run < options.runs:
-            cpu_before = setup.tunnel_cpu()
-            total, seconds = download(url)
-            cpu = setup.tunnel_cpu() - cpu_before
+            cpu_before = route.cpu_seconds()
+            total, seconds = download(route.url(name))
+            cpu_after = route.cpu_seconds()
             if total != size:
                 failures += 1
                 problem = f"{workload} {path}: got {total} bytes of {size}"
@@ -273,77 +287,125 @@ def _download_rows(setup: Setup, report: Report, workload: str, size: int, paths
                 continue
             rate = total / seconds / 1e6
             rate_row.add(path, rate)
-            if path in ("tunnel", "forward"):
+            extra = ""
+            if cpu_before is not None and cpu_after is not None:
+                cpu = sum(cpu_after) - sum(cpu_before)
                 cpu_row.add(path, cpu / (total / GiB))
-            extra = f", {cpu / (total / GiB):.1f} CPU-s/GiB" if path in ("tunnel", "forward") else ""
+                extra = f", {cpu / (total / GiB):.1f} CPU-s/GiB"
             options.progress(f"[{workload}] {path} run {run + 1}/{options.runs}: {rate:.0f} MB/s{extra}")
             run += 1
 
 
 def download_workload(setup: Setup, report: Report) -> None:
-    """1 GiB (``--quick``: 16 MiB) file through ``/client/foo/http/...`` and directly."""
+    """1 GiB (``--quick``: 16 MiB) file through ``/client/foo/http/...`` (the
+    Python and, when built, the Go stack) and directly."""
     size = setup.options.download_bytes
-    _download_rows(setup, report, f"download {_size(size)}", size,
-                   {"tunnel": setup.tunnel_url("big.bin"), "direct": setup.direct_url("big.bin")},
-                   GO_REF["download MB/s"], GO_REF["download CPU"])
+    routes: Dict[str, Route] = {path: setup.stacks[path] for path in ("tunnel", "go") if path in setup.stacks}
+    routes["direct"] = Route(setup.direct_url(""))
+    _download_rows(setup, report, f"download {_size(size)}", size, routes, "big.bin",
+                   TARGETS["download MB/s"] if "go" in routes else "")
 
 
-def _request_rows(setup: Setup, report: Report, workload_prefix: str, paths: Dict[str, str],
-                  references: Dict[str, str], cache: Dict[Tuple[str, int], List[LoadResult]]) -> None:
+@dataclass(frozen=True)
+class LoadRun:
+    """One load run on one route: the load tool's result and the CPU seconds
+    the route's server and client spent during it (None for the direct path)."""
+
+    result: LoadResult
+    cpu: Optional[Tuple[float, float]]
+
+
+def _load_once(route: Route, name: str, connections: int, seconds: float, use_wrk: bool) -> LoadRun:
+    before = route.cpu_seconds()
+    result = run_load(route.url(name), connections, seconds, use_wrk)
+    after = route.cpu_seconds()
+    if before is None or after is None:
+        return LoadRun(result, None)
+    return LoadRun(result, (after[0] - before[0], after[1] - before[1]))
+
+
+def _request_rows(setup: Setup, report: Report, workload_prefix: str, routes: Dict[str, Route],
+                  targets: Dict[str, str], cache: Dict[Tuple[str, int], List[LoadRun]]) -> None:
+    """1 KiB GETs on every route at every concurrency. The runs alternate
+    between the routes (run 1 of each, then run 2 of each...), so that a
+    change in the machine's load hits every route alike."""
     options = setup.options
     warmup = min(1.0, options.request_seconds)
     for connections in options.concurrency:
         workload = f"{workload_prefix} c{connections}"
-        rps_row = report.row(workload, "requests", "req/s", references.get(f"c{connections} rps", ""))
-        p50_row = report.row(workload, "latency p50", "ms", references.get(f"c{connections} p50", ""), False)
-        for path, url in paths.items():
-            key = (url, connections)
-            if key not in cache:
-                options.progress(f"[{workload}] {path}: warm-up")
-                run_load(url, connections, warmup, options.use_wrk)
-                results = []
-                for run in range(options.runs):
-                    result = run_load(url, connections, options.request_seconds, options.use_wrk)
-                    if result.errors:
-                        report.note(f"{workload} {path}: {result.errors} errors in run {run + 1}")
-                    results.append(result)
-                    options.progress(f"[{workload}] {path} run {run + 1}/{options.runs}: "
-                                     f"{result.requests_per_second:.0f} req/s, p50 {result.p50_ms:.2f} ms "
-                                     f"({result.tool})")
-                cache[key] = results
-            for result in cache[key]:
-                rps_row.add(path, result.requests_per_second)
-                p50_row.add(path, result.p50_ms)
+        rps_row = report.row(workload, "requests", "req/s", targets.get(f"c{connections} rps", ""))
+        p50_row = report.row(workload, "latency p50", "ms", targets.get(f"c{connections} p50", ""), False)
+        cpu_rows = [report.row(workload, f"CPU {side}", "us/req", targets.get(f"cpu {side}", ""), False)
+                    for side in ("server", "client", "server+client")]
+        todo = {path: route for path, route in routes.items()
+                if (route.url("1k.bin"), connections) not in cache}
+        for path, route in todo.items():
+            options.progress(f"[{workload}] {path}: warm-up")
+            run_load(route.url("1k.bin"), connections, warmup, options.use_wrk)
+            cache[(route.url("1k.bin"), connections)] = []
+        for run in range(options.runs):
+            for path, route in todo.items():
+                done = _load_once(route, "1k.bin", connections, options.request_seconds, options.use_wrk)
+                result = done.result
+                if result.errors:
+                    report.note(f"{workload} {path}: {result.errors} errors in run {run + 1}")
+                cache[(route.url("1k.bin"), connections)].append(done)
+                cpu_text = ""
+                if done.cpu is not None and result.requests:
+                    cpu_text = f", {sum(done.cpu) / result.requests * 1e6:.0f} CPU-us/req"
+                options.progress(f"[{workload}] {path} run {run + 1}/{options.runs}: "
+                                 f"{result.requests_per_second:.0f} req/s, p50 {result.p50_ms:.2f} ms"
+                                 f"{cpu_text} ({result.tool})")
+        for path, route in routes.items():
+            for done in cache[(route.url("1k.bin"), connections)]:
+                rps_row.add(path, done.result.requests_per_second)
+                p50_row.add(path, done.result.p50_ms)
+                if done.cpu is not None and done.result.requests:
+                    server, client = (seconds / done.result.requests * 1e6 for seconds in done.cpu)
+                    for row, value in zip(cpu_rows, (server, client, server + client)):
+                        row.add(path, value)
 
 
-def requests_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int], List[LoadResult]]) -> None:
-    """1 KiB GET at each concurrency, through the tunnel and directly."""
+def requests_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int], List[LoadRun]]) -> None:
+    """1 KiB GET at each concurrency through every stack (Python, Go, their
+    pairings, gunicorn) and directly."""
     tool = "wrk" if setup.options.use_wrk and wrk_path() else "built-in Python load generator"
     report.note(f"request rates measured with {tool}")
-    _request_rows(setup, report, "1 KiB GET", {
-        "tunnel": setup.tunnel_url("1k.bin"), "direct": setup.direct_url("1k.bin")}, GO_REF, cache)
+    for note in setup.notes:
+        report.note(note)
+    routes = dict(setup.stacks)
+    routes["direct"] = Route(setup.direct_url(""))
+    targets = {}
+    if "go" in routes:
+        targets = {f"c{c} rps": TARGETS["rps"] for c in setup.options.concurrency}
+        targets.update({"c1 p50": TARGETS["p50 c1"], "cpu server+client": TARGETS["cpu"]})
+        if "gunicorn" in routes:
+            targets["c10 rps"] += "; " + TARGETS["gunicorn c10"]
+    _request_rows(setup, report, "1 KiB GET", routes, targets, cache)
 
 
-def forward_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int], List[LoadResult]]) -> None:
+def forward_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int], List[LoadRun]]) -> None:
     """Issue 9's raw forward: download and 1 KiB GETs through ``--forward``,
     beside ``ssh -R`` (when OpenSSH can run) and the direct path."""
     if not setup.forward_port:
         report.note("raw forward skipped: `remotedialer server` has no --forward option")
         return
-    paths = {"forward": f"http://127.0.0.1:{setup.forward_port}/", "direct": setup.direct_url("")}
+    routes = {"forward": Route(f"http://127.0.0.1:{setup.forward_port}/", setup.procs["server"],
+                               setup.procs["client"]),
+              "direct": Route(setup.direct_url(""))}
     if setup.options.ssh:
         ssh_port = setup.start_ssh()
-        if ssh_port:
-            paths["ssh-R"] = f"http://127.0.0.1:{ssh_port}/"
-            report.note("ssh -R: private OpenSSH sshd on loopback, default cipher, `ssh -N -R 0:...`")
+        if ssh_port and setup.ssh is not None:
+            daemon, client = setup.ssh.procs[-2:]
+            routes["ssh-R"] = Route(f"http://127.0.0.1:{ssh_port}/", daemon, client, server_tree=True)
+            report.note("ssh -R: private OpenSSH sshd on loopback, default cipher, `ssh -N -R 0:...`; "
+                        "its CPU is sshd with its session processes + ssh")
         else:
             report.note(f"ssh -R column skipped: {setup.ssh_error}")
     size = setup.options.forward_bytes
-    _download_rows(setup, report, f"raw forward {_size(size)}", size,
-                   {path: url + "fwd.bin" for path, url in paths.items()},
-                   SSH_REF["download MB/s"], "")
-    _request_rows(setup, report, "raw forward 1 KiB GET",
-                  {path: url + "1k.bin" for path, url in paths.items()}, SSH_REF, cache)
+    _download_rows(setup, report, f"raw forward {_size(size)}", size, routes, "fwd.bin", "")
+    targets = {f"c{c} rps": TARGETS["forward rps"] for c in (10, 100)} if "ssh-R" in routes else {}
+    _request_rows(setup, report, "raw forward 1 KiB GET", routes, targets, cache)
 
 
 def _open_many(port: int, count: int, batch: int = 100, timeout: float = 60.0) -> List[socket.socket]:
@@ -485,12 +547,15 @@ WORKLOADS = ("idle", "download", "requests", "forward", "scale")
 def run_workloads(options: Options, only: Sequence[str], report: Report) -> None:
     """Start everything, run the chosen workloads, stop everything."""
     chosen = [name for name in WORKLOADS if not only or name in only]
-    cache: Dict[Tuple[str, int], List[LoadResult]] = {}
+    cache: Dict[Tuple[str, int], List[LoadRun]] = {}
     report.meta.update({
         "runs": options.runs, "quick": options.quick, "workloads": chosen,
         "python": sys.version.split()[0], "cpus": os.cpu_count(),
     })
-    with Setup(options, "forward" in chosen, "scale" in chosen) as setup:
+    # Go runs beside every Python figure it has a counterpart for; gunicorn only for requests.
+    options = dataclasses.replace(options, gunicorn=options.gunicorn and "requests" in chosen)
+    with Setup(options, "forward" in chosen, "scale" in chosen,
+               want_stacks=bool({"idle", "download", "requests"} & set(chosen))) as setup:
         for name in chosen:
             if name == "idle":
                 idle_workload(setup, report)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import select
 import socket
 import ssl
 import threading
@@ -19,10 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import websocket
+from urllib3.util.wait import wait_for_write
 
 from .config import DEFAULT_LIMITS, Limits
 from .errors import HandshakeError, ProtocolError
-from .masking import encode_masked_frame
+from .frames import encode_masked_frame
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
@@ -55,7 +55,7 @@ class WebSocketClientTransport:
 
     def send(self, data: bytes) -> None:
         # Frames are built and masked here (numpy when available, see
-        # masking.py: websocket-client's masker was half the client's CPU) and
+        # frames.py: websocket-client's masker was half the client's CPU) and
         # written under websocket-client's own write lock, which its pongs
         # and close frames take too.
         frame = encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data)
@@ -95,7 +95,8 @@ class WebSocketClientTransport:
         sock = self.ws.sock
         if sock is not None:
             try:
-                _, writable, _ = select.select([], [sock], [], 0)
+                # poll where there is one: select fails for descriptors past 1023
+                writable = wait_for_write(sock, timeout=0)
             except (OSError, ValueError) as exc:
                 raise TransportClosed(f"websocket ping failed: {exc}") from exc
             if not writable:
@@ -128,18 +129,27 @@ class Backoff:
     """Exponential backoff with jitter for reconnecting.
 
     The n-th consecutive failure waits ``min(maximum, initial * factor**n)``
-    seconds, scaled by a random factor in ``[1 - jitter, 1]``.
+    seconds, scaled by a random factor in ``[1 - jitter, 1]``. A tunnel that
+    was up and ended (the server closed it, e.g. shutting down) is reopened
+    after a random delay of at most ``restart_jitter`` seconds (and never
+    more than ``initial``): at once, but not all clients of one server in
+    the same instant.
     """
 
     initial: float = 1.0
     maximum: float = 30.0
     factor: float = 2.0
     jitter: float = 0.5
+    restart_jitter: float = 0.5
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` consecutive failures (>= 0)."""
         base = min(self.maximum, self.initial * self.factor ** max(failures, 0))
         return base * (1.0 - self.jitter * random.random())
+
+    def restart_delay(self) -> float:
+        """Seconds to wait before reopening a tunnel that was up."""
+        return min(self.restart_jitter, self.initial) * random.random()
 
 
 def _open_websocket(
@@ -290,8 +300,8 @@ class TunnelClient:
                 failures += 1
             if self._stop.is_set():
                 break
-            delay = self.backoff.delay(failures - 1) if failures else 0.0
-            if delay:
+            delay = self.backoff.delay(failures - 1) if failures else self.backoff.restart_delay()
+            if failures:
                 log.info("reconnecting to %s in %.1fs", self.url, delay)
             self._wake.wait(delay)
             self._wake.clear()

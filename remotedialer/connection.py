@@ -25,6 +25,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 
+from .addresses import split_host_port
 from .errors import (
     LimitExceededError,
     TunnelClosedError,
@@ -631,11 +632,8 @@ def _remaining(deadline: Optional[float]) -> Optional[float]:
 def _split_address(proto: str, address: str) -> Union[Tuple[str, int], str]:
     if proto == "unix":
         return address
-    host, _, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
     try:
-        return host, int(port)
+        return split_host_port(address)
     except ValueError:
         return address, 0
 

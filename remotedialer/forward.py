@@ -42,7 +42,7 @@ Only stream protocols a client can dial can be forwarded
 (:data:`FORWARD_PROTOS`): a forward listens on TCP and pipes a byte stream.
 
 :func:`parse_forward_spec` reads the command-line form
-``[HOST:]PORT=CLIENT_KEY:PROTO:ADDRESS``, e.g.
+``LISTEN=CLIENT_KEY:PROTO:ADDRESS``, e.g.
 ``127.0.0.1:9125=foo:tcp:127.0.0.1:8125``.
 """
 
@@ -56,6 +56,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Set, Tuple
 
+from .addresses import join_host_port, parse_listen_address
 from .connection import TunnelConnection
 from .errors import RemoteError, error_text
 from .piping import Piper, default_piper
@@ -72,7 +73,6 @@ __all__ = [
     "PortForward",
     "TunnelDialFunc",
     "parse_forward_spec",
-    "parse_listen_address",
     "start_forward",
 ]
 
@@ -115,36 +115,13 @@ class ForwardSpec:
     address: str
 
     def __str__(self) -> str:
-        host, port = self.listen
-        shown = f"[{host}]" if ":" in host else host
-        return f"{shown}:{port}={self.client_key}:{self.proto}:{self.address}"
-
-
-def parse_listen_address(text: str, default_host: str = DEFAULT_LISTEN_HOST) -> ListenAddress:
-    """Parse ``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (on ``default_host``).
-
-    Raises ``ValueError`` for anything else; port 0 means a free port."""
-    text = text.strip()
-    if text.isdigit():
-        host, port_text = default_host, text
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not port_text.isdigit():
-            raise ValueError(f"listen address {text!r}: want HOST:PORT or PORT")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host:
-            raise ValueError(f"listen address {text!r}: write IPv6 hosts as [HOST]:PORT")
-        if not host:
-            raise ValueError(f"listen address {text!r}: empty host")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"listen address {text!r}: port out of range")
-    return host, port
+        return f"{join_host_port(*self.listen)}={self.client_key}:{self.proto}:{self.address}"
 
 
 def parse_forward_spec(text: str) -> ForwardSpec:
-    """Parse ``[HOST:]PORT=CLIENT_KEY:PROTO:ADDRESS``.
+    """Parse ``LISTEN=CLIENT_KEY:PROTO:ADDRESS``; ``LISTEN`` is a listen address
+    (:func:`~remotedialer.addresses.parse_listen_address`) whose bare ``PORT``
+    form listens on ``127.0.0.1``.
 
     ``ADDRESS`` is everything after the second colon of the right-hand side,
     so it may hold colons itself (``[::1]:22``, ``127.0.0.1:8125``); the
@@ -153,7 +130,10 @@ def parse_forward_spec(text: str) -> ForwardSpec:
     listen_text, sep, target = text.partition("=")
     if not sep:
         raise ValueError(f"forward {text!r}: want LISTEN=CLIENT_KEY:PROTO:ADDRESS")
-    listen = parse_listen_address(listen_text)
+    try:
+        listen = parse_listen_address(listen_text, DEFAULT_LISTEN_HOST)
+    except ValueError as exc:
+        raise ValueError(f"forward {text!r}: {exc}") from None
     client_key, sep1, rest = target.partition(":")
     proto, sep2, address = rest.partition(":")
     if not (sep1 and sep2) or not client_key or not proto or not address:
@@ -447,8 +427,7 @@ def _bind(listen: ListenAddress, backlog: int) -> socket.socket:
 
 def _show(address: object) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
-        host = str(address[0])
-        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+        return join_host_port(str(address[0]), address[1])
     return str(address)
 
 

@@ -43,7 +43,6 @@ import http
 import itertools
 import logging
 import re
-import select
 import socket
 import ssl
 import threading
@@ -51,8 +50,10 @@ import time
 import urllib.parse
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from urllib3.util.wait import wait_for_read
 from werkzeug.wsgi import get_input_stream
 
+from .addresses import join_host_port, split_host_optional_port
 from .piping import Piper, default_piper
 
 __all__ = [
@@ -164,19 +165,15 @@ def parse_target(path: str, prefix: str = "/client") -> ForwardTarget:
         raise BadRequest(f"unsupported scheme {parts[1]!r} (http or https)")
     if _BAD_HOST.search(host):
         raise BadRequest(f"invalid host {host!r}")
-    if host.startswith("["):
-        end = host.find("]")
-        if end < 0:
-            raise BadRequest(f"invalid host {host!r}")
-        after = host[end + 1 :]
-        address = host if after.startswith(":") else f"{host}:{default_port}"
-    elif ":" in host:
-        address = host
-    else:
-        address = f"{host}:{default_port}"
-    port = address.rpartition(":")[2]
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        hostname, port = split_host_optional_port(host)
+    except ValueError as exc:
+        raise BadRequest(f"invalid host {host!r}: {exc}") from None
+    if not hostname:
+        raise BadRequest(f"invalid host {host!r}")
+    if port == 0:
         raise BadRequest(f"invalid port in {host!r}")
+    address = join_host_port(hostname, default_port if port is None else port)
     return ForwardTarget(client_key, scheme, host, address, rest)
 
 
@@ -575,14 +572,10 @@ def _pool_key(target: ForwardTarget) -> PoolKey:
 
 def poll_readable(sock: Any, timeout: float) -> bool:
     """Whether ``sock`` (anything with ``fileno()``) becomes readable within
-    ``timeout`` seconds; blocks at most that long. Uses ``poll`` where there is
-    one (no ``FD_SETSIZE`` limit)."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(poller.poll(max(0.0, timeout) * 1000.0))
-    readable, _, _ = select.select([sock], [], [], max(0.0, timeout))
-    return bool(readable)
+    ``timeout`` seconds (EOF and errors count as readable); blocks at most
+    that long. urllib3's wait: ``poll`` where there is one, so any descriptor
+    number works (``select`` fails past 1023), ``select`` on Windows."""
+    return wait_for_read(sock, timeout=max(0.0, timeout))
 
 
 def _reusable(connection: UpstreamConnection) -> bool:
@@ -908,11 +901,7 @@ class Forwarder:
         piper = self._piper or default_piper()
         piper.pipe_socket(theirs, conn)
         context = self.ssl_context or ssl.create_default_context()
-        hostname = target.host
-        if hostname.startswith("["):
-            hostname = hostname[1 : hostname.find("]")]
-        elif ":" in hostname:
-            hostname = hostname.rpartition(":")[0]
+        hostname = split_host_optional_port(target.host)[0]
         ours.settimeout(timeout)
         try:
             return context.wrap_socket(ours, server_hostname=hostname)

@@ -1,17 +1,22 @@
 """One thread that keeps every session of a process alive.
 
 Instead of a pinger thread per session, a :class:`Heartbeat` calls
-``session.heartbeat(now)`` for each registered session whenever one is due:
+``session.heartbeat(now)`` for each registered session when it is due:
 client sessions ping and send SYNC_CONNECTIONS, and any session whose peer
-went silent past the read deadline is closed.
+went silent past the read deadline is closed. Each call returns how long the
+session can wait, so due times sit in a heap: a session costs nothing
+between its deadlines (a server session is visited about once per read
+deadline, a client session once per ping), however many sessions are idle.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:
     from .session import Session
@@ -21,11 +26,15 @@ __all__ = ["Heartbeat", "default"]
 log = logging.getLogger(__name__)
 
 _MIN_WAIT = 0.005
-_MAX_WAIT = 1.0
+#: A session is visited at least this often, whatever it asks for.
+_MAX_WAIT = 300.0
+#: Wait after a ``heartbeat`` call that raised (a bug: logged, then retried).
+_RETRY_WAIT = 1.0
 
 
 class Heartbeat:
-    """Runs ``heartbeat(now)`` of registered sessions on one daemon thread.
+    """Runs ``heartbeat(now)`` of registered sessions on one daemon thread,
+    each when it is due.
 
     The thread starts with the first registration and exits when the last
     session unregisters.
@@ -33,43 +42,78 @@ class Heartbeat:
 
     def __init__(self, name: str = "remotedialer-heartbeat") -> None:
         self._name = name
+        # _lock guards _tokens, _heap and _thread; never held while a
+        # session's heartbeat runs.
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._due: Dict["Session", float] = {}  # guarded by _lock
+        # The registered sessions, each with the token of its current heap
+        # entry; an entry whose token is not the session's current one is
+        # stale (the session unregistered) and is dropped when popped.
+        self._tokens: Dict["Session", int] = {}
+        self._heap: List[Tuple[float, int, "Session"]] = []  # (due, token, session)
+        self._counter = itertools.count()
         self._thread: Optional[threading.Thread] = None
 
-    def register(self, session: "Session") -> None:
+    def __len__(self) -> int:
+        """How many sessions are registered."""
         with self._lock:
-            self._due[session] = 0.0
+            return len(self._tokens)
+
+    def register(self, session: "Session") -> None:
+        """Visit ``session`` at once, then whenever it asks to be."""
+        with self._lock:
+            token = next(self._counter)
+            self._tokens[session] = token
+            heapq.heappush(self._heap, (0.0, token, session))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
         self._wake.set()
 
     def unregister(self, session: "Session") -> None:
+        """Stop visiting ``session`` (a call running now still finishes)."""
         with self._lock:
-            self._due.pop(session, None)
-        self._wake.set()
+            if self._tokens.pop(session, None) is None:
+                return
+            empty = not self._tokens
+            if len(self._heap) > 2 * len(self._tokens) + 64:  # mostly stale entries
+                self._heap = [entry for entry in self._heap if self._tokens.get(entry[2]) == entry[1]]
+                heapq.heapify(self._heap)
+        if empty:
+            self._wake.set()  # the thread exits
+
+    def _take_due(self, now: float) -> Optional[List[Tuple[int, "Session"]]]:
+        """Pop the live entries due by ``now``; None once nothing is registered."""
+        with self._lock:
+            if not self._tokens:
+                self._thread = None
+                return None
+            due = []
+            heap = self._heap
+            while heap and heap[0][0] <= now:
+                _when, token, session = heapq.heappop(heap)
+                if self._tokens.get(session) == token:
+                    due.append((token, session))
+            return due
 
     def _run(self) -> None:
         while True:
             now = time.monotonic()
-            with self._lock:
-                if not self._due:
-                    self._thread = None
-                    return
-                due = [s for s, when in self._due.items() if when <= now]
-            for session in due:
+            due = self._take_due(now)
+            if due is None:
+                return
+            for token, session in due:
                 try:
                     wait = session.heartbeat(now)
                 except Exception:
                     log.exception("heartbeat of %s failed", session)
-                    wait = _MAX_WAIT
+                    wait = _RETRY_WAIT
+                when = now + min(max(wait, _MIN_WAIT), _MAX_WAIT)
                 with self._lock:
-                    if session in self._due:
-                        self._due[session] = now + min(max(wait, _MIN_WAIT), _MAX_WAIT)
+                    if self._tokens.get(session) == token:
+                        heapq.heappush(self._heap, (when, token, session))
             with self._lock:
-                next_due = min(self._due.values(), default=now + _MAX_WAIT)
+                next_due = self._heap[0][0] if self._heap else now + _MAX_WAIT
             self._wake.wait(max(next_due - time.monotonic(), _MIN_WAIT))
             self._wake.clear()
 

@@ -9,39 +9,59 @@ serves the peer's relayed dials: a CONNECT whose proto is
 ``clientKey::proto`` is dialed through our own session for ``clientKey`` and
 the two connections are piped together.
 
-On the receiving end, :class:`Peering` remembers which client keys each peer
-session advertised; :meth:`Peering.dial` uses that when the server has no
-session of its own for a key. Both servers add each other for routing in both
-directions.
+On the receiving end, :class:`Peering` authenticates peers that connect to
+us (:meth:`Peering.authenticate`: the peer table of id -> token), remembers
+which client keys each peer session advertised, and :meth:`Peering.dial` uses
+that when the server has no session of its own for a key. Both servers add
+each other for routing in both directions.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import hmac
 import logging
 import queue
 import ssl
 import threading
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from .client import Backoff, TunnelClient
 from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, NoSessionError, TunnelClosedError
 from .observer import NULL_OBSERVER
+from .piping import Piper
 from .session import Session
 from .session_manager import dial_first
 
 if TYPE_CHECKING:
+    from werkzeug.datastructures import Headers
+
     from .server import Server
 
-__all__ = ["PeerLink", "Peering", "PeerSpec", "parse_peers", "peer_ssl_context", "PEER_PROTO_SEPARATOR"]
+__all__ = [
+    "Peering",
+    "PeerLink",
+    "PeerSpec",
+    "parse_peers",
+    "peer_ssl_context",
+    "PEER_ID_HEADER",
+    "PEER_TOKEN_HEADER",
+    "PEER_PROTO_SEPARATOR",
+]
 
 log = logging.getLogger(__name__)
 
 PEER_BACKOFF = Backoff(initial=0.5, maximum=5.0)
 """Reconnect delays of peer links: Go retries every 5 s; we start sooner and
 never wait longer, so a restarted peer is back in the mesh within seconds."""
+
+PEER_ID_HEADER = "X-API-Tunnel-ID"
+"""Header carrying a peer server's id on its peer link."""
+PEER_TOKEN_HEADER = "X-API-Tunnel-Token"
+"""Header carrying a peer server's token on its peer link."""
 
 PEER_PROTO_SEPARATOR = "::"
 """Separates the client key from the proto in a CONNECT relayed by a peer."""
@@ -116,9 +136,9 @@ class PeerLink:
         self.spec = spec
         server = peering.server
         assert server.peer_id and server.peer_token
-        from .server import PEER_ID_HEADER, PEER_TOKEN_HEADER
-
-        self._announcements: "queue.Queue[Optional[Tuple[bool, str, int]]]" = queue.Queue()
+        # (added, client key, session key), a flush marker, or None to stop
+        self._announcements: "queue.Queue[Union[None, Tuple[bool, str, int], threading.Event]]"
+        self._announcements = queue.Queue()
         self._session: Optional[Session] = None
         self.observer = server.observer or NULL_OBSERVER
         self.client = _LinkClient(
@@ -147,6 +167,13 @@ class PeerLink:
     def stop(self) -> None:
         self.client.stop(timeout=2)
         self._announcements.put(None)
+
+    def flush_marker(self) -> threading.Event:
+        """An event set once every announcement queued so far has been sent
+        (or dropped, for a link that is down)."""
+        done = threading.Event()
+        self._announcements.put(done)
+        return done
 
     @property
     def connected(self) -> bool:
@@ -179,6 +206,9 @@ class PeerLink:
             item = self._announcements.get()
             if item is None:
                 return
+            if isinstance(item, threading.Event):
+                item.set()  # everything queued before the marker went out
+                continue
             added, client_key, session_key = item
             session = self._session
             if session is None or session.closed:
@@ -192,20 +222,24 @@ class PeerLink:
 class Peering:
     """The peering state of one :class:`~remotedialer.server.Server`.
 
-    Holds our outgoing links by peer id and, for each peer session that
-    connected to us, the client keys it advertised.
+    Holds the peers allowed to connect to us (id -> token), our outgoing
+    links by peer id and, for each peer session that connected to us, the
+    client keys it advertised. Relayed dials are piped with ``piper``.
     """
 
     def __init__(
         self,
         server: "Server",
+        piper: Piper,
         ssl_context: Optional[ssl.SSLContext] = None,
         backoff: Backoff = PEER_BACKOFF,
     ) -> None:
         self.server = server
+        self.piper = piper
         self.ssl_context = ssl_context
         self.backoff = backoff
-        self._lock = threading.Lock()  # guards _links and _advertised
+        self._lock = threading.Lock()  # guards _tokens, _links and _advertised
+        self._tokens: Dict[str, str] = {}  # peers allowed to connect: id -> token
         self._links: Dict[str, PeerLink] = {}
         # peer session -> client key -> session keys it advertised
         self._advertised: Dict[Session, Dict[str, Set[int]]] = {}
@@ -228,8 +262,7 @@ class Peering:
                 return
             link = PeerLink(self, spec, self.ssl_context, self.backoff)
             self._links[peer_id] = link
-        with self.server.peers_lock:
-            self.server.peers[peer_id] = token
+            self._tokens[peer_id] = token
         if old is not None:
             old.stop()
         log.info("adding peer %s at %s", peer_id, url)
@@ -239,13 +272,35 @@ class Peering:
         """Forget ``peer_id``: stop its link and refuse it from now on."""
         with self._lock:
             link = self._links.pop(peer_id, None)
-        with self.server.peers_lock:
-            self.server.peers.pop(peer_id, None)
+            self._tokens.pop(peer_id, None)
         for session in self.server.peer_sessions.sessions(peer_id):
             session.close("peer removed")
         if link is not None:
             log.info("removing peer %s", peer_id)
             link.stop()
+
+    def accept_peer(self, peer_id: str, token: str) -> None:
+        """Let ``peer_id`` connect to us with ``token``, without a link of
+        ours to it (:meth:`add_peer` does both)."""
+        with self._lock:
+            self._tokens[peer_id] = token
+
+    def authenticate(self, headers: Union[Mapping[str, str], "Headers"]) -> Optional[str]:
+        """The peer id if ``headers`` carry ``X-API-Tunnel-ID`` and
+        ``X-API-Tunnel-Token`` matching a known peer (tokens compared in
+        constant time), else ``None`` (the server's authorizer decides)."""
+        peer_id = headers.get(PEER_ID_HEADER, "")
+        token = headers.get(PEER_TOKEN_HEADER, "")
+        if not peer_id or not token:
+            return None
+        with self._lock:
+            expected = self._tokens.get(peer_id)
+        if expected is None:
+            return None
+        if not hmac.compare_digest(expected.encode("utf-8"), token.encode("utf-8")):
+            log.info("peer %s presented a wrong token", peer_id)
+            return None
+        return peer_id
 
     def _on_peer_session(self, added: bool, peer_id: str, _session: Session) -> None:
         """A peer connected to us, so it is up: if our own link to it is
@@ -261,6 +316,14 @@ class Peering:
         """Our outgoing links."""
         with self._lock:
             return list(self._links.values())
+
+    def flush_announcements(self, timeout: float) -> bool:
+        """Wait until every link has sent the ADD/REMOVE_CLIENT announcements
+        queued so far; False if some did not within ``timeout`` seconds
+        (shared by all links)."""
+        markers = [link.flush_marker() for link in self.links()]
+        deadline = time.monotonic() + timeout
+        return all([marker.wait(max(0.0, deadline - time.monotonic())) for marker in markers])
 
     def close(self) -> None:
         """Stop every link."""
@@ -336,4 +399,4 @@ class Peering:
         if target is None:
             conn.abort(NoSessionError(f"failed to find Session for client {client_key}"))
             return
-        self.server._local_dialer.piper.pipe_tunnels(conn, target)
+        self.piper.pipe_tunnels(conn, target)

@@ -22,6 +22,7 @@ import socket
 import threading
 from typing import Callable, Dict, Optional, Set
 
+from .addresses import split_host_port
 from .config import DEFAULT_LIMITS, Limits
 from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, DialError, RemoteError
@@ -62,12 +63,11 @@ def dial_socket(proto: str, address: str, timeout: Optional[float]) -> socket.so
         return sock
     if proto not in ("tcp", "tcp4", "tcp6"):
         raise DialError(f"dial {proto} {address}: unknown network {proto}")
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise DialError(f"dial {proto} {address}: missing port in address")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        host, port = split_host_port(address)
+    except ValueError as exc:
+        raise DialError(f"dial {proto} {address}: {exc}") from None
+    sock = socket.create_connection((host, port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 

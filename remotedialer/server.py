@@ -22,21 +22,20 @@ Dialing through a client::
 Dials never wait for a tunnel: with no open session for the key they raise
 :class:`~remotedialer.errors.NoSessionError` at once.
 
-Peering (HA) hooks: ``peers`` holds ``peer id -> token`` for incoming peer
-authentication (guarded by ``peers_lock``), peer sessions live in
-``peer_sessions`` (never used for client dials), and a :class:`PeerRouter`
-set as ``server.peer_router`` serves the CONNECTs and ADD/REMOVE_CLIENT
-messages of peer sessions and routes dials for keys held elsewhere. Without
-one, peers' CONNECTs are refused and only local sessions are dialed.
+Peering (HA): ``server.peering`` (:class:`~remotedialer.peering.Peering`)
+authenticates peers, holds the links to them and what they advertise. Peer
+sessions live in ``peer_sessions`` (never used for client dials). The
+:class:`PeerRouter` set as ``server.peer_router`` (the peering, unless
+replaced) serves the CONNECTs and ADD/REMOVE_CLIENT messages of peer sessions
+and routes dials for keys held elsewhere. Without one, peers' CONNECTs are
+refused and only local sessions are dialed.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import socket
 import ssl
-import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 try:
@@ -46,6 +45,7 @@ except ImportError:  # pragma: no cover
 
 from werkzeug.wrappers import Request
 
+from .addresses import join_host_port
 from .config import DEFAULT_LIMITS, Limits
 from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, error_text
@@ -60,6 +60,7 @@ from .wsgi_transport import (
     ServerWebSocket,
     SimpleWebSocketTransport,
     UnsupportedServerError,
+    describe_remote,
     finish_taken_over_response,
     is_websocket_request,
     socket_from_environ,
@@ -72,8 +73,6 @@ __all__ = [
     "Authorizer",
     "ErrorWriter",
     "default_error_writer",
-    "PEER_ID_HEADER",
-    "PEER_TOKEN_HEADER",
     "FAILED_AUTHENTICATION",
 ]
 
@@ -90,10 +89,6 @@ ErrorWriter = Callable[[WSGIEnviron, StartResponse, int, str], Iterable[bytes]]
 """``error_writer(environ, start_response, status_code, message)``: writes a
 refusal as a WSGI response (Go's ``ErrorWriter``)."""
 
-PEER_ID_HEADER = "X-API-Tunnel-ID"
-"""Header carrying a peer server's id on its peer link."""
-PEER_TOKEN_HEADER = "X-API-Tunnel-Token"
-"""Header carrying a peer server's token on its peer link."""
 FAILED_AUTHENTICATION = "failed authentication"
 """Body of the HTTP 401 answer to a request the authorizer did not authorize."""
 
@@ -165,11 +160,9 @@ class ClientDialer:
         is not a number (the default sentinel) means
         ``socket.getdefaulttimeout()``; ``source_address`` is ignored (the
         client picks its own). Raises like :meth:`Server.dial`."""
-        host, port = address[0], address[1]
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
             timeout = socket.getdefaulttimeout()
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return self.server.dial(self.client_key, "tcp", target, timeout)
+        return self.server.dial(self.client_key, "tcp", join_host_port(address[0], address[1]), timeout)
 
 
 class Server:
@@ -223,12 +216,9 @@ class Server:
         self.session_manager = SessionManager(limits.max_sessions_per_key)
         #: Sessions of peers that connected to us, keyed by peer id.
         self.peer_sessions = SessionManager(limits.max_sessions_per_key)
-        #: Peers allowed to connect: peer id -> token (guarded by ``peers_lock``).
-        self.peers: Dict[str, str] = {}
-        self.peers_lock = threading.Lock()
-        #: The peering layer (links to peers, what they advertise); see
-        #: :class:`PeerRouter` and :mod:`remotedialer.peering`.
-        self.peering = Peering(self, ssl_context=peer_ssl_context)
+        #: The peering layer (peer authentication, links to peers, what they
+        #: advertise); see :class:`PeerRouter` and :mod:`remotedialer.peering`.
+        self.peering = Peering(self, self._local_dialer.piper, ssl_context=peer_ssl_context)
         self.peer_router: Optional[PeerRouter] = self.peering
         self._closed = False
         self._warned_single_threaded = False
@@ -241,7 +231,7 @@ class Server:
         """Serve one request to the connect endpoint. For a tunnel this blocks
         the calling (WSGI handler) thread until the tunnel ends."""
         request = Request(environ)
-        peer_id = self.authenticate_peer(request)
+        peer_id = self.peering.authenticate(request.headers)
         if peer_id is not None:
             client_key, is_peer = peer_id, True
         else:
@@ -249,10 +239,10 @@ class Server:
             try:
                 client_key, authed = self.authorizer(request)
             except Exception as exc:
-                log.info("refused %s: %s", _describe(environ), exc)
+                log.info("refused %s: %s", describe_remote(environ), exc)
                 return self.error_writer(environ, start_response, 400, str(exc))
             if not authed:
-                log.info("refused %s: %s", _describe(environ), FAILED_AUTHENTICATION)
+                log.info("refused %s: %s", describe_remote(environ), FAILED_AUTHENTICATION)
                 return self.error_writer(environ, start_response, 401, FAILED_AUTHENTICATION)
         problem = is_websocket_request(environ)
         if problem is not None:
@@ -293,7 +283,7 @@ class Server:
                     environ, self.limits.max_message_size, self.receive_bytes
                 )
         except Exception as exc:
-            log.info("websocket upgrade of %s failed: %s", _describe(environ), exc)
+            log.info("websocket upgrade of %s failed: %s", describe_remote(environ), exc)
             sock, _kind = socket_from_environ(environ)
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -335,23 +325,6 @@ class Server:
         log.info("%s session for %s ended: %s", "peer" if is_peer else "client", client_key, reason)
 
     # ------------------------------------------------------------ peering hooks
-    def authenticate_peer(self, request: Request) -> Optional[str]:
-        """The peer id if ``request`` carries ``X-API-Tunnel-ID`` and
-        ``X-API-Tunnel-Token`` matching a known peer (tokens compared in
-        constant time), else ``None`` (the authorizer decides)."""
-        peer_id = request.headers.get(PEER_ID_HEADER, "")
-        token = request.headers.get(PEER_TOKEN_HEADER, "")
-        if not peer_id or not token:
-            return None
-        with self.peers_lock:
-            expected = self.peers.get(peer_id)
-        if expected is None:
-            return None
-        if not hmac.compare_digest(expected.encode("utf-8"), token.encode("utf-8")):
-            log.info("peer %s presented a wrong token", peer_id)
-            return None
-        return peer_id
-
     def handle_peer_connect(self, conn: TunnelConnection) -> None:
         """Connect handler of peer sessions: a peer asks us to dial
         ``clientKey::proto/address`` through one of our clients. Refused
@@ -363,8 +336,6 @@ class Server:
 
     def on_peer_client_change(self, session: Session, added: bool, client_key: str, session_key: int) -> None:
         """Client listener of peer sessions (ADD_CLIENT / REMOVE_CLIENT)."""
-        log.debug("peer %s %s client %s/%s", session.client_key,
-                  "added" if added else "removed", client_key, session_key)
         router = self.peer_router
         if router is not None:
             router.on_client_change(session, added, client_key, session_key)
@@ -474,7 +445,3 @@ class Server:
         for session in self.session_manager.all_sessions() + self.peer_sessions.all_sessions():
             session.close(reason)
         self._local_dialer.shutdown()
-
-
-def _describe(environ: WSGIEnviron) -> str:
-    return f"{environ.get('REMOTE_ADDR', '?')}:{environ.get('REMOTE_PORT', '?')}"

@@ -10,11 +10,8 @@ messages are never queued behind the reader's back, so TCP backpressure reaches
 the client, and every write — data, pongs, close frames — goes through one
 lock and is written completely (``sendall``).
 
-Pieces, from the bottom:
+Pieces, from the bottom (the frame codec itself is :mod:`remotedialer.frames`):
 
-* :class:`FrameReader`: a sans-IO decoder of client-to-server frames (RFC 6455
-  §5) that assembles messages and enforces the maximum message size;
-* :func:`encode_frame`: server-to-client frames (never masked);
 * :func:`is_websocket_request`, :func:`accept_key`, :func:`socket_from_environ`:
   the handshake;
 * :class:`ServerWebSocket`: the :class:`~remotedialer.transport.Transport`;
@@ -24,8 +21,7 @@ Pieces, from the bottom:
 :class:`SimpleWebSocketTransport` adapts simple-websocket instead, for those
 who prefer it; it costs one more thread per tunnel.
 
-No extensions (permessage-deflate) and no subprotocols are negotiated, as with
-the Go server.
+No subprotocols are negotiated, as with the Go server.
 """
 
 from __future__ import annotations
@@ -35,21 +31,34 @@ import collections
 import errno
 import hashlib
 import logging
-import select
 import socket
-import struct
 import threading
 import time
 from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
-from . import masking
+from urllib3.util.wait import wait_for_write
+
+from .addresses import join_host_port
 from .errors import ProtocolError
+from .frames import (
+    CLOSE_NO_STATUS,
+    CLOSE_NORMAL,
+    CLOSE_UNSUPPORTED_DATA,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameReader,
+    WebSocketProtocolError,
+    close_payload,
+    encode_frame,
+    encode_frame_header,
+    parse_close,
+)
 from .transport import TransportClosed
 
 __all__ = [
-    "FrameReader",
-    "WebSocketEvent",
-    "encode_frame",
     "accept_key",
     "is_websocket_request",
     "socket_from_environ",
@@ -57,41 +66,12 @@ __all__ = [
     "SimpleWebSocketTransport",
     "finish_taken_over_response",
     "UnsupportedServerError",
-    "WebSocketProtocolError",
-    "OP_CONTINUATION",
-    "OP_TEXT",
-    "OP_BINARY",
-    "OP_CLOSE",
-    "OP_PING",
-    "OP_PONG",
 ]
 
 log = logging.getLogger(__name__)
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 """The magic GUID of RFC 6455 §1.3."""
-
-OP_CONTINUATION = 0x0
-"""Opcode of a continuation frame (RFC 6455 §5.2)."""
-OP_TEXT = 0x1
-"""Opcode of a text frame: a protocol error for remotedialer."""
-OP_BINARY = 0x2
-"""Opcode of a binary frame: every protocol message travels in these."""
-OP_CLOSE = 0x8
-"""Opcode of a close frame."""
-OP_PING = 0x9
-"""Opcode of a ping frame (clients ping every 5 s)."""
-OP_PONG = 0xA
-"""Opcode of a pong frame."""
-_DATA_OPCODES = (OP_TEXT, OP_BINARY)
-_CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
-
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_NO_STATUS = 1005
-CLOSE_TOO_BIG = 1009
 
 #: Bytes asked of ``recv`` at a time (64 KiB measured twice as fast as 4 KiB).
 RECEIVE_BYTES = 64 * 1024
@@ -104,160 +84,6 @@ _CLOSE_WRITE_TIMEOUT = 1.0
 _MAX_PENDING_PONGS = 64
 
 Bytes = Union[bytes, bytearray, memoryview]
-
-def unmask(payload: Bytes, mask: bytes) -> bytes:
-    """XOR ``payload`` with the 4-byte ``mask`` repeated (RFC 6455 §5.3)."""
-    return masking.mask(payload, mask)  # numpy, wsaccel or pure Python: see masking.py
-
-
-def encode_frame(opcode: int, payload: Bytes = b"", fin: bool = True) -> bytes:
-    """The header of an unmasked (server-to-client) frame followed by ``payload``."""
-    return encode_frame_header(opcode, len(payload), fin) + bytes(payload)
-
-
-def encode_frame_header(opcode: int, length: int, fin: bool = True) -> bytes:
-    """The header of an unmasked frame carrying ``length`` payload bytes."""
-    first = (0x80 if fin else 0) | opcode
-    if length < 126:
-        return struct.pack("!BB", first, length)
-    if length < 1 << 16:
-        return struct.pack("!BBH", first, 126, length)
-    return struct.pack("!BBQ", first, 127, length)
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    """The payload of a close frame: the status code and a UTF-8 reason,
-    truncated so the frame stays within the 125 bytes of a control frame."""
-    return struct.pack("!H", code) + reason.encode("utf-8")[:123]
-
-
-WebSocketEvent = Tuple[int, bytes]
-"""``(opcode, payload)``: a whole data message (TEXT or BINARY, fragments
-joined) or one control frame (CLOSE, PING, PONG)."""
-
-
-class FrameReader:
-    """Decodes the frames a client sends to a server, sans I/O.
-
-    :meth:`feed` the bytes read from the socket, then call :meth:`next_event`
-    until it returns ``None``. Enforces RFC 6455 §5 for a server that
-    negotiated no extension: client frames must be masked, reserved bits and
-    unknown opcodes are errors, control frames are short and unfragmented,
-    continuation frames only continue a started message. A message over
-    ``max_message_size`` bytes is an error as soon as its length is known.
-    Errors raise :class:`WebSocketProtocolError`.
-    """
-
-    def __init__(self, max_message_size: int) -> None:
-        self.max_message_size = max_message_size
-        self._buffer = bytearray()
-        self._fragments: List[bytes] = []
-        self._fragment_opcode: Optional[int] = None
-        self._fragment_size = 0
-        self.buffered = 0
-
-    def feed(self, data: Bytes) -> None:
-        """Add bytes read from the socket."""
-        self._buffer += data
-
-    def next_event(self) -> Optional[WebSocketEvent]:
-        """The next complete event, or ``None`` until more bytes are fed.
-        Raises :class:`~remotedialer.errors.ProtocolError` on a bad frame."""
-        while True:
-            frame = self._next_frame()
-            if frame is None:
-                return None
-            fin, opcode, payload = frame
-            if opcode in _CONTROL_OPCODES:
-                return opcode, payload
-            if opcode == OP_CONTINUATION:
-                if self._fragment_opcode is None:
-                    raise _error("continuation frame without a message to continue")
-            else:
-                if self._fragment_opcode is not None:
-                    raise _error("new message while a fragmented one is unfinished")
-                if fin:
-                    return opcode, payload
-                self._fragment_opcode = opcode
-            self._fragment_size += len(payload)
-            self._check_size(self._fragment_size)
-            self._fragments.append(payload)
-            if fin:
-                message_opcode = self._fragment_opcode
-                data = b"".join(self._fragments)
-                self._fragments = []
-                self._fragment_opcode = None
-                self._fragment_size = 0
-                return message_opcode, data
-
-    def _check_size(self, size: int) -> None:
-        if size > self.max_message_size:
-            raise _error(f"message of {size}+ bytes over the limit", CLOSE_TOO_BIG)
-
-    def _next_frame(self) -> Optional[Tuple[bool, int, bytes]]:
-        """One whole frame ``(fin, opcode, unmasked payload)`` if buffered."""
-        buf = self._buffer
-        if len(buf) < 2:
-            return None
-        first, second = buf[0], buf[1]
-        fin = bool(first & 0x80)
-        if first & 0x70:
-            raise _error("reserved bits set")
-        opcode = first & 0x0F
-        if opcode not in _DATA_OPCODES and opcode not in _CONTROL_OPCODES and opcode != OP_CONTINUATION:
-            raise _error(f"unknown opcode {opcode:#x}")
-        if not second & 0x80:
-            raise _error("client frame not masked")
-        length = second & 0x7F
-        offset = 2
-        if opcode in _CONTROL_OPCODES:
-            if not fin:
-                raise _error("fragmented control frame")
-            if length > 125:
-                raise _error("control frame longer than 125 bytes")
-        if length == 126:
-            if len(buf) < 4:
-                return None
-            (length,) = struct.unpack_from("!H", buf, 2)
-            offset = 4
-        elif length == 127:
-            if len(buf) < 10:
-                return None
-            (length,) = struct.unpack_from("!Q", buf, 2)
-            if length >> 63:
-                raise _error("frame length with the high bit set")
-            offset = 10
-        if opcode not in _CONTROL_OPCODES:
-            # fail before buffering a frame we will not accept
-            self._check_size(self._fragment_size + length)
-        end = offset + 4 + length
-        if len(buf) < end:
-            return None
-        mask = bytes(buf[offset:offset + 4])
-        payload = unmask(memoryview(buf)[offset + 4:end], mask)
-        del buf[:end]
-        return fin, opcode, payload
-
-
-class WebSocketProtocolError(ProtocolError):
-    """A frame breaking RFC 6455 (or our size limit); ``close_code`` is the
-    close status to answer with."""
-
-    def __init__(self, message: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> None:
-        super().__init__(message)
-        self.close_code = close_code
-
-
-def _error(message: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> WebSocketProtocolError:
-    return WebSocketProtocolError(f"websocket: {message}", close_code)
-
-
-def parse_close(payload: bytes) -> Tuple[int, str]:
-    """The status code and reason of a close frame (1005 when it has none)."""
-    if len(payload) < 2:
-        return CLOSE_NO_STATUS, ""
-    (code,) = struct.unpack_from("!H", payload)
-    return code, payload[2:].decode("utf-8", "replace")
 
 
 # ---------------------------------------------------------------- handshake
@@ -291,6 +117,11 @@ def accept_key(key: str) -> str:
     """The ``Sec-WebSocket-Accept`` value answering ``Sec-WebSocket-Key: key``."""
     digest = hashlib.sha1(key.strip().encode("ascii") + WEBSOCKET_GUID).digest()
     return base64.b64encode(digest).decode("ascii")
+
+
+def describe_remote(environ: Mapping[str, Any]) -> str:
+    """``host:port`` of the client of a WSGI request, for logs."""
+    return join_host_port(str(environ.get("REMOTE_ADDR") or "?"), str(environ.get("REMOTE_PORT") or "?"))
 
 
 class UnsupportedServerError(RuntimeError):
@@ -405,10 +236,7 @@ class ServerWebSocket:
             "\r\n"
         ).encode("ascii")
         sock.sendall(response)
-        peer = environ.get("REMOTE_ADDR", "?")
-        port = environ.get("REMOTE_PORT")
-        description = f"{peer}:{port}" if port else str(peer)
-        return cls(sock, max_message_size, description, receive_bytes)
+        return cls(sock, max_message_size, describe_remote(environ), receive_bytes)
 
     # -- writes
     def _write(self, data: Bytes, payload: Optional[Bytes] = None) -> None:
@@ -455,8 +283,8 @@ class ServerWebSocket:
                 self._pending_pongs.clear()
                 return
             while self._pending_pongs:
-                _, writable, _ = select.select([], [self.sock], [], 0)
-                if not writable:
+                # poll, not select: any descriptor number (select fails past 1023)
+                if not wait_for_write(self.sock, timeout=0):
                     return
                 self.sock.sendall(self._pending_pongs.popleft())
                 self.last_keepalive = time.monotonic()
@@ -488,10 +316,8 @@ class ServerWebSocket:
                 return
             self._close_sent = True
             frame = encode_frame(OP_CLOSE, close_payload(code, reason))
-            if timeout is not None:
-                _, writable, _ = select.select([], [self.sock], [], timeout)
-                if not writable:
-                    return
+            if timeout is not None and not wait_for_write(self.sock, timeout=timeout):
+                return
             self.sock.sendall(frame)
         except (OSError, ValueError):
             pass
@@ -651,8 +477,7 @@ class SimpleWebSocketTransport:
         self.ws = _Server(
             environ, receive_bytes=receive_bytes, max_message_size=max_message_size
         )
-        peer = environ.get("REMOTE_ADDR", "?")
-        self._description = f"{peer}:{environ.get('REMOTE_PORT', '?')} (simple-websocket)"
+        self._description = f"{describe_remote(environ)} (simple-websocket)"
 
     def send(self, data: Bytes) -> None:
         try:

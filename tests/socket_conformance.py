@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import select
 import socket
 import struct
 import threading
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import pytest
+from urllib3.util.wait import wait_for_read
 
 from .support import TIMEOUT, recv_exactly
 
@@ -60,7 +60,7 @@ def recv_until_eof(sock: Any) -> bytes:
 
 
 def readable(sock: Any, timeout: float) -> bool:
-    return bool(select.select([sock], [], [], timeout)[0])
+    return wait_for_read(sock, timeout=timeout)  # poll: any descriptor number
 
 
 def run_in_thread(target: Callable[[], Any]) -> Callable[[], Any]:

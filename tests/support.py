@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
 from benchmarks.soak import echo_until_eof
+from remotedialer.addresses import join_host_port
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
@@ -151,7 +152,7 @@ class LoopbackListener:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.listener = socket.create_server((host, 0), family=family, backlog=backlog)
         self.port: int = self.listener.getsockname()[1]
-        self.address = f"[{host}]:{self.port}" if family == socket.AF_INET6 else f"{host}:{self.port}"
+        self.address = join_host_port(host, self.port)
         self.accepted: List[socket.socket] = []
         self._accepted_lock = threading.Lock()
         self.accept_thread = threading.Thread(target=self._accept_loop, name=name, daemon=True)
@@ -224,7 +225,7 @@ class SelectorEchoServer:
         self.listener = socket.create_server((host, 0), family=family, backlog=512)
         self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
-        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.address = join_host_port(host, self.port)
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ, None)
         self.pending: Dict[socket.socket, bytearray] = {}

@@ -50,13 +50,30 @@ def test_report_table_medians_and_run_counts():
     row.add("direct", 1000.0)
     report.note("hello")
     table = report.table().splitlines()
-    assert table[0].split() == ["workload", "metric", "tunnel", "direct", "tunnel/direct", "reference"]
+    assert table[0].split() == ["workload", "metric", "tunnel", "direct", "tunnel/direct", "target"]
     assert "200 [100-300] (n=3)" in table[2]
     assert "1000 (n=1)" in table[2] and "0.20" in table[2] and "Go 217" in table[2]
     assert table[-1] == "note: hello"
     data = json.loads(report.to_json())
     assert data["rows"][0]["medians"] == {"tunnel": 200.0, "direct": 1000.0}
     assert "list-table" in report.rst_table()
+
+
+def test_report_one_table_per_workload_with_go_ratios():
+    report = Report()
+    for connections, go in ((1, 1000.0), (10, 2000.0)):
+        row = report.row(f"1 KiB GET c{connections}", "requests", "req/s")
+        row.add("tunnel", 1500.0)
+        row.add("go", go)
+    report.row("raw forward", "requests", "req/s").add("forward", 10.0)
+    report.rows[-1].add("ssh-R", 40.0)
+    blocks = report.table().split("\n\n")
+    assert len(blocks) == 2
+    first, second = (block.splitlines() for block in blocks)
+    assert first[0].split() == ["workload", "metric", "tunnel", "go", "tunnel/go", "target"]
+    assert first[2].split()[-2:] == ["1.50", "-"] and first[3].split()[-2:] == ["0.75", "-"]
+    assert second[0].split() == ["workload", "metric", "forward", "ssh-R", "forward/ssh-R", "target"]
+    assert "0.25" in second[2]
 
 
 def test_quick_run_produces_a_table(tmp_path):
@@ -69,7 +86,7 @@ def test_quick_run_produces_a_table(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[0].split()[:4] == ["workload", "metric", "tunnel", "direct"]
+    assert lines[0].split()[:3] == ["workload", "metric", "tunnel"]  # then "go" when it is built
     assert set(lines[1]) <= {"-", " "}
     body = "\n".join(lines[2:])
     for label in ("RSS server (MiB)", "RSS client (MiB)", "download 2 MiB", "throughput (MB/s)"):

@@ -17,7 +17,7 @@ import pytest
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from remotedialer.cli import build_parser, main, parse_listen, setup_logging
+from remotedialer.cli import build_parser, main, setup_logging
 from remotedialer.cli.demo import Check, human_size
 from remotedialer.cli.dummy import BLOCK_SIZE, DummyServer, generated_bytes, generated_sha256
 from remotedialer.cli.server import (
@@ -33,26 +33,6 @@ from remotedialer.cli.server import (
 from .conftest import TIMEOUT, wait_for
 
 # ------------------------------------------------------------------ parsing
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        (":8123", ("0.0.0.0", 8123)),
-        ("8125", ("0.0.0.0", 8125)),
-        ("127.0.0.1:0", ("127.0.0.1", 0)),
-        ("[::1]:8123", ("::1", 8123)),
-        ("localhost:80", ("localhost", 80)),
-    ],
-)
-def test_parse_listen(text: str, expected: Any) -> None:
-    assert parse_listen(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "host", "host:", "host:x", ":99999"])
-def test_parse_listen_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_listen(text)
 
 
 def test_parse_peers() -> None:

@@ -18,7 +18,7 @@ import requests
 
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.errors import HandshakeError
-from remotedialer.wsgi_transport import OP_CLOSE, encode_frame
+from remotedialer.frames import OP_CLOSE, encode_frame
 
 from .conftest import TIMEOUT, EchoServer, wait_for
 from .test_server import echo_round_trip, raw_get, raw_upgrade, upgrade_headers

@@ -389,7 +389,7 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)
     server = Server(tunnel_id_authorizer, observer=observer)
-    server.peers["peer-b"] = "s3cret"
+    server.peering.accept_peer("peer-b", "s3cret")
     served = Served(with_metrics_endpoint(server, registry))
     url = served.url.replace("http://", "ws://") + "/connect"
     clients = [

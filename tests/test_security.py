@@ -65,7 +65,8 @@ def test_peer_token_checked_with_compare_digest(monkeypatch: pytest.MonkeyPatch)
     from werkzeug.test import EnvironBuilder
     from werkzeug.wrappers import Request
 
-    from remotedialer.server import PEER_ID_HEADER, PEER_TOKEN_HEADER, Server
+    from remotedialer.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
+    from remotedialer.server import Server
 
     calls: List[Tuple[Any, Any]] = []
     real = hmac.compare_digest
@@ -76,11 +77,11 @@ def test_peer_token_checked_with_compare_digest(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
     server = Server(lambda request: ("", False))
-    server.peers["peer-a"] = "correct-horse"
+    server.peering.accept_peer("peer-a", "correct-horse")
 
     def attempt(peer_id: str, token: str) -> Any:
         headers = {PEER_ID_HEADER: peer_id, PEER_TOKEN_HEADER: token}
-        return server.authenticate_peer(Request(EnvironBuilder(headers=headers).get_environ()))
+        return server.peering.authenticate(Request(EnvironBuilder(headers=headers).get_environ()).headers)
 
     try:
         assert attempt("peer-a", "correct-horse") == "peer-a"
@@ -99,7 +100,7 @@ def test_wrong_peer_token_falls_back_to_the_authorizer_and_is_refused(
     make_tunnel_server: Callable[..., TunnelServer],
 ) -> None:
     harness = make_tunnel_server(peer_id="A", peer_token="tok-A")
-    harness.server.peers["B"] = "tok-B"
+    harness.server.peering.accept_peer("B", "tok-B")
     with pytest.raises(HandshakeError) as info:
         connect_to_proxy(harness.url, {"X-API-Tunnel-ID": "B", "X-API-Tunnel-Token": "tok-b"})
     assert info.value.status == 401

@@ -31,7 +31,8 @@ from remotedialer.errors import (
 from remotedialer.server import Server
 from remotedialer.session import Session
 from remotedialer.session_manager import SessionManager
-from remotedialer.wsgi_transport import OP_CLOSE, ServerWebSocket, encode_frame
+from remotedialer.frames import OP_CLOSE, encode_frame
+from remotedialer.wsgi_transport import ServerWebSocket
 
 from .support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, tunnel_id_authorizer, wait_for
 from .test_wsgi_transport import client_frame, read_server_frame, read_to_eof
@@ -313,7 +314,7 @@ def test_custom_error_writer(make_tunnel_server: Callable[..., TunnelServer]) ->
 
 # ----------------------------------------------- peers, listeners, keepalive
 def test_peer_authentication_is_tried_first(tunnel_server: TunnelServer) -> None:
-    tunnel_server.server.peers["peer-b"] = "s3cret"
+    tunnel_server.server.peering.accept_peer("peer-b", "s3cret")
     peer = TunnelClient(tunnel_server.url, {"X-API-Tunnel-ID": "peer-b", "X-API-Tunnel-Token": "s3cret"})
     tunnel_server.clients.append(peer)
     peer.start()
@@ -354,7 +355,7 @@ def test_peer_router_hooks(make_tunnel_server: Callable[..., TunnelServer], echo
         echo_round_trip(conn, 10_000)
     with pytest.raises(NoSessionError):
         tunnel_server.server.dial("nowhere", "tcp", echo_server.address)
-    tunnel_server.server.peers["peer-a"] = "token"
+    tunnel_server.server.peering.accept_peer("peer-a", "token")
     peer = TunnelClient(tunnel_server.url, {"X-API-Tunnel-ID": "peer-a", "X-API-Tunnel-Token": "token"})
     tunnel_server.clients.append(peer)
     peer.start()

@@ -1,6 +1,6 @@
-"""The server-side WebSocket: frame decoding (sans I/O), the handshake helpers,
-and :class:`ServerWebSocket` / :class:`SimpleWebSocketTransport` over real
-socket pairs driven by a hand-written client."""
+"""The server-side WebSocket: the handshake helpers, and
+:class:`ServerWebSocket` / :class:`SimpleWebSocketTransport` over real socket
+pairs driven by a hand-written client."""
 
 from __future__ import annotations
 
@@ -15,22 +15,14 @@ import pytest
 
 from remotedialer.errors import ProtocolError
 from remotedialer.transport import TransportClosed
+from remotedialer import frames
+from remotedialer.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_frame
 from remotedialer.wsgi_transport import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONTINUATION,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    FrameReader,
     ServerWebSocket,
     SimpleWebSocketTransport,
-    WebSocketProtocolError,
     accept_key,
-    encode_frame,
     is_websocket_request,
     socket_from_environ,
-    unmask,
 )
 
 from .conftest import TIMEOUT, wait_for
@@ -54,7 +46,7 @@ def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int =
     mask = mask if mask is not None else os.urandom(4)
     if n < 4096:  # independent of the code under test
         return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return header + mask + unmask(payload, mask)
+    return header + mask + frames.mask(payload, mask)
 
 
 def read_server_frame(sock: socket.socket) -> Tuple[int, bytes]:
@@ -88,20 +80,6 @@ def read_to_eof(sock: socket.socket) -> bytes:
         data += chunk
 
 
-def feed_all(reader: FrameReader, data: bytes, step: int = 0) -> List[Tuple[int, bytes]]:
-    """Feed ``data`` (``step`` bytes at a time; all at once if 0) and collect events."""
-    events: List[Tuple[int, bytes]] = []
-    chunks = [data] if not step else [data[i:i + step] for i in range(0, len(data), step)]
-    for chunk in chunks:
-        reader.feed(chunk)
-        while True:
-            event = reader.next_event()
-            if event is None:
-                break
-            events.append(event)
-    return events
-
-
 @pytest.fixture
 def pair() -> Any:
     """A connected ``(server_sock, client_sock)`` socket pair with timeouts."""
@@ -110,86 +88,6 @@ def pair() -> Any:
     yield server_sock, client_sock
     server_sock.close()
     client_sock.close()
-
-
-# ------------------------------------------------------------ sans-IO codec
-def test_unmask_round_trip_all_lengths() -> None:
-    mask = b"\x01\x80\xff\x37"
-    for n in (0, 1, 3, 4, 5, 127, 4099):
-        data = os.urandom(n)
-        expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-        assert unmask(data, mask) == expected
-        assert unmask(expected, mask) == data
-
-
-@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 300_000])
-def test_reader_decodes_every_length_encoding(size: int) -> None:
-    payload = os.urandom(size)
-    frame = client_frame(OP_BINARY, payload)
-    assert feed_all(FrameReader(1 << 20), frame) == [(OP_BINARY, payload)]
-
-
-def test_reader_byte_by_byte_with_interleaved_control_frames() -> None:
-    stream = (
-        client_frame(OP_BINARY, b"hello ", fin=False)
-        + client_frame(OP_PING, b"p1")
-        + client_frame(OP_CONTINUATION, b"wor", fin=False)
-        + client_frame(OP_PONG, b"")
-        + client_frame(OP_CONTINUATION, b"ld", fin=True)
-        + client_frame(OP_BINARY, b"")
-        + client_frame(OP_TEXT, "héllo".encode())
-        + client_frame(OP_CLOSE, struct.pack("!H", 1000) + b"bye")
-    )
-    expected = [
-        (OP_PING, b"p1"),
-        (OP_PONG, b""),
-        (OP_BINARY, b"hello world"),
-        (OP_BINARY, b""),
-        (OP_TEXT, "héllo".encode()),
-        (OP_CLOSE, struct.pack("!H", 1000) + b"bye"),
-    ]
-    assert feed_all(FrameReader(1 << 20), stream, step=1) == expected
-    assert feed_all(FrameReader(1 << 20), stream) == expected
-
-
-@pytest.mark.parametrize(
-    "frame, message",
-    [
-        (client_frame(OP_BINARY, b"x", masked=False), "not masked"),
-        (client_frame(OP_BINARY, b"x", rsv=0x40), "reserved bits"),
-        (client_frame(0x3, b"x"), "unknown opcode"),
-        (client_frame(OP_PING, b"x", fin=False), "fragmented control"),
-        (client_frame(OP_PING, b"x" * 126), "longer than 125"),
-        (client_frame(OP_CONTINUATION, b"x"), "continuation"),
-        (client_frame(OP_BINARY, b"a", fin=False) + client_frame(OP_BINARY, b"b"), "unfinished"),
-        (struct.pack("!BBQ", 0x82, 0xFF, 1 << 63) + b"mask", "high bit"),
-    ],
-)
-def test_reader_rejects_bad_frames(frame: bytes, message: str) -> None:
-    with pytest.raises(WebSocketProtocolError, match=message) as info:
-        feed_all(FrameReader(1 << 20), frame)
-    assert info.value.close_code == 1002
-
-
-def test_reader_limits_message_size_before_buffering() -> None:
-    reader = FrameReader(1000)
-    assert feed_all(reader, client_frame(OP_BINARY, b"x" * 1000)) == [(OP_BINARY, b"x" * 1000)]
-    # the header alone announces too much: rejected without the payload
-    with pytest.raises(WebSocketProtocolError, match="over the limit") as info:
-        feed_all(reader, client_frame(OP_BINARY, b"x" * 1001)[:8])
-    assert info.value.close_code == 1009
-    # fragments adding up to too much
-    reader = FrameReader(1000)
-    with pytest.raises(ProtocolError, match="over the limit"):
-        feed_all(reader, client_frame(OP_BINARY, b"x" * 600, fin=False)
-                 + client_frame(OP_CONTINUATION, b"x" * 600))
-
-
-def test_encode_frame_lengths() -> None:
-    assert encode_frame(OP_BINARY, b"ab") == b"\x82\x02ab"
-    assert encode_frame(OP_BINARY, b"a" * 126)[:4] == b"\x82\x7e\x00\x7e"
-    assert encode_frame(OP_BINARY, b"a" * 65536)[:10] == b"\x82\x7f" + struct.pack("!Q", 65536)
-    assert encode_frame(OP_PING) == b"\x89\x00"
 
 
 # ---------------------------------------------------------------- handshake

@@ -24,7 +24,9 @@ import sys
 import threading
 from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["main", "build_parser", "setup_logging", "parse_listen"]
+from ..addresses import ALL_INTERFACES, parse_listen_address
+
+__all__ = ["main", "build_parser", "setup_logging"]
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +57,6 @@ def setup_logging(debug: bool = False, quiet: bool = False) -> None:
         logging.getLogger("remotedialer.trace").setLevel(logging.DEBUG)
 
 
-def parse_listen(text: str, default_host: str = "0.0.0.0") -> Tuple[str, int]:
-    """Parse a Go-style listen address: ``:8123``, ``127.0.0.1:0``,
-    ``[::1]:8123`` or a bare port. Raises ``ValueError`` if malformed."""
-    text = text.strip()
-    if text.isdigit():
-        return default_host, int(text)
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"invalid listen address {text!r} (want HOST:PORT or :PORT)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    number = int(port)
-    if number > 65535:
-        raise ValueError(f"invalid port in {text!r}")
-    return host or default_host, number
-
-
 def install_stop_signals() -> threading.Event:
     """An event set by SIGINT (Ctrl-C) or SIGTERM; call from the main thread.
     The command then waits on it and shuts down cleanly."""
@@ -96,7 +81,7 @@ def wait_for_stop(stop: threading.Event) -> None:
 
 def _listen_type(text: str) -> Tuple[str, int]:
     try:
-        return parse_listen(text)
+        return parse_listen_address(text, ALL_INTERFACES)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 

@@ -32,6 +32,8 @@ import urllib.parse
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..addresses import join_host_port, reachable_host
+
 __all__ = [
     "add_arguments",
     "run",
@@ -220,7 +222,7 @@ class DummyServer(http.server.ThreadingHTTPServer):
 
     def url(self, host: str = "127.0.0.1") -> str:
         """``http://host:port`` for this server."""
-        return f"http://{host}:{self.port}"
+        return f"http://{join_host_port(host, self.port)}"
 
     def start(self) -> threading.Thread:
         """Serve on a daemon thread and return it."""
@@ -268,7 +270,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _url(host: str, port: int) -> str:
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
-    if ":" in shown:
-        shown = f"[{shown}]"
-    return f"http://{shown}:{port}"
+    return f"http://{join_host_port(reachable_host(host), port)}"

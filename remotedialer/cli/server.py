@@ -15,7 +15,9 @@ under gunicorn with the app factory::
 (``make_app(peer_id="a", peer_token="secret", peers="b:secret:ws://b:8123/connect")``)
 or from the environment (``REMOTEDIALER_ID``, ``REMOTEDIALER_TOKEN``,
 ``REMOTEDIALER_PEERS``, ``REMOTEDIALER_DEBUG``, ``REMOTEDIALER_TIMEOUT``,
-``REMOTEDIALER_ALLOW_CLIENT_CONNECT``).
+``REMOTEDIALER_ALLOW_CLIENT_CONNECT``), plus the scale-out settings of
+:mod:`remotedialer.cli.scaleout` (peers from DNS, drain on SIGTERM).
+``/healthz`` and ``/readyz`` answer the health probes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import http.client
 import logging
 import os
 import re
+import signal
 import socket
 import ssl
 import threading
@@ -36,9 +39,13 @@ from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from werkzeug.wrappers import Request
 from werkzeug.wsgi import LimitedStream
 
+from ..addresses import join_host_port, reachable_host
+from ..discovery import DnsPeerDiscovery
 from ..forwarder import DEFAULT_TIMEOUT, Forwarder, poll_readable
+from ..lifecycle import GracefulShutdown, chain_sigterm, is_gunicorn_worker
 from ..peering import PeerSpec as Peer
 from ..peering import parse_peers
+from . import scaleout
 
 __all__ = [
     "add_arguments",
@@ -120,12 +127,18 @@ class ServerApp:
 
     ``/connect`` goes to the tunnel server, ``/client/...`` to the forwarder,
     and any path added with :meth:`mount` (``/metrics``, ...) to its app;
-    everything else is a 404.
+    everything else is a 404. ``connect_app`` serves ``/connect`` (the
+    server, or the server behind the shutdown guard); ``shutdown`` and
+    ``discovery`` are the instance's graceful shutdown and peer discovery,
+    if any.
     """
 
     def __init__(self, server: Any, forwarder: Forwarder) -> None:
         self.server = server
         self.forwarder = forwarder
+        self.connect_app: WSGIApp = server
+        self.shutdown: Optional[GracefulShutdown] = None
+        self.discovery: Optional[DnsPeerDiscovery] = None
         self._mounts: Dict[str, WSGIApp] = {}
 
     def mount(self, path: str, app: WSGIApp) -> None:
@@ -135,7 +148,7 @@ class ServerApp:
     def __call__(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "") or "/"
         if path == "/connect":
-            return self.server(environ, start_response)  # type: ignore[no-any-return]
+            return self.connect_app(environ, start_response)
         if path.startswith(self.forwarder.prefix + "/"):
             return self.forwarder(environ, start_response)
         mounted = self._mounts.get(path)
@@ -151,6 +164,8 @@ class ServerApp:
     def close(self) -> None:
         """Close every tunnel session the server holds (if it can) and the
         forwarder's idle connections."""
+        if self.discovery is not None:
+            self.discovery.stop()
         close = getattr(self.server, "close", None)
         if close is not None:
             close()
@@ -172,11 +187,22 @@ def make_app(
     allow_client_connect: Optional[bool] = None,
     debug: Optional[bool] = None,
     observer: Any = None,
+    peers_from_dns: Optional[str] = None,
+    peer_refresh: Optional[float] = None,
+    dns_server: Optional[str] = None,
+    token_file: Optional[str] = None,
+    drain_seconds: Optional[float] = None,
+    dns_default_port: int = scaleout.DEFAULT_PORT,
+    handle_sigterm: Optional[bool] = None,
 ) -> ServerApp:
     """Build the example server's WSGI app (the gunicorn app factory).
 
     Arguments left ``None`` come from the environment (see the module doc).
     Logging is set up if nothing configured it yet (or ``debug`` asks for it).
+    ``handle_sigterm`` runs the graceful shutdown on SIGTERM and then hands
+    the signal to the handler installed before; by default it does so when
+    that handler is a gunicorn worker's (the app is loaded in the worker,
+    i.e. without ``--preload``).
     """
     if debug is None:
         debug = _env_flag("REMOTEDIALER_DEBUG")
@@ -194,6 +220,10 @@ def make_app(
         timeout = float(os.environ.get("REMOTEDIALER_TIMEOUT", DEFAULT_TIMEOUT))
     if allow_client_connect is None:
         allow_client_connect = _env_flag("REMOTEDIALER_ALLOW_CLIENT_CONNECT")
+    scale = scaleout.ScaleOut(peers_from_dns, peer_refresh, dns_server, token_file,
+                              drain_seconds).from_environment()
+    peer_token = scale.token(peer_token)
+    peer_id = scale.peer_id(peer_id)
     peer_list = parse_peers(peers)
     metrics_registry = None
     if observer is None:
@@ -218,6 +248,16 @@ def make_app(
 
         app.mount("/metrics", make_wsgi_app(metrics_registry))
     wire_peers(server, peer_list)
+    app.discovery = scaleout.start_discovery(server, scale, dns_default_port)
+    app.shutdown = scale.shutdown_for(server, app.discovery)
+    app.connect_app = app.shutdown.guard(server)
+    app.mount("/healthz", app.shutdown.healthz)
+    app.mount("/readyz", app.shutdown.readyz)
+    if handle_sigterm is None:
+        handle_sigterm = (threading.current_thread() is threading.main_thread()
+                          and is_gunicorn_worker(signal.getsignal(signal.SIGTERM)))
+    if handle_sigterm:
+        chain_sigterm(app.shutdown)
     return app
 
 
@@ -650,6 +690,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="forward a TCP port through a client, like ssh -R (repeatable), "
                              "e.g. 127.0.0.1:9125=foo:tcp:127.0.0.1:8125; PROTO is tcp, tcp4, "
                              "tcp6 or unix")
+    scaleout.add_arguments(parser)
 
 
 def _forward_type(text: str) -> Any:
@@ -668,23 +709,31 @@ def run(args: argparse.Namespace) -> int:
     from . import install_stop_signals, wait_for_stop
 
     try:
+        scale = scaleout.from_args(args)
         app = make_app(
-            peer_id=args.id,
-            peer_token=args.token,
+            peer_id=args.id or None,
+            peer_token=args.token or None,
             peers=args.peers,
             timeout=args.timeout,
             allow_client_connect=args.allow_client_connect,
             debug=args.debug,
+            peers_from_dns=scale.peers_from_dns,
+            peer_refresh=scale.peer_refresh,
+            dns_server=scale.dns_server,
+            token_file=scale.token_file,
+            drain_seconds=scale.drain_seconds,
+            dns_default_port=args.listen[1],
+            handle_sigterm=False,
         )
         specs = list(args.forward)  # ForwardSpecs, checked by _forward_type
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:
         log.error("%s", exc)
         return 2
     host, port = args.listen
     httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=args.max_threads,
                                       keepalive_timeout=args.keepalive)
-    shown = "127.0.0.1" if host in ("", "0.0.0.0") else (f"[{host}]" if ":" in host else host)
-    log.info("listening on http://%s:%d (connect: ws://%s:%d/connect)", shown, httpd.port, shown, httpd.port)
+    shown = join_host_port(reachable_host(host), httpd.port)
+    log.info("listening on http://%s (connect: ws://%s/connect)", shown, shown)
     try:
         forwards = [app.server.forward(s.listen, s.client_key, s.proto, s.address) for s in specs]
     except OSError as exc:
@@ -696,6 +745,7 @@ def run(args: argparse.Namespace) -> int:
     thread = threading.Thread(target=httpd.serve_forever, name="remotedialer-http", daemon=True)
     thread.start()
     wait_for_stop(stop)
+    _drain(app, stop)
     for forward in forwards:
         forward.stop()
     httpd.shutdown()
@@ -703,3 +753,15 @@ def run(args: argparse.Namespace) -> int:
     httpd.server_close()
     log.info("stopped")
     return 0
+
+
+def _drain(app: ServerApp, stop: threading.Event) -> None:
+    """Run the graceful shutdown while the HTTP server keeps serving; another
+    stop signal cuts the drain short."""
+    if app.shutdown is None:
+        return
+    stop.clear()
+    app.shutdown.begin()
+    while not app.shutdown.wait(0.2):
+        if stop.is_set():
+            app.shutdown.skip_drain()

@@ -49,6 +49,7 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
+from ..addresses import join_host_port, split_host_optional_port
 from ..bridge import as_socket, tunnel_error
 from ..connection import TunnelConnection
 from ..piping import Piper
@@ -75,8 +76,7 @@ a tunnel. Raises ``OSError`` (e.g. :class:`~remotedialer.errors.DialError`) or
 def dial_address(host: str, port: int) -> str:
     """The ``host:port`` dial address for a URL's host (unresolved; brackets
     around IPv6 literals)."""
-    host = host.strip("[]")
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return join_host_port(host.strip("[]"), port)
 
 
 def _timeout_value(timeout: Any) -> Optional[float]:
@@ -283,13 +283,9 @@ def _parse_host(entry: str) -> HostSpec:
     """``"name"``, ``"name:port"``, ``"[v6]"``, ``"[v6]:port"`` or a bare IPv6
     literal -> (lower-case host, port or None)."""
     entry = entry.strip().lower()
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else None
-    if entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-        return host, int(port)
-    return entry, None
+    if entry.count(":") > 1 and not entry.startswith("["):
+        return entry, None  # a bare IPv6 literal
+    return split_host_optional_port(entry)
 
 
 class _HostRouter(requests.adapters.BaseAdapter):
