@@ -11,9 +11,10 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, List
 
 import pytest
 import redis
@@ -22,7 +23,7 @@ from redis.retry import Retry
 
 from remotedialer.connection import TunnelConnection
 
-from .support import TIMEOUT, TunnelServer
+from .support import TIMEOUT, TunnelServer, wait_for
 
 
 class RedisServer:
@@ -132,14 +133,29 @@ def test_redis_with_a_dialed_connection_as_its_socket(
     try:
         exercise(client)
         client.flushall()
-        # The agent goes away: the next command fails with a ConnectionError
-        # carrying the socket error's errno and text (redis-py formats both).
+        # The agent goes away while a blocking pop waits: it fails with a
+        # ConnectionError carrying the socket error's errno and text
+        # (redis-py formats both).
+        outcome: List[BaseException] = []
+
+        def pop() -> None:
+            try:
+                client.blpop(["never-filled"], timeout=0)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        popper = threading.Thread(target=pop, daemon=True)
+        popper.start()
+        direct = redis.Redis(port=redis_server.port, socket_timeout=TIMEOUT)
+        wait_for(lambda: any(c.get("cmd") == "blpop" for c in direct.client_list()))
+        direct.close()
         agent.stop(TIMEOUT)
-        with pytest.raises(redis.ConnectionError) as lost:
-            client.get("greeting")
-        message = str(lost.value)
+        popper.join(TIMEOUT)
+        assert len(outcome) == 1 and isinstance(outcome[0], redis.ConnectionError), outcome
+        message = str(outcome[0])
         assert "104" in message and ("tunnel disconnect" in message or "session ended" in message), message
         # Reconnecting finds no tunnel: refused, with the server's reason.
+        wait_for(lambda: not tunnel_server.server.sessions("foo"))
         with pytest.raises(redis.ConnectionError) as refused:
             client.get("greeting")
         assert str(refused.value) == (
