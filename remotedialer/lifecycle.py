@@ -34,7 +34,7 @@ import logging
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from werkzeug.wrappers import Request
 

@@ -717,14 +717,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep idle HTTP/1.1 connections open this long for their next request "
                              f"(default {DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: close after each request)")
     parser.add_argument("--forward", action="append", default=[], metavar="LISTEN=CLIENT:PROTO:ADDRESS",
+                        type=_forward_type,
                         help="forward a TCP port through a client, like ssh -R (repeatable), "
-                             "e.g. 127.0.0.1:9125=foo:tcp:127.0.0.1:8125")
+                             "e.g. 127.0.0.1:9125=foo:tcp:127.0.0.1:8125; PROTO is tcp, tcp4, "
+                             "tcp6 or unix")
     scaleout.add_arguments(parser)
+
+
+def _forward_type(text: str) -> Any:
+    """``--forward``: a :class:`~remotedialer.forward.ForwardSpec`; a bad one
+    is a usage error (exit status 2) saying why."""
+    from ..forward import parse_forward_spec
+
+    try:
+        return parse_forward_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; returns the exit status."""
-    from ..forward import parse_forward_spec
     from . import install_stop_signals, wait_for_stop
 
     try:
@@ -744,7 +756,7 @@ def run(args: argparse.Namespace) -> int:
             dns_default_port=args.listen[1],
             handle_sigterm=False,
         )
-        specs = [parse_forward_spec(text) for text in args.forward]
+        specs = list(args.forward)  # ForwardSpecs, checked by _forward_type
     except (ValueError, ImportError) as exc:
         log.error("%s", exc)
         return 2
