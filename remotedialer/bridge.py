@@ -51,10 +51,7 @@ class BridgedSocket(socket.socket):
 
 def tunnel_error(conn: Optional[TunnelConnection]) -> Optional[BaseException]:
     """The error that ended ``conn``; ``None`` if it is open or ended cleanly."""
-    error = None if conn is None else conn.end_error
-    if error is None or isinstance(error, EOFError):
-        return None
-    return error
+    return None if conn is None else conn.error
 
 
 def lost_transport(exc: BaseException) -> bool:

@@ -159,10 +159,12 @@ class TunnelConnection:
         return self._read_error is not None
 
     @property
-    def end_error(self) -> Optional[BaseException]:
-        """What ended the connection (``EOFError`` for a clean end), ``None``
-        until it ends; set once, never reset."""
-        return self._read_error
+    def error(self) -> Optional[BaseException]:
+        """What ended the connection: the far side's error
+        (:class:`~remotedialer.errors.RemoteError` and its kinds), the end of
+        the session, or a local close; ``None`` while open or after a clean EOF."""
+        error = self._read_error
+        return None if isinstance(error, EOFError) else error
 
     @property
     def buffered(self) -> int:

@@ -160,7 +160,10 @@ class DnsResolver:
         the resolver fails."""
         errors = self._dns.resolver
         try:
-            srv = self._query(name, "SRV")
+            try:
+                srv = self._query(name, "SRV")
+            except errors.NXDOMAIN:  # some servers only know the name's SRV under _port._tcp
+                srv = None
             if srv is None:
                 return {Endpoint(address, default_port) for address in self._addresses(name)}
             found: Set[Endpoint] = set()
@@ -278,13 +281,13 @@ class DnsPeerDiscovery:
         if self.last_error is not None:
             log.info("peer discovery of %s works again", self.name)
         self.last_error = None
-        self.last_success = time.monotonic()
         wanted = {
             endpoint.peer_id(self.port): endpoint.url(self.scheme)
             for endpoint in endpoints
         }
         wanted.pop(self.self_id, None)
         self._apply(wanted)
+        self.last_success = time.monotonic()
         return True
 
     def _apply(self, wanted: Dict[str, str]) -> None:

@@ -471,6 +471,8 @@ class UpstreamResponse:
             if self.status == 101:
                 self.will_close = True
         elif codings:
+            if head.version == 10:  # RFC 9112 §6.1: the framing is faulty
+                raise BadResponse("Transfer-Encoding in an HTTP/1.0 response")
             if lengths:
                 self.will_close = True  # RFC 9112 §6.3: never reuse such a connection
             if codings[-1] == "chunked":
@@ -503,7 +505,7 @@ class UpstreamResponse:
             if self._chunk_left <= 0:
                 if self._chunk_left < 0 and connection._read_line():
                     raise BadResponse("invalid chunked body from the target (no CRLF after a chunk)")
-                size_text = connection._read_line().partition(";")[0].strip(" \t")
+                size_text = connection._read_line().partition(";")[0].rstrip(" \t")
                 if not _HEX.fullmatch(size_text):
                     raise BadResponse(f"invalid chunk size from the target: {size_text[:40]!r}")
                 size = int(size_text, 16)

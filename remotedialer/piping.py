@@ -486,8 +486,8 @@ class LocalDialer:
         self._pool.shutdown(wait=False)
 
     def _dial_and_pipe(self, conn: TunnelConnection) -> None:
-        if conn.ended:
-            return
+        if conn.ended and not conn.buffered:
+            return  # ended before the dial with nothing to deliver
         try:
             sock = self.dialer(conn.proto, conn.address, self.limits.local_dial_timeout)
         except DialError as exc:
@@ -497,9 +497,7 @@ class LocalDialer:
             reason = exc.strerror or str(exc) or type(exc).__name__
             conn.abort(DialError(f"dial {conn.proto} {conn.address}: {reason}", exc))
             return
-        if conn.ended:
-            sock.close()
-            conn.close()
-            return
+        # Even if the far side already ended, what it sent while we dialed is
+        # delivered first: the pipe writes the buffer, then closes both.
         self.piper.pipe_socket(sock, conn)
 

@@ -255,7 +255,8 @@ class Server:
         try:
             if self.websocket == "simple-websocket":
                 transport = SimpleWebSocketTransport(
-                    environ, self.limits.max_message_size, self.receive_bytes
+                    environ, self.limits.max_message_size, self.receive_bytes,
+                    ping_interval=self.limits.read_deadline / 2,
                 )
             else:
                 transport = ServerWebSocket.accept(

@@ -29,11 +29,15 @@ __all__ = ["TunnelBackend", "TunnelStream"]
 
 @contextlib.contextmanager
 def _mapped(timeout_error: type, other_error: type) -> Iterator[None]:
-    """Turn socket errors into httpcore's (it expects its own exception types)."""
+    """Turn socket errors into httpcore's (it expects its own exception types).
+    A target the far side could not connect to shows up on the first read or
+    write as ``ConnectionRefusedError``: that is ``httpcore.ConnectError``."""
     try:
         yield
     except socket.timeout as exc:  # TimeoutError on Python >= 3.10
         raise timeout_error(exc) from exc
+    except ConnectionRefusedError as exc:
+        raise httpcore.ConnectError(exc) from exc
     except OSError as exc:
         raise other_error(exc) from exc
 
