@@ -461,7 +461,7 @@ class UpstreamResponse:
             elif lowered == "content-length":
                 lengths.extend(item.strip() for item in value.split(","))
             elif lowered == "transfer-encoding":
-                codings.extend(item.strip().lower() for item in value.split(",") if item.strip())
+                codings.extend(header_tokens(value))
         if head.version == 10:
             self.will_close = "keep-alive" not in tokens
         else:
