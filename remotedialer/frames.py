@@ -209,19 +209,21 @@ def _error(message: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> WebSocketPro
 
 
 class FrameReader:
-    """Decodes the frames a client sends to a server, sans I/O.
+    """Decodes the frames a client sends to a server (``masked=True``) or a
+    server sends to a client (``masked=False``), sans I/O.
 
     :meth:`feed` the bytes read from the socket, then call :meth:`next_event`
-    until it returns ``None``. Enforces RFC 6455 §5 for a server that
-    negotiated no extension: client frames must be masked, reserved bits and
-    unknown opcodes are errors, control frames are short and unfragmented,
-    continuation frames only continue a started message. A message over
-    ``max_message_size`` bytes is an error as soon as its length is known.
-    Errors raise :class:`WebSocketProtocolError`.
+    until it returns ``None``. Enforces RFC 6455 §5 for an end that
+    negotiated no extension: client frames must be masked and server frames
+    must not be, reserved bits and unknown opcodes are errors, control frames
+    are short and unfragmented, continuation frames only continue a started
+    message. A message over ``max_message_size`` bytes is an error as soon as
+    its length is known. Errors raise :class:`WebSocketProtocolError`.
     """
 
-    def __init__(self, max_message_size: int) -> None:
+    def __init__(self, max_message_size: int, masked: bool = True) -> None:
         self.max_message_size = max_message_size
+        self.masked = masked
         self._buffer = bytearray()
         self._fragments: List[bytes] = []
         self._fragment_opcode: Optional[int] = None
@@ -277,8 +279,8 @@ class FrameReader:
         opcode = first & 0x0F
         if opcode not in _DATA_OPCODES and opcode not in _CONTROL_OPCODES and opcode != OP_CONTINUATION:
             raise _error(f"unknown opcode {opcode:#x}")
-        if not second & 0x80:
-            raise _error("client frame not masked")
+        if bool(second & 0x80) != self.masked:
+            raise _error("client frame not masked" if self.masked else "server frame masked")
         length = second & 0x7F
         offset = 2
         if opcode in _CONTROL_OPCODES:
@@ -301,6 +303,13 @@ class FrameReader:
         if opcode not in _CONTROL_OPCODES:
             # fail before buffering a frame we will not accept
             self._check_size(self._fragment_size + length)
+        if not self.masked:
+            end = offset + length
+            if len(buf) < end:
+                return None
+            payload = bytes(buf[offset:end])
+            del buf[:end]
+            return fin, opcode, payload
         end = offset + 4 + length
         if len(buf) < end:
             return None
