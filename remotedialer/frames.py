@@ -50,18 +50,20 @@ __all__ = [
     "OP_PONG",
 ]
 
-#: Opcode of a continuation frame (RFC 6455 §5.2).
+# Opcodes (RFC 6455 §5.2). Every protocol message travels in BINARY messages;
+# TEXT is a protocol error for remotedialer; clients PING every 5 s.
 OP_CONTINUATION = 0x0
-#: Opcode of a text frame: a protocol error for remotedialer.
+"""Opcode: continues a fragmented message."""
 OP_TEXT = 0x1
-#: Opcode of a binary frame: every protocol message travels in these.
+"""Opcode: a text message (a protocol error for remotedialer)."""
 OP_BINARY = 0x2
-#: Opcode of a close frame.
+"""Opcode: a binary message: every remotedialer message travels in one."""
 OP_CLOSE = 0x8
-#: Opcode of a ping frame (clients ping every 5 s).
+"""Opcode: the closing handshake."""
 OP_PING = 0x9
-#: Opcode of a pong frame.
+"""Opcode: a ping (clients send one every 5 s)."""
 OP_PONG = 0xA
+"""Opcode: the answer to a ping."""
 _DATA_OPCODES = (OP_TEXT, OP_BINARY)
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 

@@ -145,6 +145,12 @@ class _SocketPipe(_Pipe):
         self.to_tunnel = _Direction()
         self.to_socket = _Direction()
         self.events = 0
+        # Guards ``to_socket`` and writes to ``sock``: the piper thread and
+        # :meth:`deliver_now` (on the session's reader thread) both deliver
+        # tunnel bytes to the socket. Also guards ``closing``, so that no
+        # write reaches a descriptor that was closed (and maybe reused).
+        self._to_socket_lock = threading.Lock()
+        self.closing = False
 
     def __repr__(self) -> str:
         return f"<pipe {self.sock.fileno()} <-> {self.conn}>"
@@ -202,21 +208,52 @@ class _SocketPipe(_Pipe):
         """Tunnel -> local socket. True if the turn's budget ran out."""
         moved = 0
         direction = self.to_socket
-        while moved < TURN_BUDGET:
-            if direction.pending is None:
-                if direction.eof or not _read_tunnel(self.conn, direction):
+        with self._to_socket_lock:
+            while moved < TURN_BUDGET:
+                if direction.pending is None:
+                    if direction.eof or not _read_tunnel(self.conn, direction):
+                        return False
+                    continue
+                try:
+                    sent = self.sock.send(direction.pending)
+                except (BlockingIOError, InterruptedError):
                     return False
-                continue
+                moved += sent
+                rest = direction.pending[sent:]
+                direction.pending = rest if len(rest) else None
+            return True
+
+    def deliver_now(self) -> bool:
+        """Any thread (the session's reader, right after it fed ``conn``):
+        write what ``conn`` has buffered straight to the socket, sparing the
+        hand-off to the piper thread and its wake-up. Never blocks (the socket
+        is non-blocking, the lock is only tried). True when all of it went
+        and the piper has nothing to do; False asks for a turn of the piper:
+        nothing to deliver (a RESUME or the end arrived), EOF, an error, a full
+        socket, more than one read's worth, or the piper holding the lock."""
+        if not self._to_socket_lock.acquire(blocking=False):
+            return False
+        try:
+            direction = self.to_socket
+            if self.closing or direction.pending is not None or direction.eof:
+                return False
             try:
+                if not _read_tunnel(self.conn, direction) or direction.pending is None:
+                    return False  # nothing buffered, or EOF (now recorded)
                 sent = self.sock.send(direction.pending)
             except (BlockingIOError, InterruptedError):
-                return False
-            moved += sent
+                return False  # the piper waits for the socket to drain
+            except (RemoteError, ConnectionError, OSError):
+                return False  # the piper meets the error again and closes
             rest = direction.pending[sent:]
             direction.pending = rest if len(rest) else None
-        return True
+            return direction.pending is None and not self.conn.readable_now()
+        finally:
+            self._to_socket_lock.release()
 
     def _close(self, error: Optional[BaseException]) -> None:
+        with self._to_socket_lock:
+            self.closing = True
         self.piper._set_interest(self, self.sock, 0)
         self.conn.set_listener(None)
         if error is None or self.conn.ended:
@@ -339,7 +376,8 @@ class Piper:
 
     def _add(self, pipe: _Pipe, *conns: TunnelConnection) -> None:
         def listener(_conn: TunnelConnection) -> None:
-            self._mark(pipe)
+            if not (isinstance(pipe, _SocketPipe) and pipe.deliver_now()):
+                self._mark(pipe)
 
         for conn in conns:
             conn.set_listener(listener)

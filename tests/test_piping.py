@@ -351,6 +351,36 @@ def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., Sessio
         piper.pipe_socket(socket.socket(), far)
 
 
+def test_reader_thread_delivers_to_the_socket_without_a_piper_turn(
+    session_pair_factory: Callable[..., SessionPair], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tunnel bytes for a socket that can take them go out on the session's
+    reader thread (``deliver_now``): the piper thread is not woken for them."""
+    piper = Piper("deliver-piper")
+    handler = AcceptingHandler()
+    pair = session_pair_factory(connect_handler=handler)
+    conn = pair.server.dial("tcp", "x:1", timeout=TIMEOUT)
+    far = handler.next()
+    left, right = socket.socketpair()
+    right.settimeout(TIMEOUT)
+    try:
+        piper.pipe_socket(left, far)
+        conn.sendall(b"first")
+        assert recv_exactly(right, 5) == b"first"
+        marks: List[object] = []
+        original = piper._mark
+        monkeypatch.setattr(piper, "_mark", lambda pipe: (marks.append(pipe), original(pipe)))
+        for number in range(20):
+            conn.sendall(b"%04d" % number)
+            assert recv_exactly(right, 4) == b"%04d" % number
+        assert marks == []
+        right.sendall(b"back")  # the other direction still goes through the piper
+        assert recv_exactly(conn, 4) == b"back"
+    finally:
+        piper.stop()
+        right.close()
+
+
 def test_dial_socket_forms(echo_server: EchoServer, tmp_path: Any) -> None:
     sock = dial_socket("tcp", echo_server.address, TIMEOUT)
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
