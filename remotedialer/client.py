@@ -26,7 +26,7 @@ from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader,
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
-from .transport import TransportClosed
+from .transport import TransportClosed, feed_from_socket
 
 __all__ = [
     "WebSocketClientTransport",
@@ -103,18 +103,7 @@ class WebSocketClientTransport:
 
     def _fill(self) -> None:
         """Read what the socket has (blocks until something arrives)."""
-        sock = self.ws.sock
-        try:
-            if sock is None:
-                raise OSError("no socket")
-            data = sock.recv(RECEIVE_BYTES)
-        except OSError as exc:
-            if self._closed:
-                raise TransportClosed("websocket closed") from exc
-            raise TransportClosed(f"websocket read failed: {exc}") from exc
-        if not data:
-            raise TransportClosed("websocket closed" if self._closed else "websocket EOF")
-        self._frames.feed(data)
+        feed_from_socket(self._frames, self.ws.sock, RECEIVE_BYTES, lambda: self._closed)
 
     def _answer_ping(self, payload: bytes) -> None:
         try:

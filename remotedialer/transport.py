@@ -19,17 +19,41 @@ Contract:
 from __future__ import annotations
 
 import collections
+import socket
 import threading
 import time
-from typing import Deque, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Deque, Optional, Protocol, Tuple, Union
 
 from .errors import ProtocolError, TunnelClosedError
+
+if TYPE_CHECKING:
+    from .frames import FrameReader
 
 __all__ = ["Transport", "TransportClosed", "MemoryTransport", "memory_pair"]
 
 
 class TransportClosed(TunnelClosedError):
     """The WebSocket under a session closed or failed."""
+
+
+def feed_from_socket(
+    reader: "FrameReader", sock: Optional[socket.socket], size: int, closing: Callable[[], bool]
+) -> None:
+    """Feed ``reader`` the next bytes ``sock`` has, up to ``size``; blocks
+    until some arrive. Raises :class:`TransportClosed` at EOF or on a socket
+    error, as a plain "websocket closed" when ``closing()`` says our own
+    close caused it."""
+    try:
+        if sock is None:
+            raise OSError("no socket")
+        data = sock.recv(size)
+    except OSError as exc:
+        if closing():
+            raise TransportClosed("websocket closed") from exc
+        raise TransportClosed(f"websocket read failed: {exc}") from exc
+    if not data:
+        raise TransportClosed("websocket closed" if closing() else "websocket EOF")
+    reader.feed(data)
 
 
 class Transport(Protocol):

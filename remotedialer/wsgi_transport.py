@@ -58,7 +58,7 @@ from .frames import (
     parse_close,
 )
 from .protocol import Bytes
-from .transport import TransportClosed
+from .transport import TransportClosed, feed_from_socket
 
 __all__ = [
     "is_websocket_request",
@@ -359,15 +359,7 @@ class ServerWebSocket:
     def _fill(self) -> None:
         if self._closed:
             raise TransportClosed("websocket closed")
-        try:
-            data = self.sock.recv(self.receive_bytes)
-        except OSError as exc:
-            if self._closed:
-                raise TransportClosed("websocket closed") from exc
-            raise TransportClosed(f"websocket read failed: {exc}") from exc
-        if not data:
-            raise TransportClosed("websocket closed" if self._closed else "websocket EOF")
-        self._reader.feed(data)
+        feed_from_socket(self._reader, self.sock, self.receive_bytes, lambda: self._closed)
 
     # -- closing
     def close(self) -> None:
