@@ -26,7 +26,7 @@ from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader,
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
-from .transport import TransportClosed, feed_from_socket
+from .transport import TransportClosed, next_event_from_socket
 
 __all__ = [
     "WebSocketClientTransport",
@@ -84,12 +84,9 @@ class WebSocketClientTransport:
         the WebSocket closes and :class:`~remotedialer.errors.ProtocolError`
         for a text message or a frame breaking RFC 6455.
         """
+        sock, closing = self.ws.sock, lambda: self._closed
         while True:
-            event = self._frames.next_event()
-            if event is None:
-                self._fill()
-                continue
-            opcode, payload = event
+            opcode, payload = next_event_from_socket(self._frames, sock, RECEIVE_BYTES, closing)
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_TEXT:
@@ -100,10 +97,6 @@ class WebSocketClientTransport:
                 self._answer_ping(payload)
             elif opcode == OP_CLOSE:
                 raise TransportClosed("websocket closed by the server")
-
-    def _fill(self) -> None:
-        """Read what the socket has (blocks until something arrives)."""
-        feed_from_socket(self._frames, self.ws.sock, RECEIVE_BYTES, lambda: self._closed)
 
     def _answer_ping(self, payload: bytes) -> None:
         try:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Deque, Optional, Protocol, Tuple, Un
 from .errors import ProtocolError, TunnelClosedError
 
 if TYPE_CHECKING:
-    from .frames import FrameReader
+    from .frames import FrameReader, WebSocketEvent
 
 __all__ = ["Transport", "TransportClosed", "MemoryTransport", "memory_pair"]
 
@@ -36,24 +36,31 @@ class TransportClosed(TunnelClosedError):
     """The WebSocket under a session closed or failed."""
 
 
-def feed_from_socket(
+def next_event_from_socket(
     reader: "FrameReader", sock: Optional[socket.socket], size: int, closing: Callable[[], bool]
-) -> None:
-    """Feed ``reader`` the next bytes ``sock`` has, up to ``size``; blocks
-    until some arrive. Raises :class:`TransportClosed` at EOF or on a socket
-    error, as a plain "websocket closed" when ``closing()`` says our own
-    close caused it."""
-    try:
-        if sock is None:
-            raise OSError("no socket")
-        data = sock.recv(size)
-    except OSError as exc:
+) -> "WebSocketEvent":
+    """The next event of ``reader``, fed from ``sock`` (``size`` bytes at a
+    time) until one is whole; blocks on ``recv``. Raises
+    :class:`TransportClosed` at EOF, on a socket error or once ``closing()``
+    (our own close: then as a plain "websocket closed"), and
+    :class:`~remotedialer.frames.WebSocketProtocolError` for a bad frame."""
+    while True:
+        event = reader.next_event()
+        if event is not None:
+            return event
         if closing():
-            raise TransportClosed("websocket closed") from exc
-        raise TransportClosed(f"websocket read failed: {exc}") from exc
-    if not data:
-        raise TransportClosed("websocket closed" if closing() else "websocket EOF")
-    reader.feed(data)
+            raise TransportClosed("websocket closed")
+        try:
+            if sock is None:
+                raise OSError("no socket")
+            data = sock.recv(size)
+        except OSError as exc:
+            if closing():
+                raise TransportClosed("websocket closed") from exc
+            raise TransportClosed(f"websocket read failed: {exc}") from exc
+        if not data:
+            raise TransportClosed("websocket closed" if closing() else "websocket EOF")
+        reader.feed(data)
 
 
 class Transport(Protocol):

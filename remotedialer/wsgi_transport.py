@@ -58,7 +58,7 @@ from .frames import (
     parse_close,
 )
 from .protocol import Bytes
-from .transport import TransportClosed, feed_from_socket
+from .transport import TransportClosed, next_event_from_socket
 
 __all__ = [
     "is_websocket_request",
@@ -330,16 +330,15 @@ class ServerWebSocket:
         :class:`~remotedialer.errors.ProtocolError` for a text message or a
         frame breaking RFC 6455 (after sending the matching close frame).
         """
+        def closing() -> bool:
+            return self._closed
+
         while True:
             try:
-                event = self._reader.next_event()
+                opcode, payload = next_event_from_socket(self._reader, self.sock, self.receive_bytes, closing)
             except WebSocketProtocolError as exc:
                 self._send_close(exc.close_code, str(exc)[:60], _CLOSE_WRITE_TIMEOUT)
                 raise
-            if event is None:
-                self._fill()
-                continue
-            opcode, payload = event
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_PING:
@@ -355,11 +354,6 @@ class ServerWebSocket:
                 self._send_close(answer, "", _CLOSE_WRITE_TIMEOUT)
                 raise TransportClosed(f"websocket closed by the client ({self.close_code})")
             # a pong: nothing to do (the server does not ping on its own)
-
-    def _fill(self) -> None:
-        if self._closed:
-            raise TransportClosed("websocket closed")
-        feed_from_socket(self._reader, self.sock, self.receive_bytes, lambda: self._closed)
 
     # -- closing
     def close(self) -> None:
