@@ -272,9 +272,24 @@ def dummy(tmp_path: Any) -> Iterator[DummyServer]:
     server.stop()
 
 
+@pytest.fixture
+def dummy_conn(dummy: DummyServer) -> Iterator[http.client.HTTPConnection]:
+    """A keep-alive HTTP connection to the dummy server."""
+    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
+    yield conn
+    conn.close()
+
+
 def _get(conn: http.client.HTTPConnection, path: str, method: str = "GET") -> http.client.HTTPResponse:
     conn.request(method, path)
     return conn.getresponse()
+
+
+def _status(conn: http.client.HTTPConnection, path: str) -> int:
+    """The status of ``GET path`` (the body is read, so the connection can go on)."""
+    response = _get(conn, path)
+    response.read()
+    return response.status
 
 
 def test_generated_bytes_are_deterministic() -> None:
@@ -284,55 +299,39 @@ def test_generated_bytes_are_deterministic() -> None:
     assert generated_sha256(0) == hashlib.sha256(b"").hexdigest()
 
 
-def test_dummy_serves_files_generated_data_with_keep_alive(dummy: DummyServer, tmp_path: Any) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
-    try:
-        response = _get(conn, "/file.bin")
-        assert response.status == 200
-        assert response.read() == (tmp_path / "file.bin").read_bytes()
-        sock = conn.sock
-        size = 3 * BLOCK_SIZE + 5
-        response = _get(conn, f"/bytes/{size}")
-        assert response.getheader("Content-Length") == str(size)
-        assert hashlib.sha256(response.read()).hexdigest() == generated_sha256(size)
-        response = _get(conn, "/bytes/77?seed=3")
-        assert response.read() == generated_bytes(77, seed=3)
-        response = _get(conn, "/bytes/10", method="HEAD")
-        assert (response.getheader("Content-Length"), response.read()) == ("10", b"")
-        response = _get(conn, "/")
-        listing = response.read()
-        assert b"file.bin" in listing and b"sub/" in listing
-        assert conn.sock is sock  # every request went over one kept-alive connection
-        response = _get(conn, "/missing")
-        assert response.status == 404
-        response.read()
-    finally:
-        conn.close()
+def test_dummy_serves_files_generated_data_with_keep_alive(
+    dummy_conn: http.client.HTTPConnection, tmp_path: Any
+) -> None:
+    conn = dummy_conn
+    response = _get(conn, "/file.bin")
+    assert response.status == 200
+    assert response.read() == (tmp_path / "file.bin").read_bytes()
+    sock = conn.sock
+    size = 3 * BLOCK_SIZE + 5
+    response = _get(conn, f"/bytes/{size}")
+    assert response.getheader("Content-Length") == str(size)
+    assert hashlib.sha256(response.read()).hexdigest() == generated_sha256(size)
+    response = _get(conn, "/bytes/77?seed=3")
+    assert response.read() == generated_bytes(77, seed=3)
+    response = _get(conn, "/bytes/10", method="HEAD")
+    assert (response.getheader("Content-Length"), response.read()) == ("10", b"")
+    response = _get(conn, "/")
+    listing = response.read()
+    assert b"file.bin" in listing and b"sub/" in listing
+    assert conn.sock is sock  # every request went over one kept-alive connection
+    assert _status(conn, "/missing") == 404
 
 
-def test_dummy_drip_and_bad_parameters(dummy: DummyServer) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
-    try:
-        response = _get(conn, "/drip/1000?interval=0.01&chunks=4")
-        assert response.read() == generated_bytes(1000)
-        response = _get(conn, "/drip/10?chunks=0")
-        assert response.status == 400
-        response.read()
-        response = _get(conn, "/stall?seconds=-1")
-        assert response.status == 400
-        response.read()
-    finally:
-        conn.close()
+def test_dummy_drip_and_bad_parameters(dummy_conn: http.client.HTTPConnection) -> None:
+    assert _get(dummy_conn, "/drip/1000?interval=0.01&chunks=4").read() == generated_bytes(1000)
+    assert _status(dummy_conn, "/drip/10?chunks=0") == 400
+    assert _status(dummy_conn, "/stall?seconds=-1") == 400
 
 
-def test_dummy_stall_sends_the_head_at_once(dummy: DummyServer) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
-    try:
-        response = _get(conn, "/stall?seconds=0.2")
-        assert response.status == 200
-        assert response.read() == b"finally\n"
-    finally:
-        conn.close()
+def test_dummy_stall_sends_the_head_at_once(dummy_conn: http.client.HTTPConnection) -> None:
+    response = _get(dummy_conn, "/stall?seconds=0.2")
+    assert response.status == 200
+    assert response.read() == b"finally\n"
 
 
 # ------------------------------------------------------------------- demo
