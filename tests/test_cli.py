@@ -176,7 +176,11 @@ def clean_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
              "simple_websocket", "gunicorn"]
     levels = {name: logging.getLogger(name).level for name in names}
     handlers = list(logging.getLogger().handlers)
-    monkeypatch.delenv("CATTLE_TUNNEL_DATA_DEBUG", raising=False)
+    # setenv first: monkeypatch then removes the variable again afterwards,
+    # even when the test's setup_logging(debug=True) set it (a bare delenv of
+    # an absent variable restores nothing, and tracing leaked into later tests)
+    monkeypatch.setenv("CATTLE_TUNNEL_DATA_DEBUG", "")
+    monkeypatch.delenv("CATTLE_TUNNEL_DATA_DEBUG")
     yield
     root = logging.getLogger()
     for handler in list(root.handlers):
