@@ -2,7 +2,8 @@
 
 Everything that turns frames into bytes and back lives here, for both ends:
 
-* :class:`FrameReader` decodes what a client sends to a server (masked
+* :class:`FrameReader` decodes frames (a server's reader: the masked frames
+  of a client; with ``from_client=False`` a client's: unmasked server
   frames), assembles fragmented messages and enforces the message size limit;
 * :func:`encode_frame` / :func:`encode_frame_header` build server-to-client
   frames (never masked), :func:`encode_masked_frame` client-to-server ones;
@@ -24,9 +25,10 @@ import codecs
 import os
 import struct
 import sys
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple
 
 from .errors import ProtocolError
+from .protocol import Bytes
 
 __all__ = [
     "FrameReader",
@@ -48,20 +50,14 @@ __all__ = [
     "OP_PONG",
 ]
 
-Bytes = Union[bytes, bytearray, memoryview]
-
+# Opcodes (RFC 6455 §5.2). Every protocol message travels in BINARY messages;
+# TEXT is a protocol error for remotedialer; clients PING every 5 s.
 OP_CONTINUATION = 0x0
-"""Opcode of a continuation frame (RFC 6455 §5.2)."""
 OP_TEXT = 0x1
-"""Opcode of a text frame: a protocol error for remotedialer."""
 OP_BINARY = 0x2
-"""Opcode of a binary frame: every protocol message travels in these."""
 OP_CLOSE = 0x8
-"""Opcode of a close frame."""
 OP_PING = 0x9
-"""Opcode of a ping frame (clients ping every 5 s)."""
 OP_PONG = 0xA
-"""Opcode of a pong frame."""
 _DATA_OPCODES = (OP_TEXT, OP_BINARY)
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 
@@ -230,17 +226,18 @@ def _error(message: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> WebSocketPro
 
 
 class FrameReader:
-    """Decodes the frames a client sends to a server, sans I/O.
+    """Decodes the frames a client sends to a server (or, with
+    ``from_client=False``, those a server sends to a client), sans I/O.
 
     :meth:`feed` the bytes read from the socket, then call :meth:`next_event`
-    until it returns ``None``. Enforces RFC 6455 §5 for a server that
-    negotiated no extension: client frames must be masked, reserved bits and
-    unknown opcodes are errors, control frames are short and unfragmented,
-    continuation frames only continue a started message, lengths use their
-    shortest encoding, text is UTF-8 (checked frame by frame), a close
-    frame carries nothing, or a valid code and a UTF-8 reason. A message over
-    ``max_message_size`` bytes is an error as soon as its length is known.
-    Errors raise :class:`WebSocketProtocolError`.
+    until it returns ``None``. Enforces RFC 6455 §5 for an end that
+    negotiated no extension: client frames must be masked and server frames
+    must not be, reserved bits and unknown opcodes are errors, control frames
+    are short and unfragmented, continuation frames only continue a started
+    message, lengths use their shortest encoding, text is UTF-8 (checked frame
+    by frame), a close frame carries nothing, or a valid code and a UTF-8
+    reason. A message over ``max_message_size`` bytes is an error as soon as
+    its length is known. Errors raise :class:`WebSocketProtocolError`.
 
     ``tests/test_wsproto_differential.py`` checks it against wsproto's frame
     parser on generated valid and invalid streams: the two agree on messages,
@@ -249,8 +246,9 @@ class FrameReader:
     limit (1009).
     """
 
-    def __init__(self, max_message_size: int) -> None:
+    def __init__(self, max_message_size: int, from_client: bool = True) -> None:
         self.max_message_size = max_message_size
+        self.from_client = from_client
         self._buffer = bytearray()
         self._fragments: List[bytes] = []
         self._fragment_opcode: Optional[int] = None
@@ -325,8 +323,9 @@ class FrameReader:
         opcode = first & 0x0F
         if opcode not in _DATA_OPCODES and opcode not in _CONTROL_OPCODES and opcode != OP_CONTINUATION:
             raise _error(f"unknown opcode {opcode:#x}")
-        if not second & 0x80:
-            raise _error("client frame not masked")
+        masked = bool(second & 0x80)
+        if masked != self.from_client:
+            raise _error("client frame not masked" if self.from_client else "server frame masked")
         length = second & 0x7F
         offset = 2
         if opcode in _CONTROL_OPCODES:
@@ -353,10 +352,13 @@ class FrameReader:
         if opcode not in _CONTROL_OPCODES:
             # fail before buffering a frame we will not accept
             self._check_size(self._fragment_size + length)
-        end = offset + 4 + length
+        start = offset + 4 if masked else offset
+        end = start + length
         if len(buf) < end:
             return None
-        key = bytes(buf[offset:offset + 4])
-        payload = mask(memoryview(buf)[offset + 4:end], key)
+        if masked:
+            payload = mask(memoryview(buf)[start:end], bytes(buf[offset:start]))
+        else:
+            payload = bytes(buf[start:end])
         del buf[:end]
         return fin, opcode, payload

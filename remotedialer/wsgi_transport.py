@@ -34,12 +34,13 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 from urllib3.util.wait import wait_for_write
 
 from .addresses import join_host_port
 from .errors import ProtocolError
+from .httputil import header_tokens
 from .frames import (
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
@@ -56,6 +57,7 @@ from .frames import (
     encode_frame_header,
     parse_close,
 )
+from .protocol import Bytes
 from .transport import TransportClosed
 
 __all__ = [
@@ -83,13 +85,10 @@ _CLOSE_WRITE_TIMEOUT = 1.0
 # pong for the latest ping is enough, RFC 6455 5.5.3).
 _MAX_PENDING_PONGS = 64
 
-Bytes = Union[bytes, bytearray, memoryview]
-
 
 # ---------------------------------------------------------------- handshake
 def _header_tokens(environ: Mapping[str, Any], name: str) -> List[str]:
-    value = str(environ.get(name, ""))
-    return [token.strip().lower() for token in value.split(",") if token.strip()]
+    return header_tokens(str(environ.get(name, "")))
 
 
 def is_websocket_request(environ: Mapping[str, Any]) -> Optional[str]:

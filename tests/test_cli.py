@@ -72,6 +72,20 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert exited.value.code == 2
 
 
+@pytest.mark.parametrize("spec, reason", [
+    ("9125=foo:udp:127.0.0.1:53", "cannot forward proto 'udp'"),
+    ("9125=foo:tcp", "want LISTEN=CLIENT_KEY:PROTO:ADDRESS"),
+])
+def test_bad_forward_exits_2_before_starting(
+    spec: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["server", "--listen", "127.0.0.1:0", "--forward", spec])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --forward" in err and reason in err
+
+
 # ------------------------------------------------------ the example server
 
 

@@ -42,6 +42,7 @@ from werkzeug.wsgi import LimitedStream
 from ..addresses import join_host_port, reachable_host
 from ..discovery import DnsPeerDiscovery
 from ..forwarder import DEFAULT_TIMEOUT, Forwarder, poll_readable
+from ..httputil import WSGIApp, header_tokens, plain_text_response
 from ..lifecycle import GracefulShutdown, chain_sigterm, is_gunicorn_worker
 from ..peering import PeerSpec as Peer
 from ..peering import parse_peers
@@ -63,8 +64,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 #: Threads the built-in server may run at once: one per tunnel plus one per
 #: request in flight. Further connections wait to be accepted.
@@ -155,12 +154,7 @@ class ServerApp:
         mounted = self._mounts.get(path)
         if mounted is not None:
             return mounted(environ, start_response)
-        body = b"not found\n"
-        start_response(
-            "404 Not Found",
-            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
-        )
-        return [body]
+        return plain_text_response(start_response, 404, "not found\n")
 
     def close(self) -> None:
         """Close every tunnel session the server holds (if it can) and the
@@ -195,6 +189,7 @@ def make_app(
     drain_seconds: Optional[float] = None,
     dns_default_port: int = scaleout.DEFAULT_PORT,
     handle_sigterm: Optional[bool] = None,
+    debug_endpoints: Optional[bool] = None,
 ) -> ServerApp:
     """Build the example server's WSGI app (the gunicorn app factory).
 
@@ -203,7 +198,10 @@ def make_app(
     ``handle_sigterm`` runs the graceful shutdown on SIGTERM and then hands
     the signal to the handler installed before; by default it does so when
     that handler is a gunicorn worker's (the app is loaded in the worker,
-    i.e. without ``--preload``).
+    i.e. without ``--preload``). ``debug_endpoints``
+    (``REMOTEDIALER_DEBUG_ENDPOINTS``) serves ``/debug/sessions``: the
+    instance's session table as JSON (client keys, peers, what peers
+    advertised).
     """
     if debug is None:
         debug = _env_flag("REMOTEDIALER_DEBUG")
@@ -249,11 +247,19 @@ def make_app(
 
         app.mount("/metrics", make_wsgi_app(metrics_registry))
     wire_peers(server, peer_list)
-    app.discovery = scaleout.start_discovery(server, scale, dns_default_port)
+    try:
+        app.discovery = scaleout.start_discovery(server, scale, dns_default_port)
+    except BaseException:
+        app.close()
+        raise
     app.shutdown = scale.shutdown_for(server, app.discovery)
     app.connect_app = app.shutdown.guard(server)
     app.mount("/healthz", app.shutdown.healthz)
     app.mount("/readyz", app.shutdown.readyz)
+    if debug_endpoints is None:
+        debug_endpoints = _env_flag("REMOTEDIALER_DEBUG_ENDPOINTS")
+    if debug_endpoints:
+        app.mount("/debug/sessions", app.shutdown.sessions)
     if handle_sigterm is None:
         handle_sigterm = (threading.current_thread() is threading.main_thread()
                           and is_gunicorn_worker(signal.getsignal(signal.SIGTERM)))
@@ -383,10 +389,10 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         if headers is None:
             return False
         self.headers = headers
-        connection = headers.get("Connection", "").lower()
-        if connection == "close":
+        connection = header_tokens(headers.get("Connection", ""))
+        if "close" in connection:
             self.close_connection = True
-        elif connection == "keep-alive":
+        elif "keep-alive" in connection:
             self.close_connection = False
         if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             return bool(self.handle_expect_100())
@@ -561,7 +567,7 @@ class _ResponseWriter:
                 except ValueError:
                     self.keep_alive = False
             elif lowered == "connection":
-                if "close" in value.lower():
+                if "close" in header_tokens(value):
                     self.keep_alive = False
                 continue  # hop-by-hop: decided here
             lines.append(f"{name}: {value}\r\n")
@@ -695,9 +701,9 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``remotedialer server`` options (the Go example's flags and a few more)."""
-    from . import _listen_type
+    from . import listen_address_type
 
-    parser.add_argument("--listen", default=":8123", type=_listen_type, metavar="ADDR",
+    parser.add_argument("--listen", default=":8123", type=listen_address_type, metavar="ADDR",
                         help="listen address, HOST:PORT or :PORT (default :8123)")
     parser.add_argument("--id", default="", help="peer id of this server (peering)")
     parser.add_argument("--token", default="", help="peer token shared by the servers (peering)")
@@ -716,14 +722,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep idle HTTP/1.1 connections open this long for their next request "
                              f"(default {DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: close after each request)")
     parser.add_argument("--forward", action="append", default=[], metavar="LISTEN=CLIENT:PROTO:ADDRESS",
+                        type=_forward_type,
                         help="forward a TCP port through a client, like ssh -R (repeatable), "
-                             "e.g. 127.0.0.1:9125=foo:tcp:127.0.0.1:8125")
+                             "e.g. 127.0.0.1:9125=foo:tcp:127.0.0.1:8125; PROTO is tcp, tcp4, "
+                             "tcp6 or unix")
     scaleout.add_arguments(parser)
+
+
+def _forward_type(text: str) -> Any:
+    """``--forward``: a :class:`~remotedialer.forward.ForwardSpec`; a bad one
+    is a usage error (exit status 2) saying why."""
+    from ..forward import parse_forward_spec
+
+    try:
+        return parse_forward_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; returns the exit status."""
-    from ..forward import parse_forward_spec
     from . import install_stop_signals, wait_for_stop
 
     try:
@@ -743,7 +761,7 @@ def run(args: argparse.Namespace) -> int:
             dns_default_port=args.listen[1],
             handle_sigterm=False,
         )
-        specs = [parse_forward_spec(text) for text in args.forward]
+        specs = list(args.forward)  # ForwardSpecs, checked by _forward_type
     except (ValueError, ImportError) as exc:
         log.error("%s", exc)
         return 2
