@@ -226,6 +226,13 @@ def _response_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
 # one send for a bodyless request, the head read into a bytearray and split
 # once, the body framed by Content-Length, chunked coding or the connection
 # closing (RFC 9112 §6.3). Anything malformed is refused with BadResponse.
+#
+# Measured against libraries before keeping it (docs/benchmarks.rst, "Libraries
+# against the hand-written code"): per request/response cycle without I/O this
+# client takes 24 us of CPU, h11 110 us and httpcore (over TunnelBackend)
+# 195 us; end to end the server's CPU per 1 KiB GET grew by 45 % with h11 and
+# 2.5x with httpcore, so the request rate would drop far more than the 5 % a
+# switch was allowed to cost.
 
 #: A response head longer than this is refused (http.client allows 100 lines
 #: of 64 KiB; real heads are a few hundred bytes).
