@@ -611,6 +611,7 @@ def run_roll(options: RollOptions) -> RollResult:
     log_handler = logging.FileHandler(os.path.join(workdir, "agents.log"))
     log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     agents_log = logging.getLogger("remotedialer")
+    saved_level, saved_propagate = agents_log.level, agents_log.propagate
     agents_log.addHandler(log_handler)
     agents_log.setLevel(logging.INFO)
     agents_log.propagate = False
@@ -678,7 +679,8 @@ def run_roll(options: RollOptions) -> RollResult:
         target.shutdown()
         target.server_close()
         agents_log.removeHandler(log_handler)
-        agents_log.propagate = True
+        agents_log.setLevel(saved_level)
+        agents_log.propagate = saved_propagate
         log_handler.close()
 
 
