@@ -18,6 +18,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
+from .singleton import Singleton
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -118,14 +120,9 @@ class Heartbeat:
             self._wake.clear()
 
 
-_default: Optional[Heartbeat] = None
-_default_lock = threading.Lock()
+_default = Singleton(Heartbeat)
 
 
 def default() -> Heartbeat:
     """The process-wide heartbeat used by sessions that are given none."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Heartbeat()
-        return _default
+    return _default.get()

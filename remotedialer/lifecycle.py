@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 from werkzeug.wrappers import Request
 
+from .httputil import StartResponse, WSGIApp, WSGIEnviron, plain_text_response
+
 if TYPE_CHECKING:
     from .discovery import DnsPeerDiscovery
     from .server import Server
@@ -53,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+_NO_STORE = [("Cache-Control", "no-store")]
 
 DEFAULT_DRAIN_SECONDS = 0.0
 """Seconds between failing readiness and closing the tunnels. 0 closes them
@@ -148,11 +150,11 @@ class GracefulShutdown:
         """Whether every readiness check passes."""
         return all(passed for _name, passed, _detail in self.checks())
 
-    def healthz(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def healthz(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
         """WSGI app: 200 ``ok`` (the process answers)."""
-        return _plain(start_response, 200, "ok\n")
+        return plain_text_response(start_response, 200, "ok\n", _NO_STORE)
 
-    def readyz(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def readyz(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
         """WSGI app: 200 when ready, 503 otherwise; ``?verbose`` lists the checks."""
         checks = self.checks()
         ready = all(passed for _name, passed, _detail in checks)
@@ -161,7 +163,7 @@ class GracefulShutdown:
         else:
             text = ""
         text += "ok\n" if ready else "not ready\n"
-        return _plain(start_response, 200 if ready else 503, text)
+        return plain_text_response(start_response, 200 if ready else 503, text, _NO_STORE)
 
     def session_table(self) -> Dict[str, Any]:
         """What this instance holds: its client keys (with their session
@@ -190,7 +192,7 @@ class GracefulShutdown:
         """``app`` (the connect endpoint) refusing new client tunnels with
         503 once shutdown began; authenticated peers still get through."""
 
-        def guarded(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def guarded(environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
             if self._state != SERVING and self.server.peering.authenticate(Request(environ).headers) is None:
                 return self.server.error_writer(environ, start_response, 503, "server shutting down")
             return app(environ, start_response)
@@ -288,17 +290,6 @@ class GracefulShutdown:
         finally:
             manager.remove_listener(listener)
         return len(sessions)
-
-
-def _plain(start_response: Callable[..., Any], status: int, text: str) -> List[bytes]:
-    body = text.encode()
-    reason = {200: "OK", 503: "Service Unavailable"}[status]
-    start_response(f"{status} {reason}", [
-        ("Content-Type", "text/plain; charset=utf-8"),
-        ("Content-Length", str(len(body))),
-        ("Cache-Control", "no-store"),
-    ])
-    return [body]
 
 
 def is_gunicorn_worker(handler: Any) -> bool:
