@@ -746,6 +746,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="write every run's figures as JSON")
     args = parser.parse_args(argv)
     raise_fd_limit()
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # the instances started are stopped on the way out
+
+    signal.signal(signal.SIGTERM, stop)
     results = []
     for run in range(args.runs):
         options = RollOptions(agents=args.agents, instances=args.instances, peer_refresh=args.peer_refresh,
