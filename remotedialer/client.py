@@ -21,7 +21,7 @@ import websocket
 from urllib3.util.wait import wait_for_write
 
 from .config import DEFAULT_LIMITS, Limits
-from .errors import HandshakeError, ProtocolError
+from .errors import HandshakeError, ProtocolError, error_text
 from .frames import encode_masked_frame
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
@@ -175,7 +175,8 @@ def _open_websocket(
         )
     except websocket.WebSocketBadStatusException as exc:
         body = exc.resp_body.decode("utf-8", "replace") if exc.resp_body else ""
-        raise HandshakeError(exc.status_code, body.strip(), exc) from exc
+        reason = str(getattr(exc, "status_message", None) or "")
+        raise HandshakeError(exc.status_code, body.strip(), exc, reason=reason) from exc
     except BaseException:
         ws.shutdown()  # type: ignore[no-untyped-call]
         raise
@@ -296,7 +297,7 @@ class TunnelClient:
                 failures = 0 if lived > self.backoff.initial else failures + 1
             except (HandshakeError, OSError, websocket.WebSocketException) as exc:
                 self.last_error = exc
-                log.warning("failed to connect to %s: %s", self.url, exc)
+                log.warning("failed to connect to %s: %s", self.url, error_text(exc))
                 failures += 1
             if self._stop.is_set():
                 break
