@@ -285,7 +285,19 @@ class TunnelClient:
                 self._session = None
 
     def run(self) -> None:
-        """Connect, serve, and reconnect with backoff until :meth:`stop`."""
+        """Connect, serve, and reconnect with backoff until :meth:`stop`.
+
+        Run on the main thread, Ctrl-C (``KeyboardInterrupt``) stops it too:
+        the tunnel is closed and ``run`` returns instead of raising."""
+        try:
+            self._reconnect_loop()
+        except KeyboardInterrupt:
+            log.info("interrupted: closing the tunnel to %s", self.url)
+            self.stop(timeout=0)
+        finally:
+            self._local_dialer.shutdown()
+
+    def _reconnect_loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -306,7 +318,6 @@ class TunnelClient:
                 log.info("reconnecting to %s in %.1fs", self.url, delay)
             self._wake.wait(delay)
             self._wake.clear()
-        self._local_dialer.shutdown()
 
     def start(self) -> threading.Thread:
         """Run :meth:`run` on a daemon thread and return it."""
