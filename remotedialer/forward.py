@@ -54,17 +54,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Optional, Protocol, Set, Tuple
 
 from .addresses import join_host_port, parse_listen_address
 from .connection import TunnelConnection
 from .errors import RemoteError, error_text
 from .piping import Piper, default_piper
-
-try:  # Python 3.8+ typing.Protocol
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore[assignment]
 
 __all__ = [
     "FORWARD_PROTOS",

@@ -19,10 +19,10 @@ from typing import Any, Iterable, Iterator, Optional
 import httpcore
 from urllib3.util.wait import wait_for_read
 
-from ..bridge import as_socket, tunnel_error
+from ..bridge import as_socket, lost_transport, tunnel_error
 from ..connection import TunnelConnection
 from ..piping import Piper
-from .requests import Dial, _lost_transport, dial_address
+from .requests import Dial, dial_address
 
 __all__ = ["TunnelBackend", "TunnelStream"]
 
@@ -88,7 +88,7 @@ class TunnelStream(httpcore.NetworkStream):
             except BaseException as exc:
                 raw.close()
                 cause = tunnel_error(self._tunnel)
-                if cause is not None and _lost_transport(exc):
+                if cause is not None and lost_transport(exc):
                     raise httpcore.ConnectError(f"through the tunnel: {cause}") from cause
                 raise
         return TunnelStream(tls, self._piper, self._tunnel)
