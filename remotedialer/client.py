@@ -21,7 +21,7 @@ import websocket
 from urllib3.util.wait import wait_for_write
 
 from .config import DEFAULT_LIMITS, Limits
-from .errors import HandshakeError, ProtocolError, error_text
+from .errors import HandshakeError, ProtocolError, TunnelTimeoutError, error_text
 from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, encode_masked_frame
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
@@ -275,12 +275,14 @@ class TunnelClient:
         return self._session
 
     def wait_connected(self, timeout: Optional[float] = None) -> Session:
-        """Block until a session is up; raise ``TimeoutError`` after ``timeout``."""
+        """Block until a session is up; raise
+        :class:`~remotedialer.errors.TunnelTimeoutError` (a ``TimeoutError``)
+        after ``timeout``."""
         if not self._connected.wait(timeout):
-            raise TimeoutError(f"no tunnel to {self.url} within {timeout}s")
+            raise TunnelTimeoutError(f"no tunnel to {self.url} within {timeout}s")
         session = self._session
         if session is None:
-            raise TimeoutError(f"tunnel to {self.url} dropped")
+            raise TunnelTimeoutError(f"tunnel to {self.url} dropped")
         return session
 
     def connect_once(self) -> str:
