@@ -39,6 +39,7 @@ response (the client sees a truncated body, never a silently shortened one).
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import logging
 import re
@@ -415,7 +416,9 @@ class UpstreamConnection:
             if not self._fill():
                 if buffer:
                     raise BadResponse("the target closed the connection in the middle of the response head")
-                raise ConnectionResetError("the target closed the connection without a response")
+                raise ConnectionResetError(
+                    errno.ECONNRESET, "the target closed the connection without a response"
+                )
 
     def _read_line(self) -> str:
         """One CRLF- or LF-ended line of a chunked body, without its ending."""
@@ -708,7 +711,9 @@ class _StreamedBody:
             # Ending the iteration normally would let the WSGI server finish a
             # chunked response as if complete; raising makes it drop the
             # downstream connection instead.
-            raise ConnectionAbortedError(f"upstream failed mid-body: {_describe(exc)}") from exc
+            raise ConnectionAbortedError(
+                errno.ECONNABORTED, f"upstream failed mid-body: {_describe(exc)}"
+            ) from exc
 
     def close(self) -> None:
         if self._closed:

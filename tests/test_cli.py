@@ -73,6 +73,16 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert exited.value.code == 2
 
 
+def test_server_help_carries_the_open_relay_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["server", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "WARNING: for testing and demos only" in text
+    assert "open relay" in text and "listens on every interface" in text
+    assert "--listen 127.0.0.1:8123" in text
+
+
 @pytest.mark.parametrize("spec, reason", [
     ("9125=foo:udp:127.0.0.1:53", "cannot forward proto 'udp'"),
     ("9125=foo:tcp", "want LISTEN=CLIENT_KEY:PROTO:ADDRESS"),

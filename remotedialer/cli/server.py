@@ -689,6 +689,16 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
         super().shutdown()
 
 
+#: Shown at the end of ``remotedialer server --help``, as README.rst says it.
+HELP_EPILOG = (
+    "WARNING: for testing and demos only, as in Go: this server is an open relay. "
+    "Anyone who can reach it may open a tunnel with any X-Tunnel-ID and reach anything "
+    "through any client via /client/. The default --listen :8123 listens on every "
+    "interface: use --listen 127.0.0.1:8123 or put it behind authentication; real "
+    "deployments build a remotedialer.Server with their own authorizer."
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``remotedialer server`` options (the Go example's flags and a few more)."""
     from . import listen_address_type
