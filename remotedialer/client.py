@@ -56,7 +56,7 @@ class WebSocketClientTransport:
         self.last_keepalive = time.monotonic()
         self._description = description or "websocket"
         self._closed = False
-        self._frames = FrameReader(max_message_size, masked=False)  # reader thread only
+        self._frames = FrameReader(max_message_size, from_client=False)  # reader thread only
 
     def send(self, data: bytes) -> None:
         # Frames are built and masked here (numpy when available, see

@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
+from .addresses import join_host_port, split_remote_address
 from .errors import RemotedialerError
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ DEFAULT_DNS_TIMEOUT = 2.0
 """Seconds one resolution may take in all (every query and retry)."""
 
 DNS_EXTRA_HINT = "peer discovery from DNS needs dnspython: pip install 'remotedialer[k8s]'"
+"""What to install when dnspython is missing (shown by the CLI and in errors)."""
 
 
 class DiscoveryError(RemotedialerError, OSError):
@@ -74,38 +76,23 @@ class Endpoint:
     address: str
     port: int
 
-    def host(self) -> str:
-        """The address as it goes in a URL (IPv6 in brackets)."""
-        return f"[{self.address}]" if ":" in self.address else self.address
-
     def peer_id(self, default_port: int) -> str:
         """The address alone on the default port, else ``address:port``."""
-        return self.address if self.port == default_port else f"{self.host()}:{self.port}"
+        return self.address if self.port == default_port else join_host_port(self.address, self.port)
 
     def url(self, scheme: str = "ws") -> str:
         """The endpoint's connect URL."""
-        return f"{scheme}://{self.host()}:{self.port}/connect"
+        return f"{scheme}://{join_host_port(self.address, self.port)}/connect"
 
 
 def _split_port(text: str, what: str) -> Tuple[str, Optional[int]]:
-    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> (host, port or None)."""
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address
+    -> (host, port or None); the host may not be empty nor the port 0."""
     text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"invalid {what} {text!r}")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, None  # a name, an IPv4 address or a bare IPv6 address
-    if not host:
-        raise ValueError(f"invalid {what} {text!r}: no host")
-    if port_text is None:
-        return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"invalid port in {what} {text!r}")
-    return host, int(port_text)
+    try:
+        return split_remote_address(text)
+    except ValueError as exc:
+        raise ValueError(f"invalid {what} {text!r}: {exc}") from None
 
 
 def parse_dns_name(text: str, default_port: int) -> Tuple[str, str, int]:
@@ -173,7 +160,10 @@ class DnsResolver:
         the resolver fails."""
         errors = self._dns.resolver
         try:
-            srv = self._query(name, "SRV")
+            try:
+                srv = self._query(name, "SRV")
+            except errors.NXDOMAIN:  # some servers only know the name's SRV under _port._tcp
+                srv = None
             if srv is None:
                 return {Endpoint(address, default_port) for address in self._addresses(name)}
             found: Set[Endpoint] = set()
@@ -291,13 +281,13 @@ class DnsPeerDiscovery:
         if self.last_error is not None:
             log.info("peer discovery of %s works again", self.name)
         self.last_error = None
-        self.last_success = time.monotonic()
         wanted = {
             endpoint.peer_id(self.port): endpoint.url(self.scheme)
             for endpoint in endpoints
         }
         wanted.pop(self.self_id, None)
         self._apply(wanted)
+        self.last_success = time.monotonic()
         return True
 
     def _apply(self, wanted: Dict[str, str]) -> None:

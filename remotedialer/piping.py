@@ -20,12 +20,15 @@ import logging
 import selectors
 import socket
 import threading
-from typing import Callable, Dict, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Set
 
 from .addresses import split_host_port
 from .config import DEFAULT_LIMITS, Limits
-from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, DialError, RemoteError
+from .singleton import Singleton
+
+if TYPE_CHECKING:
+    from .connection import TunnelConnection
 
 __all__ = [
     "Piper",
@@ -473,17 +476,12 @@ class Piper:
             self._thread = None
 
 
-_default_piper: Optional[Piper] = None
-_default_lock = threading.Lock()
+_default_piper = Singleton(Piper)
 
 
 def default_piper() -> Piper:
     """The process-wide piper used when none is given."""
-    global _default_piper
-    with _default_lock:
-        if _default_piper is None:
-            _default_piper = Piper()
-        return _default_piper
+    return _default_piper.get()
 
 
 class LocalDialer:
@@ -526,8 +524,8 @@ class LocalDialer:
         self._pool.shutdown(wait=False)
 
     def _dial_and_pipe(self, conn: TunnelConnection) -> None:
-        if conn.ended:
-            return
+        if conn.ended and not conn.buffered:
+            return  # ended before the dial with nothing to deliver
         try:
             sock = self.dialer(conn.proto, conn.address, self.limits.local_dial_timeout)
         except DialError as exc:
@@ -537,9 +535,7 @@ class LocalDialer:
             reason = exc.strerror or str(exc) or type(exc).__name__
             conn.abort(DialError(f"dial {conn.proto} {conn.address}: {reason}", exc))
             return
-        if conn.ended:
-            sock.close()
-            conn.close()
-            return
+        # Even if the far side already ended, what it sent while we dialed is
+        # delivered first: the pipe writes the buffer, then closes both.
         self.piper.pipe_socket(sock, conn)
 

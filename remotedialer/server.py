@@ -36,12 +36,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
-
-try:
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore[assignment]
+from typing import Any, Callable, Iterable, List, Optional, Protocol, Tuple
 
 from werkzeug.wrappers import Request
 
@@ -50,6 +45,7 @@ from .config import DEFAULT_LIMITS, Limits
 from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, error_text
 from .forward import ForwardSpec, PortForward, start_forward
+from .httputil import StartResponse, WSGIEnviron, plain_text_response
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .peering import Peering
@@ -78,8 +74,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-StartResponse = Callable[..., Any]
-WSGIEnviron = Dict[str, Any]
 
 Authorizer = Callable[[Request], Tuple[str, bool]]
 """``authorizer(request) -> (client_key, authed)``; raising refuses the
@@ -92,26 +86,11 @@ refusal as a WSGI response (Go's ``ErrorWriter``)."""
 FAILED_AUTHENTICATION = "failed authentication"
 """Body of the HTTP 401 answer to a request the authorizer did not authorize."""
 
-_STATUS_TEXT = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
 def default_error_writer(
     environ: WSGIEnviron, start_response: StartResponse, status_code: int, message: str
 ) -> Iterable[bytes]:
     """Answer ``status_code`` with ``message`` as a plain-text body, as Go does."""
-    body = message.encode("utf-8")
-    start_response(
-        f"{status_code} {_STATUS_TEXT.get(status_code, 'Error')}",
-        [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
-    )
-    return [body]
+    return plain_text_response(start_response, status_code, message)
 
 
 class PeerRouter(Protocol):
@@ -276,7 +255,8 @@ class Server:
         try:
             if self.websocket == "simple-websocket":
                 transport = SimpleWebSocketTransport(
-                    environ, self.limits.max_message_size, self.receive_bytes
+                    environ, self.limits.max_message_size, self.receive_bytes,
+                    ping_interval=self.limits.read_deadline / 2,
                 )
             else:
                 transport = ServerWebSocket.accept(

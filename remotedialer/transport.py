@@ -20,14 +20,9 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Deque, Optional, Tuple, Union
+from typing import Deque, Optional, Protocol, Tuple, Union
 
 from .errors import ProtocolError, TunnelClosedError
-
-try:  # Python 3.8+ typing.Protocol
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore[assignment]
 
 __all__ = ["Transport", "TransportClosed", "MemoryTransport", "memory_pair"]
 

@@ -72,6 +72,20 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert exited.value.code == 2
 
 
+@pytest.mark.parametrize("spec, reason", [
+    ("9125=foo:udp:127.0.0.1:53", "cannot forward proto 'udp'"),
+    ("9125=foo:tcp", "want LISTEN=CLIENT_KEY:PROTO:ADDRESS"),
+])
+def test_bad_forward_exits_2_before_starting(
+    spec: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["server", "--listen", "127.0.0.1:0", "--forward", spec])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --forward" in err and reason in err
+
+
 # ------------------------------------------------------ the example server
 
 
@@ -347,6 +361,10 @@ def _keepalive_app(environ: Dict[str, Any], start_response: Callable[..., Any]) 
         return [b"abc"]
     if path == "/fail":
         raise RuntimeError("failure under test")
+    if path == "/body":  # reads the request body and answers with it
+        data = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Length", str(len(data)))])
+        return [data]
     if path == "/env":  # what the front end parsed
         names = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL", "HTTP_X_A", "HTTP_X_B")
         body = "|".join(str(environ.get(name)) for name in names).encode("latin-1")
@@ -449,7 +467,7 @@ def _raw_exchange(port: int, request: bytes) -> bytes:
 def test_front_end_request_head_parsing(keepalive_server: BoundedThreadedWSGIServer) -> None:
     answer = _raw_exchange(
         keepalive_server.port,
-        b"GET //en%76?x=1 HTTP/1.1\r\nHost: h\r\nX-A:  one two \r\nx-b:\xe9\nX-Empty:\r\n\r\n",
+        b"GET //en%76?x=1 HTTP/1.1\r\nHost: h\r\nX-A:  one two \r\nx-b:\xe9\r\nX-Empty:\r\n\r\n",
     )
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\nServer: ")
@@ -472,10 +490,12 @@ def test_front_end_refuses_malformed_request_heads(keepalive_server: BoundedThre
     assert answer.startswith(b"HTTP/1.1 " + status)
 
 
-def test_front_end_other_request_lines_go_to_http_server(keepalive_server: BoundedThreadedWSGIServer) -> None:
+def test_front_end_other_request_lines(keepalive_server: BoundedThreadedWSGIServer) -> None:
     assert _raw_exchange(keepalive_server.port, b"GET /a B HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
-    answer = _raw_exchange(keepalive_server.port, b"GET /env HTTP/1.01\r\nHost: h\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"HTTP/1.01|None|None")
+    assert _raw_exchange(keepalive_server.port, b"GET /env HTTP/1.01\r\nHost: h\r\n\r\n").startswith(
+        b"HTTP/1.1 400")
+    assert _raw_exchange(keepalive_server.port, b"GET /env HTTP/1.2\r\nHost: h\r\n\r\n").startswith(
+        b"HTTP/1.1 505")
 
 
 def test_bench_subcommand_runs_the_benchmarks_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -483,3 +503,93 @@ def test_bench_subcommand_runs_the_benchmarks_command(capsys: pytest.CaptureFixt
         main(["bench", "--help"])
     assert exited.value.code == 0
     assert "python -m benchmarks" in capsys.readouterr().out
+
+
+# --------------------------------------- request smuggling at the front end
+# Each request is followed on the same connection by a second one, GET
+# /smuggled: a refused request must close the connection without answering
+# it (bytes another parser could have read as part of the first request
+# are never served as a request of their own).
+_SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def _read_to_close(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)  # times out (failing the test) unless the server closes
+            if not chunk:
+                return data
+            data += chunk
+
+
+@pytest.mark.parametrize("head, status", [
+    # Content-Length and Transfer-Encoding together (CL.TE and TE.CL desync)
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+     b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+     b"400"),
+    # duplicate or malformed Content-Length
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 1, 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: +2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 1_0\r\n\r\n0123456789", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 0x2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", b"400"),
+    # transfer codings: chunked must be the only one, and not in HTTP/1.0
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", b"501"),
+    (b"POST /body HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400"),
+    # obs-fold, bare LF, bare CR, NUL, whitespace before the colon
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nX: a\r\n Content-Length: 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nX: a\nContent-Length: 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\nHost: h\r\nContent-Length: 2\r\n\r\nab", b"400"),
+    (b"GET /a HTTP/1.1\r\nHost: h\r\n\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nX: a\rContent-Length: 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nX: a\x00\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length : 2\r\n\r\nab", b"400"),
+])
+def test_front_end_refuses_ambiguous_framing(keepalive_server: BoundedThreadedWSGIServer, head: bytes,
+                                             status: bytes) -> None:
+    answer = _read_to_close(keepalive_server.port, head + _SMUGGLED)
+    assert answer.startswith(b"HTTP/1.1 " + status)
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"smuggled" not in answer
+
+
+@pytest.mark.parametrize("chunks", [
+    b"0x2\r\nab\r\n0\r\n\r\n",  # hex prefix (werkzeug's dechunker takes it)
+    b"+2\r\nab\r\n0\r\n\r\n",
+    b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n",
+    b"-1\r\n",
+    b" 2\r\nab\r\n0\r\n\r\n",
+    b"\r\nab\r\n0\r\n\r\n",  # no size
+    b"2\nab\r\n0\r\n\r\n",  # bare LF after the size
+    b"2\r\nabX\r\n0\r\n\r\n",  # no CRLF after the data
+    b"2\r\nab\r0\r\n\r\n",  # bare CR after the data
+    b"0\r\n" + b"T: x\r\n" * 101 + b"\r\n",  # endless trailer
+])
+def test_front_end_refuses_invalid_chunked_bodies(keepalive_server: BoundedThreadedWSGIServer,
+                                                  chunks: bytes) -> None:
+    request = b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    answer = _read_to_close(keepalive_server.port, request + _SMUGGLED)
+    assert answer.startswith(b"HTTP/1.1 500")
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"smuggled" not in answer
+
+
+def test_front_end_reads_valid_framing(keepalive_server: BoundedThreadedWSGIServer) -> None:
+    """What is allowed: a chunked body with extensions and a trailer (the
+    connection then closes), the same Content-Length twice (kept alive)."""
+    chunked = (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n"
+               b"2;name=value\r\nab\r\nA\r\n0123456789\r\n0\r\nTrailer: t\r\n\r\n")
+    answer = _read_to_close(keepalive_server.port, chunked + _SMUGGLED)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nab0123456789")
+    twice = b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab"
+    last = _SMUGGLED.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    answer = _read_to_close(keepalive_server.port, twice + last)
+    assert answer.count(b"HTTP/1.1 200") == 2 and b"\r\n\r\nab" in answer
+    assert answer.endswith(b"GET /smuggled")

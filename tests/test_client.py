@@ -296,3 +296,22 @@ def test_on_connect_failure_closes_session_and_reconnects(
     assert calls[0].wait_closed(TIMEOUT)
     assert "on_connect failed" in calls[0].close_reason
 
+
+
+def test_a_tunnel_the_server_closed_is_reopened_at_once_with_jitter(
+    tunnel_server: TunnelServer, clients: List[TunnelClient],
+) -> None:
+    """A close frame from the server (an instance shutting down) ends the
+    session at once; the client reopens it after at most
+    min(restart_jitter, initial), never after a backoff step."""
+    assert all(0 <= Backoff(initial=1.0).restart_delay() <= 0.5 for _ in range(200))
+    assert all(0 <= Backoff(initial=0.1).restart_delay() <= 0.1 for _ in range(200))
+    assert Backoff(restart_jitter=0.0).restart_delay() == 0.0
+    sessions: List[Session] = []
+    start_client(clients, tunnel_server.url, on_connect=sessions.append)
+    wait_for(lambda: tunnel_server.server.has_session("foo") and len(sessions) == 1)
+    for session in tunnel_server.server.sessions("foo"):
+        session.close("going away")
+    assert sessions[0].wait_closed(TIMEOUT)
+    assert sessions[0].close_reason == "websocket closed by the server"  # not a read deadline
+    wait_for(lambda: len(sessions) == 2)

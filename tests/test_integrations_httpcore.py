@@ -109,6 +109,15 @@ def test_https_far_side_refusal_names_the_dial(
     wait_for(tunnel.idle)
 
 
+def test_http_far_side_refusal_is_a_connect_error(
+    tunnel: Tunnel, refusing_port: int, pool: "httpcore.ConnectionPool"
+) -> None:
+    refused = f"dial tcp 127.0.0.1:{refusing_port}: Connection refused"
+    with pytest.raises(httpcore.ConnectError, match=refused):
+        pool.request("GET", f"http://127.0.0.1:{refusing_port}/", extensions=TIMEOUTS)
+    wait_for(tunnel.idle)
+
+
 def test_dial_address_for_ipv6_and_names() -> None:
     seen: List[str] = []
 

@@ -167,6 +167,40 @@ def test_tunnel_close_closes_local_socket_after_data(setup: LocalDialTunnel) -> 
     wait_for(lambda: setup.piper.active_pipes == 0)
 
 
+def test_data_and_close_that_arrive_during_the_local_dial_are_delivered(
+    setup_factory: Callable[..., LocalDialTunnel],
+) -> None:
+    """The far side may send and close before our local dial completes: the
+    target still gets the bytes, then EOF (the dial is not thrown away)."""
+    closed_far_side = threading.Event()
+    accepted: List[socket.socket] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+
+    def slow_dialer(proto: str, address: str, timeout: Optional[float]) -> socket.socket:
+        assert closed_far_side.wait(TIMEOUT)
+        sock = socket.create_connection(listener.getsockname()[:2], timeout=timeout)
+        accepted.append(listener.accept()[0])
+        return sock
+
+    setup = setup_factory(dialer=slow_dialer)
+    conn = setup.dial("slow.internal:80")
+    wait_for(lambda: len(setup.pair.client.connections()) == 1)
+    (client_side,) = setup.pair.client.connections()
+    conn.sendall(b"early words")
+    conn.close()
+    wait_for(lambda: client_side.ended and client_side.buffered == 11)
+    closed_far_side.set()
+    wait_for(lambda: accepted)
+    with listener, accepted[0] as target:
+        target.settimeout(TIMEOUT)
+        received = bytearray()
+        while chunk := target.recv(100):
+            received += chunk
+    assert bytes(received) == b"early words"
+    wait_for(lambda: setup.piper.active_pipes == 0)
+
+
 def test_tunnel_error_resets_local_socket(setup: LocalDialTunnel) -> None:
     conn, local = dial_and_accept(setup.dial)
     local.settimeout(TIMEOUT)

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 import time
 from typing import Callable, Iterator, List
 
 import pytest
 
-from benchmarks.fleet import OP_PING, OP_PONG, handshake_request, read_server_frames
 from remotedialer.config import Limits
-from remotedialer.frames import encode_masked_frame
+from remotedialer.frames import OP_PING, OP_PONG, FrameReader, encode_masked_frame
 
-from .support import TIMEOUT, EchoServer, TunnelServer, echo_concurrently, wait_for
+from .support import TIMEOUT, EchoServer, TunnelServer, echo_concurrently, raw_upgrade, wait_for
 
 #: Descriptors are pushed past this before a tunnel opens (select() fails from 1024).
 HIGH_DESCRIPTOR = 1100
@@ -54,19 +52,6 @@ SHORT = Limits(ping_interval=0.1, read_deadline=0.5)
 DEADLINES = 4
 
 
-def _raw_upgrade(port: int, key: str) -> socket.socket:
-    """A bare WebSocket client socket past the handshake (blocking, TIMEOUT)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    sock.sendall(handshake_request("127.0.0.1", port, key))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, "EOF during the handshake"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
 def test_server_answers_pings_on_descriptors_past_1023(
     high_descriptors: None, make_tunnel_server: Callable[..., TunnelServer]
 ) -> None:
@@ -75,13 +60,13 @@ def test_server_answers_pings_on_descriptors_past_1023(
     raised ValueError there, the pong was never sent, and the tunnel was cut
     at the first deadline)."""
     server = make_tunnel_server(limits=SHORT)
-    sock = _raw_upgrade(server.port, "high")
+    sock = raw_upgrade(server.port, "high")
     try:
         assert sock.fileno() > 1023
         wait_for(lambda: server.server.sessions("high"))
         session = server.server.sessions("high")[0]
         pings = pongs = 0
-        buffer = bytearray()
+        reader = FrameReader(1 << 20, from_client=False)
         ends = time.monotonic() + DEADLINES * SHORT.read_deadline
         while time.monotonic() < ends:
             sock.sendall(bytes(encode_masked_frame(OP_PING, b"%d" % pings)))
@@ -91,8 +76,9 @@ def test_server_answers_pings_on_descriptors_past_1023(
                 assert time.monotonic() < deadline, f"no pong for ping {pings}"
                 chunk = sock.recv(65536)
                 assert chunk, f"the server closed the tunnel: {session.close_reason}"
-                buffer += chunk
-                pongs += sum(opcode == OP_PONG for opcode, _ in read_server_frames(buffer))
+                reader.feed(chunk)
+                for opcode, _ in iter(reader.next_event, None):
+                    pongs += opcode == OP_PONG
             time.sleep(SHORT.ping_interval)  # the agent's ping rhythm
         assert not session.closed, session.close_reason
         assert server.server.sessions("high") == [session]

@@ -79,7 +79,10 @@ def wait_for_stop(stop: threading.Event) -> None:
         pass
 
 
-def _listen_type(text: str) -> Tuple[str, int]:
+def listen_address_type(text: str) -> Tuple[str, int]:
+    """The argparse ``type`` of ``--listen`` options (see
+    :func:`~remotedialer.addresses.parse_listen_address`; a bare port listens
+    on every interface)."""
     try:
         return parse_listen_address(text, ALL_INTERFACES)
     except ValueError as exc:

@@ -239,10 +239,10 @@ class DummyServer(http.server.ThreadingHTTPServer):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``remotedialer dummy`` options."""
-    from . import _listen_type
+    from . import listen_address_type
 
     parser.add_argument(
-        "--listen", default=":8125", type=_listen_type, metavar="ADDR",
+        "--listen", default=":8125", type=listen_address_type, metavar="ADDR",
         help="listen address, HOST:PORT or :PORT (default :8125; port 0 picks a free one)",
     )
     parser.add_argument("--debug", action="store_true", help="log every request")
