@@ -298,7 +298,8 @@ def download_workload(setup: Setup, report: Report) -> None:
     size = setup.options.download_bytes
     routes: Dict[str, Route] = {path: setup.stacks[path] for path in ("tunnel", "go") if path in setup.stacks}
     routes["direct"] = Route(setup.direct_url(""))
-    _download_rows(setup, report, f"download {_size(size)}", size, routes, "big.bin",
+    # ?timeout=: the Go example server gives up on a request after 15 s by default
+    _download_rows(setup, report, f"download {_size(size)}", size, routes, "big.bin?timeout=600",
                    TARGETS["download MB/s"] if "go" in routes else "")
 
 
