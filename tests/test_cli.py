@@ -336,6 +336,25 @@ def test_dummy_serves_files_generated_data_with_keep_alive(
     assert _status(conn, "/missing") == 404
 
 
+def test_dummy_answers_a_small_file_in_one_write(dummy: DummyServer, tmp_path: Any) -> None:
+    """Head and body of a small file leave together (one segment on loopback),
+    a large file still arrives whole (sendfile after the buffered head)."""
+    (tmp_path / "small.bin").write_bytes(os.urandom(1024))
+    (tmp_path / "large.bin").write_bytes(os.urandom(300_000))
+    with socket.create_connection(("127.0.0.1", dummy.port), timeout=TIMEOUT) as sock:
+        for _ in range(5):  # a split answer would show in the first recv
+            sock.sendall(b"GET /small.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = sock.recv(65536)
+            head, _, body = first.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and body == (tmp_path / "small.bin").read_bytes()
+    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
+    try:
+        assert _get(conn, "/large.bin").read() == (tmp_path / "large.bin").read_bytes()
+        assert _get(conn, "/small.bin").read() == (tmp_path / "small.bin").read_bytes()
+    finally:
+        conn.close()
+
+
 def test_dummy_drip_and_bad_parameters(dummy_conn: http.client.HTTPConnection) -> None:
     assert _get(dummy_conn, "/drip/1000?interval=0.01&chunks=4").read() == generated_bytes(1000)
     assert _status(dummy_conn, "/drip/10?chunks=0") == 400
