@@ -8,7 +8,7 @@ example server of rancher/remotedialer when it is built, see
    client`` (key ``foo``), and measure the 1 KiB GET rate through that
    client with no other tunnel (wrk or the built-in generator, 10
    connections);
-2. start :mod:`benchmarks.fleet`: ``N`` agents from one process, each
+2. start :mod:`testkit.fleet`: ``N`` agents from one process, each
    pinging every 5 s, the first three answering CONNECTs; the time until
    all are open gives the tunnels accepted per second;
 3. once they are open: the server's CPU over an idle window (the agents
@@ -31,7 +31,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence
+
+from testkit.metrics import metrics_with_clients
 
 from .goref import GOREF_HINT, go_binary
 from .loadgen import run_load
@@ -66,11 +68,11 @@ class AgentsOptions:
 
 
 class FleetProc:
-    """The agents' process (:mod:`benchmarks.fleet`) and its JSON records."""
+    """The agents' process (:mod:`testkit.fleet`) and its JSON records."""
 
     def __init__(self, port: int, count: int, log_dir: str, name: str = "fleet") -> None:
         self.count = count
-        self.proc = Proc(name, [sys.executable, "-m", "benchmarks.fleet", "--port", str(port),
+        self.proc = Proc(name, [sys.executable, "-m", "testkit.fleet", "--port", str(port),
                                 "--count", str(count), "--report", "2"], log_dir)
 
     def records(self) -> List[Dict[str, object]]:
@@ -289,31 +291,6 @@ def agents_workload(options: AgentsOptions, runs: int, report: Report,
         through_websocket, bare = ping_cpu_microseconds()
         websocket_row.add("python", through_websocket)
         bare_row.add("python", bare)
-
-
-def metrics_with_clients(count: int) -> Tuple[Any, List[Any]]:
-    """A Prometheus registry whose observer saw ``count`` sessions (client
-    keys ``agent-0``...) start and receive a message each, as the example
-    server's ``/metrics`` would after ``count`` agents connected; returns
-    ``(registry, sessions)`` (keep the sessions: the observer holds them
-    weakly)."""
-    from prometheus_client import CollectorRegistry
-
-    from remotedialer.metrics import PrometheusObserver
-    from remotedialer.protocol import MessageType
-    from remotedialer.session import Session
-    from remotedialer.transport import memory_pair
-
-    registry = CollectorRegistry()
-    observer = PrometheusObserver(registry)
-    sessions = []
-    for index in range(count):
-        _client_end, server_end = memory_pair()
-        session = Session(server_end, is_client=False, client_key=f"agent-{index}", observer=observer)
-        observer.session_started(session)
-        observer.message_received(session, MessageType.DATA, 100)
-        sessions.append(session)
-    return registry, sessions
 
 
 def metrics_scrape_seconds(count: int, runs: int) -> List[float]:

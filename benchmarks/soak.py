@@ -110,8 +110,7 @@ class SoakResult:
 
 # ------------------------------------------------------------------ targets
 def echo_until_eof(sock: socket.socket) -> None:
-    """Send back everything ``sock`` receives until EOF or an error; close it.
-    (The test suite's echo servers use this too.)"""
+    """Send back everything ``sock`` receives until EOF or an error; close it."""
     with sock:
         try:
             while True:

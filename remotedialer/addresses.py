@@ -12,24 +12,18 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-__all__ = [
-    "ALL_INTERFACES",
-    "split_host_port",
-    "split_host_optional_port",
-    "join_host_port",
-    "parse_listen_address",
-    "reachable_host",
-]
+__all__ = ["ALL_INTERFACES", "split_host_port", "join_host_port", "parse_listen_address"]
 
 ALL_INTERFACES = "0.0.0.0"
 """The host a listen address with an empty host (``:PORT``) binds to."""
 
 
 def split_host_optional_port(address: str) -> Tuple[str, Optional[int]]:
-    """Split ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` into the host
-    (without brackets, possibly empty) and the port (``None`` when absent).
-    Raises ``ValueError`` for an unbracketed host with a colon, unbalanced
-    brackets or a port that is not a number from 0 to 65535."""
+    """Split ``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6
+    literal (``fd00::5``: no port can follow it without brackets) into the
+    host (without brackets, possibly empty) and the port (``None`` when
+    absent). Raises ``ValueError`` for unbalanced brackets or a port that is
+    not a number from 0 to 65535."""
     if address.startswith("["):
         end = address.find("]")
         if end < 0:
@@ -42,21 +36,32 @@ def split_host_optional_port(address: str) -> Tuple[str, Optional[int]]:
         port_text = rest[1:]
     else:
         host, colon, port_text = address.partition(":")
-        if not colon:
-            if "]" in host:
-                raise ValueError(f"address {address}: unexpected ']' in address")
-            return host, None
-        if ":" in port_text:
-            raise ValueError(f"address {address}: too many colons in address")
+        if "]" in address:
+            raise ValueError(f"address {address}: unexpected ']' in address")
+        if not colon or ":" in port_text:
+            return address, None
     if "[" in host or "]" in host:
         raise ValueError(f"address {address}: unexpected bracket in address")
     return host, _port(address, port_text)
+
+
+def split_remote_address(address: str) -> Tuple[str, Optional[int]]:
+    """:func:`split_host_optional_port` for an address to connect to: the
+    host may not be empty nor the port 0."""
+    host, port = split_host_optional_port(address)
+    if not host:
+        raise ValueError(f"address {address}: missing host in address")
+    if port == 0:
+        raise ValueError(f"address {address}: invalid port '0'")
+    return host, port
 
 
 def split_host_port(address: str) -> Tuple[str, int]:
     """Split ``host:port`` or ``[v6]:port`` (the host may be empty). Raises
     ``ValueError`` when the port is missing or invalid, see
     :func:`split_host_optional_port`."""
+    if address.count(":") > 1 and not address.startswith("["):
+        raise ValueError(f"address {address}: too many colons in address")
     host, port = split_host_optional_port(address)
     if port is None:
         raise ValueError(f"address {address}: missing port in address")

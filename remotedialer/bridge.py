@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Optional
+import ssl
+from typing import TYPE_CHECKING, Optional
 
-from .connection import TunnelConnection
 from .piping import Piper, default_piper
+
+if TYPE_CHECKING:
+    from .connection import TunnelConnection
 
 __all__ = ["BridgedSocket", "as_socket"]
 
@@ -48,12 +51,16 @@ class BridgedSocket(socket.socket):
 
 def tunnel_error(conn: Optional[TunnelConnection]) -> Optional[BaseException]:
     """The error that ended ``conn``; ``None`` if it is open or ended cleanly."""
-    if conn is None or not conn.ended:
-        return None
-    error = conn._read_error  # set once, before ``ended`` turns true; never reset
-    if error is None or isinstance(error, EOFError):
-        return None
-    return error
+    return None if conn is None else conn.error
+
+
+def lost_transport(exc: BaseException) -> bool:
+    """Whether a TLS handshake over a bridged socket failed because its
+    transport went away (end of file, reset), not because of what the peer
+    said (certificate, alert) or a timeout."""
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLSyscallError, ssl.SSLZeroReturnError)):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, (ssl.SSLError, socket.timeout))
 
 
 def as_socket(conn: TunnelConnection, piper: Optional[Piper] = None) -> BridgedSocket:

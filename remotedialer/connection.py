@@ -33,7 +33,7 @@ from .errors import (
     error_text,
     remote_error as _remote_error,
 )
-from .protocol import EOF_TEXT, TUNNEL_DISCONNECT_TEXT, MessageType
+from .protocol import EOF_TEXT, TUNNEL_DISCONNECT_TEXT, Bytes, MessageType
 
 if TYPE_CHECKING:
     from .session import Session
@@ -42,8 +42,8 @@ __all__ = ["TunnelConnection"]
 
 log = logging.getLogger(__name__)
 
-Buffer = Union[bytes, bytearray, memoryview]
 Listener = Callable[["TunnelConnection"], None]
+
 
 def _ebadf() -> OSError:
     return OSError(errno.EBADF, os.strerror(errno.EBADF))
@@ -122,7 +122,7 @@ class TunnelConnection:
         self._cond = threading.Condition(threading.Lock())
         # The receive buffer: chunks as they arrived, _offset bytes of the
         # first one already consumed, _buffered bytes left in all.
-        self._chunks: Deque[Buffer] = collections.deque()
+        self._chunks: Deque[Bytes] = collections.deque()
         self._buffered = 0
         self._offset = 0
         self.we_paused_peer = False
@@ -157,6 +157,14 @@ class TunnelConnection:
     def ended(self) -> bool:
         """Whether the connection ended, on either side or with the session."""
         return self._read_error is not None
+
+    @property
+    def error(self) -> Optional[BaseException]:
+        """What ended the connection: the far side's error
+        (:class:`~remotedialer.errors.RemoteError` and its kinds), the end of
+        the session, or a local close; ``None`` while open or after a clean EOF."""
+        error = self._read_error
+        return None if isinstance(error, EOFError) else error
 
     @property
     def buffered(self) -> int:
@@ -328,7 +336,7 @@ class TunnelConnection:
             self.session.observer.connection_resumed(self.session, self)
 
     # ----------------------------------------------------------------- writes
-    def send(self, data: Buffer, flags: int = 0) -> int:
+    def send(self, data: Bytes, flags: int = 0) -> int:
         """Send up to one DATA message worth of ``data``; return how much was sent.
 
         Blocks while the peer has paused us, bounded by the timeout.
@@ -343,7 +351,7 @@ class TunnelConnection:
         self.session._send_data(self, view[:count], _remaining(deadline))
         return count
 
-    def sendall(self, data: Buffer, flags: int = 0) -> None:
+    def sendall(self, data: Bytes, flags: int = 0) -> None:
         """Send all of ``data``; the timeout bounds the whole call."""
         _check_flags(flags)
         view = memoryview(data).cast("B")
@@ -355,7 +363,7 @@ class TunnelConnection:
             self.session._send_data(self, view[sent : sent + count], _remaining(deadline))
             sent += count
 
-    def try_send(self, data: Buffer) -> int:
+    def try_send(self, data: Bytes) -> int:
         """For event loops: send one DATA message worth of ``data`` unless the
         peer has paused us; return the bytes sent (0 while paused). Raises like
         :meth:`send` once the connection ended."""
@@ -387,7 +395,7 @@ class TunnelConnection:
                 self._wait(deadline)
 
     # ---------------------------------------------- events from the session
-    def _feed(self, payload: Buffer) -> None:
+    def _feed(self, payload: Bytes) -> None:
         """Reader thread: a DATA payload arrived for this connection."""
         pause = overflow = False
         with self._cond:

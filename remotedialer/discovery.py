@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Iterable, Optional, Set, Tuple
 
+from .addresses import join_host_port, split_remote_address
 from .errors import RemotedialerError
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ DEFAULT_DNS_TIMEOUT = 2.0
 """Seconds one resolution may take in all (every query and retry)."""
 
 DNS_EXTRA_HINT = "peer discovery from DNS needs dnspython: pip install 'remotedialer[k8s]'"
+"""What to install when dnspython is missing (shown by the CLI and in errors)."""
 
 
 class DiscoveryError(RemotedialerError, OSError):
@@ -74,38 +76,23 @@ class Endpoint:
     address: str
     port: int
 
-    def host(self) -> str:
-        """The address as it goes in a URL (IPv6 in brackets)."""
-        return f"[{self.address}]" if ":" in self.address else self.address
-
     def peer_id(self, default_port: int) -> str:
         """The address alone on the default port, else ``address:port``."""
-        return self.address if self.port == default_port else f"{self.host()}:{self.port}"
+        return self.address if self.port == default_port else join_host_port(self.address, self.port)
 
     def url(self, scheme: str = "ws") -> str:
         """The endpoint's connect URL."""
-        return f"{scheme}://{self.host()}:{self.port}/connect"
+        return f"{scheme}://{join_host_port(self.address, self.port)}/connect"
 
 
 def _split_port(text: str, what: str) -> Tuple[str, Optional[int]]:
-    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> (host, port or None)."""
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address
+    -> (host, port or None); the host may not be empty nor the port 0."""
     text = text.strip()
-    if text.startswith("["):
-        host, sep, rest = text[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"invalid {what} {text!r}")
-        port_text = rest[1:] if rest else None
-    elif text.count(":") == 1:
-        host, port_text = text.split(":")
-    else:
-        host, port_text = text, None  # a name, an IPv4 address or a bare IPv6 address
-    if not host:
-        raise ValueError(f"invalid {what} {text!r}: no host")
-    if port_text is None:
-        return host, None
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ValueError(f"invalid port in {what} {text!r}")
-    return host, int(port_text)
+    try:
+        return split_remote_address(text)
+    except ValueError as exc:
+        raise ValueError(f"invalid {what} {text!r}: {exc}") from None
 
 
 def parse_dns_name(text: str, default_port: int) -> Tuple[str, str, int]:
@@ -173,7 +160,10 @@ class DnsResolver:
         the resolver fails."""
         errors = self._dns.resolver
         try:
-            srv = self._query(name, "SRV")
+            try:
+                srv = self._query(name, "SRV")
+            except errors.NXDOMAIN:  # some servers only know the name's SRV under _port._tcp
+                srv = None
             if srv is None:
                 return {Endpoint(address, default_port) for address in self._addresses(name)}
             found: Set[Endpoint] = set()
@@ -260,7 +250,8 @@ class DnsPeerDiscovery:
             raise ValueError("peer discovery needs this server's peer id and the shared token")
         self.scheme = scheme
         self._lookup: Lookup = lookup or DnsResolver().endpoints
-        self._lock = threading.Lock()  # guards _peers; held while peering changes
+        self._lock = threading.Lock()  # guards _peers
+        self._apply_lock = threading.Lock()  # one refresh changes the peering at a time
         self._peers: Dict[str, str] = {}  # peer id -> URL, the peers we added
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -291,29 +282,36 @@ class DnsPeerDiscovery:
         if self.last_error is not None:
             log.info("peer discovery of %s works again", self.name)
         self.last_error = None
-        self.last_success = time.monotonic()
         wanted = {
             endpoint.peer_id(self.port): endpoint.url(self.scheme)
             for endpoint in endpoints
         }
         wanted.pop(self.self_id, None)
         self._apply(wanted)
+        self.last_success = time.monotonic()
         return True
 
     def _apply(self, wanted: Dict[str, str]) -> None:
-        with self._lock:
+        """Make the peers we added equal to ``wanted`` (id -> URL). Changes
+        are made one refresh at a time (``_apply_lock``); ``_lock`` is only
+        held to update ``_peers``, so readers never wait for a link to stop."""
+        with self._apply_lock:
             if self._stop.is_set():
                 return
-            gone = [peer_id for peer_id in self._peers if peer_id not in wanted]
-            changed = {peer_id: url for peer_id, url in wanted.items() if self._peers.get(peer_id) != url}
-            for peer_id in gone:
-                log.info("peer %s left %s", peer_id, self.name)
-                self.server.remove_peer(peer_id)
-                del self._peers[peer_id]
-            for peer_id, url in changed.items():
-                log.info("peer %s found in %s at %s", peer_id, self.name, url)
-                self.server.add_peer(url, peer_id, self.token)
-                self._peers[peer_id] = url
+            with self._lock:
+                current = dict(self._peers)
+            for peer_id in current:
+                if peer_id not in wanted:
+                    log.info("peer %s left %s", peer_id, self.name)
+                    self.server.remove_peer(peer_id)
+                    with self._lock:
+                        del self._peers[peer_id]
+            for peer_id, url in wanted.items():
+                if current.get(peer_id) != url:
+                    log.info("peer %s found in %s at %s", peer_id, self.name, url)
+                    self.server.add_peer(url, peer_id, self.token)
+                    with self._lock:
+                        self._peers[peer_id] = url
 
     def _run(self) -> None:
         while not self._stop.is_set():

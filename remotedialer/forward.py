@@ -15,23 +15,20 @@ and while the accepted socket does not drain it stops reading the tunnel,
 whose receive buffer then sends PAUSE to the far side. Nothing is buffered
 without bound.
 
-Closing, as far as the wire protocol allows (it has no half-close):
-
-* The far side ends (its target closed, or the dial failed there): every byte
-  already received is written to the accepted socket, then the socket is
-  closed, so the local client reads the data and then EOF.
-* The local client sends FIN (``shutdown(SHUT_WR)`` or close): the bytes it
-  sent before are passed on, then the tunneled connection is closed with
-  ``ERROR EOF`` and the accepted socket is closed too. The far side writes
-  what it received to its target and closes that socket, so the target reads
-  the data and then EOF. Whatever the target sends after that point (a reply
-  to a request that ended with FIN) is discarded: there is no way to keep
-  only one direction open.
-* The tunnel is gone (client disconnected) or the forward is stopped with
-  ``close_connections``: the accepted sockets are closed at once.
+The wire protocol has no half-close: a FIN from either side, the tunnel
+going away or :meth:`PortForward.stop` ends both directions, after the bytes
+already received are passed on; docs/forwarding.rst spells each case out.
 
 A dial that fails at once (no session for the client key, the session is
-full or ended) closes the accepted socket at once and logs a warning.
+full or ended) closes the accepted socket at once and logs a warning. So does
+a dial the far side could not make (target refused, unreachable, not
+allowed): the warning names the forward, the client key, the target and the
+far side's reason. At most :data:`WARNING_BURST` such warnings per forward go
+out in :data:`WARNING_WINDOW` seconds; the next one after a quiet spell says
+how many were left out.
+
+Only stream protocols a client can dial can be forwarded
+(:data:`FORWARD_PROTOS`): a forward listens on TCP and pipes a byte stream.
 
 :func:`parse_forward_spec` reads the command-line form
 ``LISTEN=CLIENT_KEY:PROTO:ADDRESS``, e.g.
@@ -44,19 +41,17 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, Optional, Protocol, Set, Tuple
 
 from .addresses import join_host_port, parse_listen_address
 from .connection import TunnelConnection
+from .errors import RemoteError, error_text
 from .piping import Piper, default_piper
 
-try:  # Python 3.8+ typing.Protocol
-    from typing import Protocol
-except ImportError:  # pragma: no cover
-    Protocol = object  # type: ignore[assignment]
-
 __all__ = [
+    "FORWARD_PROTOS",
     "ForwardSpec",
     "KeyDialer",
     "PortForward",
@@ -76,6 +71,11 @@ DEFAULT_LISTEN_HOST = "127.0.0.1"
 # Back off this long after accept() fails (e.g. out of file descriptors), so
 # the loop does not spin while the condition lasts.
 ACCEPT_ERROR_DELAY = 0.1
+#: The protocols a forward can serve: byte streams a client dials.
+FORWARD_PROTOS = ("tcp", "tcp4", "tcp6", "unix")
+#: Failed-dial warnings: at most WARNING_BURST per forward in WARNING_WINDOW seconds.
+WARNING_BURST = 5
+WARNING_WINDOW = 10.0
 
 
 class KeyDialer(Protocol):
@@ -124,7 +124,48 @@ def parse_forward_spec(text: str) -> ForwardSpec:
         raise ValueError(f"forward {text!r}: want LISTEN=CLIENT_KEY:PROTO:ADDRESS")
     if "/" in proto:
         raise ValueError(f"forward {text!r}: proto may not contain '/'")
+    check_forward_proto(proto, f"forward {text!r}")
     return ForwardSpec(listen, client_key, proto, address)
+
+
+def check_forward_proto(proto: str, what: str = "forward") -> None:
+    """Raise ``ValueError`` unless ``proto`` is one a forward can serve."""
+    if proto not in FORWARD_PROTOS:
+        raise ValueError(
+            f"{what}: cannot forward proto {proto!r}: a forward pipes a TCP byte stream, "
+            f"so the target must be one of {', '.join(FORWARD_PROTOS)}"
+        )
+
+
+class WarningLimiter:
+    """Lets at most ``burst`` warnings through per ``window`` seconds and
+    counts the rest. Thread-safe; ``clock`` is for tests."""
+
+    def __init__(
+        self, burst: int = WARNING_BURST, window: float = WARNING_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.burst = burst
+        self.window = window
+        self._clock = clock
+        self._lock = threading.Lock()  # guards the three fields below
+        self._window_start = float("-inf")
+        self._sent = 0
+        self._suppressed = 0
+
+    def admit(self) -> Optional[int]:
+        """``None``: stay quiet (counted). Otherwise log now; the value is how
+        many warnings were left out since the last one admitted."""
+        with self._lock:
+            now = self._clock()
+            if now - self._window_start >= self.window:
+                self._window_start, self._sent = now, 0
+            if self._sent >= self.burst:
+                self._suppressed += 1
+                return None
+            self._sent += 1
+            left_out, self._suppressed = self._suppressed, 0
+            return left_out
 
 
 # ------------------------------------------------------------------ forwards
@@ -162,6 +203,7 @@ class PortForward:
         self._stop_event = threading.Event()  # set by stop(); for waits without the lock
         self._accepted = 0
         self._failed = 0
+        self._warnings = WarningLimiter()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_writer.setblocking(False)
         self._selector = selectors.DefaultSelector()
@@ -196,7 +238,8 @@ class PortForward:
 
     @property
     def failed(self) -> int:
-        """Accepted connections closed at once because the dial failed."""
+        """Accepted connections whose dial failed, here (closed at once) or on
+        the far side (which ended the connection with an error)."""
         return self._failed
 
     @property
@@ -246,6 +289,16 @@ class PortForward:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
+    def _warn(self, message: str, *args: object) -> None:
+        """Log a failure at WARNING, rate-limited per forward."""
+        left_out = self._warnings.admit()
+        if left_out is None:
+            return
+        if left_out:
+            message += " (%d similar warnings left out)"
+            args += (left_out,)
+        log.warning(message, *args)
+
     # -------------------------------------------------------- accept thread
     def _accept_loop(self) -> None:
         try:
@@ -288,10 +341,11 @@ class PortForward:
         try:
             conn = self._dial()
         except Exception as exc:
-            self._failed += 1
-            log.warning(
+            with self._lock:
+                self._failed += 1
+            self._warn(
                 "%s: dial for %s failed, closing it: %s: %s",
-                self.name, _show(peer), type(exc).__name__, exc,
+                self.name, _show(peer), type(exc).__name__, error_text(exc),
             )
             _close_quietly(sock)
             return
@@ -300,9 +354,18 @@ class PortForward:
             self._live.add(conn)
 
         def done() -> None:
+            error = conn.error
+            failed = isinstance(error, RemoteError)  # the far side ended it with a reason
             with self._lock:
                 self._live.discard(conn)
+                self._failed += failed
                 self._idle.notify_all()
+            if isinstance(error, RemoteError):
+                self._warn(
+                    "%s: connection from %s failed at client %s, target %s/%s: %s",
+                    self.name, _show(peer), conn.session.client_key, conn.proto, conn.address,
+                    error.remote_message,
+                )
 
         try:
             self.piper.pipe_socket(sock, conn, on_done=done)
@@ -322,7 +385,10 @@ def start_forward(
 ) -> PortForward:
     """Start forwarding ``spec.listen`` to ``spec.proto/spec.address`` through
     the client ``spec.client_key`` of ``dialer`` (a server). ``dial_timeout``
-    bounds each dial (sending CONNECT). Raises ``OSError`` if it cannot bind."""
+    bounds each dial (sending CONNECT). Raises ``ValueError`` for a proto a
+    forward cannot serve (see :data:`FORWARD_PROTOS`), ``OSError`` if it
+    cannot bind."""
+    check_forward_proto(spec.proto)
 
     def dial() -> TunnelConnection:
         return dialer.dial(spec.client_key, spec.proto, spec.address, timeout=dial_timeout)

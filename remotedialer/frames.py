@@ -2,7 +2,8 @@
 
 Everything that turns frames into bytes and back lives here, for both ends:
 
-* :class:`FrameReader` decodes what a client sends to a server (masked
+* :class:`FrameReader` decodes frames (a server's reader: the masked frames
+  of a client; with ``from_client=False`` a client's: unmasked server
   frames), assembles fragmented messages and enforces the message size limit;
 * :func:`encode_frame` / :func:`encode_frame_header` build server-to-client
   frames (never masked), :func:`encode_masked_frame` client-to-server ones;
@@ -20,12 +21,14 @@ No extensions (permessage-deflate) are supported, as with the Go server.
 
 from __future__ import annotations
 
+import codecs
 import os
 import struct
 import sys
-from typing import Any, Callable, List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple
 
 from .errors import ProtocolError
+from .protocol import Bytes
 
 __all__ = [
     "FrameReader",
@@ -47,20 +50,20 @@ __all__ = [
     "OP_PONG",
 ]
 
-Bytes = Union[bytes, bytearray, memoryview]
-
+# Opcodes (RFC 6455 §5.2). Every protocol message travels in BINARY messages;
+# TEXT is a protocol error for remotedialer; clients PING every 5 s.
 OP_CONTINUATION = 0x0
-"""Opcode of a continuation frame (RFC 6455 §5.2)."""
+"""Opcode: continues a fragmented message."""
 OP_TEXT = 0x1
-"""Opcode of a text frame: a protocol error for remotedialer."""
+"""Opcode: a text message (a protocol error for remotedialer)."""
 OP_BINARY = 0x2
-"""Opcode of a binary frame: every protocol message travels in these."""
+"""Opcode: a binary message: every remotedialer message travels in one."""
 OP_CLOSE = 0x8
-"""Opcode of a close frame."""
+"""Opcode: the closing handshake."""
 OP_PING = 0x9
-"""Opcode of a ping frame (clients ping every 5 s)."""
+"""Opcode: a ping (clients send one every 5 s)."""
 OP_PONG = 0xA
-"""Opcode of a pong frame."""
+"""Opcode: the answer to a ping."""
 _DATA_OPCODES = (OP_TEXT, OP_BINARY)
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 
@@ -69,7 +72,11 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_NO_STATUS = 1005
+CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_TOO_BIG = 1009
+#: Close codes a peer may send (RFC 6455 §7.4: the defined ones that are not
+#: local-only, and the ranges for libraries and applications).
+_VALID_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1014), *range(3000, 5000)))
 
 
 # ------------------------------------------------------------------ masking
@@ -181,6 +188,22 @@ def close_payload(code: int, reason: str = "") -> bytes:
     return struct.pack("!H", code) + reason.encode("utf-8")[:123]
 
 
+def _check_close(payload: bytes) -> None:
+    """Fail a close frame whose payload is one byte, whose code a peer may not
+    send (RFC 6455 §7.4) or whose reason is not UTF-8."""
+    if not payload:
+        return
+    if len(payload) == 1:
+        raise _error("close frame with a one-byte payload")
+    (code,) = struct.unpack_from("!H", payload)
+    if code not in _VALID_CLOSE_CODES:
+        raise _error(f"close frame with the invalid code {code}")
+    try:
+        payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise _error("close reason is not UTF-8", CLOSE_INVALID_PAYLOAD) from None
+
+
 def parse_close(payload: bytes) -> Tuple[int, str]:
     """The status code and reason of a close frame (1005 when it has none)."""
     if len(payload) < 2:
@@ -209,23 +232,36 @@ def _error(message: str, close_code: int = CLOSE_PROTOCOL_ERROR) -> WebSocketPro
 
 
 class FrameReader:
-    """Decodes the frames a client sends to a server, sans I/O.
+    """Decodes the frames a client sends to a server (or, with
+    ``from_client=False``, those a server sends to a client), sans I/O.
 
     :meth:`feed` the bytes read from the socket, then call :meth:`next_event`
-    until it returns ``None``. Enforces RFC 6455 §5 for a server that
-    negotiated no extension: client frames must be masked, reserved bits and
-    unknown opcodes are errors, control frames are short and unfragmented,
-    continuation frames only continue a started message. A message over
-    ``max_message_size`` bytes is an error as soon as its length is known.
-    Errors raise :class:`WebSocketProtocolError`.
+    until it returns ``None``. Enforces RFC 6455 §5 for an end that
+    negotiated no extension: client frames must be masked and server frames
+    must not be, reserved bits and unknown opcodes are errors, control frames
+    are short and unfragmented, continuation frames only continue a started
+    message, lengths use their shortest encoding, text is UTF-8 (checked frame
+    by frame), a close frame carries nothing, or a valid code and a UTF-8
+    reason. A message over ``max_message_size`` bytes is an error as soon as
+    its length is known. Errors raise :class:`WebSocketProtocolError`.
+
+    ``tests/test_wsproto_differential.py`` checks it against wsproto's frame
+    parser on generated valid and invalid streams, in both directions (found
+    and fixed that way: non-minimal lengths, unchecked close payloads and
+    text that was not UTF-8 were accepted): the two agree on messages,
+    control frames, errors and close codes; this reader may only fail a bad
+    frame earlier (from its first two bytes), and it alone enforces the size
+    limit (1009).
     """
 
-    def __init__(self, max_message_size: int) -> None:
+    def __init__(self, max_message_size: int, from_client: bool = True) -> None:
         self.max_message_size = max_message_size
+        self.from_client = from_client
         self._buffer = bytearray()
         self._fragments: List[bytes] = []
         self._fragment_opcode: Optional[int] = None
         self._fragment_size = 0
+        self._text: Optional[codecs.IncrementalDecoder] = None  # checks the UTF-8 of a text message
 
     def feed(self, data: Bytes) -> None:
         """Add bytes read from the socket."""
@@ -240,6 +276,8 @@ class FrameReader:
                 return None
             fin, opcode, payload = frame
             if opcode in _CONTROL_OPCODES:
+                if opcode == OP_CLOSE:
+                    _check_close(payload)
                 return opcode, payload
             if opcode == OP_CONTINUATION:
                 if self._fragment_opcode is None:
@@ -247,9 +285,13 @@ class FrameReader:
             else:
                 if self._fragment_opcode is not None:
                     raise _error("new message while a fragmented one is unfinished")
+                if opcode == OP_TEXT:
+                    self._text = codecs.getincrementaldecoder("utf-8")()
                 if fin:
+                    self._check_text(payload, True)
                     return opcode, payload
                 self._fragment_opcode = opcode
+            self._check_text(payload, fin)
             self._fragment_size += len(payload)
             self._check_size(self._fragment_size)
             self._fragments.append(payload)
@@ -260,6 +302,18 @@ class FrameReader:
                 self._fragment_opcode = None
                 self._fragment_size = 0
                 return message_opcode, data
+
+    def _check_text(self, payload: bytes, final: bool) -> None:
+        """Fail a text message as soon as a frame breaks its UTF-8."""
+        if self._text is None:
+            return
+        try:
+            self._text.decode(payload, final)
+        except UnicodeDecodeError as exc:
+            self._text = None
+            raise _error(f"text message is not UTF-8: {exc.reason}", CLOSE_INVALID_PAYLOAD) from None
+        if final:
+            self._text = None
 
     def _check_size(self, size: int) -> None:
         if size > self.max_message_size:
@@ -277,8 +331,9 @@ class FrameReader:
         opcode = first & 0x0F
         if opcode not in _DATA_OPCODES and opcode not in _CONTROL_OPCODES and opcode != OP_CONTINUATION:
             raise _error(f"unknown opcode {opcode:#x}")
-        if not second & 0x80:
-            raise _error("client frame not masked")
+        masked = bool(second & 0x80)
+        if masked != self.from_client:
+            raise _error("client frame not masked" if self.from_client else "server frame masked")
         length = second & 0x7F
         offset = 2
         if opcode in _CONTROL_OPCODES:
@@ -290,6 +345,8 @@ class FrameReader:
             if len(buf) < 4:
                 return None
             (length,) = struct.unpack_from("!H", buf, 2)
+            if length < 126:
+                raise _error("frame length not in its shortest form")
             offset = 4
         elif length == 127:
             if len(buf) < 10:
@@ -297,14 +354,19 @@ class FrameReader:
             (length,) = struct.unpack_from("!Q", buf, 2)
             if length >> 63:
                 raise _error("frame length with the high bit set")
+            if length < 1 << 16:
+                raise _error("frame length not in its shortest form")
             offset = 10
         if opcode not in _CONTROL_OPCODES:
             # fail before buffering a frame we will not accept
             self._check_size(self._fragment_size + length)
-        end = offset + 4 + length
+        start = offset + 4 if masked else offset
+        end = start + length
         if len(buf) < end:
             return None
-        key = bytes(buf[offset:offset + 4])
-        payload = mask(memoryview(buf)[offset + 4:end], key)
+        if masked:
+            payload = mask(memoryview(buf)[start:end], bytes(buf[offset:start]))
+        else:
+            payload = bytes(buf[start:end])
         del buf[:end]
         return fin, opcode, payload

@@ -18,6 +18,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
+from .singleton import Singleton
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -42,29 +44,29 @@ class Heartbeat:
 
     def __init__(self, name: str = "remotedialer-heartbeat") -> None:
         self._name = name
-        # _lock guards _tokens, _heap and _thread; never held while a
+        # _lock guards _entry_ids, _heap and _thread; never held while a
         # session's heartbeat runs.
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        # The registered sessions, each with the token of its current heap
-        # entry; an entry whose token is not the session's current one is
+        # The registered sessions, each with the entry_id of its current heap
+        # entry; an entry whose entry_id is not the session's current one is
         # stale (the session unregistered) and is dropped when popped.
-        self._tokens: Dict["Session", int] = {}
-        self._heap: List[Tuple[float, int, "Session"]] = []  # (due, token, session)
+        self._entry_ids: Dict["Session", int] = {}
+        self._heap: List[Tuple[float, int, "Session"]] = []  # (due, entry_id, session)
         self._counter = itertools.count()
         self._thread: Optional[threading.Thread] = None
 
     def __len__(self) -> int:
         """How many sessions are registered."""
         with self._lock:
-            return len(self._tokens)
+            return len(self._entry_ids)
 
     def register(self, session: "Session") -> None:
         """Visit ``session`` at once, then whenever it asks to be."""
         with self._lock:
-            token = next(self._counter)
-            self._tokens[session] = token
-            heapq.heappush(self._heap, (0.0, token, session))
+            entry_id = next(self._counter)
+            self._entry_ids[session] = entry_id
+            heapq.heappush(self._heap, (0.0, entry_id, session))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
@@ -73,11 +75,11 @@ class Heartbeat:
     def unregister(self, session: "Session") -> None:
         """Stop visiting ``session`` (a call running now still finishes)."""
         with self._lock:
-            if self._tokens.pop(session, None) is None:
+            if self._entry_ids.pop(session, None) is None:
                 return
-            empty = not self._tokens
-            if len(self._heap) > 2 * len(self._tokens) + 64:  # mostly stale entries
-                self._heap = [entry for entry in self._heap if self._tokens.get(entry[2]) == entry[1]]
+            empty = not self._entry_ids
+            if len(self._heap) > 2 * len(self._entry_ids) + 64:  # mostly stale entries
+                self._heap = [entry for entry in self._heap if self._entry_ids.get(entry[2]) == entry[1]]
                 heapq.heapify(self._heap)
         if empty:
             self._wake.set()  # the thread exits
@@ -85,15 +87,15 @@ class Heartbeat:
     def _take_due(self, now: float) -> Optional[List[Tuple[int, "Session"]]]:
         """Pop the live entries due by ``now``; None once nothing is registered."""
         with self._lock:
-            if not self._tokens:
+            if not self._entry_ids:
                 self._thread = None
                 return None
             due = []
             heap = self._heap
             while heap and heap[0][0] <= now:
-                _when, token, session = heapq.heappop(heap)
-                if self._tokens.get(session) == token:
-                    due.append((token, session))
+                _when, entry_id, session = heapq.heappop(heap)
+                if self._entry_ids.get(session) == entry_id:
+                    due.append((entry_id, session))
             return due
 
     def _run(self) -> None:
@@ -102,7 +104,7 @@ class Heartbeat:
             due = self._take_due(now)
             if due is None:
                 return
-            for token, session in due:
+            for entry_id, session in due:
                 try:
                     wait = session.heartbeat(now)
                 except Exception:
@@ -110,22 +112,17 @@ class Heartbeat:
                     wait = _RETRY_WAIT
                 when = now + min(max(wait, _MIN_WAIT), _MAX_WAIT)
                 with self._lock:
-                    if self._tokens.get(session) == token:
-                        heapq.heappush(self._heap, (when, token, session))
+                    if self._entry_ids.get(session) == entry_id:
+                        heapq.heappush(self._heap, (when, entry_id, session))
             with self._lock:
                 next_due = self._heap[0][0] if self._heap else now + _MAX_WAIT
             self._wake.wait(max(next_due - time.monotonic(), _MIN_WAIT))
             self._wake.clear()
 
 
-_default: Optional[Heartbeat] = None
-_default_lock = threading.Lock()
+_default = Singleton(Heartbeat)
 
 
 def default() -> Heartbeat:
     """The process-wide heartbeat used by sessions that are given none."""
-    global _default
-    with _default_lock:
-        if _default is None:
-            _default = Heartbeat()
-        return _default
+    return _default.get()

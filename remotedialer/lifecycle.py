@@ -6,7 +6,11 @@
   process is alive;
 * :meth:`~GracefulShutdown.readyz` (``/readyz``) answers 200 while the
   instance accepts tunnels (its peer links are up or being retried), 503 from
-  the moment shutdown begins; ``?verbose`` lists the checks;
+  the moment shutdown begins; ``?verbose`` lists the checks. With peer
+  discovery, a new instance becomes ready once it has joined the mesh: every
+  peer DNS lists is linked with it both ways (so it can route to their
+  clients from its first request), or ``join_timeout`` passed (a peer that
+  is listed but dead must not keep it out); once joined it stays so;
 * :meth:`~GracefulShutdown.guard` wraps the connect endpoint: once shutdown
   begins, new client tunnels are refused with 503 (peers may still link,
   so that a newly started instance learns our clients while we drain);
@@ -25,6 +29,7 @@ current SIGTERM handler is a gunicorn worker's.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -33,9 +38,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional,
 
 from werkzeug.wrappers import Request
 
+from .httputil import StartResponse, WSGIApp, WSGIEnviron, plain_text_response
+
 if TYPE_CHECKING:
     from .discovery import DnsPeerDiscovery
     from .server import Server
+    from .session import Session
 
 __all__ = [
     "DEFAULT_DRAIN_SECONDS",
@@ -47,7 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+_NO_STORE = [("Cache-Control", "no-store")]
 
 DEFAULT_DRAIN_SECONDS = 0.0
 """Seconds between failing readiness and closing the tunnels. 0 closes them
@@ -63,7 +71,8 @@ class GracefulShutdown:
     """Health, readiness and graceful shutdown of ``server``; see the module doc.
 
     ``discovery`` (if any) keeps running while draining and is stopped before
-    the tunnels close. ``on_stopped`` callbacks run once the server closed.
+    the tunnels close; ``join_timeout`` defaults to three of its refresh
+    intervals.
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class GracefulShutdown:
         drain_seconds: float = DEFAULT_DRAIN_SECONDS,
         close_timeout: float = CLOSE_TIMEOUT,
         discovery: Optional["DnsPeerDiscovery"] = None,
+        join_timeout: Optional[float] = None,
     ) -> None:
         if drain_seconds < 0:
             raise ValueError("drain_seconds must not be negative")
@@ -80,6 +90,12 @@ class GracefulShutdown:
         self.drain_seconds = drain_seconds
         self.close_timeout = close_timeout
         self.discovery = discovery
+        if join_timeout is None:
+            join_timeout = 3 * discovery.refresh_interval if discovery is not None else 0.0
+        self.join_timeout = join_timeout
+        self._started = time.monotonic()
+        self._joined = discovery is None  # set once, never cleared
+        self._join_detail = "joined the peers"
         self._lock = threading.Lock()  # guards _state and _thread
         self._state = SERVING
         self._thread: Optional[threading.Thread] = None
@@ -108,17 +124,39 @@ class GracefulShutdown:
             if error is not None:
                 detail += f", last lookup failed: {error}"
             result.append(("peer-discovery", running, detail))
+            result.append(self._join_check(self.discovery))
         return result
+
+    def _join_check(self, discovery: "DnsPeerDiscovery") -> Tuple[str, bool, str]:
+        """Whether every discovered peer is linked with us both ways (or the
+        join timeout passed); true for good once it was."""
+        if self._joined:
+            return ("joined", True, self._join_detail)
+        if time.monotonic() - self._started >= self.join_timeout:
+            self._join_detail = f"gave up waiting for peers after {self.join_timeout:g}s"
+            self._joined = True
+            return ("joined", True, self._join_detail)
+        if not discovery.last_success:
+            return ("joined", False, "no peer lookup yet")
+        connected = {link.spec.peer_id for link in self.server.peering.links() if link.connected}
+        waiting = sorted(
+            peer for peer in discovery.peer_ids()
+            if peer not in connected or not self.server.peer_sessions.sessions(peer)
+        )
+        if waiting:
+            return ("joined", False, f"waiting for {', '.join(waiting[:5])}")
+        self._joined = True
+        return ("joined", True, "joined the peers")
 
     def ready(self) -> bool:
         """Whether every readiness check passes."""
         return all(passed for _name, passed, _detail in self.checks())
 
-    def healthz(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def healthz(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
         """WSGI app: 200 ``ok`` (the process answers)."""
-        return _plain(start_response, 200, "ok\n")
+        return plain_text_response(start_response, 200, "ok\n", _NO_STORE)
 
-    def readyz(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def readyz(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
         """WSGI app: 200 when ready, 503 otherwise; ``?verbose`` lists the checks."""
         checks = self.checks()
         ready = all(passed for _name, passed, _detail in checks)
@@ -127,13 +165,36 @@ class GracefulShutdown:
         else:
             text = ""
         text += "ok\n" if ready else "not ready\n"
-        return _plain(start_response, 200 if ready else 503, text)
+        return plain_text_response(start_response, 200 if ready else 503, text, _NO_STORE)
+
+    def session_table(self) -> Dict[str, Any]:
+        """What this instance holds: its client keys (with their session
+        counts), its peers (and which links are up), and the client keys
+        each peer advertised to it."""
+        server = self.server
+        links = server.peering.links()
+        return {
+            "id": server.peer_id,
+            "state": self._state,
+            "clients": {key: len(server.sessions(key)) for key in server.list_clients()},
+            "peers": sorted(link.spec.peer_id for link in links),
+            "links_up": sorted(link.spec.peer_id for link in links if link.connected),
+            "remote_clients": server.peering.remote_clients(),
+        }
+
+    def sessions(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        """WSGI app: :meth:`session_table` as JSON (a debugging aid: it
+        lists every client key, so mount it only where that is fine)."""
+        body = json.dumps(self.session_table(), sort_keys=True).encode()
+        start_response("200 OK", [("Content-Type", "application/json"),
+                                  ("Content-Length", str(len(body))), ("Cache-Control", "no-store")])
+        return [body]
 
     def guard(self, app: WSGIApp) -> WSGIApp:
         """``app`` (the connect endpoint) refusing new client tunnels with
         503 once shutdown began; authenticated peers still get through."""
 
-        def guarded(environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        def guarded(environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
             if self._state != SERVING and self.server.peering.authenticate(Request(environ).headers) is None:
                 return self.server.error_writer(environ, start_response, 503, "server shutting down")
             return app(environ, start_response)
@@ -210,28 +271,27 @@ class GracefulShutdown:
 
     def _close_tunnels(self) -> int:
         """Close every client session (each sends its close frame) and wait
-        until they left the session table; returns how many there were."""
+        (at most ``close_timeout``) until they left the session table;
+        returns how many there were."""
         manager = self.server.session_manager
-        sessions = manager.all_sessions()
-        for session in sessions:
-            session.close("server shutting down")
-        deadline = time.monotonic() + self.close_timeout
-        while len(manager) and time.monotonic() < deadline:
-            for session in manager.all_sessions():  # a tunnel that slipped in
+        emptied = threading.Event()
+
+        def listener(added: bool, _key: str, _session: "Session") -> None:
+            if not added and len(manager) == 0:
+                emptied.set()
+
+        manager.add_listener(listener)
+        try:
+            sessions = manager.all_sessions()
+            for session in sessions:
                 session.close("server shutting down")
-            time.sleep(0.01)
+            if len(manager):
+                emptied.wait(self.close_timeout)
+            for session in manager.all_sessions():  # one that slipped past the guard
+                session.close("server shutting down")
+        finally:
+            manager.remove_listener(listener)
         return len(sessions)
-
-
-def _plain(start_response: Callable[..., Any], status: int, text: str) -> List[bytes]:
-    body = text.encode()
-    reason = {200: "OK", 503: "Service Unavailable"}[status]
-    start_response(f"{status} {reason}", [
-        ("Content-Type", "text/plain; charset=utf-8"),
-        ("Content-Length", str(len(body))),
-        ("Cache-Control", "no-store"),
-    ])
-    return [body]
 
 
 def is_gunicorn_worker(handler: Any) -> bool:

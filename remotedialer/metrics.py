@@ -42,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "install it with: pip install 'remotedialer[metrics]'"
     ) from exc
 
+from .httputil import WSGIApp
 from .observer import Observer
 from .protocol import MessageType
 
@@ -59,8 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 
 @dataclass(frozen=True)

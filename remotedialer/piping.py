@@ -6,7 +6,10 @@ of endpoints: a local socket and a :class:`TunnelConnection` (the client side
 of a dial, a forwarded port, ``as_socket``), or two tunneled connections (a
 server relaying for a peer). Flow control carries through: while the peer has
 paused us we stop reading the local socket, and while the local socket does not
-drain we stop reading the tunnel, whose buffer then PAUSEs the peer.
+drain we stop reading the tunnel, whose buffer then PAUSEs the peer. Tunnel
+bytes for a socket that can take them at once are written by the session's
+reader thread as they arrive (:meth:`_SocketPipe.deliver_now`); the piper
+thread only takes over what does not fit, EOF and errors.
 
 :class:`LocalDialer` is the client's connect handler: it checks the connect
 authorizer, dials the target on a small bounded thread pool, and hands the
@@ -20,12 +23,15 @@ import logging
 import selectors
 import socket
 import threading
-from typing import Callable, Dict, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Set
 
 from .addresses import split_host_port
 from .config import DEFAULT_LIMITS, Limits
-from .connection import TunnelConnection
 from .errors import ConnectNotAllowedError, DialError, RemoteError
+from .singleton import Singleton
+
+if TYPE_CHECKING:
+    from .connection import TunnelConnection
 
 __all__ = [
     "Piper",
@@ -142,6 +148,12 @@ class _SocketPipe(_Pipe):
         self.to_tunnel = _Direction()
         self.to_socket = _Direction()
         self.events = 0
+        # Guards ``to_socket`` and writes to ``sock``: the piper thread and
+        # :meth:`deliver_now` (on the session's reader thread) both deliver
+        # tunnel bytes to the socket. Also guards ``closing``, so that no
+        # write reaches a descriptor that was closed (and maybe reused).
+        self._to_socket_lock = threading.Lock()
+        self.closing = False
 
     def __repr__(self) -> str:
         return f"<pipe {self.sock.fileno()} <-> {self.conn}>"
@@ -199,21 +211,52 @@ class _SocketPipe(_Pipe):
         """Tunnel -> local socket. True if the turn's budget ran out."""
         moved = 0
         direction = self.to_socket
-        while moved < TURN_BUDGET:
-            if direction.pending is None:
-                if direction.eof or not _read_tunnel(self.conn, direction):
+        with self._to_socket_lock:
+            while moved < TURN_BUDGET:
+                if direction.pending is None:
+                    if direction.eof or not _read_tunnel(self.conn, direction):
+                        return False
+                    continue
+                try:
+                    sent = self.sock.send(direction.pending)
+                except (BlockingIOError, InterruptedError):
                     return False
-                continue
+                moved += sent
+                rest = direction.pending[sent:]
+                direction.pending = rest if len(rest) else None
+            return True
+
+    def deliver_now(self) -> bool:
+        """Any thread (the session's reader, right after it fed ``conn``):
+        write what ``conn`` has buffered straight to the socket, sparing the
+        hand-off to the piper thread and its wake-up. Never blocks (the socket
+        is non-blocking, the lock is only tried). True when all of it went
+        and the piper has nothing to do; False asks for a turn of the piper:
+        nothing to deliver (a RESUME or the end arrived), EOF, an error, a full
+        socket, more than one read's worth, or the piper holding the lock."""
+        if not self._to_socket_lock.acquire(blocking=False):
+            return False
+        try:
+            direction = self.to_socket
+            if self.closing or direction.pending is not None or direction.eof:
+                return False
             try:
+                if not _read_tunnel(self.conn, direction) or direction.pending is None:
+                    return False  # nothing buffered, or EOF (now recorded)
                 sent = self.sock.send(direction.pending)
             except (BlockingIOError, InterruptedError):
-                return False
-            moved += sent
+                return False  # the piper waits for the socket to drain
+            except (RemoteError, ConnectionError, OSError):
+                return False  # the piper meets the error again and closes
             rest = direction.pending[sent:]
             direction.pending = rest if len(rest) else None
-        return True
+            return direction.pending is None and not self.conn.readable_now()
+        finally:
+            self._to_socket_lock.release()
 
     def _close(self, error: Optional[BaseException]) -> None:
+        with self._to_socket_lock:
+            self.closing = True
         self.piper._set_interest(self, self.sock, 0)
         self.conn.set_listener(None)
         if error is None or self.conn.ended:
@@ -336,7 +379,8 @@ class Piper:
 
     def _add(self, pipe: _Pipe, *conns: TunnelConnection) -> None:
         def listener(_conn: TunnelConnection) -> None:
-            self._mark(pipe)
+            if not (isinstance(pipe, _SocketPipe) and pipe.deliver_now()):
+                self._mark(pipe)
 
         for conn in conns:
             conn.set_listener(listener)
@@ -435,17 +479,12 @@ class Piper:
             self._thread = None
 
 
-_default_piper: Optional[Piper] = None
-_default_lock = threading.Lock()
+_default_piper = Singleton(Piper)
 
 
 def default_piper() -> Piper:
     """The process-wide piper used when none is given."""
-    global _default_piper
-    with _default_lock:
-        if _default_piper is None:
-            _default_piper = Piper()
-        return _default_piper
+    return _default_piper.get()
 
 
 class LocalDialer:
@@ -488,8 +527,8 @@ class LocalDialer:
         self._pool.shutdown(wait=False)
 
     def _dial_and_pipe(self, conn: TunnelConnection) -> None:
-        if conn.ended:
-            return
+        if conn.ended and not conn.buffered:
+            return  # ended before the dial with nothing to deliver
         try:
             sock = self.dialer(conn.proto, conn.address, self.limits.local_dial_timeout)
         except DialError as exc:
@@ -499,9 +538,7 @@ class LocalDialer:
             reason = exc.strerror or str(exc) or type(exc).__name__
             conn.abort(DialError(f"dial {conn.proto} {conn.address}: {reason}", exc))
             return
-        if conn.ended:
-            sock.close()
-            conn.close()
-            return
+        # Even if the far side already ended, what it sent while we dialed is
+        # delivered first: the pipe writes the buffer, then closes both.
         self.piper.pipe_socket(sock, conn)
 

@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 Bytes = Union[bytes, bytearray, memoryview]
+"""Any bytes-like payload the codecs accept."""
 
 LEGACY_DEADLINE_MS = 15000
 """Value written into the legacy deadline field of DATA and CONNECT."""

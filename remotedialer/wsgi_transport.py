@@ -34,12 +34,13 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 from urllib3.util.wait import wait_for_write
 
 from .addresses import join_host_port
 from .errors import ProtocolError
+from .httputil import header_tokens
 from .frames import (
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
@@ -56,12 +57,11 @@ from .frames import (
     encode_frame_header,
     parse_close,
 )
-from .transport import TransportClosed
+from .protocol import Bytes
+from .transport import ReceiveSize, TransportClosed, next_event_from_socket
 
 __all__ = [
-    "accept_key",
     "is_websocket_request",
-    "socket_from_environ",
     "ServerWebSocket",
     "SimpleWebSocketTransport",
     "finish_taken_over_response",
@@ -89,13 +89,10 @@ _CLOSE_WRITE_TIMEOUT = 1.0
 # pong for the latest ping is enough, RFC 6455 5.5.3).
 _MAX_PENDING_PONGS = 64
 
-Bytes = Union[bytes, bytearray, memoryview]
-
 
 # ---------------------------------------------------------------- handshake
 def _header_tokens(environ: Mapping[str, Any], name: str) -> List[str]:
-    value = str(environ.get(name, ""))
-    return [token.strip().lower() for token in value.split(",") if token.strip()]
+    return header_tokens(str(environ.get(name, "")))
 
 
 def is_websocket_request(environ: Mapping[str, Any]) -> Optional[str]:
@@ -190,8 +187,7 @@ class ServerWebSocket:
     ) -> None:
         self.sock = sock
         self.receive_bytes = receive_bytes
-        self._idle_receive = min(IDLE_RECEIVE_BYTES, receive_bytes)
-        self._next_receive = self._idle_receive  # reader thread only
+        self._receive_size = ReceiveSize(receive_bytes, IDLE_RECEIVE_BYTES)  # reader thread only
         self.last_keepalive = time.monotonic()
         self.close_code: Optional[int] = None
         self.close_reason = ""
@@ -341,16 +337,15 @@ class ServerWebSocket:
         :class:`~remotedialer.errors.ProtocolError` for a text message or a
         frame breaking RFC 6455 (after sending the matching close frame).
         """
+        def closing() -> bool:
+            return self._closed
+
         while True:
             try:
-                event = self._reader.next_event()
+                opcode, payload = next_event_from_socket(self._reader, self.sock, self._receive_size, closing)
             except WebSocketProtocolError as exc:
                 self._send_close(exc.close_code, str(exc)[:60], _CLOSE_WRITE_TIMEOUT)
                 raise
-            if event is None:
-                self._fill()
-                continue
-            opcode, payload = event
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_PING:
@@ -366,20 +361,6 @@ class ServerWebSocket:
                 self._send_close(answer, "", _CLOSE_WRITE_TIMEOUT)
                 raise TransportClosed(f"websocket closed by the client ({self.close_code})")
             # a pong: nothing to do (the server does not ping on its own)
-
-    def _fill(self) -> None:
-        if self._closed:
-            raise TransportClosed("websocket closed")
-        try:
-            data = self.sock.recv(self._next_receive)
-        except OSError as exc:
-            if self._closed:
-                raise TransportClosed("websocket closed") from exc
-            raise TransportClosed(f"websocket read failed: {exc}") from exc
-        if not data:
-            raise TransportClosed("websocket closed" if self._closed else "websocket EOF")
-        self._next_receive = self.receive_bytes if len(data) >= self._idle_receive else self._idle_receive
-        self._reader.feed(data)
 
     # -- closing
     def close(self) -> None:
@@ -406,16 +387,35 @@ class ServerWebSocket:
 
 # ------------------------------------------------------- simple-websocket
 class _LockedSocket:
-    """Socket proxy given to simple-websocket: every write goes through one
-    lock and is complete; ``close`` only shuts down (the WSGI server closes)."""
+    """Socket proxy given to simple-websocket (through the WSGI environ, where
+    it looks for the socket): every write goes through one lock and is
+    complete (simple-websocket calls ``send``, which may write part of a
+    frame); ``close`` only shuts down (the WSGI server closes). Once
+    ``closing`` is set, a write waits at most ``_CLOSE_WRITE_TIMEOUT`` for
+    the lock and for the socket to become writable, and fails with
+    ``BrokenPipeError`` (what simple-websocket's ``close`` expects) instead
+    of blocking on a stuck peer."""
 
-    def __init__(self, sock: socket.socket, lock: threading.Lock) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._lock = lock
+        self._lock = threading.Lock()
+        self.closing = False
 
     def send(self, data: Bytes, *flags: int) -> int:
-        with self._lock:
-            self._sock.sendall(data)
+        if not self._lock.acquire(timeout=_CLOSE_WRITE_TIMEOUT if self.closing else -1):
+            raise BrokenPipeError(errno.EPIPE, "websocket closing: the socket is busy")
+        try:
+            if not self.closing:
+                self._sock.sendall(data)
+            elif not wait_for_write(self._sock, timeout=_CLOSE_WRITE_TIMEOUT):
+                raise BrokenPipeError(errno.EPIPE, "websocket closing: the peer does not read")
+            else:
+                try:
+                    self._sock.sendall(data)
+                except OSError as exc:
+                    raise BrokenPipeError(errno.EPIPE, f"websocket closing: {exc}") from exc
+        finally:
+            self._lock.release()
         return len(data)
 
     sendall = send
@@ -435,12 +435,23 @@ class _LockedSocket:
 
 class SimpleWebSocketTransport:
     """A :class:`~remotedialer.transport.Transport` over simple-websocket's
-    server, for comparison with :class:`ServerWebSocket`.
+    server (``Server(..., websocket="simple-websocket")``), through its
+    public API only: ``Server(environ, receive_bytes=, max_message_size=,
+    ping_interval=)``, ``send``, ``receive``, ``close`` and ``connected``.
 
-    simple-websocket reads on its own thread and queues whole messages without
-    bound, so it costs a thread per tunnel and gives up TCP backpressure. Its
-    writes (pongs included) are routed through one lock as complete
-    ``sendall`` calls, and pings are counted as keepalive.
+    Not the default; measured against :class:`ServerWebSocket` in
+    docs/benchmarks.rst (section "simple-websocket against the built-in
+    transport"): it costs a second thread per tunnel (simple-websocket reads
+    on a thread of its own), and that thread reads and queues whole messages
+    without bound, so a client is never slowed down by TCP backpressure.
+
+    simple-websocket answers the client's pings itself and shows none of them,
+    so it cannot report the client's keepalive as the built-in transport
+    does. Liveness is simple-websocket's own instead: it pings the client
+    every ``ping_interval`` seconds and closes the WebSocket (1008) when a
+    pong did not come back by the next ping; :attr:`last_keepalive` reads
+    "now" while the WebSocket is open. :meth:`ping` sends nothing (there is no
+    public call for it; server sessions never ping).
     """
 
     def __init__(
@@ -448,45 +459,36 @@ class SimpleWebSocketTransport:
         environ: Dict[str, Any],
         max_message_size: int,
         receive_bytes: int = RECEIVE_BYTES,
+        ping_interval: float = 30.0,
     ) -> None:
         import simple_websocket  # type: ignore[import-untyped,unused-ignore]
-        from wsproto.events import Ping
 
         sock, kind = socket_from_environ(environ)
-        self._lock = threading.Lock()
-        locked = _LockedSocket(sock, self._lock)
+        self._sock = sock
+        self._locked = _LockedSocket(sock)
         environ = dict(environ)
-        environ[f"{kind}.socket"] = locked
-        self.last_keepalive = time.monotonic()
-        transport = self
-
-        class _Events:
-            """Wraps wsproto's connection to note every ping received."""
-
-            def __init__(self, ws: Any) -> None:
-                self._ws = ws
-
-            def events(self) -> Any:
-                for event in self._ws.events():
-                    if isinstance(event, Ping):
-                        transport.last_keepalive = time.monotonic()
-                    yield event
-
-            def __getattr__(self, name: str) -> Any:
-                return getattr(self._ws, name)
-
-        class _Server(simple_websocket.Server):  # type: ignore[misc]
-            def handshake(self) -> None:
-                super().handshake()
-                self.ws: Any = _Events(self.ws)
-
+        environ[f"{kind}.socket"] = self._locked
         self._closed_error = simple_websocket.ConnectionClosed
         self._close_lock = threading.Lock()  # serializes close(), see ServerWebSocket.close
         self._shut_down = False
-        self.ws = _Server(
-            environ, receive_bytes=receive_bytes, max_message_size=max_message_size
+        self._last_keepalive = time.monotonic()
+        self.ws = simple_websocket.Server(
+            environ, receive_bytes=receive_bytes, max_message_size=max_message_size,
+            ping_interval=ping_interval,
         )
         self._description = f"{describe_remote(environ)} (simple-websocket)"
+
+    @property
+    def last_keepalive(self) -> float:
+        """Now while the WebSocket is open (simple-websocket checks liveness
+        with its own pings); the time it was last seen open afterwards."""
+        if self.ws.connected:
+            self._last_keepalive = time.monotonic()
+        return self._last_keepalive
+
+    @last_keepalive.setter
+    def last_keepalive(self, value: float) -> None:
+        self._last_keepalive = value
 
     def send(self, data: Bytes) -> None:
         try:
@@ -506,24 +508,21 @@ class SimpleWebSocketTransport:
         return bytes(data)
 
     def ping(self) -> None:
-        from wsproto.events import Ping
-
-        try:
-            with self._lock:
-                self.ws.sock._sock.sendall(self.ws.ws.send(Ping()))
-        except OSError as exc:
-            raise TransportClosed(f"websocket ping failed: {exc}") from exc
+        """Nothing: simple-websocket pings on its own (``ping_interval``)."""
 
     def close(self) -> None:
+        """Send a close frame (waiting at most a second for a busy or stuck
+        socket) and shut the socket down, which ends simple-websocket's reader
+        thread and a blocked :meth:`receive` or :meth:`send`."""
         with self._close_lock:
             if self._shut_down:
                 return
+            self._locked.closing = True
             try:
                 self.ws.close()
-            except Exception:
+            except (self._closed_error, OSError):
                 pass
-            self.ws.sock.close()  # shutdown: ends simple-websocket's reader thread
-            self.ws.event.set()
+            self._locked.close()
             self._shut_down = True
 
     def describe(self) -> str:

@@ -7,6 +7,7 @@ functions from here (``from .support import ...``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import selectors
@@ -17,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
 
-from benchmarks.soak import echo_until_eof
 from remotedialer.addresses import join_host_port
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.config import Limits
@@ -140,6 +140,24 @@ def dial_and_accept(dial: Callable[[str], T]) -> Tuple[T, socket.socket]:
     return conn, far
 
 
+def raw_upgrade(port: int, key: str) -> socket.socket:
+    """Open a WebSocket by hand and return the socket after the 101."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    request = (
+        "GET /connect HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nX-Tunnel-ID: {key}\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    response = b""
+    while not response.endswith(b"\r\n\r\n"):
+        chunk = sock.recv(1)
+        assert chunk, f"EOF in the handshake response: {response!r}"
+        response += chunk
+    assert response.startswith(b"HTTP/1.1 101 "), response
+    return sock
+
+
 # --------------------------------------------------------- loopback servers
 class LoopbackListener:
     """A TCP listener on a free loopback port whose accept loop runs on a
@@ -189,6 +207,13 @@ class LoopbackListener:
     def close(self) -> None:
         self.listener.close()
         self.drop_connections()
+
+
+def echo_until_eof(sock: socket.socket) -> None:
+    """Send back what ``sock`` receives until EOF or an error, then close it."""
+    with sock, contextlib.suppress(OSError):
+        for data in iter(lambda: sock.recv(65536), b""):
+            sock.sendall(data)
 
 
 class EchoServer(LoopbackListener):

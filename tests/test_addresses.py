@@ -14,6 +14,7 @@ from remotedialer.addresses import (
     reachable_host,
     split_host_optional_port,
     split_host_port,
+    split_remote_address,
 )
 from remotedialer.cli import build_parser
 from remotedialer.forward import parse_forward_spec
@@ -53,7 +54,7 @@ def test_split_host_port(address: str, expected: Tuple[str, int]) -> None:
         ("[::1:80", "missing ']'"),
         ("[::1]80", "after ']'"),
         ("[::1]:80:1", "invalid port"),
-        ("ho]st:80", "bracket"),
+        ("ho]st:80", "unexpected ']'"),
         ("[a[b]:80", "bracket"),
         ("ho]st", "unexpected ']'"),
     ],
@@ -70,11 +71,20 @@ def test_split_host_port_rejects(address: str, reason: str) -> None:
         ("example.com:8080", ("example.com", 8080)),
         ("[::1]", ("::1", None)),
         ("[::1]:443", ("::1", 443)),
+        ("fd00::5", ("fd00::5", None)),  # bare IPv6: no port without brackets
         ("", ("", None)),
     ],
 )
 def test_split_host_optional_port(address: str, expected: Tuple[str, Optional[int]]) -> None:
     assert split_host_optional_port(address) == expected
+
+
+def test_split_remote_address() -> None:
+    assert split_remote_address("example.com") == ("example.com", None)
+    assert split_remote_address("[::1]:1") == ("::1", 1)
+    for bad in ("", ":80", "[]:80", "example.com:0", "[::1"):
+        with pytest.raises(ValueError):
+            split_remote_address(bad)
 
 
 def test_join_host_port_brackets_ipv6_only() -> None:

@@ -9,8 +9,10 @@ import http.client
 import logging
 import os
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List
 
 import pytest
@@ -22,13 +24,12 @@ from remotedialer.cli.demo import Check, human_size
 from remotedialer.cli.dummy import BLOCK_SIZE, DummyServer, generated_bytes, generated_sha256
 from remotedialer.cli.server import (
     BoundedThreadedWSGIServer,
-    Peer,
     ServerApp,
     make_app,
-    parse_peers,
     tunnel_id_authorizer,
     wire_peers,
 )
+from remotedialer.peering import PeerSpec, parse_peers
 
 from .conftest import TIMEOUT, wait_for
 
@@ -39,8 +40,8 @@ def test_parse_peers() -> None:
     assert parse_peers("") == []
     assert parse_peers(None) == []
     assert parse_peers("a:t1:ws://h:8123/connect, b:t2:wss://[::1]:9/connect,") == [
-        Peer("a", "t1", "ws://h:8123/connect"),
-        Peer("b", "t2", "wss://[::1]:9/connect"),
+        PeerSpec("a", "t1", "ws://h:8123/connect"),
+        PeerSpec("b", "t2", "wss://[::1]:9/connect"),
     ]
     for bad in ("a:t1", "a::ws://x", ":t:ws://x"):
         with pytest.raises(ValueError):
@@ -70,6 +71,30 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main([])
     assert exited.value.code == 2
+
+
+def test_server_help_carries_the_open_relay_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["server", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "WARNING: for testing and demos only" in text
+    assert "open relay" in text and "listens on every interface" in text
+    assert "--listen 127.0.0.1:8123" in text
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("9125=foo:udp:127.0.0.1:53", "cannot forward proto 'udp'"),
+    ("9125=foo:tcp", "want LISTEN=CLIENT_KEY:PROTO:ADDRESS"),
+])
+def test_bad_forward_exits_2_before_starting(
+    spec: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["server", "--listen", "127.0.0.1:0", "--forward", spec])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --forward" in err and reason in err
 
 
 # ------------------------------------------------------ the example server
@@ -141,7 +166,7 @@ def test_make_app_rejects_malformed_peers() -> None:
         make_app(peers="just-an-id")
 
 
-def test_wire_peers_calls_add_peer(caplog: pytest.LogCaptureFixture) -> None:
+def test_wire_peers_calls_add_peer() -> None:
     calls: List[Any] = []
 
     class WithPeering:
@@ -150,9 +175,6 @@ def test_wire_peers_calls_add_peer(caplog: pytest.LogCaptureFixture) -> None:
 
     wire_peers(WithPeering(), parse_peers("b:t:ws://b:1/connect,c:t:ws://c:1/connect"))
     assert calls == [("ws://b:1/connect", "b", "t"), ("ws://c:1/connect", "c", "t")]
-    with caplog.at_level(logging.WARNING):
-        wire_peers(object(), parse_peers("b:t:ws://b:1/connect"))
-    assert "ignoring 1 peer" in caplog.text
 
 
 # ------------------------------------------------------------------ logging
@@ -164,7 +186,11 @@ def clean_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
              "simple_websocket", "gunicorn"]
     levels = {name: logging.getLogger(name).level for name in names}
     handlers = list(logging.getLogger().handlers)
-    monkeypatch.delenv("CATTLE_TUNNEL_DATA_DEBUG", raising=False)
+    # setenv first: monkeypatch then removes the variable again afterwards,
+    # even when the test's setup_logging(debug=True) set it (a bare delenv of
+    # an absent variable restores nothing, and tracing leaked into later tests)
+    monkeypatch.setenv("CATTLE_TUNNEL_DATA_DEBUG", "")
+    monkeypatch.delenv("CATTLE_TUNNEL_DATA_DEBUG")
     yield
     root = logging.getLogger()
     for handler in list(root.handlers):
@@ -260,9 +286,24 @@ def dummy(tmp_path: Any) -> Iterator[DummyServer]:
     server.stop()
 
 
+@pytest.fixture
+def dummy_conn(dummy: DummyServer) -> Iterator[http.client.HTTPConnection]:
+    """A keep-alive HTTP connection to the dummy server."""
+    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
+    yield conn
+    conn.close()
+
+
 def _get(conn: http.client.HTTPConnection, path: str, method: str = "GET") -> http.client.HTTPResponse:
     conn.request(method, path)
     return conn.getresponse()
+
+
+def _status(conn: http.client.HTTPConnection, path: str) -> int:
+    """The status of ``GET path`` (the body is read, so the connection can go on)."""
+    response = _get(conn, path)
+    response.read()
+    return response.status
 
 
 def test_generated_bytes_are_deterministic() -> None:
@@ -272,55 +313,58 @@ def test_generated_bytes_are_deterministic() -> None:
     assert generated_sha256(0) == hashlib.sha256(b"").hexdigest()
 
 
-def test_dummy_serves_files_generated_data_with_keep_alive(dummy: DummyServer, tmp_path: Any) -> None:
+def test_dummy_serves_files_generated_data_with_keep_alive(
+    dummy_conn: http.client.HTTPConnection, tmp_path: Any
+) -> None:
+    conn = dummy_conn
+    response = _get(conn, "/file.bin")
+    assert response.status == 200
+    assert response.read() == (tmp_path / "file.bin").read_bytes()
+    sock = conn.sock
+    size = 3 * BLOCK_SIZE + 5
+    response = _get(conn, f"/bytes/{size}")
+    assert response.getheader("Content-Length") == str(size)
+    assert hashlib.sha256(response.read()).hexdigest() == generated_sha256(size)
+    response = _get(conn, "/bytes/77?seed=3")
+    assert response.read() == generated_bytes(77, seed=3)
+    response = _get(conn, "/bytes/10", method="HEAD")
+    assert (response.getheader("Content-Length"), response.read()) == ("10", b"")
+    response = _get(conn, "/")
+    listing = response.read()
+    assert b"file.bin" in listing and b"sub/" in listing
+    assert conn.sock is sock  # every request went over one kept-alive connection
+    assert _status(conn, "/missing") == 404
+
+
+def test_dummy_answers_a_small_file_in_one_write(dummy: DummyServer, tmp_path: Any) -> None:
+    """Head and body of a small file leave together (one segment on loopback),
+    a large file still arrives whole (sendfile after the buffered head)."""
+    (tmp_path / "small.bin").write_bytes(os.urandom(1024))
+    (tmp_path / "large.bin").write_bytes(os.urandom(300_000))
+    with socket.create_connection(("127.0.0.1", dummy.port), timeout=TIMEOUT) as sock:
+        for _ in range(5):  # a split answer would show in the first recv
+            sock.sendall(b"GET /small.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = sock.recv(65536)
+            head, _, body = first.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and body == (tmp_path / "small.bin").read_bytes()
     conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
     try:
-        response = _get(conn, "/file.bin")
-        assert response.status == 200
-        assert response.read() == (tmp_path / "file.bin").read_bytes()
-        sock = conn.sock
-        size = 3 * BLOCK_SIZE + 5
-        response = _get(conn, f"/bytes/{size}")
-        assert response.getheader("Content-Length") == str(size)
-        assert hashlib.sha256(response.read()).hexdigest() == generated_sha256(size)
-        response = _get(conn, "/bytes/77?seed=3")
-        assert response.read() == generated_bytes(77, seed=3)
-        response = _get(conn, "/bytes/10", method="HEAD")
-        assert (response.getheader("Content-Length"), response.read()) == ("10", b"")
-        response = _get(conn, "/")
-        listing = response.read()
-        assert b"file.bin" in listing and b"sub/" in listing
-        assert conn.sock is sock  # every request went over one kept-alive connection
-        response = _get(conn, "/missing")
-        assert response.status == 404
-        response.read()
+        assert _get(conn, "/large.bin").read() == (tmp_path / "large.bin").read_bytes()
+        assert _get(conn, "/small.bin").read() == (tmp_path / "small.bin").read_bytes()
     finally:
         conn.close()
 
 
-def test_dummy_drip_and_bad_parameters(dummy: DummyServer) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
-    try:
-        response = _get(conn, "/drip/1000?interval=0.01&chunks=4")
-        assert response.read() == generated_bytes(1000)
-        response = _get(conn, "/drip/10?chunks=0")
-        assert response.status == 400
-        response.read()
-        response = _get(conn, "/stall?seconds=-1")
-        assert response.status == 400
-        response.read()
-    finally:
-        conn.close()
+def test_dummy_drip_and_bad_parameters(dummy_conn: http.client.HTTPConnection) -> None:
+    assert _get(dummy_conn, "/drip/1000?interval=0.01&chunks=4").read() == generated_bytes(1000)
+    assert _status(dummy_conn, "/drip/10?chunks=0") == 400
+    assert _status(dummy_conn, "/stall?seconds=-1") == 400
 
 
-def test_dummy_stall_sends_the_head_at_once(dummy: DummyServer) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
-    try:
-        response = _get(conn, "/stall?seconds=0.2")
-        assert response.status == 200
-        assert response.read() == b"finally\n"
-    finally:
-        conn.close()
+def test_dummy_stall_sends_the_head_at_once(dummy_conn: http.client.HTTPConnection) -> None:
+    response = _get(dummy_conn, "/stall?seconds=0.2")
+    assert response.status == 200
+    assert response.read() == b"finally\n"
 
 
 # ------------------------------------------------------------------- demo
@@ -347,6 +391,10 @@ def _keepalive_app(environ: Dict[str, Any], start_response: Callable[..., Any]) 
         return [b"abc"]
     if path == "/fail":
         raise RuntimeError("failure under test")
+    if path == "/body":  # reads the request body and answers with it
+        data = environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Length", str(len(data)))])
+        return [data]
     if path == "/env":  # what the front end parsed
         names = ("REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "SERVER_PROTOCOL", "HTTP_X_A", "HTTP_X_B")
         body = "|".join(str(environ.get(name)) for name in names).encode("latin-1")
@@ -449,7 +497,7 @@ def _raw_exchange(port: int, request: bytes) -> bytes:
 def test_front_end_request_head_parsing(keepalive_server: BoundedThreadedWSGIServer) -> None:
     answer = _raw_exchange(
         keepalive_server.port,
-        b"GET //en%76?x=1 HTTP/1.1\r\nHost: h\r\nX-A:  one two \r\nx-b:\xe9\nX-Empty:\r\n\r\n",
+        b"GET //en%76?x=1 HTTP/1.1\r\nHost: h\r\nX-A:  one two \r\nx-b:\xe9\r\nX-Empty:\r\n\r\n",
     )
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK\r\nServer: ")
@@ -472,14 +520,115 @@ def test_front_end_refuses_malformed_request_heads(keepalive_server: BoundedThre
     assert answer.startswith(b"HTTP/1.1 " + status)
 
 
-def test_front_end_other_request_lines_go_to_http_server(keepalive_server: BoundedThreadedWSGIServer) -> None:
+def test_front_end_other_request_lines(keepalive_server: BoundedThreadedWSGIServer) -> None:
     assert _raw_exchange(keepalive_server.port, b"GET /a B HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 400")
-    answer = _raw_exchange(keepalive_server.port, b"GET /env HTTP/1.01\r\nHost: h\r\n\r\n")
-    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"HTTP/1.01|None|None")
+    assert _raw_exchange(keepalive_server.port, b"GET /env HTTP/1.01\r\nHost: h\r\n\r\n").startswith(
+        b"HTTP/1.1 400")
+    assert _raw_exchange(keepalive_server.port, b"GET /env HTTP/1.2\r\nHost: h\r\n\r\n").startswith(
+        b"HTTP/1.1 505")
 
 
-def test_bench_subcommand_runs_the_benchmarks_command(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["bench", "--help"])
-    assert exited.value.code == 0
-    assert "python -m benchmarks" in capsys.readouterr().out
+def test_bench_subcommand_runs_the_benchmarks_command(
+    capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """``remotedialer bench`` runs ``python -m benchmarks`` from a source
+    checkout, in a child process: this process's ``sys.path`` is untouched."""
+    path_before = list(sys.path)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert main(["bench", "--help"]) == 0
+    assert "python -m benchmarks" in capfd.readouterr().out
+    monkeypatch.chdir(tmp_path)  # not a checkout
+    assert main(["bench", "--help"]) == 2
+    assert "source checkout" in caplog.text
+    assert sys.path == path_before
+
+
+# --------------------------------------- request smuggling at the front end
+# Each request is followed on the same connection by a second one, GET
+# /smuggled: a refused request must close the connection without answering
+# it (bytes another parser could have read as part of the first request
+# are never served as a request of their own).
+_SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def _read_to_close(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)  # times out (failing the test) unless the server closes
+            if not chunk:
+                return data
+            data += chunk
+
+
+@pytest.mark.parametrize("head, status", [
+    # Content-Length and Transfer-Encoding together (CL.TE and TE.CL desync)
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nG",
+     b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+     b"400"),
+    # duplicate or malformed Content-Length
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 1, 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: +2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 1_0\r\n\r\n0123456789", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 0x2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n", b"400"),
+    # transfer codings: chunked must be the only one, and not in HTTP/1.0
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", b"501"),
+    (b"POST /body HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", b"400"),
+    # obs-fold, bare LF, bare CR, NUL, whitespace before the colon
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nX: a\r\n Content-Length: 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nX: a\nContent-Length: 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\nHost: h\r\nContent-Length: 2\r\n\r\nab", b"400"),
+    (b"GET /a HTTP/1.1\r\nHost: h\r\n\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nX: a\rContent-Length: 2\r\n\r\nab", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nX: a\x00\r\n\r\n", b"400"),
+    (b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length : 2\r\n\r\nab", b"400"),
+])
+def test_front_end_refuses_ambiguous_framing(keepalive_server: BoundedThreadedWSGIServer, head: bytes,
+                                             status: bytes) -> None:
+    answer = _read_to_close(keepalive_server.port, head + _SMUGGLED)
+    assert answer.startswith(b"HTTP/1.1 " + status)
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"smuggled" not in answer
+
+
+@pytest.mark.parametrize("chunks", [
+    b"0x2\r\nab\r\n0\r\n\r\n",  # hex prefix (werkzeug's dechunker takes it)
+    b"+2\r\nab\r\n0\r\n\r\n",
+    b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n",
+    b"-1\r\n",
+    b" 2\r\nab\r\n0\r\n\r\n",
+    b"\r\nab\r\n0\r\n\r\n",  # no size
+    b"2\nab\r\n0\r\n\r\n",  # bare LF after the size
+    b"2\r\nabX\r\n0\r\n\r\n",  # no CRLF after the data
+    b"2\r\nab\r0\r\n\r\n",  # bare CR after the data
+    b"0\r\n" + b"T: x\r\n" * 101 + b"\r\n",  # endless trailer
+])
+def test_front_end_refuses_invalid_chunked_bodies(keepalive_server: BoundedThreadedWSGIServer,
+                                                  chunks: bytes) -> None:
+    request = b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    answer = _read_to_close(keepalive_server.port, request + _SMUGGLED)
+    assert answer.startswith(b"HTTP/1.1 500")
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"smuggled" not in answer
+
+
+def test_front_end_reads_valid_framing(keepalive_server: BoundedThreadedWSGIServer) -> None:
+    """What is allowed: a chunked body with extensions and a trailer (the
+    connection then closes), the same Content-Length twice (kept alive)."""
+    chunked = (b"POST /body HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n"
+               b"2;name=value\r\nab\r\nA\r\n0123456789\r\n0\r\nTrailer: t\r\n\r\n")
+    answer = _read_to_close(keepalive_server.port, chunked + _SMUGGLED)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nab0123456789")
+    twice = b"POST /body HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nab"
+    last = _SMUGGLED.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n")
+    answer = _read_to_close(keepalive_server.port, twice + last)
+    assert answer.count(b"HTTP/1.1 200") == 2 and b"\r\n\r\nab" in answer
+    assert answer.endswith(b"GET /smuggled")

@@ -5,11 +5,12 @@ on a real :class:`~remotedialer.server.Server`."""
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Iterator, List, Tuple
 
 import pytest
 
-from benchmarks.dns import ZoneServer
+from testkit.dns import ZoneServer
 from remotedialer.discovery import (
     DiscoveryError,
     DnsPeerDiscovery,
@@ -189,3 +190,18 @@ def test_discovery_needs_an_id_and_a_token() -> None:
                              lookup=lambda name, port: [])
     finally:
         server.close()
+
+
+def test_missing_dnspython_is_explained(monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    from remotedialer.cli import main
+
+    monkeypatch.setitem(sys.modules, "dns", None)
+    monkeypatch.setitem(sys.modules, "dns.resolver", None)
+    with pytest.raises(ImportError, match=r"pip install 'remotedialer\[k8s\]'"):
+        DnsResolver()
+    with caplog.at_level(logging.ERROR):
+        status = main(["server", "--listen", "127.0.0.1:0", "--id", "a", "--token", "t",
+                       "--peers-from-dns", NAME])
+    assert status == 2
+    assert "remotedialer[k8s]" in caplog.text

@@ -21,7 +21,8 @@ from remotedialer.errors import HandshakeError
 from remotedialer.frames import OP_CLOSE, encode_frame
 
 from .conftest import TIMEOUT, EchoServer, wait_for
-from .test_server import echo_round_trip, raw_get, raw_upgrade, upgrade_headers
+from .support import raw_upgrade
+from .test_server import echo_round_trip, raw_get, upgrade_headers
 from .test_wsgi_transport import client_frame, read_to_eof
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,8 +16,10 @@ from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
 from remotedialer.errors import NoSessionError
 from remotedialer.forward import (
+    WARNING_BURST,
     ForwardSpec,
     PortForward,
+    WarningLimiter,
     parse_forward_spec,
     start_forward,
 )
@@ -245,6 +247,15 @@ def test_parse_forward_spec_rejects(text: str) -> None:
         parse_forward_spec(text)
 
 
+@pytest.mark.parametrize("proto", ["udp", "udp4", "foo", "ip", "unixgram", "TCP"])
+def test_only_stream_protocols_can_be_forwarded(proto: str) -> None:
+    with pytest.raises(ValueError, match=f"cannot forward proto '{proto}'.*tcp, tcp4, tcp6, unix"):
+        parse_forward_spec(f"9125=foo:{proto}:127.0.0.1:53")
+    spec = ForwardSpec(("127.0.0.1", 0), "foo", proto, "127.0.0.1:53")
+    with pytest.raises(ValueError, match="cannot forward proto"):
+        start_forward(FakeServer({}), spec)
+
+
 # ---------------------------------------------------------------- listener
 def test_binds_free_port_and_stops(env: Env, echo: SelectorEchoServer) -> None:
     with env.forward(echo.address) as fwd:
@@ -360,6 +371,52 @@ def test_remote_dial_failure_closes_promptly(env: Env) -> None:
         got, _error = recv_to_end(sock)
         assert got == b""
     wait_for(lambda: fwd.active == 0)
+
+
+def test_remote_dial_failure_is_logged_once(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    """A dial the far side could not make: one WARNING naming the forward,
+    the client key, the target and the far side's reason."""
+    closed = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()  # nothing listens there now
+    caplog.set_level(logging.WARNING, logger="remotedialer")
+    fwd = env.forward(address)
+    with connect(fwd) as sock:
+        assert recv_to_end(sock)[0] == b""
+    wait_for(lambda: fwd.failed == 1)
+    # (only this forward's: a thread of an earlier test may still log)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.WARNING and fwd.name in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith(f"{fwd.name}: connection from 127.0.0.1:")
+    assert f"failed at client foo, target tcp/{address}: dial tcp {address}:" in warnings[0]
+    assert "refused" in warnings[0].lower()
+
+
+def test_failure_warnings_are_rate_limited(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    closed = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    caplog.set_level(logging.WARNING, logger="remotedialer.forward")
+    fwd = env.forward(address)
+    for _ in range(WARNING_BURST + 7):
+        with connect(fwd) as sock:
+            recv_to_end(sock)
+    wait_for(lambda: fwd.failed == WARNING_BURST + 7)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and fwd.name in r.getMessage()]
+    assert len(warnings) == WARNING_BURST
+
+
+def test_warning_limiter_counts_what_it_left_out() -> None:
+    now = [0.0]
+    limiter = WarningLimiter(burst=2, window=10.0, clock=lambda: now[0])
+    assert [limiter.admit() for _ in range(5)] == [0, 0, None, None, None]
+    now[0] = 9.9
+    assert limiter.admit() is None
+    now[0] = 10.0
+    assert limiter.admit() == 4  # the next one says how many went unlogged
+    assert limiter.admit() == 0
+    assert limiter.admit() is None
 
 
 # ---------------------------------------------------------------- failures

@@ -797,3 +797,61 @@ def test_pooled_connections_are_closed_when_the_session_ends() -> None:
         app.close()
         httpd.server_close()
         dummy.stop()
+
+
+# ------------------------------------- request smuggling: how the client frames answers
+# The forwarder reuses upstream connections, so a response it frames
+# differently from the target would make the next request read the rest of
+# this one (response queue poisoning). Each case: the answer's head and body
+# bytes, then what must happen: "error" (refused, never reused), or the body
+# read and whether the connection may be reused.
+@pytest.mark.parametrize(
+    "answer, outcome",
+    [
+        # Content-Length and Transfer-Encoding together: chunked wins, connection not reused
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+         (b"ok", False)),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 100\r\n\r\n0\r\n\r\n",
+         (b"", False)),
+        # Transfer-Encoding in an HTTP/1.0 answer: faulty framing
+        (b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", "error"),
+        # a coding other than chunked last: the body runs to the close
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc", (b"abc", False)),
+        # duplicate Content-Length: only identical values pass
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nokk", "error"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", "error"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\n0123456789", "error"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\nok", "error"),
+        # whitespace before the colon, a CR or NUL inside a value
+        (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "error"),
+        (b"HTTP/1.1 200 OK\r\nX: a\rContent-Length: 2\r\n\r\nok", "error"),
+        (b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\nok", "error"),
+        # obs-fold is unfolded (RFC 9112 5.2: a user agent replaces it with a space)
+        (b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 2\r\n\r\nok", (b"ok", True)),
+        # a folded Transfer-Encoding still frames as chunked
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\n chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", (b"ok", True)),
+        # bare LF line ends are accepted in answers (RFC 9112 2.2 allows a recipient to)
+        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", (b"ok", True)),
+        # invalid chunk sizes
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nok\r\n0\r\n\r\n", "error"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 2\r\nok\r\n0\r\n\r\n", "error"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 17 + b"2\r\nok\r\n0\r\n\r\n",
+         "error"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\nok\r\n0\r\n\r\n", "error"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 2\r\nok\r\n0\r\n\r\n", "error"),
+        # a chunk size followed by an extension and blanks before it is fine
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 ;x=y\r\nok\r\n0\r\n\r\n", (b"ok", True)),
+        # more body than Content-Length announced: the rest is never read as the next answer
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n", (b"ok", False)),
+    ],
+)
+def test_upstream_framing_against_smuggling(raw: RawTarget, answer: bytes, outcome: Any) -> None:
+    raw.answer(answer, close=True)
+    if outcome == "error":
+        with pytest.raises(BadResponse):
+            raw.body()
+        return
+    body, reusable = outcome
+    response, received, _ = raw.body()
+    assert received == body and response.complete
+    assert (not response.will_close and raw.connection.idle_clean) == reusable

@@ -173,3 +173,17 @@ def test_encode_frame_lengths() -> None:
     assert encode_frame(OP_BINARY, b"a" * 126)[:4] == b"\x82\x7e\x00\x7e"
     assert encode_frame(OP_BINARY, b"a" * 65536)[:10] == b"\x82\x7f" + struct.pack("!Q", 65536)
     assert encode_frame(OP_PING) == b"\x89\x00"
+
+
+def test_reader_of_server_frames() -> None:
+    """A client's reader: unmasked frames decode, masked ones are refused."""
+    stream = (
+        encode_frame(OP_BINARY, b"frag", fin=False) + encode_frame(OP_PONG, b"p")
+        + encode_frame(OP_CONTINUATION, b"ment") + encode_frame(OP_BINARY, b"x" * 70_000)
+        + encode_frame(OP_CLOSE, frames.close_payload(1000, "bye"))
+    )
+    expected = [(OP_PONG, b"p"), (OP_BINARY, b"fragment"), (OP_BINARY, b"x" * 70_000),
+                (OP_CLOSE, frames.close_payload(1000, "bye"))]
+    assert feed_all(FrameReader(1 << 20, from_client=False), stream, step=7) == expected
+    with pytest.raises(WebSocketProtocolError, match="server frame masked"):
+        feed_all(FrameReader(1 << 20, from_client=False), client_frame(OP_BINARY, b"x"))

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import pytest
 
 from remotedialer.config import Limits
+from remotedialer.connection import TunnelConnection
 from remotedialer.errors import DialError, RemoteError
 from remotedialer.piping import LocalDialer, Piper, dial_socket
 
@@ -167,6 +168,40 @@ def test_tunnel_close_closes_local_socket_after_data(setup: LocalDialTunnel) -> 
     wait_for(lambda: setup.piper.active_pipes == 0)
 
 
+def test_data_and_close_that_arrive_during_the_local_dial_are_delivered(
+    setup_factory: Callable[..., LocalDialTunnel],
+) -> None:
+    """The far side may send and close before our local dial completes: the
+    target still gets the bytes, then EOF (the dial is not thrown away)."""
+    closed_far_side = threading.Event()
+    accepted: List[socket.socket] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(TIMEOUT)
+
+    def slow_dialer(proto: str, address: str, timeout: Optional[float]) -> socket.socket:
+        assert closed_far_side.wait(TIMEOUT)
+        sock = socket.create_connection(listener.getsockname()[:2], timeout=timeout)
+        accepted.append(listener.accept()[0])
+        return sock
+
+    setup = setup_factory(dialer=slow_dialer)
+    conn = setup.dial("slow.internal:80")
+    wait_for(lambda: len(setup.pair.client.connections()) == 1)
+    (client_side,) = setup.pair.client.connections()
+    conn.sendall(b"early words")
+    conn.close()
+    wait_for(lambda: client_side.ended and client_side.buffered == 11)
+    closed_far_side.set()
+    wait_for(lambda: accepted)
+    with listener, accepted[0] as target:
+        target.settimeout(TIMEOUT)
+        received = bytearray()
+        while chunk := target.recv(100):
+            received += chunk
+    assert bytes(received) == b"early words"
+    wait_for(lambda: setup.piper.active_pipes == 0)
+
+
 def test_tunnel_error_resets_local_socket(setup: LocalDialTunnel) -> None:
     conn, local = dial_and_accept(setup.dial)
     local.settimeout(TIMEOUT)
@@ -295,14 +330,22 @@ def test_pipe_tunnels_forwards_remote_error(session_pair_factory: Callable[..., 
         piper.stop()
 
 
-def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., SessionPair]) -> None:
-    piper = Piper("stop-piper")
+def _tunnel_and_socketpair(
+    session_pair_factory: Callable[..., SessionPair],
+) -> Tuple[TunnelConnection, TunnelConnection, socket.socket, socket.socket]:
+    """A tunneled connection (the dialing end, the accepted far end) and a
+    socket pair (the end to pipe, the end the test reads, with a timeout)."""
     handler = AcceptingHandler()
     pair = session_pair_factory(connect_handler=handler)
     conn = pair.server.dial("tcp", "x:1", timeout=TIMEOUT)
-    far = handler.next()
     left, right = socket.socketpair()
     right.settimeout(TIMEOUT)
+    return conn, handler.next(), left, right
+
+
+def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., SessionPair]) -> None:
+    piper = Piper("stop-piper")
+    conn, far, left, right = _tunnel_and_socketpair(session_pair_factory)
     done = threading.Event()
     piper.pipe_socket(left, far, on_done=done.set)
     conn.sendall(b"through")
@@ -315,6 +358,31 @@ def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., Sessio
     right.close()
     with pytest.raises(RuntimeError):
         piper.pipe_socket(socket.socket(), far)
+
+
+def test_reader_thread_delivers_to_the_socket_without_a_piper_turn(
+    session_pair_factory: Callable[..., SessionPair], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tunnel bytes for a socket that can take them go out on the session's
+    reader thread (``deliver_now``): the piper thread is not woken for them."""
+    piper = Piper("deliver-piper")
+    conn, far, left, right = _tunnel_and_socketpair(session_pair_factory)
+    try:
+        piper.pipe_socket(left, far)
+        conn.sendall(b"first")
+        assert recv_exactly(right, 5) == b"first"
+        marks: List[object] = []
+        original = piper._mark
+        monkeypatch.setattr(piper, "_mark", lambda pipe: (marks.append(pipe), original(pipe)))
+        for number in range(20):
+            conn.sendall(b"%04d" % number)
+            assert recv_exactly(right, 4) == b"%04d" % number
+        assert marks == []
+        right.sendall(b"back")  # the other direction still goes through the piper
+        assert recv_exactly(conn, 4) == b"back"
+    finally:
+        piper.stop()
+        right.close()
 
 
 def test_dial_socket_forms(echo_server: EchoServer, tmp_path: Any) -> None:

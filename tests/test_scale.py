@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 import threading
 import time
 from typing import Any, Callable, Counter, Dict, Iterator, List
 
 import pytest
 
-from benchmarks.agents import metrics_with_clients
-from benchmarks.fleet import CANNED_RESPONSE, OP_PING, OP_PONG, Fleet, handshake_request, read_server_frames
 from remotedialer.client import TunnelClient
 from remotedialer.config import Limits
 from remotedialer.errors import NoSessionError
-from remotedialer.frames import encode_masked_frame
-
+from remotedialer.frames import OP_PING, OP_PONG, FrameReader, encode_masked_frame
 from remotedialer.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
+from testkit.fleet import CANNED_RESPONSE, Fleet
+from testkit.metrics import metrics_with_clients
 
 from .support import (
     TIMEOUT,
@@ -31,6 +29,7 @@ from .support import (
     EchoServer,
     TunnelServer,
     echo_concurrently,
+    raw_upgrade,
     recv_exactly,
     wait_for,
 )
@@ -69,19 +68,6 @@ SHORT = Limits(ping_interval=0.25, read_deadline=1.5)
 DEADLINES = 3
 
 
-def _raw_upgrade(port: int, key: str) -> socket.socket:
-    """A bare WebSocket client socket past the handshake (blocking, TIMEOUT)."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    sock.sendall(handshake_request("127.0.0.1", port, key))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, "EOF during the handshake"
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
-
 def test_server_answers_pings_on_descriptors_past_1023(
     high_descriptors: None, make_tunnel_server: Callable[..., TunnelServer]
 ) -> None:
@@ -90,13 +76,13 @@ def test_server_answers_pings_on_descriptors_past_1023(
     raised ValueError there, the pong was never sent, and the tunnel was cut
     at the first deadline)."""
     server = make_tunnel_server(limits=SHORT)
-    sock = _raw_upgrade(server.port, "high")
+    sock = raw_upgrade(server.port, "high")
     try:
         assert sock.fileno() > 1023
         wait_for(lambda: server.server.sessions("high"))
         session = server.server.sessions("high")[0]
         pings = pongs = 0
-        buffer = bytearray()
+        reader = FrameReader(1 << 20, from_client=False)
         ends = time.monotonic() + DEADLINES * SHORT.read_deadline
         while time.monotonic() < ends:
             sock.sendall(bytes(encode_masked_frame(OP_PING, b"%d" % pings)))
@@ -106,8 +92,9 @@ def test_server_answers_pings_on_descriptors_past_1023(
                 assert time.monotonic() < deadline, f"no pong for ping {pings}"
                 chunk = sock.recv(65536)
                 assert chunk, f"the server closed the tunnel: {session.close_reason}"
-                buffer += chunk
-                pongs += sum(opcode == OP_PONG for opcode, _ in read_server_frames(buffer))
+                reader.feed(chunk)
+                for opcode, _ in iter(reader.next_event, None):
+                    pongs += opcode == OP_PONG
             time.sleep(SHORT.ping_interval)  # the agent's ping rhythm
         assert not session.closed, session.close_reason
         assert server.server.sessions("high") == [session]
@@ -151,7 +138,7 @@ def test_example_server_thread_cap_follows_the_descriptor_limit() -> None:
 
 # ------------------------------------------------------------------ fleets
 class FleetThread:
-    """A :class:`~benchmarks.fleet.Fleet` run on a thread of the test."""
+    """A :class:`~testkit.fleet.Fleet` run on a thread of the test."""
 
     def __init__(self, port: int, count: int, **options: Any) -> None:
         self.fleet = Fleet("127.0.0.1", port, count, report_interval=0.2, **options)

@@ -34,7 +34,15 @@ from remotedialer.session_manager import SessionManager
 from remotedialer.frames import OP_CLOSE, encode_frame
 from remotedialer.wsgi_transport import ServerWebSocket
 
-from .support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, tunnel_id_authorizer, wait_for
+from .support import (
+    TIMEOUT,
+    EchoServer,
+    TunnelServer,
+    raw_upgrade,
+    recv_exactly,
+    tunnel_id_authorizer,
+    wait_for,
+)
 from .test_wsgi_transport import client_frame, read_server_frame, read_to_eof
 
 
@@ -441,24 +449,6 @@ def test_ping_keeps_the_session_alive_and_silence_ends_it(
 
 
 # --------------------------------------------------- the taken-over socket
-def raw_upgrade(port: int, key: str) -> socket.socket:
-    """Open a WebSocket by hand and return the socket after the 101."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    request = (
-        "GET /connect HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
-        f"Sec-WebSocket-Version: 13\r\nX-Tunnel-ID: {key}\r\n\r\n"
-    )
-    sock.sendall(request.encode())
-    response = b""
-    while not response.endswith(b"\r\n\r\n"):
-        chunk = sock.recv(1)
-        assert chunk, f"EOF in the handshake response: {response!r}"
-        response += chunk
-    assert response.startswith(b"HTTP/1.1 101 "), response
-    return sock
-
-
 def test_no_stray_bytes_after_client_closes(
     tunnel_server: TunnelServer, caplog: pytest.LogCaptureFixture
 ) -> None:

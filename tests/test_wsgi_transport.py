@@ -12,6 +12,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
+from urllib3.util.wait import wait_for_write
 
 from remotedialer.errors import ProtocolError
 from remotedialer.transport import TransportClosed
@@ -325,6 +326,62 @@ def test_simple_websocket_transport(pair: Tuple[socket.socket, socket.socket]) -
     assert ws.ws.thread is not None
     ws.ws.thread.join(TIMEOUT)
     assert not ws.ws.thread.is_alive()
+
+
+def _simple_websocket(sock: socket.socket, client_sock: socket.socket,
+                      **options: Any) -> SimpleWebSocketTransport:
+    ws = SimpleWebSocketTransport(_simple_websocket_environ(sock), 1 << 20, **options)
+    response = b""
+    while not response.endswith(b"\r\n\r\n"):
+        response += client_sock.recv(1)
+    return ws
+
+
+def test_simple_websocket_pings_and_ends_a_silent_client(pair: Tuple[socket.socket, socket.socket]) -> None:
+    """Liveness through simple-websocket's public ``ping_interval``: a client
+    that answers the pings stays, one that does not is closed (1008), and
+    ``last_keepalive`` stops moving then."""
+    server_sock, client_sock = pair
+    ws = _simple_websocket(server_sock, client_sock, ping_interval=0.2)
+    for _ in range(2):  # answered: still open
+        opcode, payload = read_server_frame(client_sock)
+        assert opcode == OP_PING
+        client_sock.sendall(client_frame(OP_PONG, payload))
+    assert ws.ws.connected
+    assert read_server_frame(client_sock)[0] == OP_PING  # not answered
+    opcode, payload = read_server_frame(client_sock)
+    assert (opcode, payload[:2]) == (OP_CLOSE, struct.pack("!H", 1008))
+    with pytest.raises(TransportClosed):
+        ws.receive()
+    stopped = ws.last_keepalive
+    assert ws.last_keepalive == stopped
+    ws.close()
+
+
+def test_simple_websocket_close_is_bounded_when_the_client_does_not_read(
+    pair: Tuple[socket.socket, socket.socket],
+) -> None:
+    server_sock, client_sock = pair
+    ws = _simple_websocket(server_sock, client_sock)
+    server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer_error: List[BaseException] = []
+
+    def fill() -> None:  # blocks once the client's buffers are full
+        try:
+            while True:
+                ws.send(b"x" * 65536)
+        except TransportClosed as exc:
+            writer_error.append(exc)
+
+    writer = threading.Thread(target=fill, daemon=True)
+    writer.start()
+    wait_for(lambda: not wait_for_write(server_sock, timeout=0))
+    closer = threading.Thread(target=ws.close)
+    closer.start()
+    closer.join(TIMEOUT)
+    assert not closer.is_alive(), "close blocked on a client that does not read"
+    writer.join(TIMEOUT)
+    assert writer_error, "the blocked writer was not released"
 
 
 def test_second_close_waits_until_the_close_frame_is_out(pair: Tuple[socket.socket, socket.socket]) -> None:

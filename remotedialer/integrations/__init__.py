@@ -6,7 +6,10 @@
   (:func:`~remotedialer.integrations.requests.patch_requests`);
 * :mod:`remotedialer.integrations.httpcore`: an ``httpcore`` network backend
   (:class:`~remotedialer.integrations.httpcore.TunnelBackend`; needs the
-  ``httpcore`` extra).
+  ``httpcore`` extra);
+* :mod:`remotedialer.integrations.httpx`: an ``httpx`` transport
+  (:class:`~remotedialer.integrations.httpx.TunnelTransport`; needs the
+  ``httpx`` extra).
 
 Each submodule imports its HTTP library only when it is imported itself.
 """

@@ -19,21 +19,25 @@ from typing import Any, Iterable, Iterator, Optional
 import httpcore
 from urllib3.util.wait import wait_for_read
 
-from ..bridge import as_socket, tunnel_error
+from ..bridge import as_socket, lost_transport, tunnel_error
 from ..connection import TunnelConnection
 from ..piping import Piper
-from .requests import Dial, _lost_transport, dial_address
+from .requests import Dial, dial_address
 
 __all__ = ["TunnelBackend", "TunnelStream"]
 
 
 @contextlib.contextmanager
 def _mapped(timeout_error: type, other_error: type) -> Iterator[None]:
-    """Turn socket errors into httpcore's (it expects its own exception types)."""
+    """Turn socket errors into httpcore's (it expects its own exception types).
+    A target the far side could not connect to shows up on the first read or
+    write as ``ConnectionRefusedError``: that is ``httpcore.ConnectError``."""
     try:
         yield
     except socket.timeout as exc:  # TimeoutError on Python >= 3.10
         raise timeout_error(exc) from exc
+    except ConnectionRefusedError as exc:
+        raise httpcore.ConnectError(exc) from exc
     except OSError as exc:
         raise other_error(exc) from exc
 
@@ -84,7 +88,7 @@ class TunnelStream(httpcore.NetworkStream):
             except BaseException as exc:
                 raw.close()
                 cause = tunnel_error(self._tunnel)
-                if cause is not None and _lost_transport(exc):
+                if cause is not None and lost_transport(exc):
                     raise httpcore.ConnectError(f"through the tunnel: {cause}") from cause
                 raise
         return TunnelStream(tls, self._piper, self._tunnel)

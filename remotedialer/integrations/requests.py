@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 from urllib.parse import urlparse
@@ -50,7 +49,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from ..addresses import join_host_port, split_host_optional_port
-from ..bridge import as_socket, tunnel_error
+from ..bridge import as_socket, lost_transport, tunnel_error
 from ..connection import TunnelConnection
 from ..piping import Piper
 
@@ -162,20 +161,11 @@ class TunnelHTTPSConnection(HTTPSConnection):
             if sock is not None:
                 sock.close()  # the piper then closes the tunneled connection
             cause = tunnel_error(self._tunneled)
-            if cause is not None and _lost_transport(exc):
+            if cause is not None and lost_transport(exc):
                 raise NewConnectionError(
                     self, f"Failed to establish a new connection through the tunnel: {cause}"
                 ) from cause
             raise
-
-
-def _lost_transport(exc: BaseException) -> bool:
-    """Whether a TLS handshake failed because its transport went away (end of
-    file, reset), not because of what the peer said (certificate, alert) or
-    a timeout."""
-    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLSyscallError, ssl.SSLZeroReturnError)):
-        return True
-    return isinstance(exc, OSError) and not isinstance(exc, (ssl.SSLError, socket.timeout))
 
 
 class TunnelHTTPConnectionPool(HTTPConnectionPool):
@@ -282,10 +272,7 @@ HostSpec = Tuple[str, Optional[int]]
 def _parse_host(entry: str) -> HostSpec:
     """``"name"``, ``"name:port"``, ``"[v6]"``, ``"[v6]:port"`` or a bare IPv6
     literal -> (lower-case host, port or None)."""
-    entry = entry.strip().lower()
-    if entry.count(":") > 1 and not entry.startswith("["):
-        return entry, None  # a bare IPv6 literal
-    return split_host_optional_port(entry)
+    return split_host_optional_port(entry.strip().lower())
 
 
 class _HostRouter(requests.adapters.BaseAdapter):

@@ -1,6 +1,6 @@
 """A fleet of lightweight agents: many tunnels from one process, one thread.
 
-``python -m benchmarks.fleet --port PORT --count N`` opens ``N`` WebSockets
+``python -m testkit.fleet --port PORT --count N`` opens ``N`` WebSockets
 to ``ws://127.0.0.1:PORT/connect`` (client keys ``agent-0`` ... ``agent-N-1``,
 in the ``X-Tunnel-ID`` header), at most ``--pending`` handshakes at a time,
 and keeps them up from one selector loop as real clients do: a masked ping
@@ -35,20 +35,25 @@ import random
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
-from remotedialer.frames import encode_masked_frame
+from remotedialer.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    FrameReader,
+    WebSocketProtocolError,
+    encode_masked_frame,
+)
 from remotedialer.protocol import MessageType, decode_message, encode_message
 
-__all__ = ["Agent", "Fleet", "handshake_request", "read_server_frames", "main"]
+__all__ = ["Agent", "Fleet", "handshake_request", "main"]
 
-OP_BINARY = 0x2
-OP_CLOSE = 0x8
-OP_PING = 0x9
-OP_PONG = 0xA
+#: The largest message an agent accepts from the server.
+MAX_MESSAGE = 1 << 20
 
 EmitFn = Callable[[Dict[str, object]], None]
 """Where the fleet's JSON records go."""
@@ -67,35 +72,11 @@ def handshake_request(host: str, port: int, client_key: str) -> bytes:
     ).encode("ascii")
 
 
-def read_server_frames(buffer: bytearray) -> List[Tuple[int, bytes]]:
-    """Take the whole (unmasked, unfragmented) server frames off the front
-    of ``buffer``: ``[(opcode, payload), ...]``; a partial frame stays."""
-    frames = []
-    while len(buffer) >= 2:
-        opcode, length = buffer[0] & 0x0F, buffer[1] & 0x7F
-        offset = 2
-        if length == 126:
-            if len(buffer) < 4:
-                break
-            (length,) = struct.unpack_from("!H", buffer, 2)
-            offset = 4
-        elif length == 127:
-            if len(buffer) < 10:
-                break
-            (length,) = struct.unpack_from("!Q", buffer, 2)
-            offset = 10
-        if len(buffer) < offset + length:
-            break
-        frames.append((opcode, bytes(buffer[offset:offset + length])))
-        del buffer[:offset + length]
-    return frames
-
-
 class Agent:
     """One agent's tunnel: its socket, what it still has to send, its
     connections (answering agents only)."""
 
-    __slots__ = ("index", "key", "answering", "sock", "inbox", "outbox", "open",
+    __slots__ = ("index", "key", "answering", "sock", "inbox", "reader", "outbox", "open",
                  "ping_sent_at", "requests", "writing")
 
     def __init__(self, index: int, answering: bool) -> None:
@@ -103,7 +84,8 @@ class Agent:
         self.key = f"agent-{index}"
         self.answering = answering
         self.sock: Optional[socket.socket] = None
-        self.inbox = bytearray()
+        self.inbox = bytearray()  # the handshake answer, until it is whole
+        self.reader = FrameReader(MAX_MESSAGE, from_client=False)
         self.outbox = bytearray()
         self.open = False  # the 101 arrived
         self.ping_sent_at = 0.0  # of the oldest ping not answered yet, 0 if none
@@ -155,6 +137,7 @@ class Fleet:
                 continue
             agent.sock, agent.open = sock, False
             agent.inbox.clear()
+            agent.reader = FrameReader(MAX_MESSAGE, from_client=False)
             agent.outbox[:] = handshake_request(self.host, self.port, agent.key)
             agent.writing = True
             self.selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, agent)
@@ -236,12 +219,23 @@ class Fleet:
                 self._close(agent)
                 self._failed(agent)
             return
-        agent.inbox += data
         if not agent.open:
+            agent.inbox += data
             self._handshake_read(agent)
             if not agent.open:
                 return
-        for opcode, payload in read_server_frames(agent.inbox):
+            data = bytes(agent.inbox)  # what followed the 101
+            agent.inbox.clear()
+        agent.reader.feed(data)
+        while True:
+            try:
+                event = agent.reader.next_event()
+            except WebSocketProtocolError:
+                self._drop(agent)
+                return
+            if event is None:
+                return
+            opcode, payload = event
             if opcode == OP_PONG:
                 self.stats["pongs"] += 1
                 if agent.ping_sent_at:
@@ -344,7 +338,7 @@ def _print_json(record: Dict[str, object]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m testkit.fleet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--count", type=int, default=1000)

@@ -1,0 +1,128 @@
+"""Checks of the harness's own pieces that need no processes: wrk output
+parsing, the report tables, the soak verdict and its argument checks.
+
+``python -m benchmarks.selfcheck`` runs them and exits 0 when all pass (the
+test suite runs it as a subprocess, so tests never import ``benchmarks``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import sys
+from typing import Callable, List
+
+from .loadgen import parse_wrk
+from .report import Report
+from .soak import Sample, SoakResult
+from .soak import main as soak_main
+
+WRK_OUTPUT = """Running 5s test @ http://127.0.0.1:8123/x
+  1 threads and 10 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.91ms    1.01ms  20.01ms   91.23%
+    Req/Sec     3.31k   201.11     3.60k    80.00%
+  Latency Distribution
+     50%    2.80ms
+     75%    3.01ms
+     90%    3.50ms
+     99%    7.00ms
+  16542 requests in 5.00s, 19.40MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+Requests/sec:   3305.12
+Transfer/sec:      3.88MB
+"""
+
+
+def check_parse_wrk() -> None:
+    rate, p50, total, errors = parse_wrk(WRK_OUTPUT)
+    assert math.isclose(rate, 3305.12) and math.isclose(p50, 2.8), (rate, p50)
+    assert (total, errors) == (16542, 3)
+    assert math.isclose(parse_wrk(WRK_OUTPUT.replace("2.80ms", "470.00us"))[1], 0.47)
+    try:
+        parse_wrk("garbage")
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("parse_wrk accepted garbage")
+
+
+def check_report_table_medians_and_run_counts() -> None:
+    report = Report()
+    row = report.row("download", "throughput", "MB/s", "Go 217")
+    for value in (100.0, 300.0, 200.0):
+        row.add("tunnel", value)
+    row.add("direct", 1000.0)
+    report.note("hello")
+    table = report.table().splitlines()
+    assert table[0].split() == ["workload", "metric", "tunnel", "direct", "tunnel/direct", "target"]
+    assert "200 [100-300] (n=3)" in table[2]
+    assert "1000 (n=1)" in table[2] and "0.20" in table[2] and "Go 217" in table[2]
+    assert table[-1] == "note: hello"
+    data = json.loads(report.to_json())
+    assert data["rows"][0]["medians"] == {"tunnel": 200.0, "direct": 1000.0}
+    assert "list-table" in report.rst_table()
+
+
+def check_report_one_table_per_workload_with_go_ratios() -> None:
+    report = Report()
+    for connections, go in ((1, 1000.0), (10, 2000.0)):
+        row = report.row(f"1 KiB GET c{connections}", "requests", "req/s")
+        row.add("tunnel", 1500.0)
+        row.add("go", go)
+    report.row("raw forward", "requests", "req/s").add("forward", 10.0)
+    report.rows[-1].add("ssh-R", 40.0)
+    blocks = report.table().split("\n\n")
+    assert len(blocks) == 2
+    first, second = (block.splitlines() for block in blocks)
+    assert first[0].split() == ["workload", "metric", "tunnel", "go", "tunnel/go", "target"]
+    assert first[2].split()[-2:] == ["1.50", "-"] and first[3].split()[-2:] == ["0.75", "-"]
+    assert second[0].split() == ["workload", "metric", "forward", "ssh-R", "forward/ssh-R", "target"]
+    assert "0.25" in second[2]
+
+
+def check_soak_errors_and_deaths_fail_the_run() -> None:
+    sample = Sample(0.0, 1 << 20, 5, 10)
+    result = SoakResult(seconds=1, connections=1, samples={"server": [sample]})
+    assert result.ok
+    result.errors = 1
+    result.first_errors.append("echo worker 0: ConnectionResetError()")
+    assert not result.ok and "error: echo worker 0" in result.table()
+    result.errors = 0
+    result.died.append("client")
+    assert not result.ok and "process died: client" in result.table()
+
+
+def check_soak_bad_arguments() -> None:
+    with contextlib.redirect_stderr(io.StringIO()):
+        assert soak_main(["--seconds", "0"]) == 2
+        assert soak_main(["--seconds", "1", "--connections", "0"]) == 2
+
+
+CHECKS: List[Callable[[], None]] = [
+    check_parse_wrk,
+    check_report_table_medians_and_run_counts,
+    check_report_one_table_per_workload_with_go_ratios,
+    check_soak_errors_and_deaths_fail_the_run,
+    check_soak_bad_arguments,
+]
+
+
+def main() -> int:
+    """Run every check; print one line each; 0 when all passed."""
+    failed = 0
+    for check in CHECKS:
+        try:
+            check()
+        except Exception as exc:  # an AssertionError, or the harness broke
+            failed += 1
+            print(f"FAIL {check.__name__}: {exc!r}")
+        else:
+            print(f"ok {check.__name__}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
