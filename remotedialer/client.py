@@ -21,12 +21,12 @@ import websocket
 from urllib3.util.wait import wait_for_write
 
 from .config import DEFAULT_LIMITS, Limits
-from .errors import HandshakeError, ProtocolError
+from .errors import HandshakeError, ProtocolError, TunnelTimeoutError, error_text
 from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, encode_masked_frame
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
-from .transport import TransportClosed, next_event_from_socket
+from .transport import ReceiveSize, TransportClosed, next_event_from_socket
 
 __all__ = [
     "WebSocketClientTransport",
@@ -57,6 +57,7 @@ class WebSocketClientTransport:
         self._description = description or "websocket"
         self._closed = False
         self._frames = FrameReader(max_message_size, from_client=False)  # reader thread only
+        self._receive_size = ReceiveSize(RECEIVE_BYTES)  # reader thread only
 
     def send(self, data: bytes) -> None:
         # Frames are built and masked here (numpy when available, see
@@ -86,7 +87,7 @@ class WebSocketClientTransport:
         """
         sock, closing = self.ws.sock, lambda: self._closed
         while True:
-            opcode, payload = next_event_from_socket(self._frames, sock, RECEIVE_BYTES, closing)
+            opcode, payload = next_event_from_socket(self._frames, sock, self._receive_size, closing)
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_TEXT:
@@ -191,7 +192,8 @@ def _open_websocket(
         )
     except websocket.WebSocketBadStatusException as exc:
         body = exc.resp_body.decode("utf-8", "replace") if exc.resp_body else ""
-        raise HandshakeError(exc.status_code, body.strip(), exc) from exc
+        reason = str(getattr(exc, "status_message", None) or "")
+        raise HandshakeError(exc.status_code, body.strip(), exc, reason=reason) from exc
     except BaseException:
         ws.shutdown()  # type: ignore[no-untyped-call]
         raise
@@ -256,12 +258,14 @@ class TunnelClient:
         return self._session
 
     def wait_connected(self, timeout: Optional[float] = None) -> Session:
-        """Block until a session is up; raise ``TimeoutError`` after ``timeout``."""
+        """Block until a session is up; raise
+        :class:`~remotedialer.errors.TunnelTimeoutError` (a ``TimeoutError``)
+        after ``timeout``."""
         if not self._connected.wait(timeout):
-            raise TimeoutError(f"no tunnel to {self.url} within {timeout}s")
+            raise TunnelTimeoutError(f"no tunnel to {self.url} within {timeout}s")
         session = self._session
         if session is None:
-            raise TimeoutError(f"tunnel to {self.url} dropped")
+            raise TunnelTimeoutError(f"tunnel to {self.url} dropped")
         return session
 
     def connect_once(self) -> str:
@@ -300,7 +304,19 @@ class TunnelClient:
                 self._session = None
 
     def run(self) -> None:
-        """Connect, serve, and reconnect with backoff until :meth:`stop`."""
+        """Connect, serve, and reconnect with backoff until :meth:`stop`.
+
+        Run on the main thread, Ctrl-C (``KeyboardInterrupt``) stops it too:
+        the tunnel is closed and ``run`` returns instead of raising."""
+        try:
+            self._reconnect_loop()
+        except KeyboardInterrupt:
+            log.info("interrupted: closing the tunnel to %s", self.url)
+            self.stop(timeout=0)
+        finally:
+            self._local_dialer.shutdown()
+
+    def _reconnect_loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -312,7 +328,7 @@ class TunnelClient:
                 failures = 0 if lived > self.backoff.initial else failures + 1
             except (HandshakeError, OSError, websocket.WebSocketException) as exc:
                 self.last_error = exc
-                log.warning("failed to connect to %s: %s", self.url, exc)
+                log.warning("failed to connect to %s: %s", self.url, error_text(exc))
                 failures += 1
             if self._stop.is_set():
                 break
@@ -321,7 +337,6 @@ class TunnelClient:
                 log.info("reconnecting to %s in %.1fs", self.url, delay)
             self._wake.wait(delay)
             self._wake.clear()
-        self._local_dialer.shutdown()
 
     def start(self) -> threading.Thread:
         """Run :meth:`run` on a daemon thread and return it."""

@@ -73,6 +73,16 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert exited.value.code == 2
 
 
+def test_server_help_carries_the_open_relay_warning(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["server", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "WARNING: for testing and demos only" in text
+    assert "open relay" in text and "listens on every interface" in text
+    assert "--listen 127.0.0.1:8123" in text
+
+
 @pytest.mark.parametrize("spec, reason", [
     ("9125=foo:udp:127.0.0.1:53", "cannot forward proto 'udp'"),
     ("9125=foo:tcp", "want LISTEN=CLIENT_KEY:PROTO:ADDRESS"),
@@ -324,6 +334,25 @@ def test_dummy_serves_files_generated_data_with_keep_alive(
     assert b"file.bin" in listing and b"sub/" in listing
     assert conn.sock is sock  # every request went over one kept-alive connection
     assert _status(conn, "/missing") == 404
+
+
+def test_dummy_answers_a_small_file_in_one_write(dummy: DummyServer, tmp_path: Any) -> None:
+    """Head and body of a small file leave together (one segment on loopback),
+    a large file still arrives whole (sendfile after the buffered head)."""
+    (tmp_path / "small.bin").write_bytes(os.urandom(1024))
+    (tmp_path / "large.bin").write_bytes(os.urandom(300_000))
+    with socket.create_connection(("127.0.0.1", dummy.port), timeout=TIMEOUT) as sock:
+        for _ in range(5):  # a split answer would show in the first recv
+            sock.sendall(b"GET /small.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = sock.recv(65536)
+            head, _, body = first.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and body == (tmp_path / "small.bin").read_bytes()
+    conn = http.client.HTTPConnection("127.0.0.1", dummy.port, timeout=TIMEOUT)
+    try:
+        assert _get(conn, "/large.bin").read() == (tmp_path / "large.bin").read_bytes()
+        assert _get(conn, "/small.bin").read() == (tmp_path / "small.bin").read_bytes()
+    finally:
+        conn.close()
 
 
 def test_dummy_drip_and_bad_parameters(dummy_conn: http.client.HTTPConnection) -> None:

@@ -127,7 +127,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"{__name__}.{name}")
         first_line = (module.__doc__ or "").split("\n", 1)[0]
-        sub = commands.add_parser(name, help=summary, description=first_line.split(": ", 1)[-1])
+        sub = commands.add_parser(name, help=summary, description=first_line.split(": ", 1)[-1],
+                                  epilog=getattr(module, "HELP_EPILOG", None))
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     bench = commands.add_parser("bench", help="run the benchmarks (python -m benchmarks; --help for options)",
