@@ -8,7 +8,7 @@ A small Kubernetes, played in one process:
   each on its own port of 127.0.0.1, peering through DNS
   (``REMOTEDIALER_PEERS_FROM_DNS``) with graceful shutdown
   (``REMOTEDIALER_DRAIN_SECONDS``);
-* **the headless Service**: a DNS server on loopback (:mod:`benchmarks.dns`)
+* **the headless Service**: a DNS server on loopback (:mod:`testkit.dns`)
   publishing an SRV record (address and port) for every running pod, ready
   or not (``publishNotReadyAddresses``, as in deploy/kubernetes/);
 * **the Service**: a TCP load balancer (:class:`ServiceBalancer`) spreading
@@ -50,7 +50,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from .dns import ZoneServer
+from testkit.dns import ZoneServer
 from .procs import BenchError, free_port, raise_fd_limit, wait_until
 
 __all__ = ["RollOptions", "RollResult", "ServiceBalancer", "run_roll", "main"]
@@ -743,6 +743,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--peer-refresh", type=float, default=1.0)
     parser.add_argument("--drain-seconds", type=float, default=2.0)
     parser.add_argument("--request-threads", type=int, default=8)
+    parser.add_argument("--request-timeout", type=float, default=RollOptions.request_timeout)
+    parser.add_argument("--workdir", metavar="DIR", help="keep the processes' logs here")
     parser.add_argument("--json", metavar="PATH", help="write every run's figures as JSON")
     args = parser.parse_args(argv)
     raise_fd_limit()
@@ -754,7 +756,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = []
     for run in range(args.runs):
         options = RollOptions(agents=args.agents, instances=args.instances, peer_refresh=args.peer_refresh,
-                              drain_seconds=args.drain_seconds, request_threads=args.request_threads)
+                              drain_seconds=args.drain_seconds, request_threads=args.request_threads,
+                              request_timeout=args.request_timeout, workdir=args.workdir)
         result = run_roll(options)
         results.append(result)
         print(f"run {run + 1}: {result.summary()}", flush=True)

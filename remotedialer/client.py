@@ -21,12 +21,12 @@ import websocket
 from urllib3.util.wait import wait_for_write
 
 from .config import DEFAULT_LIMITS, Limits
-from .errors import HandshakeError, ProtocolError
+from .errors import HandshakeError, ProtocolError, TunnelTimeoutError, error_text
 from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, encode_masked_frame
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
-from .transport import TransportClosed
+from .transport import TransportClosed, next_event_from_socket
 
 __all__ = [
     "WebSocketClientTransport",
@@ -84,12 +84,9 @@ class WebSocketClientTransport:
         the WebSocket closes and :class:`~remotedialer.errors.ProtocolError`
         for a text message or a frame breaking RFC 6455.
         """
+        sock, closing = self.ws.sock, lambda: self._closed
         while True:
-            event = self._frames.next_event()
-            if event is None:
-                self._fill()
-                continue
-            opcode, payload = event
+            opcode, payload = next_event_from_socket(self._frames, sock, RECEIVE_BYTES, closing)
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_TEXT:
@@ -100,21 +97,6 @@ class WebSocketClientTransport:
                 self._answer_ping(payload)
             elif opcode == OP_CLOSE:
                 raise TransportClosed("websocket closed by the server")
-
-    def _fill(self) -> None:
-        """Read what the socket has (blocks until something arrives)."""
-        sock = self.ws.sock
-        try:
-            if sock is None:
-                raise OSError("no socket")
-            data = sock.recv(RECEIVE_BYTES)
-        except OSError as exc:
-            if self._closed:
-                raise TransportClosed("websocket closed") from exc
-            raise TransportClosed(f"websocket read failed: {exc}") from exc
-        if not data:
-            raise TransportClosed("websocket closed" if self._closed else "websocket EOF")
-        self._frames.feed(data)
 
     def _answer_ping(self, payload: bytes) -> None:
         try:
@@ -209,7 +191,8 @@ def _open_websocket(
         )
     except websocket.WebSocketBadStatusException as exc:
         body = exc.resp_body.decode("utf-8", "replace") if exc.resp_body else ""
-        raise HandshakeError(exc.status_code, body.strip(), exc) from exc
+        reason = str(getattr(exc, "status_message", None) or "")
+        raise HandshakeError(exc.status_code, body.strip(), exc, reason=reason) from exc
     except BaseException:
         ws.shutdown()  # type: ignore[no-untyped-call]
         raise
@@ -274,12 +257,14 @@ class TunnelClient:
         return self._session
 
     def wait_connected(self, timeout: Optional[float] = None) -> Session:
-        """Block until a session is up; raise ``TimeoutError`` after ``timeout``."""
+        """Block until a session is up; raise
+        :class:`~remotedialer.errors.TunnelTimeoutError` (a ``TimeoutError``)
+        after ``timeout``."""
         if not self._connected.wait(timeout):
-            raise TimeoutError(f"no tunnel to {self.url} within {timeout}s")
+            raise TunnelTimeoutError(f"no tunnel to {self.url} within {timeout}s")
         session = self._session
         if session is None:
-            raise TimeoutError(f"tunnel to {self.url} dropped")
+            raise TunnelTimeoutError(f"tunnel to {self.url} dropped")
         return session
 
     def connect_once(self) -> str:
@@ -318,7 +303,19 @@ class TunnelClient:
                 self._session = None
 
     def run(self) -> None:
-        """Connect, serve, and reconnect with backoff until :meth:`stop`."""
+        """Connect, serve, and reconnect with backoff until :meth:`stop`.
+
+        Run on the main thread, Ctrl-C (``KeyboardInterrupt``) stops it too:
+        the tunnel is closed and ``run`` returns instead of raising."""
+        try:
+            self._reconnect_loop()
+        except KeyboardInterrupt:
+            log.info("interrupted: closing the tunnel to %s", self.url)
+            self.stop(timeout=0)
+        finally:
+            self._local_dialer.shutdown()
+
+    def _reconnect_loop(self) -> None:
         failures = 0
         while not self._stop.is_set():
             started = time.monotonic()
@@ -330,7 +327,7 @@ class TunnelClient:
                 failures = 0 if lived > self.backoff.initial else failures + 1
             except (HandshakeError, OSError, websocket.WebSocketException) as exc:
                 self.last_error = exc
-                log.warning("failed to connect to %s: %s", self.url, exc)
+                log.warning("failed to connect to %s: %s", self.url, error_text(exc))
                 failures += 1
             if self._stop.is_set():
                 break
@@ -339,7 +336,6 @@ class TunnelClient:
                 log.info("reconnecting to %s in %.1fs", self.url, delay)
             self._wake.wait(delay)
             self._wake.clear()
-        self._local_dialer.shutdown()
 
     def start(self) -> threading.Thread:
         """Run :meth:`run` on a daemon thread and return it."""

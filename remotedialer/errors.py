@@ -32,8 +32,6 @@ __all__ = [
     "HandshakeError",
     "LimitExceededError",
     "TunnelTimeoutError",
-    "error_text",
-    "remote_error",
 ]
 
 
@@ -109,16 +107,45 @@ class ConnectNotAllowedError(DialError):
 
 
 class HandshakeError(_SocketError, ConnectionRefusedError):
-    """The server refused the WebSocket handshake; carries its HTTP status and
-    body. ``errno`` is ``ECONNREFUSED``."""
+    """The server refused the WebSocket handshake; carries its HTTP ``status``,
+    ``reason`` phrase and whole ``body``. ``errno`` is ``ECONNREFUSED``.
+
+    The message is one line: status, reason, the first
+    :data:`BODY_PREVIEW` characters of the body with its line breaks
+    folded, and for 400 and 404 a hint that the endpoint may not be mounted
+    with WebSocket upgrades allowed (a web framework's plain route answers
+    an upgrade request with 400)."""
 
     default_errno = errno.ECONNREFUSED
 
-    def __init__(self, status: int, body: str = "", cause: Optional[BaseException] = None) -> None:
-        super().__init__(f"handshake refused: HTTP {status}: {body}".rstrip(": "))
+    #: How much of the body the message shows.
+    BODY_PREVIEW = 200
+
+    def __init__(
+        self, status: int, body: str = "", cause: Optional[BaseException] = None, reason: str = ""
+    ) -> None:
+        super().__init__(_handshake_summary(status, reason, body, self.BODY_PREVIEW))
         self.status = status
+        self.reason = reason
         self.body = body
         self.__cause__ = cause
+
+
+_UPGRADE_HINT = (
+    "is the endpoint mounted with WebSocket upgrades allowed? "
+    "With Flask, mount the Server with DispatcherMiddleware, not as a route"
+)
+
+
+def _handshake_summary(status: int, reason: str, body: str, preview: int) -> str:
+    head = f"handshake refused: HTTP {status}" + (f" {reason}" if reason else "")
+    text = " ".join(body.split())
+    if len(text) > preview:
+        text = text[:preview] + "..."
+    summary = f"{head}: {text}" if text else head
+    if status in (400, 404):
+        summary += f" - hint: {_UPGRADE_HINT}"
+    return summary
 
 
 class LimitExceededError(_SocketError, ConnectionResetError):

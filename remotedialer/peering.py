@@ -298,9 +298,24 @@ class Peering:
         if expected is None:
             return None
         if not hmac.compare_digest(expected.encode("utf-8"), token.encode("utf-8")):
-            log.info("peer %s presented a wrong token", peer_id)
             return None
         return peer_id
+
+    def refusal(self, headers: Union[Mapping[str, str], "Headers"]) -> Optional[str]:
+        """Why a request carrying the peer headers is not an accepted peer
+        link: ``"peer ID: token mismatch"``, ``"peer ID: unknown peer id"`` or
+        ``"peer ID: no token"``; ``None`` for a request without them or an
+        accepted one. Never shows a token."""
+        peer_id = headers.get(PEER_ID_HEADER, "")
+        if not peer_id:
+            return None
+        if not headers.get(PEER_TOKEN_HEADER, ""):
+            return f"peer {peer_id}: no token"
+        if self.authenticate(headers) is not None:
+            return None
+        with self._lock:
+            known = peer_id in self._tokens
+        return f"peer {peer_id}: token mismatch" if known else f"peer {peer_id}: unknown peer id"
 
     def _on_peer_session(self, added: bool, peer_id: str, _session: Session) -> None:
         """A peer connected to us, so it is up: if our own link to it is

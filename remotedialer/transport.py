@@ -1,9 +1,10 @@
 """The small interface a :class:`~remotedialer.session.Session` needs from a WebSocket.
 
-A transport sends and receives whole binary messages, pings, and closes. Each
-WebSocket library gets a thin adapter (``client.WebSocketClientTransport`` for
-websocket-client, ``server`` has one for simple-websocket); tests use the
-in-memory :func:`memory_pair`.
+A transport sends and receives whole binary messages, pings, and closes:
+``client.WebSocketClientTransport`` adapts websocket-client,
+``wsgi_transport.ServerWebSocket`` is the server's own, and
+``wsgi_transport.SimpleWebSocketTransport`` adapts simple-websocket; tests use
+the in-memory :func:`memory_pair`.
 
 Contract:
 
@@ -18,17 +19,48 @@ Contract:
 from __future__ import annotations
 
 import collections
+import socket
 import threading
 import time
-from typing import Deque, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Deque, Optional, Protocol, Tuple, Union
 
 from .errors import ProtocolError, TunnelClosedError
+
+if TYPE_CHECKING:
+    from .frames import FrameReader, WebSocketEvent
 
 __all__ = ["Transport", "TransportClosed", "MemoryTransport", "memory_pair"]
 
 
 class TransportClosed(TunnelClosedError):
     """The WebSocket under a session closed or failed."""
+
+
+def next_event_from_socket(
+    reader: "FrameReader", sock: Optional[socket.socket], size: int, closing: Callable[[], bool]
+) -> "WebSocketEvent":
+    """The next event of ``reader``, fed from ``sock`` (``size`` bytes at a
+    time) until one is whole; blocks on ``recv``. Raises
+    :class:`TransportClosed` at EOF, on a socket error or once ``closing()``
+    (our own close: then as a plain "websocket closed"), and
+    :class:`~remotedialer.frames.WebSocketProtocolError` for a bad frame."""
+    while True:
+        event = reader.next_event()
+        if event is not None:
+            return event
+        if closing():
+            raise TransportClosed("websocket closed")
+        try:
+            if sock is None:
+                raise OSError("no socket")
+            data = sock.recv(size)
+        except OSError as exc:
+            if closing():
+                raise TransportClosed("websocket closed") from exc
+            raise TransportClosed(f"websocket read failed: {exc}") from exc
+        if not data:
+            raise TransportClosed("websocket closed" if closing() else "websocket EOF")
+        reader.feed(data)
 
 
 class Transport(Protocol):

@@ -58,12 +58,10 @@ from .frames import (
     parse_close,
 )
 from .protocol import Bytes
-from .transport import TransportClosed
+from .transport import TransportClosed, next_event_from_socket
 
 __all__ = [
-    "accept_key",
     "is_websocket_request",
-    "socket_from_environ",
     "ServerWebSocket",
     "SimpleWebSocketTransport",
     "finish_taken_over_response",
@@ -332,16 +330,15 @@ class ServerWebSocket:
         :class:`~remotedialer.errors.ProtocolError` for a text message or a
         frame breaking RFC 6455 (after sending the matching close frame).
         """
+        def closing() -> bool:
+            return self._closed
+
         while True:
             try:
-                event = self._reader.next_event()
+                opcode, payload = next_event_from_socket(self._reader, self.sock, self.receive_bytes, closing)
             except WebSocketProtocolError as exc:
                 self._send_close(exc.close_code, str(exc)[:60], _CLOSE_WRITE_TIMEOUT)
                 raise
-            if event is None:
-                self._fill()
-                continue
-            opcode, payload = event
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_PING:
@@ -357,19 +354,6 @@ class ServerWebSocket:
                 self._send_close(answer, "", _CLOSE_WRITE_TIMEOUT)
                 raise TransportClosed(f"websocket closed by the client ({self.close_code})")
             # a pong: nothing to do (the server does not ping on its own)
-
-    def _fill(self) -> None:
-        if self._closed:
-            raise TransportClosed("websocket closed")
-        try:
-            data = self.sock.recv(self.receive_bytes)
-        except OSError as exc:
-            if self._closed:
-                raise TransportClosed("websocket closed") from exc
-            raise TransportClosed(f"websocket read failed: {exc}") from exc
-        if not data:
-            raise TransportClosed("websocket closed" if self._closed else "websocket EOF")
-        self._reader.feed(data)
 
     # -- closing
     def close(self) -> None:

@@ -3,7 +3,10 @@ Server on a loopback werkzeug server, over real WebSockets."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any, Iterator, List, Tuple
@@ -315,3 +318,43 @@ def test_a_tunnel_the_server_closed_is_reopened_at_once_with_jitter(
     assert sessions[0].wait_closed(TIMEOUT)
     assert sessions[0].close_reason == "websocket closed by the server"  # not a read deadline
     wait_for(lambda: len(sessions) == 2)
+
+
+# ------------------------------------------------------------------ Ctrl-C
+RUN_UNTIL_INTERRUPTED = """
+import logging, sys
+from remotedialer.client import Backoff, TunnelClient
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+TunnelClient(sys.argv[1], {"X-Tunnel-ID": sys.argv[2]}, backoff=Backoff(initial=0.05, maximum=0.1)).run()
+print("run returned", flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process is POSIX")
+@pytest.mark.parametrize("state", ["connected", "retrying"])
+def test_run_returns_cleanly_on_ctrl_c(tunnel_server: TunnelServer, state: str) -> None:
+    """``TunnelClient.run()`` on a main thread: Ctrl-C closes the tunnel and
+    returns, whether it is serving (blocked in websocket-client's read) or
+    waiting to retry, with no traceback."""
+    key = "ctrl-c" if state == "connected" else ""  # no key: the server refuses (401)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUN_UNTIL_INTERRUPTED, tunnel_server.url, key],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        if state == "connected":
+            wait_for(lambda: tunnel_server.server.has_session("ctrl-c"))
+        else:
+            wait_for(lambda: len(tunnel_server.requests) >= 2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert out == "run returned\n"
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted: closing the tunnel" in err
+    if state == "connected":
+        wait_for(lambda: not tunnel_server.server.has_session("ctrl-c"))

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List
 import pytest
 import requests
 
-from benchmarks.dns import ZoneServer
+from testkit.dns import ZoneServer
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.session import Session
 

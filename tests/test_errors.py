@@ -71,7 +71,11 @@ def test_messages_and_attributes_are_kept() -> None:
     assert RemoteError("boom").remote_message == "boom"
     handshake = HandshakeError(404, "not found")
     assert (handshake.status, handshake.body) == (404, "not found")
-    assert handshake.strerror == "handshake refused: HTTP 404: not found"
+    assert handshake.strerror.startswith("handshake refused: HTTP 404: not found - hint: ")
+    folded = HandshakeError(401, "line one\n  line two\n" + "x" * 300, reason="Unauthorized")
+    assert folded.reason == "Unauthorized" and folded.body.startswith("line one\n")
+    head = "handshake refused: HTTP 401 Unauthorized: "
+    assert folded.strerror == head + "line one line two " + "x" * 182 + "..."
     cause = OSError(errno.ECONNREFUSED, "Connection refused")
     assert DialError("dial tcp x", cause).__cause__ is cause
     # a lost tunnel is still the ConnectionAbortedError it always was

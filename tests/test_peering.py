@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Iterator, List
 
 import pytest
@@ -159,9 +160,34 @@ def test_wrong_token_is_refused(caplog: pytest.LogCaptureFixture) -> None:
         assert getattr(b_link.client.last_error, "status", None) == 401
         assert not a.server.peer_sessions.sessions("B")
         assert TOKEN not in caplog.text and "other-token" not in caplog.text
+        refusals = [r.getMessage() for r in caplog.records if r.name == "remotedialer.server"
+                    and r.getMessage().startswith("refused")]
+        assert refusals and all(
+            re.fullmatch(r"refused peer link from 127\.0\.0\.1:\d+: peer B: token mismatch", line)
+            for line in refusals
+        ), refusals
     finally:
         a.close()
         b.close()
+
+
+def test_unknown_peer_id_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    a = TunnelServer(peer_id="A", peer_token=TOKEN)
+    stranger = TunnelServer(peer_id="Z", peer_token=TOKEN)
+    stranger.server.peering.backoff = FAST
+    try:
+        with caplog.at_level(logging.INFO, logger="remotedialer.server"):
+            stranger.server.add_peer(a.url, "A", TOKEN)  # A does not know Z
+            link = stranger.server.peering.links()[0]
+            wait_for(lambda: link.client.last_error is not None)
+            wait_for(lambda: any("peer Z" in r.getMessage() for r in caplog.records))
+        lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+        assert re.fullmatch(r"refused peer link from 127\.0\.0\.1:\d+: peer Z: unknown peer id", lines[0])
+        assert a.server.peering.refusal({"X-API-Tunnel-ID": "Z"}) == "peer Z: no token"
+        assert a.server.peering.refusal({"X-Tunnel-ID": "client"}) is None
+    finally:
+        a.close()
+        stranger.close()
 
 
 def test_peering_needs_an_identity() -> None:

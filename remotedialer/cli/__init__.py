@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from typing import List, Optional, Sequence, Tuple
@@ -98,17 +99,13 @@ _COMMANDS = (
 
 
 def _run_bench(bench_args: Sequence[str]) -> int:
-    """``remotedialer bench ARGS``: ``python -m benchmarks ARGS`` (the
-    ``benchmarks`` package of a source checkout, searched from the current
-    directory too)."""
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        from benchmarks.main import main as bench_main
-    except ImportError:
+    """``remotedialer bench ARGS``: runs ``python -m benchmarks ARGS`` in the
+    current directory, which must be a source checkout (the benchmarks are
+    not installed with the package); returns its exit status."""
+    if not os.path.isfile(os.path.join("benchmarks", "__main__.py")):
         log.error("the benchmarks package was not found: run from a source checkout of remotedialer")
         return 2
-    return int(bench_main(list(bench_args)) or 0)
+    return subprocess.call([sys.executable, "-m", "benchmarks", *bench_args])
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
@@ -130,7 +127,8 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"{__name__}.{name}")
         first_line = (module.__doc__ or "").split("\n", 1)[0]
-        sub = commands.add_parser(name, help=summary, description=first_line.split(": ", 1)[-1])
+        sub = commands.add_parser(name, help=summary, description=first_line.split(": ", 1)[-1],
+                                  epilog=getattr(module, "HELP_EPILOG", None))
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     bench = commands.add_parser("bench", help="run the benchmarks (python -m benchmarks; --help for options)",

@@ -1,0 +1,7 @@
+"""Loopback fixtures shared by the test suite and the benchmarks (not
+installed with the package): the test suite never imports ``benchmarks``,
+and the benchmarks never import ``tests``, so what both need lives here.
+
+* :mod:`testkit.dns`: a DNS server on loopback whose answers change while it
+  runs (the cluster DNS of a headless Service).
+"""
