@@ -19,9 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .agents import AgentsOptions, agents_workload
 from .loadgen import LoadResult, run_load, wrk_path
 from .procs import BenchError, Proc, ProcStats, Usage, wait_until
 from .report import Report
@@ -55,6 +56,7 @@ class Options:
     scale_connections: int = 10000
     use_wrk: bool = True
     ssh: bool = True
+    agents: AgentsOptions = field(default_factory=AgentsOptions)
     go: bool = True
     gunicorn: bool = True
     progress: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
@@ -62,7 +64,8 @@ class Options:
     @classmethod
     def quick_options(cls) -> "Options":
         return cls(runs=1, quick=True, download_bytes=16 * MiB, forward_bytes=16 * MiB,
-                   request_seconds=1.0, scale_connections=200)
+                   request_seconds=1.0, scale_connections=200,
+                   agents=AgentsOptions(counts=(200,), seconds=15.0, idle_window=5.0, request_seconds=1.0))
 
 
 def _cli_has_forward() -> bool:
@@ -552,17 +555,24 @@ def _size(size: int) -> str:
     return f"{size // MiB} MiB"
 
 
-WORKLOADS = ("idle", "download", "requests", "forward", "scale")
+WORKLOADS = ("idle", "download", "requests", "forward", "scale", "agents")
+#: Workloads run only when asked for with ``--only`` (they take many minutes).
+OPT_IN = ("agents",)
 
 
 def run_workloads(options: Options, only: Sequence[str], report: Report) -> None:
     """Start everything, run the chosen workloads, stop everything."""
-    chosen = [name for name in WORKLOADS if not only or name in only]
+    chosen = [name for name in WORKLOADS if name in only or (not only and name not in OPT_IN)]
     cache: Dict[Tuple[str, int], List[LoadRun]] = {}
     report.meta.update({
         "runs": options.runs, "quick": options.quick, "workloads": chosen,
         "python": sys.version.split()[0], "cpus": os.cpu_count(),
     })
+    if "agents" in chosen:  # its own servers (Python and Go), see agents.py
+        agents_workload(options.agents, options.runs, report, options.progress)
+        chosen = [name for name in chosen if name != "agents"]
+        if not chosen:
+            return
     # Go runs beside every Python figure it has a counterpart for; gunicorn only for requests.
     options = dataclasses.replace(options, gunicorn=options.gunicorn and "requests" in chosen)
     with Setup(options, "forward" in chosen, "scale" in chosen,

@@ -26,7 +26,7 @@ from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader,
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
-from .transport import TransportClosed, next_event_from_socket
+from .transport import ReceiveSize, TransportClosed, next_event_from_socket
 
 __all__ = [
     "WebSocketClientTransport",
@@ -57,6 +57,7 @@ class WebSocketClientTransport:
         self._description = description or "websocket"
         self._closed = False
         self._frames = FrameReader(max_message_size, from_client=False)  # reader thread only
+        self._receive_size = ReceiveSize(RECEIVE_BYTES)  # reader thread only
 
     def send(self, data: bytes) -> None:
         # Frames are built and masked here (numpy when available, see
@@ -86,7 +87,7 @@ class WebSocketClientTransport:
         """
         sock, closing = self.ws.sock, lambda: self._closed
         while True:
-            opcode, payload = next_event_from_socket(self._frames, sock, RECEIVE_BYTES, closing)
+            opcode, payload = next_event_from_socket(self._frames, sock, self._receive_size, closing)
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_TEXT:

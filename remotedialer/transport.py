@@ -36,11 +36,29 @@ class TransportClosed(TunnelClosedError):
     """The WebSocket under a session closed or failed."""
 
 
+class ReceiveSize:
+    """How many bytes the next ``recv`` of a WebSocket asks for: ``large``
+    while data flows, ``small`` after a read that brought less than ``small``
+    (an idle tunnel's ping). A blocked ``recv(n)`` holds an ``n``-byte buffer,
+    so thousands of idle readers ask small. One reader thread uses it."""
+
+    __slots__ = ("large", "small", "next")
+
+    def __init__(self, large: int, small: Optional[int] = None) -> None:
+        self.large = large
+        self.small = large if small is None else min(small, large)
+        self.next = self.small
+
+    def update(self, received: int) -> None:
+        """Size the next read after one that brought ``received`` bytes."""
+        self.next = self.large if received >= self.small else self.small
+
+
 def next_event_from_socket(
-    reader: "FrameReader", sock: Optional[socket.socket], size: int, closing: Callable[[], bool]
+    reader: "FrameReader", sock: Optional[socket.socket], size: ReceiveSize, closing: Callable[[], bool]
 ) -> "WebSocketEvent":
-    """The next event of ``reader``, fed from ``sock`` (``size`` bytes at a
-    time) until one is whole; blocks on ``recv``. Raises
+    """The next event of ``reader``, fed from ``sock`` (as many bytes at a
+    time as ``size`` says) until one is whole; blocks on ``recv``. Raises
     :class:`TransportClosed` at EOF, on a socket error or once ``closing()``
     (our own close: then as a plain "websocket closed"), and
     :class:`~remotedialer.frames.WebSocketProtocolError` for a bad frame."""
@@ -53,13 +71,14 @@ def next_event_from_socket(
         try:
             if sock is None:
                 raise OSError("no socket")
-            data = sock.recv(size)
+            data = sock.recv(size.next)
         except OSError as exc:
             if closing():
                 raise TransportClosed("websocket closed") from exc
             raise TransportClosed(f"websocket read failed: {exc}") from exc
         if not data:
             raise TransportClosed("websocket closed" if closing() else "websocket EOF")
+        size.update(len(data))
         reader.feed(data)
 
 
