@@ -612,6 +612,7 @@ def run_roll(options: RollOptions) -> RollResult:
     log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     agents_log = logging.getLogger("remotedialer")
     agents_log.addHandler(log_handler)
+    previous_level = agents_log.level  # restored below: tests run in this process after it
     agents_log.setLevel(logging.INFO)
     agents_log.propagate = False
     settle = 30.0 + options.agents / 20
@@ -679,6 +680,7 @@ def run_roll(options: RollOptions) -> RollResult:
         target.server_close()
         agents_log.removeHandler(log_handler)
         agents_log.propagate = True
+        agents_log.setLevel(previous_level)
         log_handler.close()
 
 
