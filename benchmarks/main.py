@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="smoke run: 1 run, small sizes, 1 s load runs, 200 scale connections")
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (default 5, quick 1)")
     parser.add_argument("--only", action="append", choices=WORKLOADS, metavar="WORKLOAD",
-                        help=f"run only this workload (repeatable): {', '.join(WORKLOADS)}")
+                        help=f"run only this workload (repeatable): {', '.join(WORKLOADS)} "
+                             "(agents runs only when named)")
     parser.add_argument("--chart", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     parser.add_argument("--json", metavar="PATH", help="write every value as JSON")
     parser.add_argument("--rst", metavar="PATH", help="write the table as a reStructuredText list-table")
@@ -35,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=None, help="scale connections (default 10000)")
     parser.add_argument("--no-wrk", action="store_true", help="built-in load generator, not wrk")
     parser.add_argument("--no-ssh", action="store_true", help="skip the ssh -R comparison")
+    parser.add_argument("--agents", default=None, metavar="N,N,...",
+                        help="agents workload: tunnel counts (default 1000,3000,10000)")
+    parser.add_argument("--agents-seconds", type=float, default=None,
+                        help="agents workload: seconds the tunnels are held (default 75)")
     parser.add_argument("--no-go", action="store_true",
                         help="skip the Go reference stacks (run when built: see benchmarks/goref.py)")
     parser.add_argument("--no-gunicorn", action="store_true", help="skip the gunicorn gthread stack")
@@ -61,6 +66,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.connections is not None:
         options.scale_connections = args.connections
     options.use_wrk = not args.no_wrk
+    if args.agents:
+        options.agents.counts = [int(part) for part in args.agents.split(",") if part.strip()]
+    if args.agents_seconds is not None:
+        options.agents.seconds = args.agents_seconds
+        options.agents.idle_window = min(options.agents.idle_window, args.agents_seconds / 2)
+    options.agents.use_wrk = options.use_wrk
     options.ssh = not args.no_ssh
     options.go = not args.no_go
     options.gunicorn = not args.no_gunicorn

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 __all__ = [
-    "BenchError", "Proc", "ProcStats", "free_port", "raise_fd_limit", "tree_cpu_seconds", "wait_listening",
+    "BenchError", "Proc", "ProcStats", "free_port", "raise_fd_limit", "Usage", "usage", "wait_listening",
     "wait_until",
 ]
 
@@ -146,10 +146,40 @@ def _stat_fields(pid: int) -> List[str]:
         return handle.read().rpartition(")")[2].split()
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of ``pid`` and all its live descendants, plus
-    what its waited-for children used (for servers that fork per connection or
-    run their work in a child: sshd, gunicorn). Linux only."""
+@dataclass(frozen=True)
+class Usage:
+    """What a process (with its children, if asked) used so far: CPU seconds
+    (user + system) and the times one of its threads went to sleep
+    (voluntary context switches: each is a later wake-up). Threads that
+    already exited are not in the sleep count."""
+
+    cpu_seconds: float
+    sleeps: int
+
+    def __sub__(self, other: "Usage") -> "Usage":
+        return Usage(self.cpu_seconds - other.cpu_seconds, self.sleeps - other.sleeps)
+
+
+def _sleeps(pid: int) -> int:
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/status") as handle:
+                for line in handle:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            continue  # the thread exited while we looked
+    return total
+
+
+def _children(pid: int) -> List[int]:
+    """``pid`` and all its live descendants."""
     children: Dict[int, List[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -159,18 +189,29 @@ def tree_cpu_seconds(pid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue  # exited while we looked
         children.setdefault(parent, []).append(int(entry))
-    total = 0
-    pending = [pid]
+    found, pending = [], [pid]
     while pending:
         current = pending.pop()
+        found.append(current)
+        pending.extend(children.get(current, ()))
+    return found
+
+
+def usage(pid: int, with_children: bool = False) -> Usage:
+    """CPU seconds and sleeps of ``pid`` (plus its live descendants and what
+    its waited-for children used, with ``with_children``: for servers that
+    fork per connection or work in a child, as sshd and gunicorn). Linux only."""
+    cpu = 0
+    sleeps = 0
+    for current in _children(pid) if with_children else [pid]:
         try:
             fields = _stat_fields(current)
         except OSError:
             continue
-        # utime, stime, cutime, cstime are fields 14-17
-        total += sum(int(value) for value in fields[11:15])
-        pending.extend(children.get(current, ()))
-    return total / _CLOCK_TICKS
+        # utime, stime (fields 14-15), cutime, cstime (16-17) of waited-for children
+        cpu += sum(int(value) for value in fields[11:15 if with_children else 13])
+        sleeps += _sleeps(current)
+    return Usage(cpu / _CLOCK_TICKS, sleeps)
 
 
 def wait_listening(proc: Proc, port: int, timeout: float = 20.0) -> None:

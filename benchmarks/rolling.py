@@ -8,7 +8,7 @@ A small Kubernetes, played in one process:
   each on its own port of 127.0.0.1, peering through DNS
   (``REMOTEDIALER_PEERS_FROM_DNS``) with graceful shutdown
   (``REMOTEDIALER_DRAIN_SECONDS``);
-* **the headless Service**: a DNS server on loopback (:mod:`benchmarks.dns`)
+* **the headless Service**: a DNS server on loopback (:mod:`testkit.dns`)
   publishing an SRV record (address and port) for every running pod, ready
   or not (``publishNotReadyAddresses``, as in deploy/kubernetes/);
 * **the Service**: a TCP load balancer (:class:`ServiceBalancer`) spreading
@@ -48,9 +48,9 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from .dns import ZoneServer
+from testkit.dns import ZoneServer
 from .procs import BenchError, free_port, raise_fd_limit, wait_until
 
 __all__ = ["RollOptions", "RollResult", "ServiceBalancer", "run_roll", "main"]
@@ -140,6 +140,8 @@ class ServiceBalancer:
         self._selector.register(self._listener, selectors.EVENT_READ, None)
         # socket -> (its peer, bytes waiting to be written to the peer)
         self._pending: Dict[socket.socket, Tuple[socket.socket, bytearray]] = {}
+        self._eof: Set[socket.socket] = set()  # sockets that sent their end
+        self._done: Set[socket.socket] = set()  # ...whose end was passed on to the peer
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="service-balancer", daemon=True)
         self._thread.start()
@@ -180,29 +182,36 @@ class ServiceBalancer:
             self._selector.register(upstream, selectors.EVENT_READ, "pipe")
 
     def _close_pair(self, sock: socket.socket) -> None:
-        """``sock`` ended: hand what it sent on to its peer (in one blocking
-        write, at most a second), then close both."""
-        peer, outgoing = self._pending.pop(sock, (None, bytearray()))
-        if peer is not None and outgoing:
-            try:
-                peer.settimeout(1.0)
-                peer.sendall(outgoing)
-            except OSError:
-                pass
+        """Close ``sock`` and its peer (both directions are done, or one failed)."""
+        peer = self._pending[sock][0] if sock in self._pending else None
         for each in (sock, peer):
             if each is None:
                 continue
             self._pending.pop(each, None)
+            self._eof.discard(each)
+            self._done.discard(each)
             try:
                 self._selector.unregister(each)
             except (KeyError, ValueError):
                 pass
             each.close()
 
+    def _finish_direction(self, sock: socket.socket) -> None:
+        """``sock`` ended and all it sent reached its peer: pass the end on
+        (a half close, as TCP between the two ends would)."""
+        peer = self._pending[sock][0]
+        try:
+            peer.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._done.add(sock)
+        if peer in self._done:
+            self._close_pair(sock)
+
     def _forward(self, sock: socket.socket, events: int) -> None:
         """Read from ``sock`` into its buffer for the peer; write the peer's
         buffer for ``sock`` out. A full buffer stops reading its source
-        (backpressure)."""
+        (backpressure); an error on either side closes both."""
         if sock not in self._pending:
             return
         peer, outgoing = self._pending[sock]
@@ -216,29 +225,34 @@ class ServiceBalancer:
                 self._close_pair(sock)
                 return
             del inbound[:sent]
-        if events & selectors.EVENT_READ:
+            if not inbound and peer in self._eof and peer not in self._done:
+                self._finish_direction(peer)
+        if events & selectors.EVENT_READ and sock in self._pending:
             try:
                 data: Optional[bytes] = sock.recv(65536)
             except (BlockingIOError, InterruptedError):
                 data = None
             except OSError:
-                data = b""
-            if data == b"":
                 self._close_pair(sock)
                 return
-            if data:
+            if data == b"":
+                self._eof.add(sock)
+                if not outgoing:
+                    self._finish_direction(sock)
+            elif data:
                 outgoing += data
         self._update(sock)
         self._update(peer)
 
     def _update(self, sock: socket.socket) -> None:
-        """Wait for ``sock`` to be readable while its bytes for the peer are
-        few, and writable while the peer's bytes for it wait."""
+        """Wait for ``sock`` to be readable while it has not ended and its
+        bytes for the peer are few, and writable while the peer's bytes for
+        it wait."""
         if sock not in self._pending:
             return
         peer, outgoing = self._pending[sock]
         events = 0
-        if len(outgoing) < (1 << 20):
+        if sock not in self._eof and len(outgoing) < (1 << 20):
             events |= selectors.EVENT_READ
         if self._pending[peer][1]:
             events |= selectors.EVENT_WRITE
@@ -611,8 +625,8 @@ def run_roll(options: RollOptions) -> RollResult:
     log_handler = logging.FileHandler(os.path.join(workdir, "agents.log"))
     log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     agents_log = logging.getLogger("remotedialer")
+    saved_level, saved_propagate = agents_log.level, agents_log.propagate
     agents_log.addHandler(log_handler)
-    previous_level = agents_log.level  # restored below: tests run in this process after it
     agents_log.setLevel(logging.INFO)
     agents_log.propagate = False
     settle = 30.0 + options.agents / 20
@@ -679,8 +693,8 @@ def run_roll(options: RollOptions) -> RollResult:
         target.shutdown()
         target.server_close()
         agents_log.removeHandler(log_handler)
-        agents_log.propagate = True
-        agents_log.setLevel(previous_level)
+        agents_log.setLevel(saved_level)
+        agents_log.propagate = saved_propagate
         log_handler.close()
 
 
@@ -729,13 +743,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--peer-refresh", type=float, default=1.0)
     parser.add_argument("--drain-seconds", type=float, default=2.0)
     parser.add_argument("--request-threads", type=int, default=8)
+    parser.add_argument("--request-timeout", type=float, default=RollOptions.request_timeout)
+    parser.add_argument("--workdir", metavar="DIR", help="keep the processes' logs here")
     parser.add_argument("--json", metavar="PATH", help="write every run's figures as JSON")
     args = parser.parse_args(argv)
     raise_fd_limit()
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # the instances started are stopped on the way out
+
+    signal.signal(signal.SIGTERM, stop)
     results = []
     for run in range(args.runs):
         options = RollOptions(agents=args.agents, instances=args.instances, peer_refresh=args.peer_refresh,
-                              drain_seconds=args.drain_seconds, request_threads=args.request_threads)
+                              drain_seconds=args.drain_seconds, request_threads=args.request_threads,
+                              request_timeout=args.request_timeout, workdir=args.workdir)
         result = run_roll(options)
         results.append(result)
         print(f"run {run + 1}: {result.summary()}", flush=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .goref import GOREF_HINT, go_binary
-from .procs import BenchError, Proc, free_port, tree_cpu_seconds, wait_listening
+from .procs import BenchError, Proc, Usage, free_port, usage, wait_listening
 
 __all__ = ["Route", "GO", "TUNNEL", "start_stacks", "route_label"]
 
@@ -52,13 +52,12 @@ class Route:
     def url(self, name: str) -> str:
         return self.base_url + name
 
-    def cpu_seconds(self) -> Optional[Tuple[float, float]]:
-        """CPU seconds used so far by (server side, client side), or None when
+    def usage(self) -> Optional[Tuple[Usage, Usage]]:
+        """CPU and sleeps so far of (server side, client side), or None when
         the route has no processes of its own (the direct path)."""
         if self.server is None or self.client is None:
             return None
-        server = tree_cpu_seconds(self.server.pid) if self.server_tree else self.server.stats().cpu_seconds
-        return server, self.client.stats().cpu_seconds
+        return usage(self.server.pid, self.server_tree), usage(self.client.pid)
 
 
 def _start_on_free_port(name: str, argv_for: Callable[[int], List[str]], log_dir: str) -> Tuple[Proc, int]:

@@ -19,11 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from .agents import AgentsOptions, agents_workload
 from .loadgen import LoadResult, run_load, wrk_path
-from .procs import BenchError, Proc, ProcStats, wait_until
+from .procs import BenchError, Proc, ProcStats, Usage, wait_until
 from .report import Report
 from .sshd import SSHReverseForward
 from .stacks import Route, start_stacks
@@ -55,6 +56,7 @@ class Options:
     scale_connections: int = 10000
     use_wrk: bool = True
     ssh: bool = True
+    agents: AgentsOptions = field(default_factory=AgentsOptions)
     go: bool = True
     gunicorn: bool = True
     progress: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
@@ -62,7 +64,8 @@ class Options:
     @classmethod
     def quick_options(cls) -> "Options":
         return cls(runs=1, quick=True, download_bytes=16 * MiB, forward_bytes=16 * MiB,
-                   request_seconds=1.0, scale_connections=200)
+                   request_seconds=1.0, scale_connections=200,
+                   agents=AgentsOptions(counts=(200,), seconds=15.0, idle_window=5.0, request_seconds=1.0))
 
 
 def _cli_has_forward() -> bool:
@@ -258,10 +261,6 @@ def idle_workload(setup: Setup, report: Report) -> None:
             report.row("idle", f"threads {name}", "count", "", False).add(path, stats.threads)
 
 
-def _cpu_of(routes: Dict[str, Route]) -> Dict[str, Optional[Tuple[float, float]]]:
-    return {path: route.cpu_seconds() for path, route in routes.items()}
-
-
 def _download_rows(setup: Setup, report: Report, workload: str, size: int, routes: Dict[str, Route],
                    name: str, target: str) -> None:
     options = setup.options
@@ -273,9 +272,9 @@ def _download_rows(setup: Setup, report: Report, workload: str, size: int, route
         failures = 0
         run = 0
         while run < options.runs:
-            cpu_before = route.cpu_seconds()
+            cpu_before = route.usage()
             total, seconds = download(route.url(name))
-            cpu_after = route.cpu_seconds()
+            cpu_after = route.usage()
             if total != size:
                 failures += 1
                 problem = f"{workload} {path}: got {total} bytes of {size}"
@@ -289,7 +288,7 @@ def _download_rows(setup: Setup, report: Report, workload: str, size: int, route
             rate_row.add(path, rate)
             extra = ""
             if cpu_before is not None and cpu_after is not None:
-                cpu = sum(cpu_after) - sum(cpu_before)
+                cpu = sum((after - before).cpu_seconds for after, before in zip(cpu_after, cpu_before))
                 cpu_row.add(path, cpu / (total / GiB))
                 extra = f", {cpu / (total / GiB):.1f} CPU-s/GiB"
             options.progress(f"[{workload}] {path} run {run + 1}/{options.runs}: {rate:.0f} MB/s{extra}")
@@ -302,23 +301,33 @@ def download_workload(setup: Setup, report: Report) -> None:
     size = setup.options.download_bytes
     routes: Dict[str, Route] = {path: setup.stacks[path] for path in ("tunnel", "go") if path in setup.stacks}
     routes["direct"] = Route(setup.direct_url(""))
-    _download_rows(setup, report, f"download {_size(size)}", size, routes, "big.bin",
+    # ?timeout=: the Go example server gives up on a request after 15 s by default
+    _download_rows(setup, report, f"download {_size(size)}", size, routes, "big.bin?timeout=600",
                    TARGETS["download MB/s"] if "go" in routes else "")
 
 
 @dataclass(frozen=True)
 class LoadRun:
-    """One load run on one route: the load tool's result and the CPU seconds
-    the route's server and client spent during it (None for the direct path)."""
+    """One load run on one route: the load tool's result and what the route's
+    server and client used during it (None for the direct path)."""
 
     result: LoadResult
-    cpu: Optional[Tuple[float, float]]
+    used: Optional[Tuple[Usage, Usage]]
+
+    def per_request(self) -> Optional[Tuple[float, float, float, float]]:
+        """(server CPU us, client CPU us, server sleeps, client sleeps) per request."""
+        count = self.result.requests
+        if self.used is None or not count:
+            return None
+        server, client = self.used
+        return (server.cpu_seconds / count * 1e6, client.cpu_seconds / count * 1e6,
+                server.sleeps / count, client.sleeps / count)
 
 
 def _load_once(route: Route, name: str, connections: int, seconds: float, use_wrk: bool) -> LoadRun:
-    before = route.cpu_seconds()
+    before = route.usage()
     result = run_load(route.url(name), connections, seconds, use_wrk)
-    after = route.cpu_seconds()
+    after = route.usage()
     if before is None or after is None:
         return LoadRun(result, None)
     return LoadRun(result, (after[0] - before[0], after[1] - before[1]))
@@ -337,6 +346,8 @@ def _request_rows(setup: Setup, report: Report, workload_prefix: str, routes: Di
         p50_row = report.row(workload, "latency p50", "ms", targets.get(f"c{connections} p50", ""), False)
         cpu_rows = [report.row(workload, f"CPU {side}", "us/req", targets.get(f"cpu {side}", ""), False)
                     for side in ("server", "client", "server+client")]
+        sleep_rows = [report.row(workload, f"wake-ups {side}", "per req", "", False)
+                      for side in ("server", "client")]
         todo = {path: route for path, route in routes.items()
                 if (route.url("1k.bin"), connections) not in cache}
         for path, route in todo.items():
@@ -351,8 +362,9 @@ def _request_rows(setup: Setup, report: Report, workload_prefix: str, routes: Di
                     report.note(f"{workload} {path}: {result.errors} errors in run {run + 1}")
                 cache[(route.url("1k.bin"), connections)].append(done)
                 cpu_text = ""
-                if done.cpu is not None and result.requests:
-                    cpu_text = f", {sum(done.cpu) / result.requests * 1e6:.0f} CPU-us/req"
+                figures = done.per_request()
+                if figures is not None:
+                    cpu_text = f", {figures[0] + figures[1]:.0f} CPU-us/req"
                 options.progress(f"[{workload}] {path} run {run + 1}/{options.runs}: "
                                  f"{result.requests_per_second:.0f} req/s, p50 {result.p50_ms:.2f} ms"
                                  f"{cpu_text} ({result.tool})")
@@ -360,9 +372,11 @@ def _request_rows(setup: Setup, report: Report, workload_prefix: str, routes: Di
             for done in cache[(route.url("1k.bin"), connections)]:
                 rps_row.add(path, done.result.requests_per_second)
                 p50_row.add(path, done.result.p50_ms)
-                if done.cpu is not None and done.result.requests:
-                    server, client = (seconds / done.result.requests * 1e6 for seconds in done.cpu)
-                    for row, value in zip(cpu_rows, (server, client, server + client)):
+                figures = done.per_request()
+                if figures is not None:
+                    server, client, server_sleeps, client_sleeps = figures
+                    for row, value in zip(cpu_rows + sleep_rows,
+                                          (server, client, server + client, server_sleeps, client_sleeps)):
                         row.add(path, value)
 
 
@@ -541,17 +555,24 @@ def _size(size: int) -> str:
     return f"{size // MiB} MiB"
 
 
-WORKLOADS = ("idle", "download", "requests", "forward", "scale")
+WORKLOADS = ("idle", "download", "requests", "forward", "scale", "agents")
+#: Workloads run only when asked for with ``--only`` (they take many minutes).
+OPT_IN = ("agents",)
 
 
 def run_workloads(options: Options, only: Sequence[str], report: Report) -> None:
     """Start everything, run the chosen workloads, stop everything."""
-    chosen = [name for name in WORKLOADS if not only or name in only]
+    chosen = [name for name in WORKLOADS if name in only or (not only and name not in OPT_IN)]
     cache: Dict[Tuple[str, int], List[LoadRun]] = {}
     report.meta.update({
         "runs": options.runs, "quick": options.quick, "workloads": chosen,
         "python": sys.version.split()[0], "cpus": os.cpu_count(),
     })
+    if "agents" in chosen:  # its own servers (Python and Go), see agents.py
+        agents_workload(options.agents, options.runs, report, options.progress)
+        chosen = [name for name in chosen if name != "agents"]
+        if not chosen:
+            return
     # Go runs beside every Python figure it has a counterpart for; gunicorn only for requests.
     options = dataclasses.replace(options, gunicorn=options.gunicorn and "requests" in chosen)
     with Setup(options, "forward" in chosen, "scale" in chosen,

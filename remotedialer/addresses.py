@@ -12,15 +12,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple, Union
 
-__all__ = [
-    "ALL_INTERFACES",
-    "split_host_port",
-    "split_host_optional_port",
-    "split_remote_address",
-    "join_host_port",
-    "parse_listen_address",
-    "reachable_host",
-]
+__all__ = ["ALL_INTERFACES", "split_host_port", "join_host_port", "parse_listen_address"]
 
 ALL_INTERFACES = "0.0.0.0"
 """The host a listen address with an empty host (``:PORT``) binds to."""

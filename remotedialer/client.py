@@ -26,7 +26,7 @@ from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader,
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
-from .transport import TransportClosed
+from .transport import ReceiveSize, TransportClosed, next_event_from_socket
 
 __all__ = [
     "WebSocketClientTransport",
@@ -57,6 +57,7 @@ class WebSocketClientTransport:
         self._description = description or "websocket"
         self._closed = False
         self._frames = FrameReader(max_message_size, from_client=False)  # reader thread only
+        self._receive_size = ReceiveSize(RECEIVE_BYTES)  # reader thread only
 
     def send(self, data: bytes) -> None:
         # Frames are built and masked here (numpy when available, see
@@ -84,12 +85,9 @@ class WebSocketClientTransport:
         the WebSocket closes and :class:`~remotedialer.errors.ProtocolError`
         for a text message or a frame breaking RFC 6455.
         """
+        sock, closing = self.ws.sock, lambda: self._closed
         while True:
-            event = self._frames.next_event()
-            if event is None:
-                self._fill()
-                continue
-            opcode, payload = event
+            opcode, payload = next_event_from_socket(self._frames, sock, self._receive_size, closing)
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_TEXT:
@@ -100,21 +98,6 @@ class WebSocketClientTransport:
                 self._answer_ping(payload)
             elif opcode == OP_CLOSE:
                 raise TransportClosed("websocket closed by the server")
-
-    def _fill(self) -> None:
-        """Read what the socket has (blocks until something arrives)."""
-        sock = self.ws.sock
-        try:
-            if sock is None:
-                raise OSError("no socket")
-            data = sock.recv(RECEIVE_BYTES)
-        except OSError as exc:
-            if self._closed:
-                raise TransportClosed("websocket closed") from exc
-            raise TransportClosed(f"websocket read failed: {exc}") from exc
-        if not data:
-            raise TransportClosed("websocket closed" if self._closed else "websocket EOF")
-        self._frames.feed(data)
 
     def _answer_ping(self, payload: bytes) -> None:
         try:

@@ -250,7 +250,8 @@ class DnsPeerDiscovery:
             raise ValueError("peer discovery needs this server's peer id and the shared token")
         self.scheme = scheme
         self._lookup: Lookup = lookup or DnsResolver().endpoints
-        self._lock = threading.Lock()  # guards _peers; held while peering changes
+        self._lock = threading.Lock()  # guards _peers
+        self._apply_lock = threading.Lock()  # one refresh changes the peering at a time
         self._peers: Dict[str, str] = {}  # peer id -> URL, the peers we added
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -291,19 +292,26 @@ class DnsPeerDiscovery:
         return True
 
     def _apply(self, wanted: Dict[str, str]) -> None:
-        with self._lock:
+        """Make the peers we added equal to ``wanted`` (id -> URL). Changes
+        are made one refresh at a time (``_apply_lock``); ``_lock`` is only
+        held to update ``_peers``, so readers never wait for a link to stop."""
+        with self._apply_lock:
             if self._stop.is_set():
                 return
-            gone = [peer_id for peer_id in self._peers if peer_id not in wanted]
-            changed = {peer_id: url for peer_id, url in wanted.items() if self._peers.get(peer_id) != url}
-            for peer_id in gone:
-                log.info("peer %s left %s", peer_id, self.name)
-                self.server.remove_peer(peer_id)
-                del self._peers[peer_id]
-            for peer_id, url in changed.items():
-                log.info("peer %s found in %s at %s", peer_id, self.name, url)
-                self.server.add_peer(url, peer_id, self.token)
-                self._peers[peer_id] = url
+            with self._lock:
+                current = dict(self._peers)
+            for peer_id in current:
+                if peer_id not in wanted:
+                    log.info("peer %s left %s", peer_id, self.name)
+                    self.server.remove_peer(peer_id)
+                    with self._lock:
+                        del self._peers[peer_id]
+            for peer_id, url in wanted.items():
+                if current.get(peer_id) != url:
+                    log.info("peer %s found in %s at %s", peer_id, self.name, url)
+                    self.server.add_peer(url, peer_id, self.token)
+                    with self._lock:
+                        self._peers[peer_id] = url
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -32,8 +32,6 @@ __all__ = [
     "HandshakeError",
     "LimitExceededError",
     "TunnelTimeoutError",
-    "error_text",
-    "remote_error",
 ]
 
 

@@ -15,20 +15,9 @@ and while the accepted socket does not drain it stops reading the tunnel,
 whose receive buffer then sends PAUSE to the far side. Nothing is buffered
 without bound.
 
-Closing, as far as the wire protocol allows (it has no half-close):
-
-* The far side ends (its target closed, or the dial failed there): every byte
-  already received is written to the accepted socket, then the socket is
-  closed, so the local client reads the data and then EOF.
-* The local client sends FIN (``shutdown(SHUT_WR)`` or close): the bytes it
-  sent before are passed on, then the tunneled connection is closed with
-  ``ERROR EOF`` and the accepted socket is closed too. The far side writes
-  what it received to its target and closes that socket, so the target reads
-  the data and then EOF. Whatever the target sends after that point (a reply
-  to a request that ended with FIN) is discarded: there is no way to keep
-  only one direction open.
-* The tunnel is gone (client disconnected) or the forward is stopped with
-  ``close_connections``: the accepted sockets are closed at once.
+The wire protocol has no half-close: a FIN from either side, the tunnel
+going away or :meth:`PortForward.stop` ends both directions, after the bytes
+already received are passed on; docs/forwarding.rst spells each case out.
 
 A dial that fails at once (no session for the client key, the session is
 full or ended) closes the accepted socket at once and logs a warning. So does

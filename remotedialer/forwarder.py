@@ -58,20 +58,7 @@ from .errors import error_text
 from .httputil import StartResponse, header_tokens, plain_text_response
 from .piping import Piper, default_piper
 
-__all__ = [
-    "Forwarder",
-    "ForwardTarget",
-    "ConnectionPool",
-    "poll_readable",
-    "parse_target",
-    "DialFunction",
-    "HOP_BY_HOP",
-    "UpstreamConnection",
-    "UpstreamResponse",
-    "ResponseHead",
-    "parse_response_head",
-    "BadResponse",
-]
+__all__ = ["Forwarder", "DialFunction"]
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +227,13 @@ def _response_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
 # one send for a bodyless request, the head read into a bytearray and split
 # once, the body framed by Content-Length, chunked coding or the connection
 # closing (RFC 9112 §6.3). Anything malformed is refused with BadResponse.
+#
+# Measured against libraries before keeping it (docs/benchmarks.rst, "Libraries
+# against the hand-written code"): per request/response cycle without I/O this
+# client takes 24 us of CPU, h11 110 us and httpcore (over TunnelBackend)
+# 195 us; end to end the server's CPU per 1 KiB GET grew by 45 % with h11 and
+# 2.5x with httpcore, so the request rate would drop far more than the 5 % a
+# switch was allowed to cost.
 
 #: A response head longer than this is refused (http.client allows 100 lines
 #: of 64 KiB; real heads are a few hundred bytes).
@@ -477,7 +471,7 @@ class UpstreamResponse:
             elif lowered == "content-length":
                 lengths.extend(item.strip() for item in value.split(","))
             elif lowered == "transfer-encoding":
-                codings.extend(item.strip().lower() for item in value.split(",") if item.strip())
+                codings.extend(header_tokens(value))
         if head.version == 10:
             self.will_close = "keep-alive" not in tokens
         else:

@@ -6,7 +6,10 @@ of endpoints: a local socket and a :class:`TunnelConnection` (the client side
 of a dial, a forwarded port, ``as_socket``), or two tunneled connections (a
 server relaying for a peer). Flow control carries through: while the peer has
 paused us we stop reading the local socket, and while the local socket does not
-drain we stop reading the tunnel, whose buffer then PAUSEs the peer.
+drain we stop reading the tunnel, whose buffer then PAUSEs the peer. Tunnel
+bytes for a socket that can take them at once are written by the session's
+reader thread as they arrive (:meth:`_SocketPipe.deliver_now`); the piper
+thread only takes over what does not fit, EOF and errors.
 
 :class:`LocalDialer` is the client's connect handler: it checks the connect
 authorizer, dials the target on a small bounded thread pool, and hands the

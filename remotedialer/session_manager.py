@@ -23,7 +23,7 @@ from .connection import TunnelConnection
 from .errors import LimitExceededError, TunnelClosedError
 from .session import Session
 
-__all__ = ["SessionManager", "SessionListener", "dial_first"]
+__all__ = ["SessionManager", "SessionListener"]
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """The small interface a :class:`~remotedialer.session.Session` needs from a WebSocket.
 
-A transport sends and receives whole binary messages, pings, and closes. Each
-WebSocket library gets a thin adapter (``client.WebSocketClientTransport`` for
-websocket-client, ``server`` has one for simple-websocket); tests use the
-in-memory :func:`memory_pair`.
+A transport sends and receives whole binary messages, pings, and closes:
+``client.WebSocketClientTransport`` adapts websocket-client,
+``wsgi_transport.ServerWebSocket`` is the server's own, and
+``wsgi_transport.SimpleWebSocketTransport`` adapts simple-websocket; tests use
+the in-memory :func:`memory_pair`.
 
 Contract:
 
@@ -18,17 +19,67 @@ Contract:
 from __future__ import annotations
 
 import collections
+import socket
 import threading
 import time
-from typing import Deque, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Deque, Optional, Protocol, Tuple, Union
 
 from .errors import ProtocolError, TunnelClosedError
+
+if TYPE_CHECKING:
+    from .frames import FrameReader, WebSocketEvent
 
 __all__ = ["Transport", "TransportClosed", "MemoryTransport", "memory_pair"]
 
 
 class TransportClosed(TunnelClosedError):
     """The WebSocket under a session closed or failed."""
+
+
+class ReceiveSize:
+    """How many bytes the next ``recv`` of a WebSocket asks for: ``large``
+    while data flows, ``small`` after a read that brought less than ``small``
+    (an idle tunnel's ping). A blocked ``recv(n)`` holds an ``n``-byte buffer,
+    so thousands of idle readers ask small. One reader thread uses it."""
+
+    __slots__ = ("large", "small", "next")
+
+    def __init__(self, large: int, small: Optional[int] = None) -> None:
+        self.large = large
+        self.small = large if small is None else min(small, large)
+        self.next = self.small
+
+    def update(self, received: int) -> None:
+        """Size the next read after one that brought ``received`` bytes."""
+        self.next = self.large if received >= self.small else self.small
+
+
+def next_event_from_socket(
+    reader: "FrameReader", sock: Optional[socket.socket], size: ReceiveSize, closing: Callable[[], bool]
+) -> "WebSocketEvent":
+    """The next event of ``reader``, fed from ``sock`` (as many bytes at a
+    time as ``size`` says) until one is whole; blocks on ``recv``. Raises
+    :class:`TransportClosed` at EOF, on a socket error or once ``closing()``
+    (our own close: then as a plain "websocket closed"), and
+    :class:`~remotedialer.frames.WebSocketProtocolError` for a bad frame."""
+    while True:
+        event = reader.next_event()
+        if event is not None:
+            return event
+        if closing():
+            raise TransportClosed("websocket closed")
+        try:
+            if sock is None:
+                raise OSError("no socket")
+            data = sock.recv(size.next)
+        except OSError as exc:
+            if closing():
+                raise TransportClosed("websocket closed") from exc
+            raise TransportClosed(f"websocket read failed: {exc}") from exc
+        if not data:
+            raise TransportClosed("websocket closed" if closing() else "websocket EOF")
+        size.update(len(data))
+        reader.feed(data)
 
 
 class Transport(Protocol):

@@ -10,7 +10,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from benchmarks.dns import ZoneServer
+from testkit.dns import ZoneServer
 from remotedialer.discovery import (
     DiscoveryError,
     DnsPeerDiscovery,

@@ -168,17 +168,6 @@ def test_reader_limits_message_size_before_buffering() -> None:
                  + client_frame(OP_CONTINUATION, b"x" * 600))
 
 
-@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 300_000])
-def test_client_side_reader_decodes_server_frames(size: int) -> None:
-    payload = os.urandom(size)
-    stream = (encode_frame(OP_PING, b"p") + encode_frame(OP_BINARY, payload)
-              + encode_frame(OP_BINARY, b"ab", fin=False) + encode_frame(OP_CONTINUATION, b"cd"))
-    expected = [(OP_PING, b"p"), (OP_BINARY, payload), (OP_BINARY, b"abcd")]
-    assert feed_all(FrameReader(1 << 20, from_client=False), stream) == expected
-    step = 1 if size < 1000 else 4096
-    assert feed_all(FrameReader(1 << 20, from_client=False), stream, step=step) == expected
-
-
 def test_encode_frame_lengths() -> None:
     assert encode_frame(OP_BINARY, b"ab") == b"\x82\x02ab"
     assert encode_frame(OP_BINARY, b"a" * 126)[:4] == b"\x82\x7e\x00\x7e"

@@ -156,3 +156,39 @@ def test_all_names_exist(module: str) -> None:
     loaded = importlib.import_module(module)
     missing = [name for name in getattr(loaded, "__all__", ()) if not hasattr(loaded, name)]
     assert missing == []
+
+
+def test_no_fallbacks_for_typing_names() -> None:
+    """``typing`` has everything the package uses on every supported Python
+    (>= 3.9): no ``try: from typing import X / except ImportError`` left."""
+    offences = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Try) and any(
+                isinstance(child, ast.ImportFrom) and child.module in ("typing", "typing_extensions")
+                for child in node.body
+            ):
+                offences.append(f"{module}:{node.lineno}")
+    assert offences == []
+
+
+def _top_level_imports(folder: Path) -> Iterator[Tuple[Path, str]]:
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                yield from ((path, alias.name.split(".")[0]) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                yield path, node.module.split(".")[0]
+
+
+def test_tests_and_benchmarks_do_not_import_each_other() -> None:
+    """The test suite drives the benchmarks as subprocesses; fixtures both
+    need live in ``testkit``."""
+    root = PACKAGE.parent
+    offences = [
+        f"{path.relative_to(root)} imports {name}"
+        for folder, forbidden in (("tests", "benchmarks"), ("benchmarks", "tests"), ("testkit", "tests"))
+        for path, name in _top_level_imports(root / folder)
+        if name == forbidden
+    ]
+    assert offences == []

@@ -11,7 +11,6 @@ import pytest
 
 httpcore = pytest.importorskip("httpcore")
 
-import trustme  # noqa: E402
 
 from remotedialer.connection import TunnelConnection  # noqa: E402
 from remotedialer.errors import NoSessionError  # noqa: E402
@@ -27,15 +26,9 @@ tunnel = base.tunnel
 server = base.server
 tls_server = base.tls_server
 refusing_port = base.refusing_port
+client_context = base.client_context
 
 TIMEOUTS = {"timeout": {"connect": TIMEOUT, "read": TIMEOUT, "write": TIMEOUT, "pool": TIMEOUT}}
-
-
-@pytest.fixture
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
 
 
 @pytest.fixture

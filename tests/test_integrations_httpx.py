@@ -9,7 +9,6 @@ from typing import AsyncIterator, Iterator, Optional
 
 import httpx
 import pytest
-import trustme
 
 from remotedialer.connection import TunnelConnection
 from remotedialer.errors import NoSessionError
@@ -26,13 +25,7 @@ tunnel = base.tunnel
 server = base.server
 tls_server = base.tls_server
 refusing_port = base.refusing_port
-
-
-@pytest.fixture
-def client_context(ca: trustme.CA) -> ssl.SSLContext:
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
+client_context = base.client_context
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from remotedialer.cli.server import BoundedThreadedWSGIServer, ServerApp, make_a
 from remotedialer.client import Backoff, TunnelClient, connect_to_proxy
 from remotedialer.errors import HandshakeError
 from remotedialer.lifecycle import GracefulShutdown, is_gunicorn_worker
+from remotedialer.server import Server
 from remotedialer.session import Session
 
 from .support import TIMEOUT, EchoServer, allow_all, recv_exactly, wait_for
@@ -164,3 +165,31 @@ def test_gunicorn_workers_are_recognised() -> None:
     assert is_gunicorn_worker(worker.handle_exit)
     assert not is_gunicorn_worker(print)
     assert not is_gunicorn_worker(None)
+
+
+def test_a_new_instance_is_ready_once_its_peers_linked_with_it(instances: List[Instance]) -> None:
+    """With discovery, readiness waits until every listed peer is linked both
+    ways; a listed peer that never answers keeps it out only until the join
+    timeout."""
+    from remotedialer.discovery import DnsPeerDiscovery, Endpoint
+
+    a, b = instances
+    dead_port = b.port  # b listens but never runs a server: its peer link never comes up
+    server = Server(lambda request: ("", False), peer_id="127.0.0.1:1", peer_token=TOKEN)
+    try:
+        discovery = DnsPeerDiscovery(server, "peers.test", 8123, refresh=60,
+                                     lookup=lambda name, port: [Endpoint("127.0.0.1", dead_port)])
+        shutdown = GracefulShutdown(server, discovery=discovery, join_timeout=0.5)
+        assert dict((name, (ok, detail)) for name, ok, detail in shutdown.checks())["joined"] == (
+            False, "no peer lookup yet")
+        discovery.start()
+        wait_for(lambda: discovery.last_success > 0)
+        joined = {name: (ok, detail) for name, ok, detail in shutdown.checks()}["joined"]
+        assert joined == (False, f"waiting for 127.0.0.1:{dead_port}")
+        assert not shutdown.ready()
+        wait_for(shutdown.ready, TIMEOUT)
+        details = {name: detail for name, _ok, detail in shutdown.checks()}
+        assert "gave up waiting for peers" in details["joined"]
+    finally:
+        discovery.stop()
+        server.close()

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import pytest
 
 from remotedialer.config import Limits
+from remotedialer.connection import TunnelConnection
 from remotedialer.errors import DialError, RemoteError
 from remotedialer.piping import LocalDialer, Piper, dial_socket
 
@@ -329,14 +330,22 @@ def test_pipe_tunnels_forwards_remote_error(session_pair_factory: Callable[..., 
         piper.stop()
 
 
-def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., SessionPair]) -> None:
-    piper = Piper("stop-piper")
+def _tunnel_and_socketpair(
+    session_pair_factory: Callable[..., SessionPair],
+) -> Tuple[TunnelConnection, TunnelConnection, socket.socket, socket.socket]:
+    """A tunneled connection (the dialing end, the accepted far end) and a
+    socket pair (the end to pipe, the end the test reads, with a timeout)."""
     handler = AcceptingHandler()
     pair = session_pair_factory(connect_handler=handler)
     conn = pair.server.dial("tcp", "x:1", timeout=TIMEOUT)
-    far = handler.next()
     left, right = socket.socketpair()
     right.settimeout(TIMEOUT)
+    return conn, handler.next(), left, right
+
+
+def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., SessionPair]) -> None:
+    piper = Piper("stop-piper")
+    conn, far, left, right = _tunnel_and_socketpair(session_pair_factory)
     done = threading.Event()
     piper.pipe_socket(left, far, on_done=done.set)
     conn.sendall(b"through")
@@ -357,12 +366,7 @@ def test_reader_thread_delivers_to_the_socket_without_a_piper_turn(
     """Tunnel bytes for a socket that can take them go out on the session's
     reader thread (``deliver_now``): the piper thread is not woken for them."""
     piper = Piper("deliver-piper")
-    handler = AcceptingHandler()
-    pair = session_pair_factory(connect_handler=handler)
-    conn = pair.server.dial("tcp", "x:1", timeout=TIMEOUT)
-    far = handler.next()
-    left, right = socket.socketpair()
-    right.settimeout(TIMEOUT)
+    conn, far, left, right = _tunnel_and_socketpair(session_pair_factory)
     try:
         piper.pipe_socket(left, far)
         conn.sendall(b"first")

@@ -9,15 +9,30 @@ from __future__ import annotations
 
 import os
 import resource
+import threading
 import time
-from typing import Callable, Iterator, List
+from typing import Any, Callable, Counter, Dict, Iterator, List
 
 import pytest
 
+from remotedialer.client import TunnelClient
 from remotedialer.config import Limits
+from remotedialer.errors import NoSessionError
 from remotedialer.frames import OP_PING, OP_PONG, FrameReader, encode_masked_frame
+from remotedialer.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
+from testkit.fleet import CANNED_RESPONSE, Fleet
+from testkit.metrics import metrics_with_clients
 
-from .support import TIMEOUT, EchoServer, TunnelServer, echo_concurrently, raw_upgrade, wait_for
+from .support import (
+    TIMEOUT,
+    AcceptingHandler,
+    EchoServer,
+    TunnelServer,
+    echo_concurrently,
+    raw_upgrade,
+    recv_exactly,
+    wait_for,
+)
 
 #: Descriptors are pushed past this before a tunnel opens (select() fails from 1024).
 HIGH_DESCRIPTOR = 1100
@@ -47,9 +62,10 @@ def high_descriptors() -> Iterator[None]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-#: Short keepalive limits: a tunnel must live through several deadlines.
-SHORT = Limits(ping_interval=0.1, read_deadline=0.5)
-DEADLINES = 4
+#: Short keepalive limits: a tunnel must live through several deadlines
+#: (six pings per deadline leave room for a loaded CI machine).
+SHORT = Limits(ping_interval=0.25, read_deadline=1.5)
+DEADLINES = 3
 
 
 def test_server_answers_pings_on_descriptors_past_1023(
@@ -107,3 +123,173 @@ def test_client_keeps_its_tunnel_on_descriptors_past_1023(
     assert server.server.sessions("high") == [server_session] and not server_session.closed
     with server.server.dial("high", "tcp", echo_server.address, timeout=TIMEOUT) as conn:
         assert echo_concurrently(conn, b"past 1023" * 1000) == b"past 1023" * 1000
+
+
+def test_example_server_thread_cap_follows_the_descriptor_limit() -> None:
+    """The example server's thread cap no longer stops it at ~1,000 tunnels:
+    with 20,000 descriptors it serves 10,000 tunnels and more."""
+    from remotedialer.cli.server import DEFAULT_MAX_THREADS, default_max_threads
+
+    assert default_max_threads(20000) >= 10000 + 1000
+    assert default_max_threads(20000) < 20000  # descriptors kept for the rest
+    assert default_max_threads(0) == DEFAULT_MAX_THREADS  # unknown limit
+    assert default_max_threads(100) >= 64
+
+
+# ------------------------------------------------------------------ fleets
+class FleetThread:
+    """A :class:`~testkit.fleet.Fleet` run on a thread of the test."""
+
+    def __init__(self, port: int, count: int, **options: Any) -> None:
+        self.fleet = Fleet("127.0.0.1", port, count, report_interval=0.2, **options)
+        self.opened = threading.Event()
+        self.thread = threading.Thread(target=self.fleet.run, args=(self._emit,), daemon=True)
+        self.thread.start()
+
+    def _emit(self, record: Dict[str, object]) -> None:
+        if record.get("event") == "opened":
+            self.opened.set()
+
+    @property
+    def stats(self) -> Counter:  # type: ignore[type-arg]
+        return self.fleet.stats
+
+    def wait_opened(self) -> None:
+        assert self.opened.wait(6 * TIMEOUT), f"not every agent opened: {self.fleet.status()}"
+
+    def stop(self) -> None:
+        self.fleet.stop()
+        self.thread.join(TIMEOUT)
+        assert not self.thread.is_alive()
+
+
+AGENTS = 300
+PEER_TOKEN = "scale-token"
+
+
+def test_reconnect_storm_every_agent_is_back(make_tunnel_server: Callable[..., TunnelServer]) -> None:
+    """The server goes away under 300 agents and comes back on the same
+    port: every agent reconnects (all at once, within a second of jitter),
+    the new server holds every tunnel, and no handshake is refused once it
+    is up."""
+    first = make_tunnel_server()
+    port = first.port
+    fleet = FleetThread(port, AGENTS, reconnect=True)
+    try:
+        fleet.wait_opened()
+        wait_for(lambda: len(first.server.session_manager) == AGENTS)
+        first.close()
+        wait_for(lambda: fleet.stats["dropped"] == AGENTS)
+        refused_while_down = fleet.stats["failed"]
+        second = make_tunnel_server(port=port)
+        wait_for(lambda: fleet.stats["open"] == AGENTS, timeout=6 * TIMEOUT)
+        wait_for(lambda: len(second.server.session_manager) == AGENTS)
+        assert fleet.stats["opened"] == 2 * AGENTS
+        keys = second.server.list_clients()
+        assert keys == sorted(f"agent-{i}" for i in range(AGENTS))
+        # refused only while nothing listened (connection refused), never by the new server
+        failed_after = fleet.stats["failed"] - refused_while_down
+        assert failed_after <= AGENTS  # at most one refused attempt each, racing the listener
+        assert fleet.stats["pongs"] > 0
+    finally:
+        fleet.stop()
+
+
+def test_peer_link_announcing_ten_thousand_clients() -> None:
+    """A peer link announces 10,000 clients in one burst: the server routes a
+    dial to the 10,000th through it, and 10,000 REMOVE_CLIENTs take them all
+    away again."""
+    server = TunnelServer(peer_id="A", peer_token=PEER_TOKEN)
+    server.server.peering.accept_peer("P", PEER_TOKEN)
+    handler = AcceptingHandler()
+    peer = TunnelClient(server.url, {PEER_ID_HEADER: "P", PEER_TOKEN_HEADER: PEER_TOKEN},
+                        connect_handler=handler, client_key="P")
+    peer.start()
+    try:
+        session = peer.wait_connected(TIMEOUT)
+        for index in range(10_000):
+            session.send_client_added(f"agent-{index}", index)
+        peering = server.server.peering
+
+        def advertised() -> int:
+            return len(peering.remote_clients().get("P", []))
+
+        wait_for(lambda: advertised() == 10_000, timeout=6 * TIMEOUT, interval=0.1)
+        with server.server.dial("agent-9999", "tcp", "127.0.0.1:8080", timeout=TIMEOUT) as conn:
+            far = handler.next()
+            assert (far.proto, far.address) == ("agent-9999::tcp", "127.0.0.1:8080")
+            conn.sendall(b"routed")
+            far.settimeout(TIMEOUT)
+            assert far.recv(6) == b"routed"
+            far.close()
+        for index in range(10_000):
+            session.send_client_removed(f"agent-{index}", index)
+        wait_for(lambda: advertised() == 0, timeout=6 * TIMEOUT, interval=0.1)
+        with pytest.raises(NoSessionError):
+            server.server.dial("agent-9999", "tcp", "127.0.0.1:8080", timeout=TIMEOUT)
+    finally:
+        peer.stop(TIMEOUT)
+        server.close()
+
+
+def test_peering_announces_every_agent_and_mass_disconnect_removes_them() -> None:
+    """300 agents on server A, then A and B peer: the ADD_CLIENT burst at
+    link start tells B about all of them, B's dial to the last agent is
+    routed through A to it, and when every agent drops at once B hears a
+    REMOVE_CLIENT for each."""
+    a = TunnelServer(peer_id="A", peer_token=PEER_TOKEN)
+    b = TunnelServer(peer_id="B", peer_token=PEER_TOKEN)
+    fleet = FleetThread(a.port, AGENTS, answering=AGENTS)
+    try:
+        fleet.wait_opened()
+        wait_for(lambda: len(a.server.session_manager) == AGENTS)
+        a.server.add_peer(b.url, "B", PEER_TOKEN)
+        b.server.add_peer(a.url, "A", PEER_TOKEN)
+        wait_for(lambda: len(b.server.peering.remote_clients().get("A", [])) == AGENTS,
+                 timeout=6 * TIMEOUT, interval=0.05)
+        last = f"agent-{AGENTS - 1}"
+        with b.server.dial(last, "tcp", "127.0.0.1:9", timeout=TIMEOUT) as conn:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            conn.settimeout(TIMEOUT)
+            assert recv_exactly(conn, len(CANNED_RESPONSE)) == CANNED_RESPONSE
+        fleet.stop()
+        wait_for(lambda: not b.server.peering.remote_clients().get("A"), timeout=6 * TIMEOUT, interval=0.05)
+        with pytest.raises(NoSessionError):
+            b.server.dial(last, "tcp", "127.0.0.1:9", timeout=TIMEOUT)
+    finally:
+        fleet.stop()
+        a.close()
+        b.close()
+
+
+def test_metrics_scrape_with_thousands_of_client_keys() -> None:
+    """/metrics renders every one of 3,000 client keys (10,000 and the time
+    it takes are a benchmark figure: ``agents``, "/metrics scrape")."""
+    from prometheus_client import generate_latest
+
+    registry, sessions = metrics_with_clients(3000)
+    text = generate_latest(registry).decode()
+    live = [line for line in text.splitlines() if line.startswith("remotedialer_sessions{")]
+    assert len(live) == 3000
+    assert 'clientkey="agent-2999"' in text
+    assert len(sessions) == 3000
+
+
+def test_example_server_lengthens_the_switch_interval() -> None:
+    """Thousands of tunnel threads waiting for the GIL each wake once per
+    switch interval: the example server lengthens it (past ~6,000 tunnels
+    the default 5 ms stopped it accepting and answering pings)."""
+    import sys
+
+    from remotedialer.cli.server import SWITCH_INTERVAL, tune_interpreter_for_many_threads
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        tune_interpreter_for_many_threads()
+        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL)
+        sys.setswitchinterval(1.0)
+        tune_interpreter_for_many_threads()  # never shortened
+        assert sys.getswitchinterval() == pytest.approx(1.0)
+    finally:
+        sys.setswitchinterval(before)

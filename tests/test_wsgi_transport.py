@@ -19,6 +19,8 @@ from remotedialer.transport import TransportClosed
 from remotedialer import frames
 from remotedialer.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_frame
 from remotedialer.wsgi_transport import (
+    IDLE_RECEIVE_BYTES,
+    RECEIVE_BYTES,
     ServerWebSocket,
     SimpleWebSocketTransport,
     accept_key,
@@ -399,3 +401,43 @@ def test_second_close_waits_until_the_close_frame_is_out(pair: Tuple[socket.sock
     assert second_done.wait(TIMEOUT)
     first.join(TIMEOUT)
     assert read_to_eof(client_sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
+
+
+class _RecordingSocket:
+    """A socket proxy that records the size of every ``recv``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.sizes: List[int] = []
+
+    def recv(self, size: int) -> bytes:
+        self.sizes.append(size)
+        return self._sock.recv(size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def test_idle_reads_ask_for_small_buffers(pair: Tuple[socket.socket, socket.socket]) -> None:
+    """A blocked reader holds the buffer it asked for: after small reads (an
+    idle tunnel's pings) it asks for a small one, after a large read for
+    ``receive_bytes`` again (bulk transfers)."""
+    server_sock, client_sock = pair
+    recording = _RecordingSocket(server_sock)
+    ws = ServerWebSocket(recording, 1 << 22)  # type: ignore[arg-type]
+    client_sock.sendall(client_frame(OP_PING) + client_frame(OP_BINARY, b"a"))
+    assert ws.receive() == b"a"
+    assert read_server_frame(client_sock) == (OP_PONG, b"")
+    big = os.urandom(200_000)
+    sender = threading.Thread(target=client_sock.sendall, args=(client_frame(OP_BINARY, big),))
+    sender.start()
+    assert ws.receive() == big
+    sender.join(TIMEOUT)
+    assert recording.sizes[0] == IDLE_RECEIVE_BYTES  # nothing read yet
+    client_sock.sendall(client_frame(OP_BINARY, b"b"))
+    assert ws.receive() == b"b"
+    client_sock.sendall(client_frame(OP_BINARY, b"c"))
+    assert ws.receive() == b"c"
+    assert recording.sizes[-1] == IDLE_RECEIVE_BYTES  # after the small read of b"b"
+    assert max(recording.sizes) == RECEIVE_BYTES  # the large message
+    ws.close()

@@ -1,12 +1,14 @@
-"""Differential test of the server's WebSocket frame decoder against wsproto.
+"""Differential test of the WebSocket frame decoder against wsproto.
 
-The same client-to-server byte streams go to our
-:class:`~remotedialer.frames.FrameReader` and to
-wsproto's frame parser (``wsproto.frame_protocol.FrameProtocol``, the engine
-under simple-websocket), server side, each fed in its own random chunks.
+The same byte streams go to our :class:`~remotedialer.frames.FrameReader` and
+to wsproto's frame parser (``wsproto.frame_protocol.FrameProtocol``, the
+engine under simple-websocket), each fed in its own random chunks: streams a
+client sends to the server (masked; the server's reader) and, since the
+client reads with ``FrameReader(from_client=False)`` too, streams a server
+sends to a client (unmasked).
 Streams mix valid traffic (fragmented messages with interleaved control
 frames, every length encoding, close frames) with invalid frames: unknown
-opcodes, reserved bits, unmasked frames, oversized or fragmented control
+opcodes, reserved bits, wrongly masked frames, oversized or fragmented control
 frames, non-minimal or out-of-range lengths, bad close payloads (one byte,
 invalid or reserved codes, bad UTF-8), text that is not UTF-8, continuation
 frames without a message and new messages inside a fragmented one.
@@ -80,8 +82,8 @@ def split(stream: bytes, sizes: Sequence[int], max_pieces: int = 200) -> List[by
     return pieces
 
 
-def decode_ours(pieces: Sequence[bytes]) -> Tuple[List[Event], Outcome]:
-    reader = FrameReader(UNLIMITED)
+def decode_ours(pieces: Sequence[bytes], from_client: bool = True) -> Tuple[List[Event], Outcome]:
+    reader = FrameReader(UNLIMITED, from_client=from_client)
     events: List[Event] = []
     try:
         for piece in pieces:
@@ -100,8 +102,8 @@ def decode_ours(pieces: Sequence[bytes]) -> Tuple[List[Event], Outcome]:
     return events, "open"
 
 
-def decode_wsproto(pieces: Sequence[bytes]) -> Tuple[List[Event], Outcome]:
-    protocol = FrameProtocol(client=False, extensions=[])
+def decode_wsproto(pieces: Sequence[bytes], from_client: bool = True) -> Tuple[List[Event], Outcome]:
+    protocol = FrameProtocol(client=not from_client, extensions=[])
     events: List[Event] = []
     parts: List[bytes] = []
     try:
@@ -131,7 +133,7 @@ def decode_wsproto(pieces: Sequence[bytes]) -> Tuple[List[Event], Outcome]:
 # ------------------------------------------------------------------- streams
 def frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, masked: bool = True,
           key: bytes = b"\x00\x00\x00\x00", length_form: str = "minimal") -> bytes:
-    """One client frame, written here independently of the code under test.
+    """One frame, written here independently of the code under test.
     ``length_form``: ``minimal``, ``16`` or ``64`` (possibly non-minimal
     extended lengths) or ``64-msb`` (the forbidden top bit set)."""
     n = len(payload)
@@ -200,15 +202,16 @@ non_ascii = st.characters(min_codepoint=0x80)
 
 
 #: What is wrong with a frame: nothing (most of the time), or one of these.
-FAULTS = ("", "unknown opcode", "reserved bits", "not masked", "length form", "control fin")
+FAULTS = ("", "unknown opcode", "reserved bits", "wrong mask", "length form", "control fin")
 faults = st.integers(0, 59).map(lambda n: FAULTS[max(0, n - 54)])
 
 
 @st.composite
-def frames(draw: st.DrawFn, opcode: Optional[int] = None, fin: Optional[bool] = None,
+def frames(draw: st.DrawFn, from_client: bool, opcode: Optional[int] = None, fin: Optional[bool] = None,
            text: bool = False) -> bytes:
-    """One client frame of ``opcode`` (drawn if None), sometimes broken;
-    ``text``: a continuation of a text message."""
+    """One frame of ``opcode`` (drawn if None) as a client (masked) or a
+    server sends it, sometimes broken; ``text``: a continuation of a text
+    message."""
     if opcode is None:
         opcode = draw(any_opcode)
     if fin is None:
@@ -222,13 +225,13 @@ def frames(draw: st.DrawFn, opcode: Optional[int] = None, fin: Optional[bool] = 
     else:
         payload = draw(data_payloads)
     fault = draw(faults)
-    rsv, masked, length_form = 0, True, "minimal"
+    rsv, masked, length_form = 0, from_client, "minimal"
     if fault == "unknown opcode":
         opcode = draw(unknown_opcodes)
     elif fault == "reserved bits":
         rsv = draw(rsv_bits)
-    elif fault == "not masked":
-        masked = False
+    elif fault == "wrong mask":
+        masked = not from_client
     elif fault == "length form":
         length_form = draw(length_forms)
         if length_form == "7" and len(payload) > 125 or length_form == "16" and len(payload) > 0xFFFF:
@@ -242,7 +245,7 @@ def frames(draw: st.DrawFn, opcode: Optional[int] = None, fin: Optional[bool] = 
 
 
 @st.composite
-def fragmented_messages(draw: st.DrawFn) -> bytes:
+def fragmented_messages(draw: st.DrawFn, from_client: bool) -> bytes:
     """A message in several frames, control frames in between (each frame
     sometimes broken), or a text message with a character split across two
     frames."""
@@ -250,58 +253,72 @@ def fragmented_messages(draw: st.DrawFn) -> bytes:
     if first == OP_TEXT and draw(rare):
         character = draw(non_ascii).encode("utf-8", "surrogatepass")
         cut = draw(st.integers(1, len(character) - 1))
-        return frame(OP_TEXT, b"a" + character[:cut], fin=False) + frame(OP_CONTINUATION, character[cut:])
+        return (frame(OP_TEXT, b"a" + character[:cut], fin=False, masked=from_client)
+                + frame(OP_CONTINUATION, character[cut:], masked=from_client))
     count = draw(fragment_counts)
-    parts = [draw(frames(first, fin=False))]
+    parts = [draw(frames(from_client, first, fin=False))]
     for index in range(1, count):
         if draw(st.booleans()):
-            parts.append(draw(frames(draw(ping_or_pong))))
-        parts.append(draw(frames(OP_CONTINUATION, fin=index == count - 1, text=first == OP_TEXT)))
+            parts.append(draw(frames(from_client, draw(ping_or_pong))))
+        last = index == count - 1
+        parts.append(draw(frames(from_client, OP_CONTINUATION, fin=last, text=first == OP_TEXT)))
     return b"".join(parts)
 
 
-streams = st.lists(st.one_of(frames(), fragmented_messages()), max_size=6).map(b"".join)
+def streams_from(from_client: bool) -> st.SearchStrategy[Tuple[bool, bytes]]:
+    frame_lists = st.lists(st.one_of(frames(from_client), fragmented_messages(from_client)), max_size=6)
+    return st.tuples(st.just(from_client), frame_lists.map(b"".join))
+
+
+#: ``(from_client, stream)``: what a client sends to the server, or the reverse.
+streams = st.one_of(streams_from(True), streams_from(False))
 chunk_sizes = st.lists(st.one_of(st.integers(1, 16), st.integers(1, 70_000)), max_size=6)
 
 
-def assert_agree(stream: bytes, ours_sizes: Sequence[int], theirs_sizes: Sequence[int]) -> None:
-    ours = decode_ours(split(stream, ours_sizes))
-    theirs = decode_wsproto(split(stream, theirs_sizes))
+def assert_agree(sided: Tuple[bool, bytes], ours_sizes: Sequence[int], theirs_sizes: Sequence[int]) -> None:
+    from_client, stream = sided
+    ours = decode_ours(split(stream, ours_sizes), from_client)
+    theirs = decode_wsproto(split(stream, theirs_sizes), from_client)
     assert ours == theirs
 
 
 # -------------------------------------------------------------- properties
 @FAST
 @given(streams, chunk_sizes, chunk_sizes)
-@example(frame(OP_BINARY, b"x" * 10, length_form="16"), [], [])  # non-minimal length
-@example(frame(OP_CLOSE, b"\x03"), [], [])  # one-byte close payload
-@example(frame(OP_CLOSE, struct.pack("!H", 1005)), [], [])  # local-only close code
-@example(frame(OP_CLOSE, struct.pack("!H", 1000) + b"\xff"), [], [])  # close reason not UTF-8
-@example(frame(OP_TEXT, b"\xc3", fin=False) + frame(OP_CONTINUATION, b"\xa9"), [1], [])  # split character
-@example(frame(OP_TEXT, b"\xff", fin=False), [], [])  # bad UTF-8 in a first fragment
-def test_whole_streams_agree(stream: bytes, ours_sizes: List[int], theirs_sizes: List[int]) -> None:
+@example((True, frame(OP_BINARY, b"x" * 10, length_form="16")), [], [])  # non-minimal length
+@example((True, frame(OP_CLOSE, b"\x03")), [], [])  # one-byte close payload
+@example((True, frame(OP_CLOSE, struct.pack("!H", 1005))), [], [])  # local-only close code
+@example((True, frame(OP_CLOSE, struct.pack("!H", 1000) + b"\xff")), [], [])  # close reason not UTF-8
+@example((True, frame(OP_TEXT, b"\xc3", fin=False) + frame(OP_CONTINUATION, b"\xa9")), [1], [])  # split char
+@example((True, frame(OP_TEXT, b"\xff", fin=False)), [], [])  # bad UTF-8 in a first fragment
+@example((False, frame(OP_BINARY, b"x")), [], [])  # a masked server frame
+@example((False, frame(OP_BINARY, b"x" * 200, masked=False)), [1], [])
+def test_whole_streams_agree(sided: Tuple[bool, bytes], ours_sizes: List[int],
+                             theirs_sizes: List[int]) -> None:
     """Streams of whole frames: the same events and the same outcome,
     however the bytes are cut into reads."""
-    assert_agree(stream, ours_sizes, theirs_sizes)
+    assert_agree(sided, ours_sizes, theirs_sizes)
 
 
 @FAST
 @given(streams, st.binary(max_size=24), st.data())
 def test_cut_streams_agree_up_to_when_an_error_shows(
-    stream: bytes, garbage: bytes, data: st.DataObject
+    sided: Tuple[bool, bytes], garbage: bytes, data: st.DataObject
 ) -> None:
     """A stream cut anywhere (and some garbage after it): the same events;
     the same outcome unless one side fails a frame the other has not seen
     whole yet, and then the whole stream fails on both with the same code."""
+    from_client, stream = sided
     whole = stream + garbage
     cut = data.draw(st.integers(0, len(whole)))
-    ours_events, ours_outcome = decode_ours([whole[:cut]])
-    theirs_events, theirs_outcome = decode_wsproto([whole[:cut]])
+    ours_events, ours_outcome = decode_ours([whole[:cut]], from_client)
+    theirs_events, theirs_outcome = decode_wsproto([whole[:cut]], from_client)
     assert ours_events == theirs_events
     if ours_outcome != theirs_outcome:
         assert "open" in (ours_outcome, theirs_outcome)
         padded = whole + bytes(14)  # completes any frame header
-        ours_whole, theirs_whole = decode_ours([padded])[1], decode_wsproto([padded])[1]
+        ours_whole = decode_ours([padded], from_client)[1]
+        theirs_whole = decode_wsproto([padded], from_client)[1]
         if ours_outcome == "open":
             assert ours_whole == theirs_outcome
         else:
@@ -331,16 +348,33 @@ def test_cut_streams_agree_up_to_when_an_error_shows(
     ],
 )
 def test_known_cases(stream: bytes, outcome: Outcome) -> None:
-    """Hand-picked cases with their expected outcome on both sides (so that
-    the property cannot pass by both decoders going wrong the same way)."""
+    """Hand-picked cases with their expected outcome on both decoders (so
+    that the property cannot pass by both going wrong the same way)."""
     assert decode_wsproto([stream])[1] == outcome
     assert decode_ours([stream])[1] == outcome
-    assert_agree(stream, [1], [])
+    assert_agree((True, stream), [1], [])
+
+
+@pytest.mark.parametrize(
+    "stream, outcome",
+    [
+        (frame(OP_BINARY, b"ab", fin=False, masked=False) + frame(OP_CONTINUATION, b"c", masked=False),
+         "open"),
+        (frame(OP_BINARY, b"x"), ("error", 1002)),  # a server frame must not be masked
+        (frame(OP_CLOSE, struct.pack("!H", 1001), masked=False), "closed"),
+        (frame(OP_PING, b"x" * 126, masked=False), ("error", 1002)),
+    ],
+)
+def test_known_cases_server_to_client(stream: bytes, outcome: Outcome) -> None:
+    assert decode_wsproto([stream], from_client=False)[1] == outcome
+    assert decode_ours([stream], from_client=False)[1] == outcome
+    assert_agree((False, stream), [1], [])
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @SLOW
 @given(streams, chunk_sizes, chunk_sizes)
-def test_whole_streams_agree_long(stream: bytes, ours_sizes: List[int], theirs_sizes: List[int]) -> None:
-    assert_agree(stream, ours_sizes, theirs_sizes)
+def test_whole_streams_agree_long(sided: Tuple[bool, bytes], ours_sizes: List[int],
+                                  theirs_sizes: List[int]) -> None:
+    assert_agree(sided, ours_sizes, theirs_sizes)

@@ -20,6 +20,7 @@ import importlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
 from typing import List, Optional, Sequence, Tuple
@@ -98,17 +99,13 @@ _COMMANDS = (
 
 
 def _run_bench(bench_args: Sequence[str]) -> int:
-    """``remotedialer bench ARGS``: ``python -m benchmarks ARGS`` (the
-    ``benchmarks`` package of a source checkout, searched from the current
-    directory too)."""
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        from benchmarks.main import main as bench_main
-    except ImportError:
+    """``remotedialer bench ARGS``: runs ``python -m benchmarks ARGS`` in the
+    current directory, which must be a source checkout (the benchmarks are
+    not installed with the package); returns its exit status."""
+    if not os.path.isfile(os.path.join("benchmarks", "__main__.py")):
         log.error("the benchmarks package was not found: run from a source checkout of remotedialer")
         return 2
-    return int(bench_main(list(bench_args)) or 0)
+    return subprocess.call([sys.executable, "-m", "benchmarks", *bench_args])
 
 
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:

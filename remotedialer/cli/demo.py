@@ -25,7 +25,7 @@ import requests
 
 from .dummy import DummyServer, generated_sha256
 
-__all__ = ["add_arguments", "run", "Demo", "Check"]
+__all__ = ["add_arguments", "run", "Demo"]
 
 log = logging.getLogger(__name__)
 

@@ -34,21 +34,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ..addresses import join_host_port, reachable_host
 
-__all__ = [
-    "add_arguments",
-    "run",
-    "DummyServer",
-    "DummyHandler",
-    "generated_bytes",
-    "generated_sha256",
-    "BLOCK_SIZE",
-]
+__all__ = ["add_arguments", "run", "DummyServer", "generated_bytes", "generated_sha256"]
 
 log = logging.getLogger(__name__)
 
 #: Generated bodies repeat a block of this many pseudo-random bytes.
 BLOCK_SIZE = 1 << 20
 _WRITE_SIZE = 1 << 20
+#: Files up to this size are answered with one write, head and body together.
+SMALL_FILE = 64 * 1024
 _BYTES_PATH = re.compile(r"^/bytes/(\d+)$")
 _DRIP_PATH = re.compile(r"^/drip/(\d+)$")
 _MAX_GENERATED = 1 << 40
@@ -91,6 +85,11 @@ class DummyHandler(http.server.SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     server_version = "remotedialer-dummy"
+    #: Responses go through a buffer that http.server flushes when the request
+    #: is done, so a small answer's head and body leave in one write (as Go's
+    #: net/http sends them) instead of two segments a tunnel carries as two
+    #: messages. Larger bodies go with ``sendfile`` after a flush.
+    wbufsize = SMALL_FILE
     server: "DummyServer"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -182,7 +181,17 @@ class DummyHandler(http.server.SimpleHTTPRequestHandler):
 
     # ------------------------------------------------------------ file bodies
     def copyfile(self, source: Any, outputfile: Any) -> None:
-        """Send a file body with ``sendfile`` when the source is a real file."""
+        """Send a file body: up to :data:`SMALL_FILE` bytes into the response
+        buffer (one write with the head), more with ``sendfile`` when the
+        source is a real file."""
+        try:
+            size = os.fstat(source.fileno()).st_size
+        except (AttributeError, ValueError, OSError):
+            size = -1
+        if 0 <= size <= SMALL_FILE:
+            outputfile.write(source.read(SMALL_FILE))
+            return
+        outputfile.flush()
         try:
             self.connection.sendfile(source)
         except (AttributeError, ValueError, OSError) as exc:

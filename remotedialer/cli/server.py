@@ -31,6 +31,7 @@ import re
 import signal
 import socket
 import ssl
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -55,19 +56,76 @@ __all__ = [
     "make_app",
     "make_tunnel_server",
     "ServerApp",
-    "Peer",
-    "parse_peers",
-    "wire_peers",
     "tunnel_id_authorizer",
     "BoundedThreadedWSGIServer",
-    "KeepAliveRequestHandler",
+    "default_max_threads",
+    "tune_interpreter_for_many_threads",
+    "raise_open_files_limit",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Threads the built-in server may run at once: one per tunnel plus one per
-#: request in flight. Further connections wait to be accepted.
+#: Threads the built-in server may run at once when the descriptor limit is
+#: unknown: one per tunnel plus one per request in flight. Further connections
+#: wait to be accepted. See :func:`default_max_threads`.
 DEFAULT_MAX_THREADS = 1024
+
+#: Descriptors kept free for everything that is not a request's socket
+#: (listeners, log files, dials through tunnels...) when sizing the thread cap.
+_RESERVED_DESCRIPTORS = 256
+
+#: Stack reserved per request thread (``threading.stack_size``). A tunnel's
+#: reader touches about 12 KiB of it; 8 MiB (the usual default) only costs
+#: address space, but 10,000 tunnels would reserve 80 GiB of it.
+THREAD_STACK_SIZE = 1024 * 1024
+
+#: ``sys.setswitchinterval`` of a server process. Every thread waiting for
+#: the GIL wakes up once per interval; with thousands of tunnel threads the
+#: default 5 ms meant a million futex wake-ups a second, and past ~6,000
+#: tunnels the server stopped accepting and answering pings. The threads are
+#: I/O-bound and release the GIL on every socket call, so a longer interval
+#: only delays a CPU-bound request's neighbours.
+SWITCH_INTERVAL = 0.05
+
+
+def tune_interpreter_for_many_threads() -> None:
+    """Set :data:`SWITCH_INTERVAL` (if the interval is still shorter), as
+    ``remotedialer server`` does at start; under gunicorn, call it from the
+    ``post_worker_init`` hook (docs/deployment.rst)."""
+    if sys.getswitchinterval() < SWITCH_INTERVAL:
+        sys.setswitchinterval(SWITCH_INTERVAL)
+
+
+#: Connections waiting in the listen queue (the kernel caps it at somaxconn):
+#: werkzeug's 128 overflowed when agents reconnected all at once.
+LISTEN_BACKLOG = 4096
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-files limit to the hard one (as Go programs do at
+    start); return the soft limit now in force (0: unknown or unlimited)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and soft != resource.RLIM_INFINITY:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # pragma: no cover - e.g. macOS caps at OPEN_MAX
+            pass
+    return 0 if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def default_max_threads(open_files: int) -> int:
+    """The thread cap for a process allowed ``open_files`` descriptors: each
+    tunnel and each request holds one descriptor and one thread, so a cap
+    below the descriptor limit only stops tunnels that could be served
+    (about 40 KiB of RSS each, see docs/deployment.rst)."""
+    if open_files <= 0:
+        return DEFAULT_MAX_THREADS
+    return max(64, open_files - _RESERVED_DESCRIPTORS)
 
 #: Seconds an idle keep-alive connection of the built-in server is kept open
 #: waiting for its next request (``--keepalive``; 0 closes after each request).
@@ -109,17 +167,11 @@ def make_tunnel_server(
 
 
 def wire_peers(server: Any, peers: List[Peer]) -> None:
-    """Connect ``server`` to each peer (peering, see docs/). A server without
-    peering support only logs that the peers are ignored."""
-    if not peers:
-        return
-    add_peer = getattr(server, "add_peer", None)
-    if add_peer is None:
-        log.warning("peering is not available in this build; ignoring %d peer(s)", len(peers))
-        return
+    """Peer ``server`` (a :class:`~remotedialer.server.Server`) with each of
+    ``peers`` (see docs/deployment.rst)."""
     for peer in peers:
         log.info("peering with %s at %s", peer.peer_id, peer.url)
-        add_peer(peer.url, peer.peer_id, peer.token)
+        server.add_peer(peer.url, peer.peer_id, peer.token)
 
 
 class ServerApp:
@@ -296,6 +348,11 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
     server's ``keepalive_timeout`` (and not past the server's shutdown).
     Sets ``TCP_NODELAY``; the access log is at DEBUG level (this module's
     logger).
+
+    Kept instead of werkzeug's own handler after measuring both
+    (docs/benchmarks.rst, "Libraries against the hand-written code"): with a
+    new connection per request, werkzeug's server cost 2.7-3.4x the server
+    CPU per 1 KiB GET and 46-70 % of the request rate.
     """
 
     protocol_version = "HTTP/1.1"
@@ -637,6 +694,8 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     connection waits for one.
     """
 
+    request_queue_size = LISTEN_BACKLOG
+
     def __init__(self, host: str, port: int, app: WSGIApp, max_threads: int = DEFAULT_MAX_THREADS,
                  keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT, **kwargs: Any) -> None:
         self.max_threads = max_threads
@@ -720,9 +779,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default idle timeout of /client/ requests (default 15; ?timeout=N overrides)")
     parser.add_argument("--allow-client-connect", action="store_true",
                         help="let clients dial through this server (the Go example allows it)")
-    parser.add_argument("--max-threads", type=int, default=DEFAULT_MAX_THREADS, metavar="N",
-                        help="request threads at most: tunnels + requests in flight "
-                             f"(default {DEFAULT_MAX_THREADS})")
+    parser.add_argument("--max-threads", type=int, default=None, metavar="N",
+                        help="request threads at most: tunnels + requests in flight (default: the "
+                             f"open-files limit, raised to its hard limit, minus {_RESERVED_DESCRIPTORS})")
     parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
                         help="keep idle HTTP/1.1 connections open this long for their next request "
                              f"(default {DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: close after each request)")
@@ -771,8 +830,14 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     host, port = args.listen
-    httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=args.max_threads,
+    open_files = raise_open_files_limit()
+    tune_interpreter_for_many_threads()
+    max_threads = args.max_threads or default_max_threads(open_files)
+    threading.stack_size(THREAD_STACK_SIZE)  # threads started from here on
+    httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=max_threads,
                                       keepalive_timeout=args.keepalive)
+    log.info("serving at most %d tunnels and requests at once (open files: %s)",
+             max_threads, open_files or "unlimited")
     shown = join_host_port(reachable_host(host), httpd.port)
     log.info("listening on http://%s (connect: ws://%s/connect)", shown, shown)
     try:

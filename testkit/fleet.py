@@ -1,6 +1,6 @@
 """A fleet of lightweight agents: many tunnels from one process, one thread.
 
-``python -m benchmarks.fleet --port PORT --count N`` opens ``N`` WebSockets
+``python -m testkit.fleet --port PORT --count N`` opens ``N`` WebSockets
 to ``ws://127.0.0.1:PORT/connect`` (client keys ``agent-0`` ... ``agent-N-1``,
 in the ``X-Tunnel-ID`` header), at most ``--pending`` handshakes at a time,
 and keeps them up from one selector loop as real clients do: a masked ping
@@ -338,7 +338,7 @@ def _print_json(record: Dict[str, object]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m testkit.fleet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--count", type=int, default=1000)
