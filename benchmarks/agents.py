@@ -285,6 +285,12 @@ def agents_workload(options: AgentsOptions, runs: int, report: Report,
     scrape = report.row(f"agents {keys}", "/metrics scrape with N client keys", "s", "<= 1", False)
     for seconds in metrics_scrape_seconds(keys, max(runs, 3)):
         scrape.add("python", seconds)
+    websocket_row = report.row("agents (in process)", "CPU per ping via ServerWebSocket", "us", "", False)
+    bare_row = report.row("agents (in process)", "CPU per ping via a bare recv/send thread", "us", "", False)
+    for _ in range(max(runs, 3)):
+        through_websocket, bare = ping_cpu_microseconds()
+        websocket_row.add("python", through_websocket)
+        bare_row.add("python", bare)
 
 
 def metrics_scrape_seconds(count: int, runs: int) -> List[float]:
@@ -300,3 +306,50 @@ def metrics_scrape_seconds(count: int, runs: int) -> List[float]:
         times.append(time.perf_counter() - started)
     del sessions
     return times
+
+
+def ping_cpu_microseconds(pings: int = 20000) -> Tuple[float, float]:
+    """CPU per ping answered, in one process over a socketpair, both ends
+    counted: ``(through ServerWebSocket, through a bare recv/send thread)``.
+    The difference is what the frame handling costs; the agents workload's
+    figure minus this is thread wake-up and GIL hand-off."""
+    import resource
+    import socket
+    import threading
+
+    from remotedialer.frames import OP_PING, encode_masked_frame
+    from remotedialer.transport import TransportClosed
+    from remotedialer.wsgi_transport import ServerWebSocket
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def through_websocket(sock: socket.socket) -> None:
+        try:
+            ServerWebSocket(sock, 1 << 20).receive()  # answers pings until EOF
+        except TransportClosed:
+            pass
+
+    def bare(sock: socket.socket) -> None:
+        while sock.recv(256):
+            sock.sendall(b"\x8a\x00")
+
+    ping = bytes(encode_masked_frame(OP_PING, b""))
+    results = []
+    for answerer in (through_websocket, bare):
+        near, far = socket.socketpair()
+        thread = threading.Thread(target=answerer, args=(near,), daemon=True)
+        thread.start()
+        for _ in range(500):  # warm-up
+            far.sendall(ping)
+            far.recv(16)
+        started = cpu()
+        for _ in range(pings):
+            far.sendall(ping)
+            far.recv(16)
+        results.append((cpu() - started) / pings * 1e6)
+        far.close()  # EOF ends the answerer
+        thread.join(10)
+        near.close()
+    return results[0], results[1]
