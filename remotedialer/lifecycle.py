@@ -132,21 +132,21 @@ class GracefulShutdown:
         join timeout passed); true for good once it was."""
         if self._joined:
             return ("joined", True, self._join_detail)
-        if time.monotonic() - self._started >= self.join_timeout:
-            self._join_detail = f"gave up waiting for peers after {self.join_timeout:g}s"
-            self._joined = True
-            return ("joined", True, self._join_detail)
         if not discovery.last_success:
-            return ("joined", False, "no peer lookup yet")
-        connected = {link.spec.peer_id for link in self.server.peering.links() if link.connected}
-        waiting = sorted(
-            peer for peer in discovery.peer_ids()
-            if peer not in connected or not self.server.peer_sessions.sessions(peer)
-        )
+            waiting = "no peer lookup yet"
+        else:
+            connected = {link.spec.peer_id for link in self.server.peering.links() if link.connected}
+            missing = sorted(
+                peer for peer in discovery.peer_ids()
+                if peer not in connected or not self.server.peer_sessions.sessions(peer)
+            )
+            waiting = f"waiting for {', '.join(missing[:5])}" if missing else ""
+        if waiting and time.monotonic() - self._started < self.join_timeout:
+            return ("joined", False, waiting)
         if waiting:
-            return ("joined", False, f"waiting for {', '.join(waiting[:5])}")
+            self._join_detail = f"gave up waiting for peers after {self.join_timeout:g}s ({waiting})"
         self._joined = True
-        return ("joined", True, "joined the peers")
+        return ("joined", True, self._join_detail)
 
     def ready(self) -> bool:
         """Whether every readiness check passes."""

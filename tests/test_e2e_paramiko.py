@@ -21,7 +21,7 @@ import pytest
 
 from remotedialer.errors import TunnelClosedError
 
-from .support import TIMEOUT, LoopbackListener, TunnelServer
+from .support import TIMEOUT, LoopbackListener, TunnelServer, wait_for
 
 USER, PASSWORD = "tunnel", "through"
 
@@ -224,6 +224,9 @@ def test_agent_going_away_mid_download(
             assert not transport.is_alive()
     finally:
         close_ssh(client)
+        # paramiko's SFTP prefetch thread ends on its own: wait for it, so
+        # that whatever it raises is seen here and not after the test.
+        wait_for(lambda: not any("_prefetch_thread" in t.name for t in threading.enumerate()))
     assert stopped.is_set()
     crashed = [exc for thread, exc in thread_errors if isinstance(thread, paramiko.Transport)]
     assert crashed == [], f"paramiko's transport thread crashed: {crashed!r}"
