@@ -212,12 +212,7 @@ class Fleet:
         except OSError:
             data = b""
         if not data:
-            if agent.open:
-                self._drop(agent)
-            else:
-                self._handshaking -= 1
-                self._close(agent)
-                self._failed(agent)
+            self._drop(agent)
             return
         if not agent.open:
             agent.inbox += data
@@ -279,9 +274,15 @@ class Fleet:
         agent.ping_sent_at = 0.0
 
     def _drop(self, agent: Agent) -> None:
-        if agent.open:
-            self.stats["open"] -= 1
-            self.stats["dropped"] += 1
+        """The agent's socket failed or closed: a dropped tunnel, or a failed
+        handshake (refused connection) if it was not open yet."""
+        if not agent.open:
+            self._handshaking -= 1
+            self._close(agent)
+            self._failed(agent)
+            return
+        self.stats["open"] -= 1
+        self.stats["dropped"] += 1
         self._close(agent)
         if self.reconnect and not self._stopping:
             self._at(time.monotonic() + random.uniform(0.0, 1.0), "open", agent)
@@ -337,6 +338,15 @@ def _print_json(record: Dict[str, object]) -> None:
     print(json.dumps(record), flush=True)
 
 
+def _raise_open_files_limit() -> None:
+    """Soft open-files limit up to the hard one: a fleet holds a socket per agent."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testkit.fleet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -349,9 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--report", type=float, default=5.0, help="seconds between status lines")
     parser.add_argument("--reconnect", action="store_true", help="reopen dropped tunnels")
     args = parser.parse_args(argv)
-    from .procs import raise_fd_limit
-
-    raise_fd_limit()
+    _raise_open_files_limit()
     fleet = Fleet(args.host, args.port, args.count, ping_interval=args.ping, answering=args.answering,
                   pending=args.pending, reconnect=args.reconnect, report_interval=args.report,
                   prefix_start=args.first)
