@@ -355,17 +355,17 @@ class PortForward:
 
         def done() -> None:
             error = conn.error
-            failed = isinstance(error, RemoteError)  # the far side ended it with a reason
-            with self._lock:
-                self._live.discard(conn)
-                self._failed += failed
-                self._idle.notify_all()
-            if isinstance(error, RemoteError):
+            if isinstance(error, RemoteError):  # the far side ended it with a reason
+                # Logged before the counters change: whoever sees them sees the line.
                 self._warn(
                     "%s: connection from %s failed at client %s, target %s/%s: %s",
                     self.name, _show(peer), conn.session.client_key, conn.proto, conn.address,
                     error.remote_message,
                 )
+            with self._lock:
+                self._live.discard(conn)
+                self._failed += isinstance(error, RemoteError)
+                self._idle.notify_all()
 
         try:
             self.piper.pipe_socket(sock, conn, on_done=done)
