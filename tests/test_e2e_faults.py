@@ -113,7 +113,11 @@ def start_server(port: int = 0, *extra: str) -> Tuple[Proc, int]:
 
 def start_client(url: str) -> Proc:
     client = Proc("client", "--connect", url, "--id", "foo")
-    client.wait_log(r"connected to ")
+    try:
+        client.wait_log(r"connected to ")
+    except AssertionError:
+        client.kill()  # a client that never connected is not left running
+        raise
     return client
 
 

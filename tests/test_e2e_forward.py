@@ -247,13 +247,17 @@ class Processes:
             "--forward", f"0=foo:tcp:{source_address}",
         )
         self.procs.append(self.server)
-        self.server_log = LogWatcher(self.server)
-        port = int(self.server_log.wait(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
-        self.url = f"ws://127.0.0.1:{port}/connect"
-        escaped = [re.escape(f"=foo:tcp:{a}: listening") for a in (echo_address, source_address)]
-        self.echo_port = int(self.server_log.wait(r"forward 127\.0\.0\.1:(\d+)" + escaped[0]).group(1))
-        self.source_port = int(self.server_log.wait(r"forward 127\.0\.0\.1:(\d+)" + escaped[1]).group(1))
         self.client: Optional["subprocess.Popen[str]"] = None
+        self.server_log = LogWatcher(self.server)
+        try:
+            port = int(self.server_log.wait(r"listening on http://127\.0\.0\.1:(\d+)").group(1))
+            escaped = [re.escape(f"=foo:tcp:{a}: listening") for a in (echo_address, source_address)]
+            self.echo_port = int(self.server_log.wait(r"forward 127\.0\.0\.1:(\d+)" + escaped[0]).group(1))
+            self.source_port = int(self.server_log.wait(r"forward 127\.0\.0\.1:(\d+)" + escaped[1]).group(1))
+        except BaseException:
+            self.close()  # a server that never came up is not left running
+            raise
+        self.url = f"ws://127.0.0.1:{port}/connect"
 
     @property
     def echo(self) -> Tuple[str, int]:
