@@ -44,6 +44,7 @@ class SoakOptions:
     connections: int = 100
     sample_interval: float = 5.0
     warmup: float = 5.0
+    agents: int = 0  # idle fleet agents (testkit.fleet) holding tunnels beside the load
 
 
 @dataclass
@@ -71,10 +72,12 @@ class SoakResult:
     samples: Dict[str, List[Sample]] = field(default_factory=dict)
     idle: Dict[str, Sample] = field(default_factory=dict)
     died: List[str] = field(default_factory=list)
+    agents: int = 0
+    agents_status: Dict[str, object] = field(default_factory=dict)  # the fleet's last status
 
     @property
     def ok(self) -> bool:
-        return self.errors == 0 and not self.died
+        return self.errors == 0 and not self.died and not self.agents_status.get("dropped")
 
     def table(self) -> str:
         """The figures as a plain-text table."""
@@ -101,6 +104,10 @@ class SoakResult:
                 f"{start.threads:>9} {end.threads:>8} {idle.threads:>8} "
                 f"{start.fds:>9} {end.fds:>8} {idle.fds:>8}"
             )
+        if self.agents:
+            status = self.agents_status
+            lines.append(f"agents: {self.agents} idle tunnels beside the load: "
+                         f"{status.get('dropped', '?')} dropped, {status.get('pongs', '?')} pongs")
         for error in self.first_errors:
             lines.append(f"error: {error}")
         for name in self.died:
@@ -252,6 +259,14 @@ def run_soak(options: SoakOptions, log=lambda text: print(text, file=sys.stderr)
             procs.append(client)
             client.wait_for_log(r"connected to ")
             server.wait_for_log(r"client session started for foo")
+            fleet = None
+            if options.agents:
+                from .agents import FleetProc
+
+                result.agents = options.agents
+                fleet = FleetProc(http_port, options.agents, log_dir)
+                opened = fleet.wait_opened(timeout=60 + options.agents / 50)
+                log(f"soak: {options.agents} agents opened their tunnels in {opened:.1f} s")
             load = Load(forward_port, http_port, web.port, result)
             workers = [
                 threading.Thread(
@@ -283,6 +298,8 @@ def run_soak(options: SoakOptions, log=lambda text: print(text, file=sys.stderr)
             load.stop.set()
             for worker in workers:
                 worker.join(60)
+            if fleet is not None:
+                result.agents_status = fleet.stop()
             # Idle: give the processes a moment to close what the load left open.
             deadline = time.monotonic() + min(10.0, max(2.0, options.seconds))
             first = {name: samples[0] for name, samples in result.samples.items() if samples}
@@ -312,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=100, help="concurrent connections (default 100)")
     parser.add_argument("--sample-interval", type=float, default=None,
                         help="seconds between samples (default 5, less for short runs)")
+    parser.add_argument("--agents", type=int, default=0,
+                        help="idle agents (testkit.fleet) holding tunnels on the server throughout")
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     return parser
 
@@ -325,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     interval = args.sample_interval or min(5.0, max(0.5, seconds / 10))
     options = SoakOptions(seconds=seconds, connections=args.connections, sample_interval=interval,
-                          warmup=min(5.0, seconds / 4))
+                          warmup=min(5.0, seconds / 4), agents=max(0, args.agents))
     try:
         result = run_soak(options)
     except BenchError as exc:
