@@ -70,10 +70,14 @@ class AgentsOptions:
 class FleetProc:
     """The agents' process (:mod:`testkit.fleet`) and its JSON records."""
 
-    def __init__(self, port: int, count: int, log_dir: str, name: str = "fleet") -> None:
+    def __init__(
+        self, port: int, count: int, log_dir: str, name: str = "fleet",
+        reconnect: bool = False, report: float = 2.0,
+    ) -> None:
         self.count = count
-        self.proc = Proc(name, [sys.executable, "-m", "testkit.fleet", "--port", str(port),
-                                "--count", str(count), "--report", "2"], log_dir)
+        argv = [sys.executable, "-m", "testkit.fleet", "--port", str(port),
+                "--count", str(count), "--report", str(report)]
+        self.proc = Proc(name, argv + (["--reconnect"] if reconnect else []), log_dir)
 
     def records(self) -> List[Dict[str, object]]:
         out = []
