@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Dict, Optional, Set
 
 from .addresses import split_host_port
 from .config import DEFAULT_LIMITS, Limits
-from .errors import ConnectNotAllowedError, DialError, RemoteError
+from .errors import ConnectNotAllowedError, DialError, RemoteError, error_text
 from .singleton import Singleton
 
 if TYPE_CHECKING:
@@ -535,7 +535,7 @@ class LocalDialer:
             conn.abort(exc)
             return
         except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
+            reason = error_text(exc) or type(exc).__name__
             conn.abort(DialError(f"dial {conn.proto} {conn.address}: {reason}", exc))
             return
         # Even if the far side already ended, what it sent while we dialed is
