@@ -328,7 +328,7 @@ class Piper:
 
     def __init__(self, name: str = "remotedialer-piper") -> None:
         self._name = name
-        self._lock = threading.Lock()  # guards _dirty, _wake_sent, _thread, _stopped
+        self._lock = threading.Lock()  # guards _dirty, _pipes, _wake_sent, _thread, _stopped
         self._dirty: Set[_Pipe] = set()
         self._wake_sent = False
         self._stopped = False
@@ -338,9 +338,9 @@ class Piper:
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._pipes: Set[_Pipe] = set()  # added by pipe_*(), forgotten when done
         # Piper-thread state:
         self._interest: Dict[int, int] = {}
-        self._pipes: Set[_Pipe] = set()
 
     @property
     def active_pipes(self) -> int:
@@ -387,6 +387,7 @@ class Piper:
         with self._lock:
             if self._stopped:
                 raise RuntimeError("piper stopped")
+            self._pipes.add(pipe)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
@@ -408,7 +409,8 @@ class Piper:
             pass
 
     def _forget(self, pipe: _Pipe) -> None:
-        self._pipes.discard(pipe)
+        with self._lock:
+            self._pipes.discard(pipe)
 
     def _set_interest(self, pipe: _Pipe, sock: socket.socket, events: int) -> None:
         """Piper thread: (un)register ``sock`` for ``events``."""
@@ -446,7 +448,6 @@ class Piper:
                     dirty, self._dirty = self._dirty, set()
                 for pipe in dirty:
                     if not pipe.done:
-                        self._pipes.add(pipe)
                         pipe.service()
         except Exception:  # pragma: no cover - a bug here must be loud
             log.exception("piper thread failed")
@@ -466,7 +467,11 @@ class Piper:
             self._wake_sent = False
 
     def _shutdown(self) -> None:
-        for pipe in list(self._pipes):
+        # Every pipe added, serviced yet or not: one added just before stop()
+        # must not be left open.
+        with self._lock:
+            pipes = list(self._pipes)
+        for pipe in pipes:
             if isinstance(pipe, _SocketPipe):
                 pipe._close(None)
             elif isinstance(pipe, _TunnelPipe):

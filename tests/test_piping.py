@@ -348,6 +348,7 @@ def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., Sessio
     conn, far, left, right = _tunnel_and_socketpair(session_pair_factory)
     done = threading.Event()
     piper.pipe_socket(left, far, on_done=done.set)
+    assert piper.active_pipes == 1  # counted (and closed by stop()) from the start
     conn.sendall(b"through")
     assert recv_exactly(right, 7) == b"through"
     assert piper.active_pipes == 1
@@ -358,6 +359,26 @@ def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., Sessio
     right.close()
     with pytest.raises(RuntimeError):
         piper.pipe_socket(socket.socket(), far)
+
+
+def _piper_idle(piper: Piper) -> threading.Event:
+    """An event set while the piper thread is blocked in its selector with no
+    pipe to service (a wait without timeout), cleared when it wakes."""
+    idle = threading.Event()
+    selector = piper._selector
+    real_select = selector.select
+
+    def select(timeout: Optional[float] = None) -> Any:
+        if timeout is None:
+            idle.set()
+        try:
+            return real_select(timeout)
+        finally:
+            idle.clear()
+
+    selector.select = select  # type: ignore[method-assign]
+    piper._wake()  # come round the loop once, through the wrapper
+    return idle
 
 
 def test_reader_thread_delivers_to_the_socket_without_a_piper_turn(
@@ -371,9 +392,17 @@ def test_reader_thread_delivers_to_the_socket_without_a_piper_turn(
         piper.pipe_socket(left, far)
         conn.sendall(b"first")
         assert recv_exactly(right, 5) == b"first"
+        # The piper's own turns (the first one, and any that met the lock
+        # taken) must be over: wait until it blocks with nothing to do.
+        assert _piper_idle(piper).wait(TIMEOUT)
         marks: List[object] = []
         original = piper._mark
-        monkeypatch.setattr(piper, "_mark", lambda pipe: (marks.append(pipe), original(pipe)))
+
+        def counting_mark(pipe: object) -> None:
+            marks.append(pipe)
+            original(pipe)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(piper, "_mark", counting_mark)
         for number in range(20):
             conn.sendall(b"%04d" % number)
             assert recv_exactly(right, 4) == b"%04d" % number
