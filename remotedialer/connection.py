@@ -19,7 +19,6 @@ import collections
 import errno
 import io
 import logging
-import os
 import socket
 import threading
 import time
@@ -32,6 +31,7 @@ from .errors import (
     TunnelTimeoutError,
     error_text,
     remote_error as _remote_error,
+    socket_error,
 )
 from .protocol import EOF_TEXT, TUNNEL_DISCONNECT_TEXT, Bytes, MessageType
 
@@ -43,18 +43,6 @@ __all__ = ["TunnelConnection"]
 log = logging.getLogger(__name__)
 
 Listener = Callable[["TunnelConnection"], None]
-
-
-def _ebadf() -> OSError:
-    return OSError(errno.EBADF, os.strerror(errno.EBADF))
-
-
-def _eagain() -> BlockingIOError:
-    return BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-
-
-def _epipe() -> BrokenPipeError:
-    return BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 class _ReadinessSignal:
@@ -201,7 +189,7 @@ class TunnelConnection:
     def _wait(self, deadline: Optional[float]) -> None:
         """With ``_cond`` held: one wait step honouring the timeout mode."""
         if self._timeout == 0.0:
-            raise _eagain()
+            raise socket_error(errno.EAGAIN)
         if deadline is None:
             self._cond.wait()
             return
@@ -264,7 +252,7 @@ class TunnelConnection:
         deadline = self._deadline()
         while not self._buffered:
             if self._closed:
-                raise _ebadf()
+                raise socket_error(errno.EBADF)
             if self._read_shut:
                 return False
             if self._read_error is not None:
@@ -369,7 +357,7 @@ class TunnelConnection:
         :meth:`send` once the connection ended."""
         with self._cond:
             if self._closed:
-                raise _ebadf()
+                raise socket_error(errno.EBADF)
             if self._write_error is not None:
                 raise self._write_error
             if self.peer_paused_us:
@@ -387,7 +375,7 @@ class TunnelConnection:
         with self._cond:
             while True:
                 if self._closed:
-                    raise _ebadf()
+                    raise socket_error(errno.EBADF)
                 if self._write_error is not None:
                     raise self._write_error
                 if not self.peer_paused_us:
@@ -443,7 +431,7 @@ class TunnelConnection:
             self._read_error = error
             if self._write_error is None:
                 eof = isinstance(error, EOFError)
-                self._write_error = _epipe() if eof else error
+                self._write_error = socket_error(errno.EPIPE) if eof else error
             self._cond.notify_all()
             self._update_signal()
         self._notify()
@@ -470,13 +458,13 @@ class TunnelConnection:
             raise ValueError("invalid shutdown mode")
         with self._cond:
             if self._closed:
-                raise _ebadf()
+                raise socket_error(errno.EBADF)
             if how != socket.SHUT_WR:
                 self._read_shut = True
                 self._chunks.clear()
                 self._buffered = self._offset = 0
             if how != socket.SHUT_RD and self._write_error is None:
-                self._write_error = _epipe()
+                self._write_error = socket_error(errno.EPIPE)
             self._cond.notify_all()
             self._update_signal()
         if how == socket.SHUT_RDWR:
@@ -521,7 +509,7 @@ class TunnelConnection:
             self._wire_closed = True
             if self._read_error is None:
                 self._read_error = TunnelClosedError("connection closed")
-                self._write_error = self._write_error or _epipe()
+                self._write_error = self._write_error or socket_error(errno.EPIPE)
                 self._cond.notify_all()
                 self._update_signal()
         self.session._remove_connection(self)

@@ -15,6 +15,7 @@ Third-party code such as paramiko reads ``e.args[1]`` and ``e.errno``.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import socket
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
@@ -32,6 +33,7 @@ __all__ = [
     "HandshakeError",
     "LimitExceededError",
     "TunnelTimeoutError",
+    "socket_error",
 ]
 
 
@@ -187,6 +189,12 @@ def remote_error(text: str) -> RemoteError:
     if _TIMED_OUT.search(text):
         return RemoteTimeoutError(text)
     return RemoteError(text)
+
+
+def socket_error(code: int) -> OSError:
+    """The error a plain socket raises for ``code``: ``OSError`` picks the
+    subclass (``EPIPE`` gives a ``BrokenPipeError``), with the OS text."""
+    return OSError(code, os.strerror(code))
 
 
 def error_text(error: BaseException) -> str:

@@ -43,6 +43,7 @@ from .errors import (
     TunnelClosedError,
     TunnelTimeoutError,
     error_text,
+    socket_error,
 )
 from .observer import NULL_OBSERVER, Observer
 from .protocol import (
@@ -440,7 +441,7 @@ class Session:
             if conn is not None and conn._wire_closed:
                 if isinstance(conn._write_error, TunnelClosedError):
                     raise conn._write_error  # the session ended under this write
-                raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+                raise socket_error(errno.EPIPE)
             failure = self._transmit_locked(data, message_type, payload_size)
         finally:
             self._write_lock.release()

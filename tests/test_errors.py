@@ -27,6 +27,7 @@ from remotedialer.errors import (
     TunnelTimeoutError,
     error_text,
     remote_error,
+    socket_error,
 )
 
 from .support import TIMEOUT, AcceptingHandler, SessionPair, TunnelServer, go_reference, wait_for
@@ -110,6 +111,18 @@ def test_error_text_drops_the_errno_prefix() -> None:
     assert error_text(RemoteRefusedError(text)) == text
     assert error_text(ValueError("plain")) == "plain"
     assert error_text(OSError("no errno")) == "no errno"
+
+
+def test_socket_error_is_what_a_plain_socket_raises() -> None:
+    with socket.socket() as sock:
+        sock.close()
+        with pytest.raises(OSError) as real:
+            sock.send(b"x")
+    made = socket_error(errno.EBADF)
+    assert (type(made), made.args) == (type(real.value), real.value.args)
+    pipe = socket_error(errno.EPIPE)
+    assert isinstance(pipe, BrokenPipeError) and pipe.errno == errno.EPIPE
+    assert isinstance(socket_error(errno.EAGAIN), BlockingIOError)
 
 
 def test_everything_exported_is_in_the_tree() -> None:
