@@ -292,6 +292,7 @@ class FrameReader:
             self._fragments.append(payload)
             if fin:
                 message_opcode = self._fragment_opcode
+                assert message_opcode is not None  # _next_frame checked the order
                 data = b"".join(self._fragments)
                 self._fragments = []
                 self._fragment_opcode = None

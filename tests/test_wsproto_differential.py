@@ -329,7 +329,9 @@ def test_cut_streams_agree_up_to_when_an_error_shows(
     assert_cut_agrees(from_client, whole, data.draw(st.integers(0, len(whole))))
 
 
-@pytest.mark.parametrize("first, second", [(0x00, 0x90), (0x82, 0x90)], ids=["continuation", "after-unfinished"])
+@pytest.mark.parametrize(
+    "first, second", [(0x00, 0x90), (0x82, 0x90)], ids=["continuation", "after-unfinished"],
+)
 def test_a_fragment_out_of_place_fails_from_its_header(first: int, second: int) -> None:
     """A continuation with nothing to continue (or a new message inside an
     unfinished one), its header whole and its payload not: wsproto fails it
