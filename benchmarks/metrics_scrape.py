@@ -1,0 +1,112 @@
+"""CPU time of one ``/metrics`` scrape with N client keys (issue 12's "/metrics
+scrape" figure), in one process: the server's metrics state is built with
+``testkit.metrics.metrics_with_clients`` (each key: one session, one DATA
+message, i.e. 7 samples), then each way of rendering it runs ``--runs``
+times and prints the median and range of the CPU seconds of the rendering
+thread (``time.thread_time``, robust on a loaded machine).
+
+``python -m benchmarks.metrics_scrape [--keys 1000,3000,10000] [--runs 5] [--profile]``
+
+The ways: ``prometheus_client.generate_latest`` of the registry (what the
+endpoint cost before it rendered the per-client families itself), and the
+endpoint of :func:`remotedialer.metrics.make_wsgi_app` asked for the
+Prometheus text format, for OpenMetrics, and as a Prometheus 3 server asks
+(OpenMetrics preferred, gzip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from testkit.metrics import metrics_with_clients
+
+__all__ = ["SCRAPES", "scrape_cpu_seconds", "main"]
+
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+    "application/openmetrics-text;version=0.0.1;q=0.4,"
+    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1"
+)
+"""The Accept header of a Prometheus 3 scrape (default scrape protocols)."""
+
+SCRAPES: Dict[str, Dict[str, str]] = {
+    "endpoint, text format": {},
+    "endpoint, OpenMetrics": {"HTTP_ACCEPT": "application/openmetrics-text; version=1.0.0"},
+    "endpoint, as Prometheus asks (gzip)": {"HTTP_ACCEPT": PROMETHEUS_ACCEPT, "HTTP_ACCEPT_ENCODING": "gzip"},
+}
+"""The endpoint scrapes measured: name -> request headers (WSGI environ keys)."""
+
+
+def _endpoint_scrape(registry: Any, headers: Dict[str, str]) -> Callable[[], bytes]:
+    from remotedialer.metrics import make_wsgi_app
+
+    app = make_wsgi_app(registry)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": "", **headers}
+
+    def scrape() -> bytes:
+        statuses: List[str] = []
+        body = b"".join(app(dict(environ), lambda status, _headers: statuses.append(status)))
+        if statuses != ["200 OK"]:
+            raise RuntimeError(f"/metrics answered {statuses}")
+        return body
+
+    return scrape
+
+
+def scrape_cpu_seconds(keys: int, runs: int) -> Dict[str, List[float]]:
+    """CPU seconds of each way of rendering ``/metrics`` with ``keys`` client
+    keys: way -> one figure per run."""
+    from prometheus_client import generate_latest
+
+    registry, sessions = metrics_with_clients(keys)
+    ways: List[Tuple[str, Callable[[], bytes]]] = [
+        ("prometheus_client generate_latest", lambda: generate_latest(registry))
+    ]
+    ways += [(name, _endpoint_scrape(registry, headers)) for name, headers in SCRAPES.items()]
+    figures: Dict[str, List[float]] = {name: [] for name, _ in ways}
+    for _ in range(runs):
+        for name, scrape in ways:
+            started = time.thread_time()
+            scrape()
+            figures[name].append(time.thread_time() - started)
+    del sessions
+    return figures
+
+
+def _profile(keys: int) -> None:
+    import cProfile
+    import pstats
+
+    registry, sessions = metrics_with_clients(keys)
+    for name, headers in SCRAPES.items():
+        scrape = _endpoint_scrape(registry, headers)
+        profiler = cProfile.Profile()
+        profiler.runcall(scrape)
+        print(f"--- profile: {name}, {keys} keys")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(8)
+    del sessions
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.metrics_scrape",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--keys", default="1000,3000,10000", help="client key counts (comma-separated)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of each endpoint scrape")
+    args = parser.parse_args(argv)
+    counts = [int(part) for part in args.keys.split(",") if part.strip()]
+    for keys in counts:
+        for name, seconds in scrape_cpu_seconds(keys, args.runs).items():
+            print(f"{keys:>6} keys  {name:<38} CPU s median {statistics.median(seconds):.3f} "
+                  f"[{min(seconds):.3f}-{max(seconds):.3f}] ({len(seconds)} runs)", flush=True)
+    if args.profile:
+        _profile(max(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
