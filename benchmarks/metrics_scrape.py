@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from testkit.metrics import metrics_with_clients
 
-__all__ = ["SCRAPES", "scrape_cpu_seconds", "main"]
+__all__ = ["PROMETHEUS_SCRAPE", "SCRAPES", "scrape_cpu_seconds", "main"]
 
 PROMETHEUS_ACCEPT = (
     "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
@@ -33,10 +33,12 @@ PROMETHEUS_ACCEPT = (
 )
 """The Accept header of a Prometheus 3 scrape (default scrape protocols)."""
 
+PROMETHEUS_SCRAPE = "endpoint, as Prometheus asks (gzip)"
+
 SCRAPES: Dict[str, Dict[str, str]] = {
     "endpoint, text format": {},
     "endpoint, OpenMetrics": {"HTTP_ACCEPT": "application/openmetrics-text; version=1.0.0"},
-    "endpoint, as Prometheus asks (gzip)": {"HTTP_ACCEPT": PROMETHEUS_ACCEPT, "HTTP_ACCEPT_ENCODING": "gzip"},
+    PROMETHEUS_SCRAPE: {"HTTP_ACCEPT": PROMETHEUS_ACCEPT, "HTTP_ACCEPT_ENCODING": "gzip"},
 }
 """The endpoint scrapes measured: name -> request headers (WSGI environ keys)."""
 
