@@ -35,7 +35,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .goref import GOREF_HINT, go_binary
 from .loadgen import run_load
-from .metrics_scrape import PROMETHEUS_SCRAPE, scrape_cpu_seconds
 from .procs import BenchError, Proc, ProcStats, free_port, wait_until
 from .report import Report
 
@@ -300,6 +299,8 @@ def metrics_scrape_seconds(count: int, runs: int) -> List[float]:
     """CPU seconds of one ``/metrics`` scrape (the endpoint, as a Prometheus
     server asks: OpenMetrics, gzip) with ``count`` client keys, once per
     run (:mod:`benchmarks.metrics_scrape`)."""
+    from .metrics_scrape import PROMETHEUS_SCRAPE, scrape_cpu_seconds  # not at import: it is also a script
+
     return scrape_cpu_seconds(count, runs)[PROMETHEUS_SCRAPE]
 
 

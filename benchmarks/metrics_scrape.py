@@ -7,11 +7,11 @@ thread (``time.thread_time``, robust on a loaded machine).
 
 ``python -m benchmarks.metrics_scrape [--keys 1000,3000,10000] [--runs 5] [--profile]``
 
-The ways: ``prometheus_client.generate_latest`` of the registry (what the
-endpoint cost before it rendered the per-client families itself), and the
-endpoint of :func:`remotedialer.metrics.make_wsgi_app` asked for the
-Prometheus text format, for OpenMetrics, and as a Prometheus 3 server asks
-(OpenMetrics preferred, gzip).
+Three scrapes: the Prometheus text format, OpenMetrics, and as a Prometheus
+3 server asks (OpenMetrics preferred, gzip), each through the endpoint of
+:func:`remotedialer.metrics.make_wsgi_app` and through
+``prometheus_client.make_wsgi_app`` (what the endpoint was before it wrote
+the per-client families itself), alternating in the same run.
 """
 
 from __future__ import annotations
@@ -33,20 +33,18 @@ PROMETHEUS_ACCEPT = (
 )
 """The Accept header of a Prometheus 3 scrape (default scrape protocols)."""
 
-PROMETHEUS_SCRAPE = "endpoint, as Prometheus asks (gzip)"
-
 SCRAPES: Dict[str, Dict[str, str]] = {
-    "endpoint, text format": {},
-    "endpoint, OpenMetrics": {"HTTP_ACCEPT": "application/openmetrics-text; version=1.0.0"},
-    PROMETHEUS_SCRAPE: {"HTTP_ACCEPT": PROMETHEUS_ACCEPT, "HTTP_ACCEPT_ENCODING": "gzip"},
+    "text format": {},
+    "OpenMetrics": {"HTTP_ACCEPT": "application/openmetrics-text; version=1.0.0"},
+    "as Prometheus asks (gzip)": {"HTTP_ACCEPT": PROMETHEUS_ACCEPT, "HTTP_ACCEPT_ENCODING": "gzip"},
 }
-"""The endpoint scrapes measured: name -> request headers (WSGI environ keys)."""
+"""The scrapes measured: name -> request headers (WSGI environ keys)."""
+
+PROMETHEUS_SCRAPE = "remotedialer: as Prometheus asks (gzip)"
+"""The figure of :func:`scrape_cpu_seconds` that the agents workload reports."""
 
 
-def _endpoint_scrape(registry: Any, headers: Dict[str, str]) -> Callable[[], bytes]:
-    from remotedialer.metrics import make_wsgi_app
-
-    app = make_wsgi_app(registry)
+def _endpoint_scrape(app: Any, headers: Dict[str, str]) -> Callable[[], bytes]:
     environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": "", **headers}
 
     def scrape() -> bytes:
@@ -60,15 +58,21 @@ def _endpoint_scrape(registry: Any, headers: Dict[str, str]) -> Callable[[], byt
 
 
 def scrape_cpu_seconds(keys: int, runs: int) -> Dict[str, List[float]]:
-    """CPU seconds of each way of rendering ``/metrics`` with ``keys`` client
-    keys: way -> one figure per run."""
-    from prometheus_client import generate_latest
+    """CPU seconds of each scrape of ``/metrics`` with ``keys`` client keys,
+    through remotedialer's endpoint ("remotedialer: " and the name in
+    :data:`SCRAPES`) and through ``prometheus_client.make_wsgi_app``
+    ("prometheus_client: ...", which builds a ``Sample`` a series: the
+    endpoint before it wrote rows itself): name -> one figure per run."""
+    import prometheus_client
+
+    from remotedialer.metrics import make_wsgi_app
 
     registry, sessions = metrics_with_clients(keys)
-    ways: List[Tuple[str, Callable[[], bytes]]] = [
-        ("prometheus_client generate_latest", lambda: generate_latest(registry))
-    ]
-    ways += [(name, _endpoint_scrape(registry, headers)) for name, headers in SCRAPES.items()]
+    ours, theirs = make_wsgi_app(registry), prometheus_client.make_wsgi_app(registry)
+    ways: List[Tuple[str, Callable[[], bytes]]] = []
+    for name, headers in SCRAPES.items():
+        ways.append((f"prometheus_client: {name}", _endpoint_scrape(theirs, headers)))
+        ways.append((f"remotedialer: {name}", _endpoint_scrape(ours, headers)))
     figures: Dict[str, List[float]] = {name: [] for name, _ in ways}
     for _ in range(runs):
         for name, scrape in ways:
@@ -83,12 +87,14 @@ def _profile(keys: int) -> None:
     import cProfile
     import pstats
 
+    from remotedialer.metrics import make_wsgi_app
+
     registry, sessions = metrics_with_clients(keys)
     for name, headers in SCRAPES.items():
-        scrape = _endpoint_scrape(registry, headers)
+        scrape = _endpoint_scrape(make_wsgi_app(registry), headers)
         profiler = cProfile.Profile()
         profiler.runcall(scrape)
-        print(f"--- profile: {name}, {keys} keys")
+        print(f"--- profile: remotedialer: {name}, {keys} keys")
         pstats.Stats(profiler).sort_stats("tottime").print_stats(8)
     del sessions
 
@@ -103,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     counts = [int(part) for part in args.keys.split(",") if part.strip()]
     for keys in counts:
         for name, seconds in scrape_cpu_seconds(keys, args.runs).items():
-            print(f"{keys:>6} keys  {name:<38} CPU s median {statistics.median(seconds):.3f} "
+            print(f"{keys:>6} keys  {name:<44} CPU s median {statistics.median(seconds):.3f} "
                   f"[{min(seconds):.3f}-{max(seconds):.3f}] ({len(seconds)} runs)", flush=True)
     if args.profile:
         _profile(max(counts))
