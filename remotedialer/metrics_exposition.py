@@ -30,7 +30,7 @@ from prometheus_client.utils import floatToGoString
 
 from .httputil import WSGIApp
 
-__all__ = ["RowsFamily", "Row", "make_wsgi_app", "render"]
+__all__ = ["Encoder", "Row", "RowsFamily", "make_wsgi_app", "render"]
 
 Row = Tuple[Tuple[str, ...], float]
 """One sample of a :class:`RowsFamily`: its label values (in the family's
