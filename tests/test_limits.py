@@ -141,7 +141,10 @@ def test_client_ends_a_session_whose_server_sends_a_too_large_message(
     session = client.session
     assert session is not None
     conn = harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
-    conn.sendall(b"y" * (200 * KiB))
+    try:
+        conn.sendall(b"y" * (200 * KiB))
+    except ConnectionError:
+        pass  # the client may close on the header, before the payload is all out
     assert session.wait_closed(TIMEOUT)
     assert "over the limit" in session.close_reason
     with pytest.raises((TunnelClosedError, ConnectionError)):
