@@ -361,6 +361,7 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
+    rbufsize = 512
     #: ``(second, Date header value)`` of the last response: formatted once a second.
     _date_cache: Tuple[int, str] = (0, "")
 
