@@ -33,8 +33,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from testkit.metrics import metrics_with_clients
-
 from .goref import GOREF_HINT, go_binary
 from .loadgen import run_load
 from .procs import BenchError, Proc, ProcStats, free_port, wait_until
@@ -286,7 +284,7 @@ def agents_workload(options: AgentsOptions, runs: int, report: Report,
             for kind in kinds:
                 _one(kind, count, options, runs, report, log_dir, data_dir, progress)
     keys = max(options.counts)
-    scrape = report.row(f"agents {keys}", "/metrics scrape with N client keys", "s", "<= 1", False)
+    scrape = report.row(f"agents {keys}", "/metrics scrape with N client keys (CPU)", "s", "<= 1", False)
     for seconds in metrics_scrape_seconds(keys, max(runs, 3)):
         scrape.add("python", seconds)
     websocket_row = report.row("agents (in process)", "CPU per ping via ServerWebSocket", "us", "", False)
@@ -298,18 +296,12 @@ def agents_workload(options: AgentsOptions, runs: int, report: Report,
 
 
 def metrics_scrape_seconds(count: int, runs: int) -> List[float]:
-    """Seconds to render ``/metrics`` (``generate_latest``) with ``count``
-    client keys, once per run."""
-    from prometheus_client import generate_latest
+    """CPU seconds of one ``/metrics`` scrape (the endpoint, as a Prometheus
+    server asks: OpenMetrics, gzip) with ``count`` client keys, once per
+    run (:mod:`benchmarks.metrics_scrape`)."""
+    from .metrics_scrape import PROMETHEUS_SCRAPE, scrape_cpu_seconds  # not at import: it is also a script
 
-    registry, sessions = metrics_with_clients(count)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        generate_latest(registry)
-        times.append(time.perf_counter() - started)
-    del sessions
-    return times
+    return scrape_cpu_seconds(count, runs)[PROMETHEUS_SCRAPE]
 
 
 def ping_cpu_microseconds(pings: int = 20000) -> Tuple[float, float]:

@@ -52,7 +52,6 @@ class WebSocketClientTransport:
 
     def __init__(self, ws: websocket.WebSocket, max_message_size: int, description: str = "") -> None:
         self.ws = ws
-        self.max_message_size = max_message_size
         self.last_keepalive = time.monotonic()
         self._description = description or "websocket"
         self._closed = False

@@ -279,12 +279,7 @@ class FrameReader:
                 if opcode == OP_CLOSE:
                     _check_close(payload)
                 return opcode, payload
-            if opcode == OP_CONTINUATION:
-                if self._fragment_opcode is None:
-                    raise _error("continuation frame without a message to continue")
-            else:
-                if self._fragment_opcode is not None:
-                    raise _error("new message while a fragmented one is unfinished")
+            if opcode != OP_CONTINUATION:
                 if opcode == OP_TEXT:
                     self._text = codecs.getincrementaldecoder("utf-8")()
                 if fin:
@@ -297,6 +292,7 @@ class FrameReader:
             self._fragments.append(payload)
             if fin:
                 message_opcode = self._fragment_opcode
+                assert message_opcode is not None  # _next_frame checked the order
                 data = b"".join(self._fragments)
                 self._fragments = []
                 self._fragment_opcode = None
@@ -331,6 +327,10 @@ class FrameReader:
         opcode = first & 0x0F
         if opcode not in _DATA_OPCODES and opcode not in _CONTROL_OPCODES and opcode != OP_CONTINUATION:
             raise _error(f"unknown opcode {opcode:#x}")
+        if opcode == OP_CONTINUATION and self._fragment_opcode is None:
+            raise _error("continuation frame without a message to continue")
+        if opcode in _DATA_OPCODES and self._fragment_opcode is not None:
+            raise _error("new message while a fragmented one is unfinished")
         masked = bool(second & 0x80)
         if masked != self.from_client:
             raise _error("client frame not masked" if self.from_client else "server frame masked")

@@ -321,9 +321,12 @@ def test_a_tunnel_the_server_closed_is_reopened_at_once_with_jitter(
 
 
 # ------------------------------------------------------------------ Ctrl-C
+# Ctrl-C's handler as a terminal gives it: a runner that starts the tests in
+# the background (no job control) leaves SIGINT ignored in its children.
 RUN_UNTIL_INTERRUPTED = """
-import logging, sys
+import logging, signal, sys
 from remotedialer.client import Backoff, TunnelClient
+signal.signal(signal.SIGINT, signal.default_int_handler)
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 TunnelClient(sys.argv[1], {"X-Tunnel-ID": sys.argv[2]}, backoff=Backoff(initial=0.05, maximum=0.1)).run()
 print("run returned", flush=True)

@@ -300,17 +300,10 @@ def test_whole_streams_agree(sided: Tuple[bool, bytes], ours_sizes: List[int],
     assert_agree(sided, ours_sizes, theirs_sizes)
 
 
-@FAST
-@given(streams, st.binary(max_size=24), st.data())
-def test_cut_streams_agree_up_to_when_an_error_shows(
-    sided: Tuple[bool, bytes], garbage: bytes, data: st.DataObject
-) -> None:
-    """A stream cut anywhere (and some garbage after it): the same events;
-    the same outcome unless one side fails a frame the other has not seen
-    whole yet, and then the whole stream fails on both with the same code."""
-    from_client, stream = sided
-    whole = stream + garbage
-    cut = data.draw(st.integers(0, len(whole)))
+def assert_cut_agrees(from_client: bool, whole: bytes, cut: int) -> None:
+    """The stream cut at ``cut``: the same events; the same outcome unless one
+    side fails a frame the other has not seen whole yet, and then the whole
+    stream fails on both with the same code."""
     ours_events, ours_outcome = decode_ours([whole[:cut]], from_client)
     theirs_events, theirs_outcome = decode_wsproto([whole[:cut]], from_client)
     assert ours_events == theirs_events
@@ -323,6 +316,30 @@ def test_cut_streams_agree_up_to_when_an_error_shows(
             assert ours_whole == theirs_outcome
         else:
             assert theirs_whole == ours_outcome
+
+
+@FAST
+@given(streams, st.binary(max_size=24), st.data())
+def test_cut_streams_agree_up_to_when_an_error_shows(
+    sided: Tuple[bool, bytes], garbage: bytes, data: st.DataObject
+) -> None:
+    """A stream cut anywhere, with some garbage after it."""
+    from_client, stream = sided
+    whole = stream + garbage
+    assert_cut_agrees(from_client, whole, data.draw(st.integers(0, len(whole))))
+
+
+@pytest.mark.parametrize(
+    "first, second", [(0x00, 0x90), (0x82, 0x90)], ids=["continuation", "after-unfinished"],
+)
+def test_a_fragment_out_of_place_fails_from_its_header(first: int, second: int) -> None:
+    """A continuation with nothing to continue (or a new message inside an
+    unfinished one), its header whole and its payload not: wsproto fails it
+    from the header, and so must this reader (found by the property above)."""
+    unfinished = frame(OP_BINARY, b"x", fin=False) if first == 0x82 else b""
+    whole = unfinished + bytes([first, second]) + bytes(5)  # 16-byte payload, 1 byte of it here
+    for cut in range(len(whole) + 1):
+        assert_cut_agrees(True, whole, cut)
 
 
 @pytest.mark.parametrize(
