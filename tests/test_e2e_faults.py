@@ -140,9 +140,17 @@ class Deployment:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/connect"
 
-    def start_client(self, url: Optional[str] = None) -> Proc:
+    def start_client(self, url: Optional[str] = None, server: Optional[Proc] = None) -> Proc:
+        """Start the client (on ``url``, else this deployment's server) and
+        wait until ``server`` (default: this deployment's) registered its
+        session: the server answers the handshake before it registers it, so
+        the client's "connected" alone does not make it reachable yet."""
+        server = server or self.server
+        started = r"client session started for foo "
+        before = sum(1 for line in server.lines if re.search(started, line))
         self.client = start_client(url or self.url)
         self.procs.append(self.client)
+        server.wait_log(started, count=before + 1)
         return self.client
 
     def path(self, size: int) -> str:
@@ -392,7 +400,7 @@ def test_peer_killed_and_restarted(deployment: Deployment) -> None:
     a.kill(signal.SIGTERM)  # restart A knowing B's port
     a, _ = d.track(*start_server(a_port, "--id", "A", "--token", TOKEN,
                                  "--peers", f"B:{TOKEN}:ws://127.0.0.1:{b_port}/connect"))
-    d.start_client(f"ws://127.0.0.1:{a_port}/connect")
+    d.start_client(f"ws://127.0.0.1:{a_port}/connect", server=a)
     size = 32 * 1024
     measure_recovery(b_port, d.path(size), size, "peered setup", time.monotonic())
     download = Download(b_port, d.path(Download.SIZE))

@@ -142,7 +142,7 @@ def test_shutdown_drains_then_closes_tunnels_and_tells_peers(
         assert first.close_reason == "websocket closed by the server"  # a close frame, not a read deadline
         assert a.app is not None and len(a.app.server.session_manager) == 0
         assert (False, "foo") in announced  # REMOVE_CLIENT came before the link closed
-        assert peering.remote_clients() == {}
+        wait_for(lambda: peering.remote_clients() == {})  # then a's link to b closed
         # The client retries (at once, with jitter) and is refused while a stays down.
         wait_for(lambda: isinstance(foo.client.last_error, HandshakeError), TIMEOUT)
 

@@ -143,8 +143,8 @@ def test_client_ends_a_session_whose_server_sends_a_too_large_message(
     conn = harness.server.dial("foo", "tcp", echo_server.address, timeout=TIMEOUT)
     try:
         conn.sendall(b"y" * (200 * KiB))
-    except (TunnelClosedError, ConnectionError):
-        pass  # the client may end the session before the whole message is written
+    except ConnectionError:
+        pass  # the client may close on the header, before the payload is all out
     assert session.wait_closed(TIMEOUT)
     assert "over the limit" in session.close_reason
     with pytest.raises((TunnelClosedError, ConnectionError)):

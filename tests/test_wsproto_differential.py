@@ -62,7 +62,12 @@ Outcome = Union[str, Tuple[str, int]]
 
 UNLIMITED = 1 << 63  # wsproto's frame parser has no message size limit
 
-FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The default run draws the same examples every time (a CI run must not
+# fail on a draw no one can replay); the `slow` runs explore afresh, and
+# what they find becomes an explicit test.
+FAST = settings(
+    derandomize=True, max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+)
 SLOW = settings(max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
