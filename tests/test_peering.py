@@ -153,6 +153,9 @@ def test_wrong_token_is_refused(caplog: pytest.LogCaptureFixture) -> None:
         with caplog.at_level(logging.DEBUG):
             # Each link presents its own server's token: A's link shows TOKEN,
             # which B expects of A; B's link shows "other-token", but A expects TOKEN.
+            # A knows B before B's link starts (else that link may first meet
+            # "unknown peer id").
+            a.server.peering.accept_peer("B", TOKEN)
             b.server.add_peer(a.url, "A", TOKEN)
             a.server.add_peer(b.url, "B", TOKEN)
             a_link, b_link = a.server.peering.links()[0], b.server.peering.links()[0]
