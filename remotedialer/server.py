@@ -246,6 +246,7 @@ class Server:
                 "serving a tunnel on a single-threaded WSGI server blocks it for the tunnel's "
                 "lifetime; use werkzeug's threaded server or gunicorn -k gthread"
             )
+        del request  # not kept for the tunnel's lifetime
         self._serve_websocket(environ, client_key, is_peer)
         finish_taken_over_response(server_kind)  # raises: the server must write nothing more
         return []  # pragma: no cover

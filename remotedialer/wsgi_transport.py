@@ -27,14 +27,13 @@ No subprotocols are negotiated, as with the Go server.
 from __future__ import annotations
 
 import base64
-import collections
 import errno
 import hashlib
 import logging
 import socket
 import threading
 import time
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from urllib3.util.wait import wait_for_write
 
@@ -205,7 +204,9 @@ class ServerWebSocket:
         # I/O. Pongs are popped only by whoever holds _send_lock.
         self._pong_lock = threading.Lock()
         self._writers = 0
-        self._pending_pongs: Deque[bytes] = collections.deque(maxlen=_MAX_PENDING_PONGS)
+        # A list, not a deque: an idle tunnel holds it for good, and a deque
+        # allocates a 528-byte block at once; it rarely holds more than one.
+        self._pending_pongs: List[bytes] = []
         # _close_lock serializes close(): a second caller waits until the
         # first has written the close frame and shut the socket down. It is
         # taken before _send_lock, never after.
@@ -257,7 +258,7 @@ class ServerWebSocket:
                     if payload is not None:
                         self.sock.sendall(payload)
                     while self._pending_pongs:
-                        self.sock.sendall(self._pending_pongs.popleft())
+                        self.sock.sendall(self._pending_pongs.pop(0))
                         self.last_keepalive = time.monotonic()
                 except OSError as exc:
                     raise TransportClosed(f"websocket write failed: {exc}") from exc
@@ -271,6 +272,8 @@ class ServerWebSocket:
     def _answer_ping(self, payload: bytes) -> None:
         """Reader thread: owe a pong and send it if that cannot block."""
         with self._pong_lock:
+            if len(self._pending_pongs) >= _MAX_PENDING_PONGS:
+                del self._pending_pongs[0]
             self._pending_pongs.append(encode_frame(OP_PONG, payload))
             if self._writers:
                 return  # a writer sends it after its write
@@ -290,7 +293,7 @@ class ServerWebSocket:
                 # poll, not select: any descriptor number (select fails past 1023)
                 if not wait_for_write(self.sock, timeout=0):
                     return
-                self.sock.sendall(self._pending_pongs.popleft())
+                self.sock.sendall(self._pending_pongs.pop(0))
                 self.last_keepalive = time.monotonic()
         except (OSError, ValueError):
             pass

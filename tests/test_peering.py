@@ -67,7 +67,8 @@ def test_a_request_on_any_server_reaches_a_client_held_by_another(
     a, b, c = mesh
     client = connect_client(a)
     try:
-        wait_for(lambda: "foo" in c.server.peering.remote_clients().get("A", []))
+        # B and C each learn of A's client by an ADD_CLIENT of their own
+        wait_for(lambda: all("foo" in s.server.peering.remote_clients().get("A", []) for s in (b, c)))
         assert not c.server.has_session("foo")
         for server in (a, b, c):
             got = echo_through(lambda s=server: s.server.dial("foo", "tcp", echo_server.address, TIMEOUT))

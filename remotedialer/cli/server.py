@@ -49,6 +49,7 @@ from ..peering import PeerSpec as Peer
 from ..peering import parse_peers
 from . import scaleout
 from .request_framing import ChunkedRequestBody, framing_error
+from .request_threads import RequestThreads
 
 __all__ = [
     "add_arguments",
@@ -125,7 +126,7 @@ def default_max_threads(open_files: int) -> int:
     """The thread cap for a process allowed ``open_files`` descriptors: each
     tunnel and each request holds one descriptor and one thread, so a cap
     below the descriptor limit only stops tunnels that could be served
-    (about 40 KiB of RSS each, see docs/deployment.rst)."""
+    (about 35 KiB of RSS each, see docs/deployment.rst)."""
     if open_files <= 0:
         return DEFAULT_MAX_THREADS
     return max(64, open_files - _RESERVED_DESCRIPTORS)
@@ -360,6 +361,7 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
 
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
+    rbufsize = 512
     #: ``(second, Date header value)`` of the last response: formatted once a second.
     _date_cache: Tuple[int, str] = (0, "")
 
@@ -694,7 +696,9 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     streamed download; when all threads are busy, new connections wait in the
     listen backlog instead of spawning more threads. An idle keep-alive
     connection gives up its thread (within half a second) when a new
-    connection waits for one.
+    connection waits for one. Connections are handed to threads started
+    ahead of need (:class:`~remotedialer.cli.request_threads.RequestThreads`),
+    so that the listener does not wait for each new thread to run.
     """
 
     request_queue_size = LISTEN_BACKLOG
@@ -713,6 +717,7 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
         self._slots_freeing = 0
         kwargs.setdefault("handler", KeepAliveRequestHandler)
         super().__init__(host, port, app, **kwargs)
+        self._request_threads = RequestThreads(self.process_request_thread)
 
     def give_up_idle_slot(self) -> bool:
         """For an idle keep-alive connection: whether it should close so that
@@ -740,7 +745,7 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
                     self._slots_wanted -= 1
                     self._slots_freeing = max(0, min(self._slots_freeing - 1, self._slots_wanted))
         try:
-            super().process_request(request, client_address)
+            self._request_threads.submit(request, client_address)
         except BaseException:
             self._slots.release()
             raise
@@ -754,6 +759,10 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     def shutdown(self) -> None:
         self._stopping.set()
         super().shutdown()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._request_threads.close()
 
 
 #: Shown at the end of ``remotedialer server --help``, as README.rst says it.
