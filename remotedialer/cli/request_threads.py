@@ -58,10 +58,10 @@ class RequestThreads:
         self._closed = False
 
     def submit(self, request: Any, client_address: Any) -> None:
-        """Run ``handler(request, client_address)`` on a waiting thread, or
-        on a new one when none waits (then this blocks until the new thread
-        runs, as ``Thread.start`` does). Raises ``RuntimeError`` if no thread
-        can be started (the job is not run)."""
+        """Run ``handler(request, client_address)`` on a waiting thread, or on a new one when
+        none waits (then this blocks until the new thread runs, as
+        ``Thread.start`` does). Raises ``RuntimeError`` if no thread can be
+        started (the job is not run)."""
         job = (request, client_address)
         with self._cond:
             self._jobs.append(job)
@@ -76,8 +76,6 @@ class RequestThreads:
                 self._start_thread()
             except BaseException:
                 with self._cond:
-                    if job not in self._jobs:
-                        return  # a thread that came free took it after all
                     self._jobs.remove(job)
                 raise
 
