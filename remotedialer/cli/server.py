@@ -49,7 +49,6 @@ from ..peering import PeerSpec as Peer
 from ..peering import parse_peers
 from . import scaleout
 from .request_framing import ChunkedRequestBody, framing_error
-from .request_threads import RequestThreads
 
 __all__ = [
     "add_arguments",
@@ -696,9 +695,7 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     streamed download; when all threads are busy, new connections wait in the
     listen backlog instead of spawning more threads. An idle keep-alive
     connection gives up its thread (within half a second) when a new
-    connection waits for one. Connections are handed to threads started
-    ahead of need (:class:`~remotedialer.cli.request_threads.RequestThreads`),
-    so that the listener does not wait for each new thread to run.
+    connection waits for one.
     """
 
     request_queue_size = LISTEN_BACKLOG
@@ -717,7 +714,6 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
         self._slots_freeing = 0
         kwargs.setdefault("handler", KeepAliveRequestHandler)
         super().__init__(host, port, app, **kwargs)
-        self._request_threads = RequestThreads(self.process_request_thread)
 
     def give_up_idle_slot(self) -> bool:
         """For an idle keep-alive connection: whether it should close so that
@@ -745,7 +741,7 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
                     self._slots_wanted -= 1
                     self._slots_freeing = max(0, min(self._slots_freeing - 1, self._slots_wanted))
         try:
-            self._request_threads.submit(request, client_address)
+            super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
             raise
@@ -759,10 +755,6 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     def shutdown(self) -> None:
         self._stopping.set()
         super().shutdown()
-
-    def server_close(self) -> None:
-        super().server_close()
-        self._request_threads.close()
 
 
 #: Shown at the end of ``remotedialer server --help``, as README.rst says it.
