@@ -64,6 +64,12 @@ at once; on Kubernetes give the endpoints a few seconds to drop the pod."""
 CLOSE_TIMEOUT = 5.0
 """Seconds the closing of tunnels and the REMOVE_CLIENT announcements may take."""
 
+JOIN_SETTLE_SECONDS = 1.0
+"""How long a new instance waits, once every peer's link to it is up, before
+it reports ready: the peers' client lists arrive over those links, without
+an end marker (a rolling restart under load routed a request to an instance
+20 ms after it joined, before it had read them)."""
+
 SERVING, DRAINING, CLOSING, STOPPED = "serving", "draining", "closing", "stopped"
 
 
@@ -72,7 +78,7 @@ class GracefulShutdown:
 
     ``discovery`` (if any) keeps running while draining and is stopped before
     the tunnels close; ``join_timeout`` defaults to three of its refresh
-    intervals.
+    intervals; ``join_settle`` is :data:`JOIN_SETTLE_SECONDS`.
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class GracefulShutdown:
         close_timeout: float = CLOSE_TIMEOUT,
         discovery: Optional["DnsPeerDiscovery"] = None,
         join_timeout: Optional[float] = None,
+        join_settle: float = JOIN_SETTLE_SECONDS,
     ) -> None:
         if drain_seconds < 0:
             raise ValueError("drain_seconds must not be negative")
@@ -93,6 +100,7 @@ class GracefulShutdown:
         if join_timeout is None:
             join_timeout = 3 * discovery.refresh_interval if discovery is not None else 0.0
         self.join_timeout = join_timeout
+        self.join_settle = join_settle
         self._started = time.monotonic()
         self._joined = discovery is None  # set once, never cleared
         self._join_detail = "joined the peers"
@@ -136,11 +144,21 @@ class GracefulShutdown:
             waiting = "no peer lookup yet"
         else:
             connected = {link.spec.peer_id for link in self.server.peering.links() if link.connected}
+            peers = discovery.peer_ids()
             missing = sorted(
-                peer for peer in discovery.peer_ids()
+                peer for peer in peers
                 if peer not in connected or not self.server.peer_sessions.sessions(peer)
             )
-            waiting = f"waiting for {', '.join(missing[:5])}" if missing else ""
+            # A peer announces its clients over its link right after it
+            # opens, with no end marker: give the newest link a moment.
+            newest = max((session.started_at for peer in peers
+                          for session in self.server.peer_sessions.sessions(peer)), default=0.0)
+            if missing:
+                waiting = f"waiting for {', '.join(missing[:5])}"
+            elif time.monotonic() - newest < self.join_settle:
+                waiting = "reading the peers' client lists"
+            else:
+                waiting = ""
         if waiting and time.monotonic() - self._started < self.join_timeout:
             return ("joined", False, waiting)
         if waiting:

@@ -142,6 +142,7 @@ class Session:
         self._sync_seen: FrozenSet[int] = frozenset()  # conn ids present at the last SYNC received
         self._sync_listed: FrozenSet[int] = frozenset()  # open conn ids the peer listed in a SYNC
         now = time.monotonic()
+        self.started_at = now  #: ``time.monotonic()`` when the session was made
         self._next_ping = now
         self._next_sync = now + limits.sync_interval
 

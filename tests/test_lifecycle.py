@@ -3,6 +3,7 @@ the real werkzeug server on loopback, real tunnel clients and a real peer."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from typing import Any, Iterator, List, Optional, Tuple
 
@@ -17,7 +18,7 @@ from remotedialer.lifecycle import GracefulShutdown, is_gunicorn_worker
 from remotedialer.server import Server
 from remotedialer.session import Session
 
-from .support import TIMEOUT, EchoServer, allow_all, recv_exactly, wait_for
+from .support import TIMEOUT, EchoServer, TunnelServer, allow_all, recv_exactly, wait_for
 
 TOKEN = "lifecycle-token"
 FAST = Backoff(initial=0.05, maximum=0.2)
@@ -194,3 +195,35 @@ def test_a_new_instance_is_ready_once_its_peers_linked_with_it(instances: List[I
     finally:
         discovery.stop()
         server.close()
+
+
+def test_a_new_instance_gives_its_peers_time_to_announce_their_clients() -> None:
+    """Once every peer is linked both ways, readiness waits ``join_settle``
+    more: the peers announce their clients over their links to us right
+    after those open, with no end marker."""
+    from remotedialer.discovery import DnsPeerDiscovery, Endpoint
+
+    free = socket.create_server(("127.0.0.1", 0))
+    port = free.getsockname()[1]
+    free.close()
+    me = TunnelServer(peer_id="127.0.0.1:1", peer_token=TOKEN)
+    peer = TunnelServer(port=port, peer_id="127.0.0.1", peer_token=TOKEN)  # A records: id = IP
+    discovery = DnsPeerDiscovery(me.server, "peers.test", port, refresh=60, token=TOKEN,
+                                 lookup=lambda name, _port: [Endpoint("127.0.0.1", port)])
+    waiting = GracefulShutdown(me.server, discovery=discovery, join_timeout=120, join_settle=60)
+    settled = GracefulShutdown(me.server, discovery=discovery, join_timeout=120, join_settle=0)
+
+    def joined(shutdown: GracefulShutdown) -> Tuple[bool, str]:
+        return {name: (ok, detail) for name, ok, detail in shutdown.checks()}["joined"]
+
+    try:
+        discovery.start()  # we accept the peer and link to it
+        wait_for(lambda: discovery.last_success > 0)
+        peer.server.add_peer(me.url, "127.0.0.1:1", TOKEN)  # the peer's link to us
+        wait_for(lambda: joined(settled)[0])  # linked both ways
+        assert joined(waiting) == (False, "reading the peers' client lists")
+        assert not waiting.ready()
+    finally:
+        discovery.stop()
+        peer.close()
+        me.close()
