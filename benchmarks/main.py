@@ -7,7 +7,9 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from .procs import BenchError, raise_fd_limit
+from remotedialer.cli.server import raise_open_files_limit
+
+from .procs import BenchError
 from .report import Report
 from .workloads import WORKLOADS, Options, run_workloads
 
@@ -75,7 +77,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options.ssh = not args.no_ssh
     options.go = not args.no_go
     options.gunicorn = not args.no_gunicorn
-    raise_fd_limit()
+    raise_open_files_limit()
     report = Report()
     started = time.monotonic()
     only: List[str] = args.only or []

@@ -115,9 +115,11 @@ def live_scrape_seconds(agents: int, runs: int) -> Dict[str, List[Tuple[float, f
     -> (wall seconds, server CPU seconds) per run. Blocks for a minute or
     more; raises ``BenchError`` when the tunnels do not open."""
     from .agents import FleetProc
-    from .procs import Proc, free_port, raise_fd_limit
+    from remotedialer.cli.server import raise_open_files_limit
 
-    raise_fd_limit()
+    from .procs import Proc, free_port
+
+    raise_open_files_limit()
     figures: Dict[str, List[Tuple[float, float]]] = {"prometheus_client (name[])": [], "remotedialer": []}
     with tempfile.TemporaryDirectory(prefix="remotedialer-metrics-") as log_dir:
         port = free_port()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import resource
 import signal
 import socket
 import subprocess
@@ -18,8 +17,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
+from remotedialer.cli.server import raise_open_files_limit
+
 __all__ = [
-    "BenchError", "Proc", "ProcStats", "free_port", "raise_fd_limit", "Usage", "usage", "wait_listening",
+    "BenchError", "Proc", "ProcStats", "free_port", "Usage", "usage", "wait_listening",
     "wait_until",
 ]
 
@@ -29,14 +30,6 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 class BenchError(RuntimeError):
     """A benchmark could not run (a process failed to start, a port never showed up...)."""
-
-
-def raise_fd_limit() -> None:
-    """Raise this process's soft open-files limit to the hard limit (the scale
-    workload holds tens of thousands of sockets across processes)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def free_port() -> int:
@@ -81,7 +74,7 @@ class Proc:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=full_env,
-            preexec_fn=raise_fd_limit,
+            preexec_fn=raise_open_files_limit,
         )
 
     @classmethod

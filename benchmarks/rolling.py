@@ -50,8 +50,10 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
+from remotedialer.cli.server import raise_open_files_limit
 from testkit.dns import ZoneServer
-from .procs import BenchError, free_port, raise_fd_limit, wait_until
+
+from .procs import BenchError, free_port, wait_until
 
 __all__ = ["RollOptions", "RollResult", "ServiceBalancer", "run_roll", "main"]
 
@@ -747,7 +749,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workdir", metavar="DIR", help="keep the processes' logs here")
     parser.add_argument("--json", metavar="PATH", help="write every run's figures as JSON")
     args = parser.parse_args(argv)
-    raise_fd_limit()
+    raise_open_files_limit()
 
     def stop(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # the instances started are stopped on the way out

@@ -27,7 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .procs import BenchError, Proc, raise_fd_limit
+from remotedialer.cli.server import raise_open_files_limit
+
+from .procs import BenchError, Proc
 
 __all__ = ["SoakOptions", "SoakResult", "run_soak", "main"]
 
@@ -239,7 +241,7 @@ def run_soak(options: SoakOptions, log=lambda text: print(text, file=sys.stderr)
     :class:`~benchmarks.procs.BenchError` if the processes cannot start."""
     from remotedialer.cli.dummy import DummyServer
 
-    raise_fd_limit()
+    raise_open_files_limit()
     result = SoakResult(seconds=options.seconds, connections=options.connections)
     echo = EchoServer()
     web = DummyServer(("127.0.0.1", 0))

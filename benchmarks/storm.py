@@ -16,8 +16,10 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
+from remotedialer.cli.server import raise_open_files_limit
+
 from .agents import FleetProc
-from .procs import Proc, free_port, raise_fd_limit, wait_until
+from .procs import Proc, free_port, wait_until
 
 __all__ = ["run_storm", "main"]
 
@@ -37,7 +39,7 @@ def _status(fleet: FleetProc) -> Dict[str, float]:
 
 def run_storm(agents: int, settle: float = 10.0) -> Dict[str, float]:
     """One storm; blocks for about a minute. Raises ``BenchError`` on failure."""
-    raise_fd_limit()
+    raise_open_files_limit()
     with tempfile.TemporaryDirectory(prefix="remotedialer-storm-") as log_dir:
         port = free_port()
         procs: List[Proc] = []

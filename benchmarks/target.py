@@ -15,14 +15,14 @@ import socket
 import sys
 from typing import Optional, Sequence
 
-from .procs import raise_fd_limit
+from remotedialer.cli.server import raise_open_files_limit
 
 GREETING = b"+"
 
 
 def serve(host: str, port: int) -> None:
     """Serve until SIGTERM/SIGINT; blocks."""
-    raise_fd_limit()
+    raise_open_files_limit()
     listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind((host, port))

@@ -39,6 +39,7 @@ import sys
 import time
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+from remotedialer.cli.server import raise_open_files_limit
 from remotedialer.frames import (
     OP_BINARY,
     OP_CLOSE,
@@ -338,15 +339,6 @@ def _print_json(record: Dict[str, object]) -> None:
     print(json.dumps(record), flush=True)
 
 
-def _raise_open_files_limit() -> None:
-    """Soft open-files limit up to the hard one: a fleet holds a socket per agent."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testkit.fleet", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -359,7 +351,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--report", type=float, default=5.0, help="seconds between status lines")
     parser.add_argument("--reconnect", action="store_true", help="reopen dropped tunnels")
     args = parser.parse_args(argv)
-    _raise_open_files_limit()
+    raise_open_files_limit()  # a socket per agent
     fleet = Fleet(args.host, args.port, args.count, ping_interval=args.ping, answering=args.answering,
                   pending=args.pending, reconnect=args.reconnect, report_interval=args.report,
                   prefix_start=args.first)
