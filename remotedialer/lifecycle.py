@@ -144,15 +144,14 @@ class GracefulShutdown:
             waiting = "no peer lookup yet"
         else:
             connected = {link.spec.peer_id for link in self.server.peering.links() if link.connected}
-            peers = discovery.peer_ids()
+            incoming = {peer: self.server.peer_sessions.sessions(peer) for peer in discovery.peer_ids()}
             missing = sorted(
-                peer for peer in peers
-                if peer not in connected or not self.server.peer_sessions.sessions(peer)
+                peer for peer, sessions in incoming.items() if peer not in connected or not sessions
             )
             # A peer announces its clients over its link right after it
             # opens, with no end marker: give the newest link a moment.
-            newest = max((session.started_at for peer in peers
-                          for session in self.server.peer_sessions.sessions(peer)), default=0.0)
+            newest = max((session.started_at for sessions in incoming.values() for session in sessions),
+                         default=0.0)
             if missing:
                 waiting = f"waiting for {', '.join(missing[:5])}"
             elif time.monotonic() - newest < self.join_settle:

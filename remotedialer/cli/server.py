@@ -125,7 +125,7 @@ def default_max_threads(open_files: int) -> int:
     """The thread cap for a process allowed ``open_files`` descriptors: each
     tunnel and each request holds one descriptor and one thread, so a cap
     below the descriptor limit only stops tunnels that could be served
-    (about 35 KiB of RSS each, see docs/deployment.rst)."""
+    (about 31-35 KiB of RSS each, see docs/deployment.rst)."""
     if open_files <= 0:
         return DEFAULT_MAX_THREADS
     return max(64, open_files - _RESERVED_DESCRIPTORS)
