@@ -114,9 +114,9 @@ def live_scrape_seconds(agents: int, runs: int) -> Dict[str, List[Tuple[float, f
     """Scrape a ``remotedialer server`` holding ``agents`` tunnels: scrape name
     -> (wall seconds, server CPU seconds) per run. Blocks for a minute or
     more; raises ``BenchError`` when the tunnels do not open."""
-    from .agents import FleetProc
     from remotedialer.cli.server import raise_open_files_limit
 
+    from .agents import FleetProc
     from .procs import Proc, free_port
 
     raise_open_files_limit()
