@@ -1,0 +1,229 @@
+"""Cost per request against a fast target: ``python -m benchmarks.cost``.
+
+Every stack runs in the same run, to the same target (:mod:`benchmarks.fast_target`:
+the Go reference's file server, or nginx): the target directly, the Python
+example server + client (``tunnel``), the Go reference's server + client
+(``go``) and their pairings, the Python server under gunicorn gthread as the
+fallback recipe (``gunicorn``) and under our worker (``worker``:
+``gunicorn -k remotedialer.workers.RemotedialerWorker``), and with
+``--forward`` the raw forward beside ``ssh -R``. The runs alternate between
+the columns; each cell is the median of ``--runs`` runs with its range. A
+row whose rate through a tunnel exceeds a third of the target's direct rate
+in the same run is marked *limited by the target* in the notes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+from typing import Callable, Dict, List, Optional, Sequence
+
+from remotedialer.cli.server import raise_open_files_limit
+
+from .fast_target import LIMIT_SHARE, TARGET_KINDS, FastTarget, start_fast_target
+from .loadgen import wrk_path
+from .procs import BenchError, Proc, wait_until
+from .report import Report
+from .sshd import SSHReverseForward
+from .stacks import GO, Route, route_label, start_stacks
+from .workloads import _get_ok, _request_rows
+
+__all__ = ["main", "WORKER", "WORKER_CLASS", "start_worker_stack", "mark_target_limited"]
+
+#: The column of the Python server under gunicorn with our worker class.
+WORKER = "worker"
+WORKER_CLASS = "remotedialer.workers.RemotedialerWorker"
+FILE = "1k.bin"
+
+
+def start_worker_stack(log_dir: str, target: str, procs: Dict[str, Proc]) -> Route:
+    """``gunicorn -k WORKER_CLASS --workers 1`` serving the example server,
+    with a Python client; the route to the target through it."""
+    from .stacks import _start_on_free_port
+
+    server, port = _start_on_free_port("gunicorn-worker", lambda port: [
+        sys.executable, "-m", "gunicorn", "-k", WORKER_CLASS, "--workers", "1",
+        "-b", f"127.0.0.1:{port}", "remotedialer.cli.server:make_app()"], log_dir)
+    procs["gunicorn-worker"] = server
+    client = Proc.remotedialer("py-client-worker", [
+        "client", "--connect", f"ws://127.0.0.1:{port}/connect", "--id", "foo"], log_dir)
+    procs["py-client-worker"] = client
+    return Route(f"http://127.0.0.1:{port}/client/foo/http/{target}/", server, client, server_tree=True)
+
+
+def mark_target_limited(report: Report, direct: str = "direct") -> List[str]:
+    """Notes for every request-rate row where a path's median exceeds
+    :data:`LIMIT_SHARE` of the direct path's median (same row, same run)."""
+    marked = []
+    for row in report.rows:
+        if row.unit != "req/s":
+            continue
+        target = row.median(direct)
+        if not target:
+            continue
+        for path in row.values:
+            rate = row.median(path)
+            if path != direct and rate is not None and rate > target * LIMIT_SHARE:
+                text = (f"{row.workload} {path}: {rate:.0f} req/s is more than a third of the "
+                        f"target's direct {target:.0f} req/s: limited by the target")
+                report.note(text)
+                marked.append(text)
+    return marked
+
+
+def ratio_notes(report: Report, pairs: Sequence[tuple]) -> None:
+    """``a/b`` of the request-rate and CPU medians for each pair present."""
+    for row in report.rows:
+        if row.unit != "req/s" and "server+client" not in row.metric:
+            continue
+        for first, second in pairs:
+            top, bottom = row.median(first), row.median(second)
+            if top is not None and bottom:
+                report.note(f"{row.workload} {row.metric}: {first}/{second} = {top / bottom:.2f}")
+
+
+def _run(args: argparse.Namespace, report: Report, progress: Callable[[str], None]) -> None:
+    from .workloads import Options
+
+    options = Options(runs=args.runs, request_seconds=args.seconds,
+                      concurrency=[int(c) for c in args.concurrency.split(",") if c.strip()],
+                      use_wrk=not args.no_wrk, progress=progress)
+    procs: Dict[str, Proc] = {}
+    ssh: Optional[SSHReverseForward] = None
+    with tempfile.TemporaryDirectory(prefix="remotedialer-cost-") as work:
+        data = os.path.join(work, "data")
+        os.makedirs(data)
+        with open(os.path.join(data, FILE), "wb") as handle:
+            handle.write(os.urandom(1024))
+        try:
+            target: FastTarget = start_fast_target(args.target, data, work)
+            procs["target"] = target.proc
+            report.note(f"target: {target.label}")
+            server_args = ["server", "--listen", "127.0.0.1:0"]
+            if args.forward:
+                server_args += ["--forward", f"127.0.0.1:0=foo:tcp:{target.address}"]
+            server = Proc.remotedialer("server", server_args, work)
+            procs["server"] = server
+            server_port = int(server.wait_for_log(r"listening on http://[^\s]+:(\d+)")[0].group(1))
+            connect = f"ws://127.0.0.1:{server_port}/connect"
+            client = Proc.remotedialer("client", ["client", "--connect", connect, "--id", "foo"], work)
+            procs["client"] = client
+            routes: Dict[str, Route] = {
+                "tunnel": Route(f"http://127.0.0.1:{server_port}/client/foo/http/{target.address}/",
+                                server, client)}
+            notes: List[str] = []
+            routes.update(start_stacks(work, server, server_port, target.address, not args.no_go,
+                                       not args.no_gunicorn, procs, notes.append))
+            if not args.pairings:
+                for path in ("go-srv+py-cli", "py-srv+go-cli"):
+                    routes.pop(path, None)
+            if not args.no_worker:
+                if importlib.util.find_spec("remotedialer.workers") is None:
+                    notes.append("worker column skipped: remotedialer.workers is not in this checkout")
+                else:
+                    routes[WORKER] = start_worker_stack(work, target.address, procs)
+            routes["direct"] = Route(f"http://{target.address}/")
+            for name, route in routes.items():
+                url = route.url(FILE)
+                wait_until(lambda: _get_ok(url), 20, f"the {name} path to answer", 0.05)  # noqa: B023
+            for note in notes:
+                report.note(note)
+            for path in routes:
+                label = (route_label(path) if path != WORKER else
+                         f"Python server under gunicorn -k {WORKER_CLASS} (1 worker) + Python client")
+                report.note(f"{path}: {label}")
+            tool = "wrk" if options.use_wrk and wrk_path() else "built-in Python load generator"
+            report.note(f"request rates measured with {tool}; {options.runs} alternating runs "
+                        f"of {options.request_seconds:g} s per cell")
+            _request_rows_for(options, report, "1 KiB GET", routes)
+            if args.forward:
+                forward_port = int(server.wait_for_log(
+                    rf"forward 127\.0\.0\.1:(\d+)=\S*{target.address}\b")[0].group(1))
+                forward_routes = {"forward": Route(f"http://127.0.0.1:{forward_port}/", server, client)}
+                if not args.no_ssh:
+                    ssh = SSHReverseForward(work, target.port)
+                    try:
+                        ssh_port = ssh.start()
+                        daemon, ssh_client = ssh.procs[-2:]
+                        forward_routes["ssh-R"] = Route(f"http://127.0.0.1:{ssh_port}/", daemon, ssh_client,
+                                                        server_tree=True)
+                    except (BenchError, OSError) as exc:
+                        report.note(f"ssh -R column skipped: {exc}")
+                forward_routes["direct"] = routes["direct"]
+                for name, route in forward_routes.items():
+                    url = route.url(FILE)
+                    wait_until(lambda: _get_ok(url), 20, f"the {name} path to answer", 0.05)  # noqa: B023
+                _request_rows_for(options, report, "raw forward 1 KiB GET", forward_routes)
+        finally:
+            if ssh is not None:
+                ssh.stop()
+            for proc in reversed(list(procs.values())):
+                proc.stop()
+
+
+def _request_rows_for(options: object, report: Report, prefix: str, routes: Dict[str, Route]) -> None:
+    class _Setup:  # what _request_rows reads of a workloads.Setup
+        pass
+
+    setup = _Setup()
+    setup.options = options  # type: ignore[attr-defined]
+    _request_rows(setup, report, prefix, routes, {}, {})  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", choices=TARGET_KINDS, default="auto",
+                        help="the target behind the tunnels (default: Go's file server when built, "
+                             "else nginx)")
+    parser.add_argument("--runs", type=int, default=3, help="alternating runs per cell (default 3)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of one load run (default 5)")
+    parser.add_argument("--concurrency", default="1,10,100", help="connections (default 1,10,100)")
+    parser.add_argument("--forward", action="store_true", help="also the raw forward beside ssh -R")
+    parser.add_argument("--pairings", action="store_true", help="also Go server + Python client and back")
+    parser.add_argument("--no-go", action="store_true", help="leave out the Go reference stack")
+    parser.add_argument("--no-gunicorn", action="store_true", help="leave out gunicorn gthread")
+    parser.add_argument("--no-worker", action="store_true", help="leave out gunicorn with our worker")
+    parser.add_argument("--no-ssh", action="store_true", help="leave out ssh -R")
+    parser.add_argument("--no-wrk", action="store_true", help="built-in load generator, not wrk")
+    parser.add_argument("--json", metavar="PATH", help="write every value as JSON")
+    parser.add_argument("--rst", metavar="PATH", help="write the tables as reStructuredText")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run; the tables on stdout, progress on stderr."""
+    args = build_parser().parse_args(argv)
+    if args.runs < 1:
+        print("--runs must be at least 1", file=sys.stderr)
+        return 2
+    raise_open_files_limit()
+    report = Report()
+    failed = False
+    try:
+        _run(args, report, lambda text: print(text, file=sys.stderr, flush=True))
+    except (BenchError, OSError, RuntimeError) as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        report.note(f"aborted: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        failed = True
+    mark_target_limited(report)
+    ratio_notes(report, [("tunnel", GO), (WORKER, GO), ("gunicorn", GO), ("forward", "ssh-R")])
+    for row in report.rows:
+        if row.unit == "req/s" and row.median("direct"):
+            print(f"{row.workload}: target direct {statistics.median(row.values['direct']):.0f} req/s",
+                  file=sys.stderr)
+    print(report.table())
+    if args.json:
+        with open(args.json, "w") as handle:
+            handle.write(report.to_json())
+    if args.rst:
+        with open(args.rst, "w") as handle:
+            handle.write(report.rst_table() + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
