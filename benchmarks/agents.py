@@ -314,8 +314,8 @@ def ping_cpu_microseconds(pings: int = 20000) -> Tuple[float, float]:
     import threading
 
     from remotedialer.frames import OP_PING, encode_masked_frame
-    from remotedialer.transport import TransportClosed
-    from remotedialer.wsgi_transport import ServerWebSocket
+    from remotedialer.transports.base import TransportClosed
+    from remotedialer.transports.wsgi import ServerWebSocket
 
     def cpu() -> float:
         usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -51,6 +51,7 @@ ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
 
 import remotedialer  # noqa: E402
+from remotedialer.deprecation import MOVED  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ def public_modules() -> List[str]:
     for info in pkgutil.walk_packages(remotedialer.__path__, "remotedialer."):
         parts = info.name.split(".")
         if any(part.startswith("_") for part in parts) or parts[1] in API_EXCLUDE:
+            continue
+        if info.name in MOVED:  # an old path: the module is documented where it lives now
             continue
         names.append(info.name)
     return sorted(names)

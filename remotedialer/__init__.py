@@ -23,13 +23,13 @@ from .errors import (
     TunnelClosedError,
     TunnelTimeoutError,
 )
-from .forward import PortForward
+from .server.port_forward import PortForward
 from .observer import Observer
-from .peering import Peering
+from .ha.peering import Peering
 from .piping import LocalDialer, Piper, dial_socket
-from .server import ClientDialer, Server
+from .server.tunnel_server import ClientDialer, Server
 from .session import Session
-from .session_manager import SessionManager
+from .server.sessions import SessionManager
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import socket
 import ssl
 import threading
 import time
@@ -18,18 +17,15 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Mapping, Optional
 
 import websocket
-from urllib3.util.wait import wait_for_write
 
 from .config import DEFAULT_LIMITS, Limits
-from .errors import HandshakeError, ProtocolError, TunnelTimeoutError, error_text
-from .frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, encode_masked_frame
+from .errors import HandshakeError, TunnelTimeoutError, error_text
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
-from .transport import ReceiveSize, TransportClosed, next_event_from_socket
+from .transports.websocket_client import WebSocketClientTransport, open_websocket
 
 __all__ = [
-    "WebSocketClientTransport",
     "Backoff",
     "TunnelClient",
     "connect_to_proxy",
@@ -38,106 +34,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RECEIVE_BYTES = 64 * 1024
-"""Bytes the client's reader asks the socket for at a time (one DATA message
-of the largest size, or many small ones)."""
-
 OnConnect = Callable[[Session], None]
 """Called on a new thread with each new session, once it is serving."""
-
-
-class WebSocketClientTransport:
-    """Adapts a connected ``websocket.WebSocket`` (websocket-client) to the
-    :class:`~remotedialer.transport.Transport` interface."""
-
-    def __init__(self, ws: websocket.WebSocket, max_message_size: int, description: str = "") -> None:
-        self.ws = ws
-        self.last_keepalive = time.monotonic()
-        self._description = description or "websocket"
-        self._closed = False
-        self._frames = FrameReader(max_message_size, from_client=False)  # reader thread only
-        self._receive_size = ReceiveSize(RECEIVE_BYTES)  # reader thread only
-
-    def send(self, data: bytes) -> None:
-        # Frames are built and masked here (numpy when available, see
-        # frames.py: websocket-client's masker was half the client's CPU) and
-        # written under websocket-client's own write lock, which its pongs
-        # and close frames take too.
-        frame = encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data)
-        try:
-            with self.ws.lock:
-                sock = self.ws.sock
-                if sock is None:
-                    raise TransportClosed("websocket closed")
-                sock.sendall(frame)
-        except (websocket.WebSocketException, OSError, AttributeError) as exc:
-            raise TransportClosed(f"websocket write failed: {exc}") from exc
-
-    def receive(self) -> bytes:
-        """Block for the next binary message, answering pings on the way.
-
-        Frames are read here, not by websocket-client: one ``recv`` of up to
-        :data:`RECEIVE_BYTES` takes every frame that arrived, where
-        websocket-client reads each frame's header, length and payload with a
-        ``recv`` of their own (and its per-frame Python was a fifth of the
-        client's CPU on small requests). Raises :class:`TransportClosed` when
-        the WebSocket closes and :class:`~remotedialer.errors.ProtocolError`
-        for a text message or a frame breaking RFC 6455.
-        """
-        sock, closing = self.ws.sock, lambda: self._closed
-        while True:
-            opcode, payload = next_event_from_socket(self._frames, sock, self._receive_size, closing)
-            if opcode == OP_BINARY:
-                return payload
-            if opcode == OP_TEXT:
-                raise ProtocolError("text message received")
-            if opcode == OP_PONG:
-                self.last_keepalive = time.monotonic()
-            elif opcode == OP_PING:
-                self._answer_ping(payload)
-            elif opcode == OP_CLOSE:
-                raise TransportClosed("websocket closed by the server")
-
-    def _answer_ping(self, payload: bytes) -> None:
-        try:
-            self.ws.pong(payload)
-        except (websocket.WebSocketException, OSError, AttributeError) as exc:
-            raise TransportClosed(f"websocket pong failed: {exc}") from exc
-
-    def ping(self) -> None:
-        """Send a ping unless the socket's send buffer is full: the shared
-        heartbeat thread must never block on one stuck tunnel (a tunnel that
-        stays stuck goes silent and is ended by its read deadline)."""
-        sock = self.ws.sock
-        if sock is not None:
-            try:
-                # poll where there is one: select fails for descriptors past 1023
-                writable = wait_for_write(sock, timeout=0)
-            except (OSError, ValueError) as exc:
-                raise TransportClosed(f"websocket ping failed: {exc}") from exc
-            if not writable:
-                log.debug("%s: send buffer full, ping skipped", self._description)
-                return
-        try:
-            self.ws.ping()
-        except (websocket.WebSocketException, OSError, AttributeError) as exc:
-            raise TransportClosed(f"websocket ping failed: {exc}") from exc
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self.ws.abort()  # type: ignore[no-untyped-call]  # unblocks a reader in recv
-        except Exception:  # pragma: no cover
-            pass
-        try:
-            self.ws.shutdown()  # type: ignore[no-untyped-call]
-        except Exception:  # pragma: no cover
-            pass
-
-    def describe(self) -> str:
-        return self._description
 
 
 @dataclass(frozen=True)
@@ -166,43 +64,6 @@ class Backoff:
     def restart_delay(self) -> float:
         """Seconds to wait before reopening a tunnel that was up."""
         return min(self.restart_jitter, self.initial) * random.random()
-
-
-def _open_websocket(
-    url: str,
-    headers: Optional[Mapping[str, str]],
-    limits: Limits,
-    ssl_context: Optional[ssl.SSLContext],
-    websocket_options: Optional[Dict[str, Any]],
-) -> websocket.WebSocket:
-    """Do the WebSocket handshake; HTTP refusals become :class:`HandshakeError`."""
-    options: Dict[str, Any] = dict(websocket_options or {})
-    if ssl_context is not None:
-        options.setdefault("sslopt", {})["context"] = ssl_context
-    header = [f"{name}: {value}" for name, value in (headers or {}).items()]
-    ws = websocket.WebSocket(
-        sslopt=options.pop("sslopt", None),
-        skip_utf8_validation=True,
-        enable_multithread=True,
-    )
-    try:
-        ws.connect(  # type: ignore[no-untyped-call]
-            url, header=header, timeout=limits.handshake_timeout, **options
-        )
-    except websocket.WebSocketBadStatusException as exc:
-        body = exc.resp_body.decode("utf-8", "replace") if exc.resp_body else ""
-        reason = str(getattr(exc, "status_message", None) or "")
-        raise HandshakeError(exc.status_code, body.strip(), exc, reason=reason) from exc
-    except BaseException:
-        ws.shutdown()  # type: ignore[no-untyped-call]
-        raise
-    ws.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
-    if ws.sock is not None:
-        try:
-            ws.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:  # pragma: no cover - not a TCP socket
-            pass
-    return ws
 
 
 class TunnelClient:
@@ -271,7 +132,7 @@ class TunnelClient:
         """Open one WebSocket, serve its session until it ends, return why it
         ended. Raises :class:`HandshakeError` or ``OSError`` if it could not
         connect."""
-        ws = _open_websocket(
+        ws = open_websocket(
             self.url, self.headers, self.limits, self.ssl_context, self.websocket_options
         )
         transport = WebSocketClientTransport(ws, self.limits.max_message_size, self.url)

@@ -24,6 +24,7 @@ __all__ = [
     "RemotedialerError",
     "ProtocolError",
     "TunnelClosedError",
+    "TransportClosed",
     "RemoteError",
     "RemoteRefusedError",
     "RemoteTimeoutError",
@@ -70,6 +71,11 @@ class TunnelClosedError(_SocketError, ConnectionResetError, ConnectionAbortedErr
     """The session carrying the connection ended ("tunnel disconnect"), or the
     connection was closed on this side. ``errno`` is ``ECONNRESET``; it is
     both a ``ConnectionResetError`` and (as before) a ``ConnectionAbortedError``."""
+
+
+class TransportClosed(TunnelClosedError):
+    """The WebSocket under a session closed or failed (raised by a
+    :class:`~remotedialer.transports.base.Transport`)."""
 
 
 class RemoteError(_SocketError, ConnectionResetError):

@@ -55,7 +55,7 @@ from werkzeug.wsgi import get_input_stream
 
 from .addresses import join_host_port, split_host_optional_port, split_remote_address
 from .errors import error_text
-from .httputil import StartResponse, header_tokens, plain_text_response
+from .server.wsgi import StartResponse, header_tokens, plain_text_response
 from .piping import Piper, default_piper
 
 __all__ = ["Forwarder", "DialFunction"]

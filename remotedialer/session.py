@@ -59,7 +59,7 @@ from .protocol import (
     encode_sync_payload,
     split_client_address,
 )
-from .transport import Transport, TransportClosed
+from .transports.base import Transport, TransportClosed
 
 __all__ = ["Session", "ConnectHandler", "ClientListener"]
 

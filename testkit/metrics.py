@@ -19,7 +19,7 @@ def metrics_with_clients(count: int) -> Tuple[Any, List[Any]]:
     from remotedialer.metrics import PrometheusObserver
     from remotedialer.protocol import MessageType
     from remotedialer.session import Session
-    from remotedialer.transport import memory_pair
+    from remotedialer.testing import memory_pair
 
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)

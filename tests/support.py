@@ -25,7 +25,7 @@ from remotedialer.connection import TunnelConnection
 from remotedialer.heartbeat import Heartbeat
 from remotedialer.piping import LocalDialer, Piper
 from remotedialer.session import ConnectHandler, Session
-from remotedialer.transport import memory_pair
+from remotedialer.testing import memory_pair
 
 # Every blocking call in a test is bounded by this (seconds).
 TIMEOUT = 10.0

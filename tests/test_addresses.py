@@ -17,7 +17,7 @@ from remotedialer.addresses import (
     split_remote_address,
 )
 from remotedialer.cli import build_parser
-from remotedialer.forward import parse_forward_spec
+from remotedialer.server.port_forward import parse_forward_spec
 
 
 @pytest.mark.parametrize(

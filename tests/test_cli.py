@@ -29,7 +29,7 @@ from remotedialer.cli.server import (
     tunnel_id_authorizer,
     wire_peers,
 )
-from remotedialer.peering import PeerSpec, parse_peers
+from remotedialer.ha.peering import PeerSpec, parse_peers
 
 from .conftest import TIMEOUT, wait_for
 

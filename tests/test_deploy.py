@@ -15,8 +15,8 @@ from werkzeug.test import Client
 
 from remotedialer.cli import build_parser, scaleout
 from remotedialer.cli import server as cli_server
-from remotedialer.discovery import parse_dns_name
-from remotedialer.lifecycle import CLOSE_TIMEOUT
+from remotedialer.ha.discovery import parse_dns_name
+from remotedialer.ha.lifecycle import CLOSE_TIMEOUT
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 

@@ -11,7 +11,7 @@ from typing import Iterator, List, Tuple
 import pytest
 
 from testkit.dns import ZoneServer
-from remotedialer.discovery import (
+from remotedialer.ha.discovery import (
     DiscoveryError,
     DnsPeerDiscovery,
     DnsResolver,
@@ -19,7 +19,7 @@ from remotedialer.discovery import (
     parse_dns_name,
     parse_dns_server,
 )
-from remotedialer.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
+from remotedialer.ha.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
 from remotedialer.server import Server
 
 NAME = "peers.test"
@@ -135,7 +135,7 @@ def test_resolver_failure_keeps_the_last_good_peers(
     zone.set_endpoints(NAME, [("127.0.0.1", 9002)])
     assert discovery.refresh()
     zone.fail()
-    with caplog.at_level(logging.WARNING, logger="remotedialer.discovery"):
+    with caplog.at_level(logging.WARNING, logger="remotedialer.ha.discovery"):
         assert not discovery.refresh()
     assert "keeping 1 peer(s)" in caplog.text
     assert isinstance(discovery.last_error, DiscoveryError)

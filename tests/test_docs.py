@@ -22,6 +22,7 @@ from sphinx.pycode import ModuleAnalyzer
 
 import remotedialer
 from remotedialer.config import Limits
+from remotedialer.deprecation import MOVED
 from remotedialer.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,8 +32,8 @@ DOCS = ROOT / "docs"
 def public_module_names() -> List[str]:
     names = ["remotedialer"]
     for info in pkgutil.walk_packages(remotedialer.__path__, "remotedialer."):
-        if not any(part.startswith("_") for part in info.name.split(".")):
-            names.append(info.name)
+        if not any(part.startswith("_") for part in info.name.split(".")) and info.name not in MOVED:
+            names.append(info.name)  # old paths (MOVED) are the modules at their new ones
     return names
 
 

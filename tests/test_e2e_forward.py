@@ -17,7 +17,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import pytest
 
 from remotedialer.client import Backoff, TunnelClient
-from remotedialer.forward import PortForward
+from remotedialer.server.port_forward import PortForward
 from remotedialer.piping import Piper
 
 from .support import TIMEOUT, SelectorEchoServer, TunnelServer, echo_concurrently, recv_exactly, wait_for

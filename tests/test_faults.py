@@ -480,7 +480,7 @@ def test_server_reader_keeps_reading_while_a_send_is_stuck() -> None:
     must not wait for the socket to answer it: it reads on (so the peer's
     PAUSE gets through), and the pong goes out after the stuck write."""
     from remotedialer.frames import OP_BINARY, OP_PING, OP_PONG
-    from remotedialer.wsgi_transport import ServerWebSocket
+    from remotedialer.transports.wsgi import ServerWebSocket
 
     from .test_wsgi_transport import client_frame, read_server_frame
 

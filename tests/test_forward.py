@@ -15,7 +15,7 @@ import pytest
 from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
 from remotedialer.errors import NoSessionError
-from remotedialer.forward import (
+from remotedialer.server.port_forward import (
     WARNING_BURST,
     ForwardSpec,
     PortForward,
@@ -401,7 +401,7 @@ def test_failure_warnings_are_rate_limited(env: Env, caplog: pytest.LogCaptureFi
     closed = socket.create_server(("127.0.0.1", 0))
     address = f"127.0.0.1:{closed.getsockname()[1]}"
     closed.close()
-    caplog.set_level(logging.WARNING, logger="remotedialer.forward")
+    caplog.set_level(logging.WARNING, logger="remotedialer.server.port_forward")
     fwd = env.forward(address)
     for _ in range(WARNING_BURST + 7):
         with connect(fwd) as sock:
@@ -435,7 +435,7 @@ def test_dial_error_closes_accepted_connection_at_once(
         attempts.append(1)
         raise NoSessionError("failed to find Session for client foo")
 
-    caplog.set_level(logging.WARNING, logger="remotedialer.forward")
+    caplog.set_level(logging.WARNING, logger="remotedialer.server.port_forward")
     with PortForward(dial, piper=env.server_piper) as fwd:
         for _ in range(3):
             with connect(fwd) as sock:
@@ -443,7 +443,7 @@ def test_dial_error_closes_accepted_connection_at_once(
                 assert got == b""
         assert fwd.failed == 3 and fwd.accepted == 3 and fwd.active == 0
     assert len(attempts) == 3
-    messages = [r.getMessage() for r in caplog.records if r.name == "remotedialer.forward"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "remotedialer.server.port_forward"]
     assert sum("failed to find Session" in m and "NoSessionError" in m for m in messages) == 3
 
 

@@ -27,7 +27,8 @@ from remotedialer.heartbeat import Heartbeat
 from remotedialer.piping import LocalDialer, Piper
 from remotedialer.protocol import Message, MessageType, decode_message, encode_message
 from remotedialer.session import Session
-from remotedialer.transport import MemoryTransport, TransportClosed, memory_pair
+from remotedialer.testing import MemoryTransport, memory_pair
+from remotedialer.transports.base import TransportClosed
 
 from .support import TIMEOUT, EchoServer, SessionPair, SilentListener, TunnelServer, recv_up_to, wait_for
 

@@ -1,4 +1,4 @@
-"""remotedialer.httputil: header tokens and plain-text WSGI responses."""
+"""remotedialer.server.wsgi: header tokens and plain-text WSGI responses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, List, Tuple
 from werkzeug.test import Client
 from werkzeug.wrappers import Response
 
-from remotedialer.httputil import header_tokens, plain_text_response
+from remotedialer.server.wsgi import header_tokens, plain_text_response
 
 
 def test_header_tokens() -> None:

@@ -14,7 +14,7 @@ import websocket
 from remotedialer.cli.server import BoundedThreadedWSGIServer, ServerApp, make_app
 from remotedialer.client import Backoff, TunnelClient, connect_to_proxy
 from remotedialer.errors import HandshakeError
-from remotedialer.lifecycle import GracefulShutdown, is_gunicorn_worker
+from remotedialer.ha.lifecycle import GracefulShutdown, is_gunicorn_worker
 from remotedialer.server import Server
 from remotedialer.session import Session
 
@@ -173,7 +173,7 @@ def test_a_new_instance_is_ready_once_its_peers_linked_with_it(instances: List[I
     """With discovery, readiness waits until every listed peer is linked both
     ways; a listed peer that never answers keeps it out only until the join
     timeout."""
-    from remotedialer.discovery import DnsPeerDiscovery, Endpoint
+    from remotedialer.ha.discovery import DnsPeerDiscovery, Endpoint
 
     a, b = instances
     dead_port = b.port  # b listens but never runs a server: its peer link never comes up
@@ -201,7 +201,7 @@ def test_a_new_instance_gives_its_peers_time_to_announce_their_clients() -> None
     """Once every peer is linked both ways, readiness waits ``join_settle``
     more: the peers announce their clients over their links to us right
     after those open, with no end marker."""
-    from remotedialer.discovery import DnsPeerDiscovery, Endpoint
+    from remotedialer.ha.discovery import DnsPeerDiscovery, Endpoint
 
     free = socket.create_server(("127.0.0.1", 0))
     port = free.getsockname()[1]

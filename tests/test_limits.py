@@ -22,7 +22,7 @@ from remotedialer.errors import (
 from remotedialer.heartbeat import Heartbeat
 from remotedialer.protocol import MessageType, encode_message
 from remotedialer.session import Session
-from remotedialer.transport import memory_pair
+from remotedialer.testing import memory_pair
 
 from .support import TIMEOUT, EchoServer, SilentListener, TunnelServer, allow_all, recv_exactly, wait_for
 from .test_hostile import RawPeer, memory_raw_peer

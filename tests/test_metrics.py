@@ -20,7 +20,7 @@ from remotedialer.config import Limits
 from remotedialer.heartbeat import Heartbeat
 from remotedialer.metrics import METRICS, PrometheusObserver, with_metrics_endpoint
 from remotedialer.session import Session
-from remotedialer.transport import MemoryTransport, memory_pair
+from remotedialer.testing import MemoryTransport, memory_pair
 
 from .support import TIMEOUT, AcceptingHandler, EchoServer, recv_exactly, tunnel_id_authorizer, wait_for
 

@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 from remotedialer import metrics
 from remotedialer.heartbeat import Heartbeat
 from remotedialer.metrics import METRICS, MetricSpec, PrometheusObserver, make_wsgi_app
-from remotedialer.metrics_exposition import RowsFamily, render
+from remotedialer.metrics.exposition import RowsFamily, render
 from remotedialer.protocol import MessageType
 from remotedialer.session import Session
-from remotedialer.transport import memory_pair
+from remotedialer.testing import memory_pair
 
 # Client keys, peer ids and addresses that need escaping in a label value
 # (backslash, double quote, newline), or that a format string would mangle.

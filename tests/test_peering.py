@@ -1,4 +1,4 @@
-"""Peering between servers (remotedialer.peering) over real loopback WebSockets."""
+"""Peering between servers (remotedialer.ha.peering) over real loopback WebSockets."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.errors import NoSessionError, RemoteError
-from remotedialer.peering import PeerSpec, parse_peers, peer_ssl_context
+from remotedialer.ha.peering import PeerSpec, parse_peers, peer_ssl_context
 
 from .support import TIMEOUT, EchoServer, TunnelServer, recv_up_to, wait_for
 
@@ -164,7 +164,7 @@ def test_wrong_token_is_refused(caplog: pytest.LogCaptureFixture) -> None:
         assert getattr(b_link.client.last_error, "status", None) == 401
         assert not a.server.peer_sessions.sessions("B")
         assert TOKEN not in caplog.text and "other-token" not in caplog.text
-        refusals = [r.getMessage() for r in caplog.records if r.name == "remotedialer.server"
+        refusals = [r.getMessage() for r in caplog.records if r.name == "remotedialer.server.tunnel_server"
                     and r.getMessage().startswith("refused")]
         assert refusals and all(
             re.fullmatch(r"refused peer link from 127\.0\.0\.1:\d+: peer B: token mismatch", line)

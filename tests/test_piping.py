@@ -451,7 +451,7 @@ def test_replay_go_servers_refused_dial_into_our_client() -> None:
     from remotedialer.heartbeat import Heartbeat
     from remotedialer.protocol import MessageType, decode_message
     from remotedialer.session import Session
-    from remotedialer.transport import memory_pair
+    from remotedialer.testing import memory_pair
 
     conn3 = [e for e in _trace_messages() if e["conn_id"] == 3]
     server_said = [e for e in conn3 if e["dir"] == "s2c"]

@@ -19,7 +19,7 @@ from remotedialer.client import TunnelClient
 from remotedialer.config import Limits
 from remotedialer.errors import NoSessionError
 from remotedialer.frames import OP_PING, OP_PONG, FrameReader, encode_masked_frame
-from remotedialer.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
+from remotedialer.ha.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
 from testkit.fleet import CANNED_RESPONSE, Fleet
 from testkit.metrics import metrics_with_clients
 

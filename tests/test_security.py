@@ -65,7 +65,7 @@ def test_peer_token_checked_with_compare_digest(monkeypatch: pytest.MonkeyPatch)
     from werkzeug.test import EnvironBuilder
     from werkzeug.wrappers import Request
 
-    from remotedialer.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
+    from remotedialer.ha.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER
     from remotedialer.server import Server
 
     calls: List[Tuple[Any, Any]] = []

@@ -30,9 +30,9 @@ from remotedialer.errors import (
 )
 from remotedialer.server import Server
 from remotedialer.session import Session
-from remotedialer.session_manager import SessionManager
+from remotedialer.server.sessions import SessionManager
 from remotedialer.frames import OP_CLOSE, encode_frame
-from remotedialer.wsgi_transport import ServerWebSocket
+from remotedialer.transports.wsgi import ServerWebSocket
 
 from .support import (
     TIMEOUT,

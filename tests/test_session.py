@@ -27,7 +27,7 @@ from remotedialer.protocol import (
     encode_sync_payload,
 )
 from remotedialer.session import Session
-from remotedialer.transport import MemoryTransport, memory_pair
+from remotedialer.testing import MemoryTransport, memory_pair
 
 from .support import TIMEOUT, AcceptingHandler, SessionPair, recv_exactly, wait_for
 

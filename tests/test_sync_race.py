@@ -26,7 +26,7 @@ from remotedialer.heartbeat import Heartbeat
 from remotedialer.observer import Observer
 from remotedialer.protocol import MessageType, decode_message, encode_message, encode_sync_payload
 from remotedialer.session import Session
-from remotedialer.transport import memory_pair
+from remotedialer.testing import memory_pair
 
 from .support import TIMEOUT, EchoServer, TunnelServer, recv_up_to, wait_for
 

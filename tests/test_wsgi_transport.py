@@ -15,10 +15,10 @@ import pytest
 from urllib3.util.wait import wait_for_write
 
 from remotedialer.errors import ProtocolError
-from remotedialer.transport import TransportClosed
+from remotedialer.transports.base import TransportClosed
 from remotedialer import frames
 from remotedialer.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_frame
-from remotedialer.wsgi_transport import (
+from remotedialer.transports.wsgi import (
     IDLE_RECEIVE_BYTES,
     RECEIVE_BYTES,
     ServerWebSocket,

@@ -27,8 +27,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..discovery import DEFAULT_REFRESH, DnsPeerDiscovery, DnsResolver, parse_dns_name, parse_dns_server
-from ..lifecycle import DEFAULT_DRAIN_SECONDS, GracefulShutdown
+from ..ha.discovery import DEFAULT_REFRESH, DnsPeerDiscovery, DnsResolver, parse_dns_name, parse_dns_server
+from ..ha.lifecycle import DEFAULT_DRAIN_SECONDS, GracefulShutdown
 
 __all__ = [
     "DEFAULT_PORT",

@@ -41,12 +41,12 @@ from werkzeug.wrappers import Request
 from werkzeug.wsgi import LimitedStream
 
 from ..addresses import join_host_port, reachable_host
-from ..discovery import DnsPeerDiscovery
+from ..ha.discovery import DnsPeerDiscovery
 from ..forwarder import DEFAULT_TIMEOUT, Forwarder, poll_readable
-from ..httputil import WSGIApp, header_tokens, plain_text_response
-from ..lifecycle import GracefulShutdown, chain_sigterm, is_gunicorn_worker
-from ..peering import PeerSpec as Peer
-from ..peering import parse_peers
+from ..server.wsgi import WSGIApp, header_tokens, plain_text_response
+from ..ha.lifecycle import GracefulShutdown, chain_sigterm, is_gunicorn_worker
+from ..ha.peering import PeerSpec as Peer
+from ..ha.peering import parse_peers
 from . import scaleout
 from .request_framing import ChunkedRequestBody, framing_error
 
@@ -155,7 +155,7 @@ def make_tunnel_server(
 ) -> Any:
     """The :class:`remotedialer.server.Server` of the example (the connect
     endpoint and session manager)."""
-    from ..server import Server
+    from ..server.tunnel_server import Server
 
     kwargs: Dict[str, Any] = {}
     if observer is not None:
@@ -800,7 +800,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _forward_type(text: str) -> Any:
     """``--forward``: a :class:`~remotedialer.forward.ForwardSpec`; a bad one
     is a usage error (exit status 2) saying why."""
-    from ..forward import parse_forward_spec
+    from ..server.port_forward import parse_forward_spec
 
     try:
         return parse_forward_spec(text)

@@ -40,18 +40,18 @@ from typing import Any, Callable, Iterable, List, Optional, Protocol, Tuple
 
 from werkzeug.wrappers import Request
 
-from .addresses import join_host_port
-from .config import DEFAULT_LIMITS, Limits
-from .connection import TunnelConnection
-from .errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, error_text
-from .forward import ForwardSpec, PortForward, start_forward
-from .httputil import StartResponse, WSGIEnviron, plain_text_response
-from .observer import Observer
-from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
-from .peering import Peering
-from .session import ClientListener, ConnectHandler, Session
-from .session_manager import SessionListener, SessionManager, dial_first
-from .wsgi_transport import (
+from ..addresses import join_host_port
+from ..config import DEFAULT_LIMITS, Limits
+from ..connection import TunnelConnection
+from ..errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, error_text
+from .port_forward import ForwardSpec, PortForward, start_forward
+from .wsgi import StartResponse, WSGIEnviron, plain_text_response
+from ..observer import Observer
+from ..piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
+from ..ha.peering import Peering
+from ..session import ClientListener, ConnectHandler, Session
+from .sessions import SessionListener, SessionManager, dial_first
+from ..transports.wsgi import (
     RECEIVE_BYTES,
     ServerWebSocket,
     SimpleWebSocketTransport,

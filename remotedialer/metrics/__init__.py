@@ -42,15 +42,15 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         "install it with: pip install 'remotedialer[metrics]'"
     ) from exc
 
-from . import metrics_exposition
-from .httputil import WSGIApp
-from .metrics_exposition import Row, RowsFamily
-from .observer import Observer
-from .protocol import MessageType
+from . import exposition
+from ..server.wsgi import WSGIApp
+from .exposition import Row, RowsFamily
+from ..observer import Observer
+from ..protocol import MessageType
 
 if TYPE_CHECKING:
-    from .connection import TunnelConnection
-    from .session import Session
+    from ..connection import TunnelConnection
+    from ..session import Session
 
 __all__ = [
     "METRICS",
@@ -273,7 +273,7 @@ class PrometheusObserver(Observer):
     def _family(self, spec: MetricSpec, rows: Iterable[Row] = ()) -> RowsFamily:
         """``spec``'s family: untyped for Go-named counters (see the module
         docstring); its samples are ``rows``, rendered fast by the
-        endpoint (:mod:`remotedialer.metrics_exposition`)."""
+        endpoint (:mod:`remotedialer.metrics.exposition`)."""
         if spec.kind == "gauge":
             typ = "gauge"
         elif self.go_names and spec.from_go:
@@ -327,9 +327,9 @@ def make_wsgi_app(registry: Optional[CollectorRegistry] = None) -> WSGIApp:
     any path, as ``prometheus_client.make_wsgi_app`` does (Prometheus text
     or OpenMetrics as the scraper's ``Accept`` asks, gzip when accepted),
     with this module's per-client families written straight to text
-    (:mod:`remotedialer.metrics_exposition`): the same bytes, in a fraction
+    (:mod:`remotedialer.metrics.exposition`): the same bytes, in a fraction
     of the time."""
-    return metrics_exposition.make_wsgi_app(prometheus_client.REGISTRY if registry is None else registry)
+    return exposition.make_wsgi_app(prometheus_client.REGISTRY if registry is None else registry)
 
 
 def with_metrics_endpoint(

@@ -1,0 +1,116 @@
+"""The small interface a :class:`~remotedialer.session.Session` needs from a WebSocket.
+
+A transport sends and receives whole binary messages, pings, and closes:
+``transports.websocket_client.WebSocketClientTransport`` adapts websocket-client,
+``transports.wsgi.ServerWebSocket`` is the server's own, and
+``transports.wsgi.SimpleWebSocketTransport`` adapts simple-websocket; tests use
+the in-memory :func:`remotedialer.testing.memory_pair`.
+
+Contract:
+
+* ``send`` is only ever called by one thread at a time (the session serializes).
+* ``receive`` is only ever called by the session's reader thread.
+* ``close`` may be called from any thread, any number of times, and makes a
+  blocked ``receive`` or ``send`` in another thread return or raise promptly.
+* ``last_keepalive`` is the ``time.monotonic()`` of the last sign of life the
+  protocol counts (a pong on the client side, a ping on the server side).
+"""
+
+from __future__ import annotations
+
+import socket
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+
+from ..errors import TransportClosed
+
+if TYPE_CHECKING:
+    from ..frames import FrameReader, WebSocketEvent
+
+__all__ = ["Transport", "TransportClosed", "ReceiveSize", "next_event_from_socket"]
+
+
+class ReceiveSize:
+    """How many bytes the next ``recv`` of a WebSocket asks for: ``large``
+    while data flows, ``small`` after a read that brought less than ``small``
+    (an idle tunnel's ping). A blocked ``recv(n)`` holds an ``n``-byte buffer,
+    so thousands of idle readers ask small. One reader thread uses it."""
+
+    __slots__ = ("large", "small", "next")
+
+    def __init__(self, large: int, small: Optional[int] = None) -> None:
+        self.large = large
+        self.small = large if small is None else min(small, large)
+        self.next = self.small
+
+    def update(self, received: int) -> None:
+        """Size the next read after one that brought ``received`` bytes."""
+        self.next = self.large if received >= self.small else self.small
+
+
+def next_event_from_socket(
+    reader: "FrameReader", sock: Optional[socket.socket], size: ReceiveSize, closing: Callable[[], bool]
+) -> "WebSocketEvent":
+    """The next event of ``reader``, fed from ``sock`` (as many bytes at a
+    time as ``size`` says) until one is whole; blocks on ``recv``. Raises
+    :class:`TransportClosed` at EOF, on a socket error or once ``closing()``
+    (our own close: then as a plain "websocket closed"), and
+    :class:`~remotedialer.frames.WebSocketProtocolError` for a bad frame."""
+    while True:
+        event = reader.next_event()
+        if event is not None:
+            return event
+        if closing():
+            raise TransportClosed("websocket closed")
+        try:
+            if sock is None:
+                raise OSError("no socket")
+            data = sock.recv(size.next)
+        except OSError as exc:
+            if closing():
+                raise TransportClosed("websocket closed") from exc
+            raise TransportClosed(f"websocket read failed: {exc}") from exc
+        if not data:
+            raise TransportClosed("websocket closed" if closing() else "websocket EOF")
+        size.update(len(data))
+        reader.feed(data)
+
+
+class Transport(Protocol):
+    """What a session needs from a WebSocket (see the module docstring)."""
+
+    last_keepalive: float
+
+    def send(self, data: bytes) -> None:
+        """Send one binary message; raise :class:`TransportClosed` if closed."""
+
+    def receive(self) -> bytes:
+        """Block for the next binary message.
+
+        Raises :class:`TransportClosed` when the WebSocket is closed and
+        :class:`~remotedialer.errors.ProtocolError` for a text message.
+        """
+
+    def ping(self) -> None:
+        """Send a WebSocket ping."""
+
+    def close(self) -> None:
+        """Close the WebSocket; idempotent and callable from any thread."""
+
+    def describe(self) -> str:
+        """A short human-readable description of the far end, for logs."""
+
+
+def __getattr__(name: str) -> Any:
+    """``MemoryTransport`` and ``memory_pair`` moved to :mod:`remotedialer.testing`
+    (this module was ``remotedialer.transport``, which had them)."""
+    if name in ("MemoryTransport", "memory_pair"):
+        warnings.warn(
+            f"{__name__}.{name} is deprecated: import remotedialer.testing.{name} instead",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from .. import testing
+
+        return getattr(testing, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
