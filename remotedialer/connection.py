@@ -1,30 +1,36 @@
 """A connection tunneled through a session, usable wherever a blocking socket is.
 
-:class:`TunnelConnection` is what :meth:`Session.dial` returns. Received DATA is
-kept in a condition-guarded buffer; readers block on it with the connection's
-timeout. Flow control follows PROTOCOL.md §5 with two separate flags:
+:class:`TunnelConnection` is what :meth:`Session.dial` returns: the socket
+façade. What it received waits in a
+:class:`~remotedialer.receive_buffer.ReceiveBuffer` (with the flow-control
+flags, see :mod:`remotedialer.receive_buffer`); readers block on it with the
+connection's timeout.
 
-* ``we_paused_peer``: we sent PAUSE because our buffer grew past the pause
-  threshold; we send RESUME once a read drains it below the resume threshold.
-* ``peer_paused_us``: the peer sent PAUSE; our writers block until RESUME.
+A connection and its session talk through named methods only.
+:class:`ConnectionOwner` is what the connection needs from its session
+(sending, forgetting it, the limits); the session drives the connection with
+its session-facing methods: :meth:`~TunnelConnection.deliver`,
+:meth:`~TunnelConnection.set_peer_paused`, :meth:`~TunnelConnection.end` and
+:meth:`~TunnelConnection.check_can_send`.
 
-Locking: ``_cond`` guards the buffer, both flags and the closed state. It is
-never held while calling into the session (which takes the session's locks),
-so messages are sent only after ``_cond`` is released.
+Locking: ``_cond`` (the receive buffer's condition) guards the buffer, both
+flow-control flags and the end state. It is never held while calling into
+the session (which takes the session's locks), so messages are sent only
+after ``_cond`` is released.
 """
 
 from __future__ import annotations
 
-import collections
 import errno
 import io
 import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol, Tuple, Union, cast
 
 from .addresses import split_host_port
+from .config import Limits
 from .errors import (
     LimitExceededError,
     TunnelClosedError,
@@ -34,48 +40,39 @@ from .errors import (
     socket_error,
 )
 from .protocol import EOF_TEXT, TUNNEL_DISCONNECT_TEXT, Bytes, MessageType
+from .receive_buffer import Fill, ReadinessSignal, ReceiveBuffer
 
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["TunnelConnection"]
+__all__ = ["TunnelConnection", "ConnectionOwner"]
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[["TunnelConnection"], None]
 
 
-class _ReadinessSignal:
-    """A socketpair whose read end is readable exactly while ``set``.
+class ConnectionOwner(Protocol):
+    """What a :class:`TunnelConnection` needs from the session carrying it
+    (:class:`~remotedialer.session.Session` is the one implementation)."""
 
-    Backs :meth:`TunnelConnection.fileno` so that ``select`` and friends can
-    wait for a tunneled connection. Created lazily: most connections never
-    need a descriptor.
-    """
+    limits: Limits
 
-    def __init__(self) -> None:
-        self._reader, self._writer = socket.socketpair()
-        self._reader.setblocking(False)
-        self._writer.setblocking(False)
-        self._is_set = False
+    def send_data(self, conn: "TunnelConnection", payload: memoryview, timeout: Optional[float]) -> None:
+        """Send one DATA message for ``conn``, waiting at most ``timeout`` for
+        the WebSocket; raise if ``conn`` ended on the wire or the session did."""
 
-    def fileno(self) -> int:
-        return self._reader.fileno()
+    def send_control(
+        self, message_type: int, conn_id: int, payload: bytes = b"", timeout: Optional[float] = None
+    ) -> bool:
+        """Queue a control message (PAUSE, RESUME, ERROR) in order, without
+        blocking the reader thread; False if the session ended."""
 
-    def update(self, readable: bool) -> None:
-        if readable and not self._is_set:
-            self._writer.send(b"\0")
-            self._is_set = True
-        elif not readable and self._is_set:
-            try:
-                self._reader.recv(16)
-            except BlockingIOError:  # pragma: no cover - the byte is always there
-                pass
-            self._is_set = False
+    def remove_connection(self, conn: "TunnelConnection") -> bool:
+        """Forget ``conn``; False if it was already forgotten."""
 
-    def close(self) -> None:
-        self._reader.close()
-        self._writer.close()
+    def flow_control_sent(self, conn: "TunnelConnection", paused: bool) -> None:
+        """We sent PAUSE (``paused``) or RESUME for ``conn`` (for the observer)."""
 
 
 class TunnelConnection:
@@ -93,13 +90,13 @@ class TunnelConnection:
 
     def __init__(
         self,
-        session: "Session",
+        owner: ConnectionOwner,
         conn_id: int,
         proto: str,
         address: str,
         timeout: Optional[float] = None,
     ) -> None:
-        self.session = session
+        self._owner = owner
         self.conn_id = conn_id
         self.proto = proto
         self.address = address
@@ -107,14 +104,8 @@ class TunnelConnection:
         self.type = socket.SOCK_STREAM
         self.created_at = time.monotonic()
         self._timeout = timeout
-        self._cond = threading.Condition(threading.Lock())
-        # The receive buffer: chunks as they arrived, _offset bytes of the
-        # first one already consumed, _buffered bytes left in all.
-        self._chunks: Deque[Bytes] = collections.deque()
-        self._buffered = 0
-        self._offset = 0
-        self.we_paused_peer = False
-        self.peer_paused_us = False
+        self._buffer = ReceiveBuffer(owner.limits)
+        self._cond = self._buffer.cond
         # Serializes sending PAUSE/RESUME so the last one sent always matches
         # we_paused_peer (a RESUME must never overtake the PAUSE it answers).
         # Taken before _cond, never while _cond is held; guards _pause_sent.
@@ -128,13 +119,18 @@ class TunnelConnection:
         self._closed = False  # really closed: close() and no makefile objects left
         self._io_refs = 0  # open makefile() objects, as in socket.socket
         self._listener: Optional[Listener] = None
-        self._signal: Optional[_ReadinessSignal] = None
+        self._signal: Optional[ReadinessSignal] = None
         self._sockopts: Dict[Tuple[int, int], Any] = {}
 
     # ------------------------------------------------------------------ state
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("ended" if self._read_error else "open")
         return f"<TunnelConnection {self.conn_id} {self.proto}/{self.address} {state}>"
+
+    @property
+    def session(self) -> "Session":
+        """The session carrying the connection."""
+        return cast("Session", self._owner)
 
     @property
     def closed(self) -> bool:
@@ -157,7 +153,17 @@ class TunnelConnection:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet read."""
-        return self._buffered
+        return self._buffer.buffered
+
+    @property
+    def we_paused_peer(self) -> bool:
+        """Whether we asked the peer to pause (our buffer is full)."""
+        return self._buffer.we_paused_peer
+
+    @property
+    def peer_paused_us(self) -> bool:
+        """Whether the peer asked us to pause (our writers wait)."""
+        return self._buffer.peer_paused_us
 
     def set_listener(self, listener: Optional[Listener]) -> None:
         """Call ``listener(self)`` after each change an event loop may care
@@ -225,7 +231,8 @@ class TunnelConnection:
         with self._cond:
             if nbytes == 0 or not self._wait_readable():
                 return 0
-            written = self._take_into(view, nbytes)
+            written = self._buffer.take_into(view, nbytes)
+            self._update_signal()
             resume = self._resume_due()
         self._after_read(resume)
         return written
@@ -234,7 +241,7 @@ class TunnelConnection:
         """Non-blocking read for event loops: buffered bytes, ``b""`` at EOF, or
         ``None`` when nothing is buffered yet. Raises like :meth:`recv`."""
         with self._cond:
-            if not self._buffered and not self.readable_now():
+            if not self._buffer.buffered and not self.readable_now():
                 return None
             if not self._wait_readable():
                 return b""
@@ -245,12 +252,12 @@ class TunnelConnection:
 
     def readable_now(self) -> bool:
         """Whether a read would return at once (data, EOF or an error pending)."""
-        return bool(self._buffered) or self._read_error is not None or self._read_shut or self._closed
+        return bool(self._buffer.buffered) or self._read_error is not None or self._read_shut or self._closed
 
     def _wait_readable(self) -> bool:
         """With ``_cond`` held: wait until data is buffered; False means EOF."""
         deadline = self._deadline()
-        while not self._buffered:
+        while not self._buffer.buffered:
             if self._closed:
                 raise socket_error(errno.EBADF)
             if self._read_shut:
@@ -264,39 +271,13 @@ class TunnelConnection:
 
     def _take(self, limit: int) -> bytes:
         """With ``_cond`` held and data buffered: remove up to ``limit`` bytes."""
-        first = self._chunks[0]
-        if self._offset == 0 and len(first) <= limit:
-            # The common case: hand out a whole chunk without slicing.
-            self._chunks.popleft()
-            self._buffered -= len(first)
-            self._update_signal()
-            return bytes(first)
-        out = bytearray(min(limit, self._buffered))
-        self._take_into(memoryview(out), len(out))
-        return bytes(out)
-
-    def _take_into(self, view: memoryview, limit: int) -> int:
-        """With ``_cond`` held: copy up to ``limit`` buffered bytes into ``view``."""
-        written = 0
-        while written < limit and self._chunks:
-            chunk = self._chunks[0]
-            count = min(limit - written, len(chunk) - self._offset)
-            view[written : written + count] = chunk[self._offset : self._offset + count]
-            written += count
-            self._offset += count
-            if self._offset == len(chunk):
-                self._chunks.popleft()
-                self._offset = 0
-        self._buffered -= written
+        data = self._buffer.take(limit)
         self._update_signal()
-        return written
+        return data
 
     def _resume_due(self) -> bool:
         """With ``_cond`` held: whether this read should send RESUME."""
-        if self.we_paused_peer and self._buffered < self.session.limits.resume_threshold:
-            self.we_paused_peer = False
-            return not self._wire_closed
-        return False
+        return self._buffer.resume_due() and not self._wire_closed
 
     def _after_read(self, resume: bool) -> None:
         if resume:
@@ -312,16 +293,13 @@ class TunnelConnection:
         session's flusher."""
         with self._flow_lock:
             with self._cond:
-                paused = self.we_paused_peer
+                paused = self._buffer.we_paused_peer
                 if paused == self._pause_sent or self._wire_closed:
                     return
             self._pause_sent = paused
             message_type = MessageType.PAUSE if paused else MessageType.RESUME
-            self.session._send_control(message_type, self.conn_id, timeout=0)
-        if paused:
-            self.session.observer.connection_paused(self.session, self)
-        else:
-            self.session.observer.connection_resumed(self.session, self)
+            self._owner.send_control(message_type, self.conn_id, timeout=0)
+        self._owner.flow_control_sent(self, paused)
 
     # ----------------------------------------------------------------- writes
     def send(self, data: Bytes, flags: int = 0) -> int:
@@ -335,8 +313,8 @@ class TunnelConnection:
         self._wait_writable(deadline)
         if not len(view):
             return 0
-        count = min(len(view), self.session.limits.max_data_message)
-        self.session._send_data(self, view[:count], _remaining(deadline))
+        count = min(len(view), self._owner.limits.max_data_message)
+        self._owner.send_data(self, view[:count], _remaining(deadline))
         return count
 
     def sendall(self, data: Bytes, flags: int = 0) -> None:
@@ -347,8 +325,8 @@ class TunnelConnection:
         sent = 0
         while sent < len(view):
             self._wait_writable(deadline)
-            count = min(len(view) - sent, self.session.limits.max_data_message)
-            self.session._send_data(self, view[sent : sent + count], _remaining(deadline))
+            count = min(len(view) - sent, self._owner.limits.max_data_message)
+            self._owner.send_data(self, view[sent : sent + count], _remaining(deadline))
             sent += count
 
     def try_send(self, data: Bytes) -> int:
@@ -360,16 +338,16 @@ class TunnelConnection:
                 raise socket_error(errno.EBADF)
             if self._write_error is not None:
                 raise self._write_error
-            if self.peer_paused_us:
+            if self._buffer.peer_paused_us:
                 return 0
         view = memoryview(data).cast("B")
-        count = min(len(view), self.session.limits.max_data_message)
-        self.session._send_data(self, view[:count], None)
+        count = min(len(view), self._owner.limits.max_data_message)
+        self._owner.send_data(self, view[:count], None)
         return count
 
     def writable_now(self) -> bool:
         """Whether a send would not block on flow control."""
-        return not self.peer_paused_us or self._write_error is not None or self._closed
+        return not self._buffer.peer_paused_us or self._write_error is not None or self._closed
 
     def _wait_writable(self, deadline: Optional[float]) -> None:
         with self._cond:
@@ -378,31 +356,25 @@ class TunnelConnection:
                     raise socket_error(errno.EBADF)
                 if self._write_error is not None:
                     raise self._write_error
-                if not self.peer_paused_us:
+                if not self._buffer.peer_paused_us:
                     return
                 self._wait(deadline)
 
-    # ---------------------------------------------- events from the session
-    def _feed(self, payload: Bytes) -> None:
+    # ------------------------------------ session-facing: events from the session
+    def deliver(self, payload: Bytes) -> None:
         """Reader thread: a DATA payload arrived for this connection."""
         pause = overflow = False
         with self._cond:
             if self._read_error is not None or self._closed or self._read_shut:
                 return
-            if len(payload):
-                self._chunks.append(payload)
-                self._buffered += len(payload)
-            limits = self.session.limits
-            if self._buffered > limits.hard_buffer_limit:
-                overflow = True
-            elif self._buffered > limits.pause_threshold and not self.we_paused_peer:
-                self.we_paused_peer = pause = True
+            fill = self._buffer.append(payload)
+            overflow, pause = fill is Fill.OVERFLOW, fill is Fill.PAUSE
             self._cond.notify_all()
             self._update_signal()
         if overflow:
             log.warning(
                 "%s: peer ignored PAUSE, buffer over %d bytes; cutting the connection",
-                self, self.session.limits.hard_buffer_limit,
+                self, self._owner.limits.hard_buffer_limit,
             )
             self.abort(LimitExceededError("receive buffer limit exceeded"))
             return
@@ -410,15 +382,15 @@ class TunnelConnection:
             self._send_flow_control()
         self._notify()
 
-    def _set_peer_paused(self, paused: bool) -> None:
+    def set_peer_paused(self, paused: bool) -> None:
         """Reader thread: the peer sent PAUSE (True) or RESUME (False)."""
         with self._cond:
-            self.peer_paused_us = paused
+            self._buffer.peer_paused_us = paused
             self._cond.notify_all()
         if not paused:
             self._notify()
 
-    def _end(self, error: BaseException, peer_gone: bool = True) -> bool:
+    def end(self, error: BaseException, peer_gone: bool = True) -> bool:
         """The connection ended: readers get ``error`` once the buffer drains,
         writers at once. ``peer_gone`` means the far side already knows (it
         sent ERROR, or the session ended), so no ERROR is owed. True if it was
@@ -436,6 +408,15 @@ class TunnelConnection:
             self._update_signal()
         self._notify()
         return True
+
+    def check_can_send(self) -> None:
+        """The session, about to write DATA for this connection: raise if its
+        ERROR already went out (data never follows a close): the session's
+        end as it was reported here, else ``BrokenPipeError``."""
+        if self._wire_closed:
+            if isinstance(self._write_error, TunnelClosedError):
+                raise self._write_error  # the session ended under this write
+            raise socket_error(errno.EPIPE)
 
     def _notify(self) -> None:
         listener = self._listener
@@ -461,8 +442,7 @@ class TunnelConnection:
                 raise socket_error(errno.EBADF)
             if how != socket.SHUT_WR:
                 self._read_shut = True
-                self._chunks.clear()
-                self._buffered = self._offset = 0
+                self._buffer.clear()
             if how != socket.SHUT_RD and self._write_error is None:
                 self._write_error = socket_error(errno.EPIPE)
             self._cond.notify_all()
@@ -484,7 +464,7 @@ class TunnelConnection:
     def abort(self, error: BaseException) -> None:
         """End the connection at once: local readers and writers get ``error``
         and the peer gets its text as ERROR."""
-        self._end(error, peer_gone=False)
+        self.end(error, peer_gone=False)
         self._finish(error_text(error) or EOF_TEXT)
 
     def _real_close(self) -> None:
@@ -492,8 +472,7 @@ class TunnelConnection:
             if self._closed:
                 return
             self._closed = True
-            self._chunks.clear()
-            self._buffered = 0
+            self._buffer.clear()
             self._cond.notify_all()
             signal, self._signal = self._signal, None
         if signal is not None:
@@ -512,9 +491,9 @@ class TunnelConnection:
                 self._write_error = self._write_error or socket_error(errno.EPIPE)
                 self._cond.notify_all()
                 self._update_signal()
-        self.session._remove_connection(self)
+        self._owner.remove_connection(self)
         if owed:
-            self.session._send_control(MessageType.ERROR, self.conn_id, text.encode())
+            self._owner.send_control(MessageType.ERROR, self.conn_id, text.encode())
 
     def _decref_socketios(self) -> None:
         """Called by ``socket.SocketIO.close`` (makefile objects)."""
@@ -575,7 +554,7 @@ class TunnelConnection:
             if self._closed:
                 return -1
             if self._signal is None:
-                self._signal = _ReadinessSignal()
+                self._signal = ReadinessSignal()
                 self._signal.update(self.readable_now())
             return self._signal.fileno()
 
@@ -635,7 +614,7 @@ def _family_of(proto: str, address: str) -> int:
 def end_all(connections: List[TunnelConnection], reason: str = TUNNEL_DISCONNECT_TEXT) -> None:
     """Fail every connection at once (session end): no call stays blocked."""
     for conn in connections:
-        conn._end(TunnelClosedError(reason))
+        conn.end(TunnelClosedError(reason))
 
 
 def remote_error(text: str) -> BaseException:

@@ -1,6 +1,6 @@
 """One WebSocket's worth of multiplexed connections.
 
-A :class:`Session` owns a :class:`~remotedialer.transport.Transport`, a table of
+A :class:`Session` owns a :class:`~remotedialer.transports.base.Transport`, a table of
 :class:`~remotedialer.connection.TunnelConnection` objects keyed by connection
 id, and the thread that reads messages (whoever calls :meth:`Session.serve`).
 It handles every message type as PROTOCOL.md describes.
@@ -24,14 +24,13 @@ flusher thread waits for the write lock and sends them in order.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import random
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, FrozenSet, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Deque, Dict, FrozenSet, List, Optional, Tuple
 
 from . import heartbeat as heartbeat_module
 from .config import DEFAULT_LIMITS, Limits
@@ -41,9 +40,9 @@ from .errors import (
     LimitExceededError,
     ProtocolError,
     TunnelClosedError,
+    TransportClosed,
     TunnelTimeoutError,
     error_text,
-    socket_error,
 )
 from .observer import NULL_OBSERVER, Observer
 from .protocol import (
@@ -59,7 +58,9 @@ from .protocol import (
     encode_sync_payload,
     split_client_address,
 )
-from .transports.base import Transport, TransportClosed
+
+if TYPE_CHECKING:
+    from .transports.base import Transport
 
 __all__ = ["Session", "ConnectHandler", "ClientListener"]
 
@@ -266,8 +267,8 @@ class Session:
         try:
             self._write(MessageType.CONNECT, conn.conn_id, payload, timeout)
         except BaseException:
-            self._remove_connection(conn)
-            conn._end(TunnelClosedError("dial failed"))
+            self.remove_connection(conn)
+            conn.end(TunnelClosedError("dial failed"))
             raise
         return conn
 
@@ -284,17 +285,17 @@ class Session:
     # ------------------------------------------------------------ peering API
     def send_client_added(self, client_key: str, session_key: int) -> None:
         """Send ADD_CLIENT ``client_key/session_key`` (a server telling a peer)."""
-        self._send_control(MessageType.ADD_CLIENT, 0, f"{client_key}/{session_key}".encode())
+        self.send_control(MessageType.ADD_CLIENT, 0, f"{client_key}/{session_key}".encode())
 
     def send_client_removed(self, client_key: str, session_key: int) -> None:
         """Send REMOVE_CLIENT ``client_key/session_key``."""
-        self._send_control(MessageType.REMOVE_CLIENT, 0, f"{client_key}/{session_key}".encode())
+        self.send_control(MessageType.REMOVE_CLIENT, 0, f"{client_key}/{session_key}".encode())
 
     def send_sync(self, timeout: Optional[float] = None) -> bool:
         """Send SYNC_CONNECTIONS with the ids of every open connection. Waits
         at most ``timeout`` (default ``limits.control_write_timeout``) for a
         busy WebSocket; False if it could not go out."""
-        return self._send_control(
+        return self.send_control(
             MessageType.SYNC_CONNECTIONS, 0, encode_sync_payload(self.connection_ids()), timeout
         )
 
@@ -348,14 +349,14 @@ class Session:
         data = encode_message(message_id, conn_id, message_type, payload)
         self._send_bytes(data, message_type, len(payload), timeout)
 
-    def _send_data(self, conn: TunnelConnection, payload: memoryview, timeout: Optional[float]) -> None:
+    def send_data(self, conn: TunnelConnection, payload: memoryview, timeout: Optional[float]) -> None:
         """Send one DATA message for ``conn``. Raises ``BrokenPipeError`` if the
         connection's ERROR already went out: data never follows a close."""
         message_id = GLOBAL_MESSAGE_IDS.next()
         data = encode_data_header(message_id, conn.conn_id) + payload
         self._send_bytes(data, MessageType.DATA, len(payload), timeout, conn)
 
-    def _send_control(
+    def send_control(
         self, message_type: int, conn_id: int, payload: bytes = b"", timeout: Optional[float] = None
     ) -> bool:
         """Queue a control message and see that it goes out in order; False if
@@ -450,10 +451,8 @@ class Session:
         try:
             if self._control_queue:
                 self._drain_control_locked()  # control messages first, in order
-            if conn is not None and conn._wire_closed:
-                if isinstance(conn._write_error, TunnelClosedError):
-                    raise conn._write_error  # the session ended under this write
-                raise socket_error(errno.EPIPE)
+            if conn is not None:
+                conn.check_can_send()  # data never follows the connection's ERROR
             failure = self._transmit_locked(data, message_type, payload_size)
         finally:
             self._write_lock.release()
@@ -478,9 +477,9 @@ class Session:
         conn = self._connections.get(message.conn_id)
         if conn is None:
             text = f"connection not found {self.client_key}/{self.session_key}/{message.conn_id}"
-            self._send_control(MessageType.ERROR, message.conn_id, text.encode())
+            self.send_control(MessageType.ERROR, message.conn_id, text.encode())
             return
-        conn._feed(message.payload)
+        conn.deliver(message.payload)
 
     def _on_connect(self, message: Message) -> None:
         conn_id = message.conn_id
@@ -500,7 +499,7 @@ class Session:
                 self._connections[conn_id] = conn
         if conn is None:
             log.info("%s: refused CONNECT %d %s: %s", self, conn_id, message.text, refusal)
-            self._send_control(MessageType.ERROR, conn_id, refusal.encode())
+            self.send_control(MessageType.ERROR, conn_id, refusal.encode())
             return
         self.observer.connection_added(self, conn)
         assert self.connect_handler is not None
@@ -516,13 +515,13 @@ class Session:
         with self._lock:
             conn = self._connections.pop(message.conn_id, None)
         if conn is not None:
-            conn._end(remote_error(message.text))
+            conn.end(remote_error(message.text))
             self.observer.connection_removed(self, conn)
 
     def _on_pause(self, message: Message) -> None:
         conn = self._connections.get(message.conn_id)
         if conn is not None:
-            conn._set_peer_paused(message.type == MessageType.PAUSE)
+            conn.set_peer_paused(message.type == MessageType.PAUSE)
 
     def _on_client_change(self, message: Message) -> None:
         parsed = split_client_address(message.address)
@@ -556,7 +555,7 @@ class Session:
             )
         for conn in stale:
             log.debug("%s: %s closed by SYNC_CONNECTIONS", self, conn)
-            conn._end(TunnelClosedError("closed by connection sync"))
+            conn.end(TunnelClosedError("closed by connection sync"))
             self.observer.connection_removed(self, conn)
 
     _HANDLERS: Dict[int, Callable[["Session", Message], None]] = {
@@ -570,11 +569,19 @@ class Session:
         MessageType.SYNC_CONNECTIONS: _on_sync,
     }
 
-    # ------------------------------------------------------- for connections
-    def _remove_connection(self, conn: TunnelConnection) -> bool:
+    # ---------------------------- for connections (connection.ConnectionOwner)
+    def remove_connection(self, conn: TunnelConnection) -> bool:
+        """Forget ``conn`` (it closed); False if it was already forgotten."""
         with self._lock:
             if self._connections.get(conn.conn_id) is not conn:
                 return False
             del self._connections[conn.conn_id]
         self.observer.connection_removed(self, conn)
         return True
+
+    def flow_control_sent(self, conn: TunnelConnection, paused: bool) -> None:
+        """``conn`` sent PAUSE (``paused``) or RESUME: tell the observer."""
+        if paused:
+            self.observer.connection_paused(self, conn)
+        else:
+            self.observer.connection_resumed(self, conn)

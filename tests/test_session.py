@@ -472,7 +472,7 @@ def test_session_end_fails_every_connection_at_once(
         conn.settimeout(None)  # blocked forever unless the session end frees them
     conns[3].sendall(b"unread")
     paused = conns[2]
-    paused._set_peer_paused(True)
+    paused.set_peer_paused(True)
     errors: List[BaseException] = []
     started = threading.Barrier(4, timeout=TIMEOUT)
 

@@ -84,7 +84,7 @@ def driven() -> Iterator[DrivenServer]:
 
 
 def assert_open(conn: TunnelConnection) -> None:
-    assert not conn.ended, f"{conn} was closed: {conn._read_error}"
+    assert not conn.ended, f"{conn} was closed: {conn.error}"
     assert conn in conn.session.connections()
 
 
