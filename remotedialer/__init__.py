@@ -27,11 +27,14 @@ from .server.port_forward import PortForward
 from .observer import Observer
 from .ha.peering import Peering
 from .piping import LocalDialer, Piper, dial_socket
-from .server.tunnel_server import ClientDialer, Server
+from .server.tunnel_server import ClientDialer, Server, set_default_peering
 from .session import Session
 from .server.sessions import SessionManager
 
 __version__ = "0.1.0"
+
+# The server never imports the HA layer; the package root plugs it in.
+set_default_peering(Peering.for_server)
 
 __all__ = [
     "Backoff",

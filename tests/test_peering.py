@@ -294,3 +294,47 @@ def test_wss_peer_links_verify_certificates(caplog: pytest.LogCaptureFixture) ->
         untrusting.close()
         trusting.close()
         b.close()
+
+
+def test_peering_is_built_from_what_it_uses_without_a_server() -> None:
+    """``Peering`` needs two session tables and a piper, not a ``Server``."""
+    from remotedialer.ha.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER, Peering
+    from remotedialer.piping import Piper
+    from remotedialer.server.sessions import SessionManager
+
+    peering = Peering(SessionManager(), SessionManager(), Piper(), peer_id="A", peer_token=TOKEN)
+    try:
+        peering.accept_peer("B", TOKEN)
+        assert peering.authenticate({PEER_ID_HEADER: "B", PEER_TOKEN_HEADER: TOKEN}) == "B"
+        assert peering.authenticate({PEER_ID_HEADER: "B", PEER_TOKEN_HEADER: "wrong"}) is None
+        assert peering.dial("foo", "tcp", "127.0.0.1:1", TIMEOUT) is None  # no peer has foo
+    finally:
+        peering.close()
+    with pytest.raises(ValueError, match="peer_id and peer_token"):
+        Peering(SessionManager(), SessionManager(), Piper()).add_peer("ws://127.0.0.1:1/", "B", TOKEN)
+
+
+def test_server_uses_the_peering_layer_it_is_given() -> None:
+    """A server built with another peering layer talks to it alone; the
+    default is the package's Peering, built for that server."""
+    from remotedialer.ha.peering import PEER_ID_HEADER, PEER_TOKEN_HEADER, Peering
+    from remotedialer.server import Server
+    from remotedialer.server.tunnel_server import NoPeering
+
+    server = Server(lambda request: ("", False), peering=lambda _server: NoPeering())
+    try:
+        assert isinstance(server.peering, NoPeering) and server.peer_router is server.peering
+        with pytest.raises(ValueError, match="without a peering layer"):
+            server.add_peer("ws://127.0.0.1:1/connect", "B", TOKEN)
+        assert server.dial_via_peer("foo", "tcp", "127.0.0.1:1", TIMEOUT) is None
+    finally:
+        server.close()
+    default = Server(lambda request: ("", False), peer_id="A", peer_token=TOKEN)
+    try:
+        assert isinstance(default.peering, Peering)
+        assert default.peering.client_sessions is default.session_manager
+        assert default.peering.peer_sessions is default.peer_sessions
+        default.peering.accept_peer("B", TOKEN)
+        assert default.peering.authenticate({PEER_ID_HEADER: "B", PEER_TOKEN_HEADER: TOKEN}) == "B"
+    finally:
+        default.close()

@@ -34,15 +34,16 @@ import logging
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Tuple, cast
 
 from werkzeug.wrappers import Request
 
 from ..server.wsgi import StartResponse, WSGIApp, WSGIEnviron, plain_text_response
 
 if TYPE_CHECKING:
-    from .discovery import DnsPeerDiscovery
     from ..server.tunnel_server import Server
+    from .discovery import DnsPeerDiscovery
+    from .peering import Peering
     from ..session import Session
 
 __all__ = [
@@ -71,6 +72,12 @@ an end marker (a rolling restart under load routed a request to an instance
 20 ms after it joined, before it had read them)."""
 
 SERVING, DRAINING, CLOSING, STOPPED = "serving", "draining", "closing", "stopped"
+
+
+def _peering(server: "Server") -> "Peering":
+    """The server's peering layer, whose links and announcements the
+    lifecycle reads: the package's :class:`~remotedialer.ha.peering.Peering`."""
+    return cast("Peering", server.peering)
 
 
 class GracefulShutdown:
@@ -121,7 +128,7 @@ class GracefulShutdown:
         """The readiness checks: ``(name, passed, detail)`` each."""
         state = self._state
         result = [("shutdown", state == SERVING, state)]
-        links = self.server.peering.links()
+        links = _peering(self.server).links()
         up = sum(1 for link in links if link.connected)
         # A link that is down is being retried (links retry until removed).
         result.append(("peer-links", True, f"{up}/{len(links)} up, the rest retrying"))
@@ -143,7 +150,7 @@ class GracefulShutdown:
         if not discovery.last_success:
             waiting = "no peer lookup yet"
         else:
-            connected = {link.spec.peer_id for link in self.server.peering.links() if link.connected}
+            connected = {link.spec.peer_id for link in _peering(self.server).links() if link.connected}
             incoming = {peer: self.server.peer_sessions.sessions(peer) for peer in discovery.peer_ids()}
             missing = sorted(
                 peer for peer, sessions in incoming.items() if peer not in connected or not sessions
@@ -189,14 +196,14 @@ class GracefulShutdown:
         counts), its peers (and which links are up), and the client keys
         each peer advertised to it."""
         server = self.server
-        links = server.peering.links()
+        links = _peering(server).links()
         return {
             "id": server.peer_id,
             "state": self._state,
             "clients": {key: len(server.sessions(key)) for key in server.list_clients()},
             "peers": sorted(link.spec.peer_id for link in links),
             "links_up": sorted(link.spec.peer_id for link in links if link.connected),
-            "remote_clients": server.peering.remote_clients(),
+            "remote_clients": _peering(server).remote_clients(),
         }
 
     def sessions(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -269,7 +276,7 @@ class GracefulShutdown:
             if self.discovery is not None:
                 self.discovery.stop()
             closed = self._close_tunnels()
-            flushed = self.server.peering.flush_announcements(self.close_timeout)
+            flushed = _peering(self.server).flush_announcements(self.close_timeout)
             if not flushed:
                 log.warning("some peers were not told of every client that left")
             self.server.close("server shutting down")

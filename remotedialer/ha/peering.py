@@ -1,4 +1,4 @@
-"""HA peering between servers (PROTOCOL.md §6), wire-compatible with Go.
+"""HA peering between servers (docs/protocol.rst, "Peering"), wire-compatible with Go.
 
 Each server has a peer id and a token. For every peer it knows, a server keeps
 a :class:`PeerLink`: a client-side WebSocket to the peer's connect URL,
@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from ..client import Backoff, TunnelClient
+from ..config import DEFAULT_LIMITS, Limits
 from ..connection import TunnelConnection
 from ..errors import ConnectNotAllowedError, NoSessionError, TunnelClosedError
-from ..observer import NULL_OBSERVER
+from ..observer import NULL_OBSERVER, Observer
 from ..piping import Piper
+from ..server.sessions import SessionManager, dial_first
 from ..session import Session
-from ..server.sessions import dial_first
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import Headers
@@ -134,23 +135,22 @@ class PeerLink:
     ) -> None:
         self.peering = peering
         self.spec = spec
-        server = peering.server
-        assert server.peer_id and server.peer_token
+        assert peering.peer_id and peering.peer_token
         # (added, client key, session key), a flush marker, or None to stop
         self._announcements: "queue.Queue[Union[None, Tuple[bool, str, int], threading.Event]]"
         self._announcements = queue.Queue()
         self._session: Optional[Session] = None
-        self.observer = server.observer or NULL_OBSERVER
+        self.observer = peering.observer or NULL_OBSERVER
         self.client = _LinkClient(
             spec.peer_id,
             spec.url,
-            {PEER_ID_HEADER: server.peer_id, PEER_TOKEN_HEADER: server.peer_token},
+            {PEER_ID_HEADER: peering.peer_id, PEER_TOKEN_HEADER: peering.peer_token},
             connect_handler=peering.handle_connect,
             on_connect=self._on_connect,
-            limits=server.limits,
+            limits=peering.limits,
             backoff=backoff,
             ssl_context=ssl_context,
-            observer=server.observer,
+            observer=peering.observer,
             client_key=spec.peer_id,
         )
         self._announcer = threading.Thread(
@@ -185,7 +185,7 @@ class PeerLink:
         log.info("peer link to %s (%s) up", self.spec.peer_id, self.spec.url)
         self._session = session
         self.observer.peer_connected(self.spec.peer_id)
-        manager = self.peering.server.session_manager
+        manager = self.peering.client_sessions
 
         def listener(added: bool, client_key: str, client_session: Session) -> None:
             self._announcements.put((added, client_key, client_session.session_key))
@@ -220,21 +220,38 @@ class PeerLink:
 
 
 class Peering:
-    """The peering state of one :class:`~remotedialer.server.Server`.
+    """The peering state of one server: its
+    :class:`~remotedialer.server.tunnel_server.PeeringLayer`.
 
     Holds the peers allowed to connect to us (id -> token), our outgoing
     links by peer id and, for each peer session that connected to us, the
-    client keys it advertised. Relayed dials are piped with ``piper``.
+    client keys it advertised. It is built from what it uses: the server's
+    client sessions (announced to peers, and dialed for peers' relayed
+    dials), the sessions of peers that connected to us, ``piper`` (relayed
+    dials are piped with it), the server's peer id and token (presented on
+    our links), limits and observer. :meth:`for_server` takes them from a
+    :class:`~remotedialer.server.Server`, which does so by default.
     """
 
     def __init__(
         self,
-        server: "Server",
+        client_sessions: SessionManager,
+        peer_sessions: SessionManager,
         piper: Piper,
+        *,
+        peer_id: Optional[str] = None,
+        peer_token: Optional[str] = None,
+        limits: Limits = DEFAULT_LIMITS,
+        observer: Optional[Observer] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
         backoff: Backoff = PEER_BACKOFF,
     ) -> None:
-        self.server = server
+        self.client_sessions = client_sessions
+        self.peer_sessions = peer_sessions
+        self.peer_id = peer_id
+        self.peer_token = peer_token
+        self.limits = limits
+        self.observer = observer
         self.piper = piper
         self.ssl_context = ssl_context
         self.backoff = backoff
@@ -244,16 +261,31 @@ class Peering:
         # peer session -> client key -> session keys it advertised
         self._advertised: Dict[Session, Dict[str, Set[int]]] = {}
         self._relay_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(2, server.limits.dial_workers // 4),
+            max_workers=max(2, limits.dial_workers // 4),
             thread_name_prefix="remotedialer-peer-relay",
         )
-        server.peer_sessions.add_listener(self._on_peer_session)
+        peer_sessions.add_listener(self._on_peer_session)
+
+    @classmethod
+    def for_server(cls, server: "Server") -> "Peering":
+        """The peering of ``server`` (a
+        :data:`~remotedialer.server.tunnel_server.PeeringFactory`)."""
+        return cls(
+            server.session_manager,
+            server.peer_sessions,
+            server.piper,
+            peer_id=server.peer_id,
+            peer_token=server.peer_token,
+            limits=server.limits,
+            observer=server.observer,
+            ssl_context=server.peer_ssl_context,
+        )
 
     # ------------------------------------------------------------- the links
     def add_peer(self, url: str, peer_id: str, token: str) -> None:
         """Accept ``peer_id`` with ``token`` and keep a link to it at ``url``.
         Adding a peer again with other settings replaces its link."""
-        if not self.server.peer_id or not self.server.peer_token:
+        if not self.peer_id or not self.peer_token:
             raise ValueError("the server needs peer_id and peer_token to peer")
         spec = PeerSpec(peer_id, token, url)
         with self._lock:
@@ -273,7 +305,7 @@ class Peering:
         with self._lock:
             link = self._links.pop(peer_id, None)
             self._tokens.pop(peer_id, None)
-        for session in self.server.peer_sessions.sessions(peer_id):
+        for session in self.peer_sessions.sessions(peer_id):
             session.close("peer removed")
         if link is not None:
             log.info("removing peer %s", peer_id)
@@ -408,8 +440,8 @@ class Peering:
 
     def _relay(self, conn: TunnelConnection, client_key: str, proto: str) -> None:
         target = dial_first(
-            self.server.session_manager.sessions(client_key), proto, conn.address,
-            self.server.limits.control_write_timeout, skip=(TunnelClosedError, OSError),
+            self.client_sessions.sessions(client_key), proto, conn.address,
+            self.limits.control_write_timeout, skip=(TunnelClosedError, OSError),
         )
         if target is None:
             conn.abort(NoSessionError(f"failed to find Session for client {client_key}"))

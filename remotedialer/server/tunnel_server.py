@@ -22,13 +22,18 @@ Dialing through a client::
 Dials never wait for a tunnel: with no open session for the key they raise
 :class:`~remotedialer.errors.NoSessionError` at once.
 
-Peering (HA): ``server.peering`` (:class:`~remotedialer.peering.Peering`)
-authenticates peers, holds the links to them and what they advertise. Peer
-sessions live in ``peer_sessions`` (never used for client dials). The
-:class:`PeerRouter` set as ``server.peer_router`` (the peering, unless
-replaced) serves the CONNECTs and ADD/REMOVE_CLIENT messages of peer sessions
-and routes dials for keys held elsewhere. Without one, peers' CONNECTs are
-refused and only local sessions are dialed.
+Peering (HA): ``server.peering``, a :class:`PeeringLayer`
+(:class:`~remotedialer.ha.peering.Peering` unless the ``peering`` argument
+builds another), authenticates peers, holds the links to them and what they
+advertise. Peer sessions live in ``peer_sessions`` (never used for client
+dials). The :class:`PeerRouter` set as ``server.peer_router`` (the peering,
+unless replaced) serves the CONNECTs and ADD/REMOVE_CLIENT messages of peer
+sessions and routes dials for keys held elsewhere. Without one, peers'
+CONNECTs are refused and only local sessions are dialed. The server talks to
+peering through these two protocols only, and this package never imports
+:mod:`remotedialer.ha`: the package root plugs :class:`Peering
+<remotedialer.ha.peering.Peering>` in as the default
+(:func:`set_default_peering`).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from typing import Any, Callable, Iterable, List, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Mapping, Optional, Protocol, Tuple, Union
 
 from werkzeug.wrappers import Request
 
@@ -48,7 +53,6 @@ from .port_forward import ForwardSpec, PortForward, start_forward
 from .wsgi import StartResponse, WSGIEnviron, plain_text_response
 from ..observer import Observer
 from ..piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
-from ..ha.peering import Peering
 from ..session import ClientListener, ConnectHandler, Session
 from .sessions import SessionListener, SessionManager, dial_first
 from ..transports.wsgi import (
@@ -62,10 +66,16 @@ from ..transports.wsgi import (
     socket_from_environ,
 )
 
+if TYPE_CHECKING:
+    from werkzeug.datastructures import Headers
+
 __all__ = [
     "Server",
     "ClientDialer",
     "PeerRouter",
+    "PeeringLayer",
+    "PeeringFactory",
+    "set_default_peering",
     "Authorizer",
     "ErrorWriter",
     "default_error_writer",
@@ -108,6 +118,78 @@ class PeerRouter(Protocol):
         self, client_key: str, proto: str, address: str, timeout: Optional[float]
     ) -> Optional[TunnelConnection]:
         """Dial through a peer holding ``client_key``; ``None`` if none does."""
+
+
+class PeeringLayer(PeerRouter, Protocol):
+    """What a :class:`Server` needs from its peering layer (``server.peering``):
+    the routing of :class:`PeerRouter`, peer authentication and the peer table."""
+
+    def authenticate(self, headers: Union[Mapping[str, str], "Headers"]) -> Optional[str]:
+        """The peer id if ``headers`` authenticate a known peer, else ``None``
+        (the server's authorizer decides)."""
+
+    def refusal(self, headers: Union[Mapping[str, str], "Headers"]) -> Optional[str]:
+        """Why a request carrying peer headers is not an accepted peer link
+        (for the log; never shows a token), or ``None``."""
+
+    def add_peer(self, url: str, peer_id: str, token: str) -> None:
+        """Accept ``peer_id`` with ``token`` and keep a link to it at ``url``."""
+
+    def remove_peer(self, peer_id: str) -> None:
+        """Forget ``peer_id``: stop its link and refuse it from now on."""
+
+    def close(self) -> None:
+        """Stop every link."""
+
+
+PeeringFactory = Callable[["Server"], PeeringLayer]
+"""Builds the peering layer of a new :class:`Server` from it."""
+
+
+class NoPeering:
+    """The peering layer of a server built with none: no peer authenticates,
+    peers' CONNECTs are refused and no dial goes to a peer."""
+
+    def authenticate(self, headers: Union[Mapping[str, str], "Headers"]) -> Optional[str]:
+        return None
+
+    def refusal(self, headers: Union[Mapping[str, str], "Headers"]) -> Optional[str]:
+        return None
+
+    def add_peer(self, url: str, peer_id: str, token: str) -> None:
+        raise ValueError("this server was built without a peering layer")
+
+    def remove_peer(self, peer_id: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def handle_connect(self, conn: TunnelConnection) -> None:
+        raise ConnectNotAllowedError("connect not allowed")
+
+    def on_client_change(self, session: Session, added: bool, client_key: str, session_key: int) -> None:
+        pass
+
+    def dial(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float]
+    ) -> Optional[TunnelConnection]:
+        return None
+
+
+def _no_peering(server: "Server") -> PeeringLayer:
+    return NoPeering()
+
+
+_default_peering: PeeringFactory = _no_peering
+
+
+def set_default_peering(factory: PeeringFactory) -> None:
+    """Build the peering layer of servers made from now on with ``factory``
+    unless they are given one. ``import remotedialer`` sets
+    :meth:`Peering.for_server <remotedialer.ha.peering.Peering.for_server>`."""
+    global _default_peering
+    _default_peering = factory
 
 
 class ClientDialer:
@@ -158,7 +240,8 @@ class Server:
       replaces how those targets are dialed.
     * ``peer_id``/``peer_token`` identify this server to its peers (see
       :meth:`add_peer`); ``peer_ssl_context`` sets TLS for ``wss://`` peer
-      links, which verify certificates by default.
+      links, which verify certificates by default. ``peering`` builds the
+      peering layer (default: :class:`~remotedialer.ha.peering.Peering`).
     * ``websocket="simple-websocket"`` uses simple-websocket for the
       WebSocket instead of the built-in reader (the default), at a second
       thread per tunnel and 2.5x the CPU per GiB received (measured in
@@ -180,6 +263,7 @@ class Server:
         websocket: str = "builtin",
         receive_bytes: int = RECEIVE_BYTES,
         peer_ssl_context: Optional[ssl.SSLContext] = None,
+        peering: Optional[PeeringFactory] = None,
     ) -> None:
         if websocket not in ("builtin", "simple-websocket"):
             raise ValueError(f"unknown websocket implementation {websocket!r}")
@@ -192,20 +276,27 @@ class Server:
         self.websocket = websocket
         self.receive_bytes = receive_bytes
         self.client_connect_authorizer = client_connect_authorizer
+        self.peer_ssl_context = peer_ssl_context
         self._local_dialer = LocalDialer(client_connect_authorizer, local_dialer, limits, piper)
         #: Client sessions by client key.
         self.session_manager = SessionManager(limits.max_sessions_per_key)
         #: Sessions of peers that connected to us, keyed by peer id.
         self.peer_sessions = SessionManager(limits.max_sessions_per_key)
         #: The peering layer (peer authentication, links to peers, what they
-        #: advertise); see :class:`PeerRouter` and :mod:`remotedialer.peering`.
-        self.peering = Peering(self, self._local_dialer.piper, ssl_context=peer_ssl_context)
+        #: advertise); see :class:`PeeringLayer` and :mod:`remotedialer.ha.peering`.
+        self.peering: PeeringLayer = (peering or _default_peering)(self)
         self.peer_router: Optional[PeerRouter] = self.peering
         self._closed = False
         self._warned_single_threaded = False
 
     def __repr__(self) -> str:
         return f"<Server peer_id={self.peer_id!r} clients={self.list_clients()}>"
+
+    @property
+    def piper(self) -> Piper:
+        """Pipes the connections this server relays (clients' reverse dials,
+        port forwards, peers' relayed dials)."""
+        return self._local_dialer.piper
 
     # ------------------------------------------------------------------ WSGI
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
@@ -401,10 +492,10 @@ class Server:
         """Listen on ``listen`` (port 0: a free one) and forward every accepted
         TCP connection to ``proto/address`` through ``client_key``'s client,
         like ``ssh -R``. Returns the running
-        :class:`~remotedialer.forward.PortForward` (``stop()`` it, or use it as
+        :class:`~remotedialer.server.port_forward.PortForward` (``stop()`` it, or use it as
         a context manager). Raises ``OSError`` if it cannot bind."""
         spec = ForwardSpec((listen[0], int(listen[1])), client_key, proto, address)
-        return start_forward(self, spec, dial_timeout=dial_timeout, piper=self._local_dialer.piper)
+        return start_forward(self, spec, dial_timeout=dial_timeout, piper=self.piper)
 
     # ---------------------------------------------------------------- queries
     def has_session(self, client_key: str) -> bool:
