@@ -1,8 +1,8 @@
 """Tunable limits and intervals, gathered in one immutable object.
 
-Defaults follow the Go implementation where it has a value (PROTOCOL.md §7)
-and add the hard limits it lacks. Use :meth:`Limits.replace` to derive a
-variant: ``Limits().replace(max_connections_per_session=100)``.
+Defaults follow the Go implementation where it has a value (docs/protocol.rst,
+"Constants") and add the hard limits it lacks. Use :meth:`Limits.replace` to
+derive a variant: ``Limits().replace(max_connections_per_session=100)``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A :class:`Session` owns a :class:`~remotedialer.transports.base.Transport`, a table of
 :class:`~remotedialer.connection.TunnelConnection` objects keyed by connection
 id, and the thread that reads messages (whoever calls :meth:`Session.serve`).
-It handles every message type as PROTOCOL.md describes.
+It handles every message type as docs/protocol.rst describes.
 
 Locks, in the order they may nest:
 

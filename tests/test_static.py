@@ -1,5 +1,5 @@
-"""The code stays lint-clean (ruff) and fully typed (mypy --strict), as
-STYLE.md asks; configuration in pyproject.toml."""
+"""The code stays lint-clean (ruff) and fully typed (mypy --strict), as the
+house style asks (docs/contributing.rst); configuration in pyproject.toml."""
 
 from __future__ import annotations
 
