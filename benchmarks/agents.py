@@ -25,7 +25,6 @@ Run on its own with ``python -m benchmarks --only agents --agents 1000,3000``
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -35,10 +34,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .goref import GOREF_HINT, go_binary
 from .loadgen import run_load
-from .procs import BenchError, Proc, ProcStats, free_port, wait_until
+from .procs import BenchError, FleetProc, Proc, ProcStats, free_port, wait_until
 from .report import Report
 
-__all__ = ["AgentsOptions", "agents_workload", "FleetProc"]
+__all__ = ["AgentsOptions", "agents_workload"]
 
 KiB = 1024
 GET_CONCURRENCY = 10
@@ -63,49 +62,6 @@ class AgentsOptions:
     #: Seconds of each request-rate run.
     request_seconds: float = 5.0
     use_wrk: bool = True
-
-
-class FleetProc:
-    """The agents' process (:mod:`testkit.fleet`) and its JSON records."""
-
-    def __init__(
-        self, port: int, count: int, log_dir: str, name: str = "fleet",
-        reconnect: bool = False, report: float = 2.0,
-    ) -> None:
-        self.count = count
-        argv = [sys.executable, "-m", "testkit.fleet", "--port", str(port),
-                "--count", str(count), "--report", str(report)]
-        self.proc = Proc(name, argv + (["--reconnect"] if reconnect else []), log_dir)
-
-    def records(self) -> List[Dict[str, object]]:
-        out = []
-        for line in self.proc.log_text().splitlines():
-            if line.startswith("{") and line.endswith("}"):
-                out.append(json.loads(line))
-        return out
-
-    def last(self, event: str = "status") -> Dict[str, object]:
-        found = [r for r in self.records() if r.get("event") == event]
-        return found[-1] if found else {}
-
-    def wait_opened(self, timeout: float) -> float:
-        """Block until every agent is open; the seconds it took. Raises
-        :class:`BenchError` after ``timeout`` (with the last status)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            opened = self.last("opened")
-            if opened:
-                return float(opened["seconds"])  # type: ignore[arg-type]
-            if not self.proc.alive():
-                raise BenchError(f"the fleet exited:\n{self.proc.tail()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"not all {self.count} agents open after {timeout:.0f}s: {self.last()}")
-            time.sleep(0.2)
-
-    def stop(self) -> Dict[str, object]:
-        """Stop the fleet; its final status."""
-        self.proc.stop(timeout=30)
-        return self.last()
 
 
 def _get(url: str) -> bytes:

@@ -116,8 +116,7 @@ def live_scrape_seconds(agents: int, runs: int) -> Dict[str, List[Tuple[float, f
     more; raises ``BenchError`` when the tunnels do not open."""
     from remotedialer.cli.server import raise_open_files_limit
 
-    from .agents import FleetProc
-    from .procs import Proc, free_port
+    from .procs import FleetProc, Proc, free_port
 
     raise_open_files_limit()
     figures: Dict[str, List[Tuple[float, float]]] = {"prometheus_client (name[])": [], "remotedialer": []}

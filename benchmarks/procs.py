@@ -7,6 +7,7 @@ nothing blocks on a full pipe and the logs can be shown when something fails.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -20,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 from remotedialer.cli.server import raise_open_files_limit
 
 __all__ = [
-    "BenchError", "Proc", "ProcStats", "free_port", "Usage", "usage", "wait_listening",
+    "BenchError", "FleetProc", "Proc", "ProcStats", "free_port", "Usage", "usage", "wait_listening",
     "wait_until",
 ]
 
@@ -205,6 +206,49 @@ def usage(pid: int, with_children: bool = False) -> Usage:
         cpu += sum(int(value) for value in fields[11:15 if with_children else 13])
         sleeps += _sleeps(current)
     return Usage(cpu / _CLOCK_TICKS, sleeps)
+
+
+class FleetProc:
+    """The agents' process (:mod:`testkit.fleet`) and its JSON records."""
+
+    def __init__(
+        self, port: int, count: int, log_dir: str, name: str = "fleet",
+        reconnect: bool = False, report: float = 2.0,
+    ) -> None:
+        self.count = count
+        argv = [sys.executable, "-m", "testkit.fleet", "--port", str(port),
+                "--count", str(count), "--report", str(report)]
+        self.proc = Proc(name, argv + (["--reconnect"] if reconnect else []), log_dir)
+
+    def records(self) -> List[Dict[str, object]]:
+        out = []
+        for line in self.proc.log_text().splitlines():
+            if line.startswith("{") and line.endswith("}"):
+                out.append(json.loads(line))
+        return out
+
+    def last(self, event: str = "status") -> Dict[str, object]:
+        found = [r for r in self.records() if r.get("event") == event]
+        return found[-1] if found else {}
+
+    def wait_opened(self, timeout: float) -> float:
+        """Block until every agent is open; the seconds it took. Raises
+        :class:`BenchError` after ``timeout`` (with the last status)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            opened = self.last("opened")
+            if opened:
+                return float(opened["seconds"])  # type: ignore[arg-type]
+            if not self.proc.alive():
+                raise BenchError(f"the fleet exited:\n{self.proc.tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"not all {self.count} agents open after {timeout:.0f}s: {self.last()}")
+            time.sleep(0.2)
+
+    def stop(self) -> Dict[str, object]:
+        """Stop the fleet; its final status."""
+        self.proc.stop(timeout=30)
+        return self.last()
 
 
 def wait_listening(proc: Proc, port: int, timeout: float = 20.0) -> None:

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence
 
 from remotedialer.cli.server import raise_open_files_limit
 
+from testkit.support import EchoServer
+
 from .procs import BenchError, Proc
 
 __all__ = ["SoakOptions", "SoakResult", "run_soak", "main"]
@@ -118,39 +120,6 @@ class SoakResult:
 
 
 # ------------------------------------------------------------------ targets
-def echo_until_eof(sock: socket.socket) -> None:
-    """Send back everything ``sock`` receives until EOF or an error; close it."""
-    with sock:
-        try:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    return
-                sock.sendall(data)
-        except OSError:
-            return
-
-
-class EchoServer:
-    """A threaded loopback echo server (one thread per connection)."""
-
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-        self.port = int(self.listener.getsockname()[1])
-        threading.Thread(target=self._accept, name="soak-echo", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=echo_until_eof, args=(sock,), daemon=True).start()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def _read_stats(proc: Proc) -> Sample:
     stats = proc.stats()
     fds = len(os.listdir(f"/proc/{proc.pid}/fd"))
@@ -243,7 +212,7 @@ def run_soak(options: SoakOptions, log=lambda text: print(text, file=sys.stderr)
 
     raise_open_files_limit()
     result = SoakResult(seconds=options.seconds, connections=options.connections)
-    echo = EchoServer()
+    echo = EchoServer(backlog=1024, name="soak-echo")
     web = DummyServer(("127.0.0.1", 0))
     web.start()
     procs: List[Proc] = []
@@ -263,7 +232,7 @@ def run_soak(options: SoakOptions, log=lambda text: print(text, file=sys.stderr)
             server.wait_for_log(r"client session started for foo")
             fleet = None
             if options.agents:
-                from .agents import FleetProc
+                from .procs import FleetProc
 
                 result.agents = options.agents
                 fleet = FleetProc(http_port, options.agents, log_dir)

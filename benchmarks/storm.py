@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 from remotedialer.cli.server import raise_open_files_limit
 
-from .agents import FleetProc
+from .procs import FleetProc
 from .procs import Proc, free_port, wait_until
 
 __all__ = ["run_storm", "main"]

@@ -13,7 +13,7 @@ invariant (an ``AssertionError``), is a crash that atheris reports with the
 input that caused it.
 
 The invariants are in :func:`check_input`, which imports nothing from atheris:
-the hypothesis tests in ``tests/test_fuzz_protocol.py`` run the same checks.
+the hypothesis tests in ``tests/core/test_fuzz_protocol.py`` run the same checks.
 """
 
 from __future__ import annotations

@@ -245,7 +245,7 @@ class FrameReader:
     reason. A message over ``max_message_size`` bytes is an error as soon as
     its length is known. Errors raise :class:`WebSocketProtocolError`.
 
-    ``tests/test_wsproto_differential.py`` checks it against wsproto's frame
+    ``tests/core/test_wsproto_differential.py`` checks it against wsproto's frame
     parser on generated valid and invalid streams, in both directions (found
     and fixed that way: non-minimal lengths, unchecked close payloads and
     text that was not UTF-8 were accepted): the two agree on messages,

@@ -1,22 +1,21 @@
-"""Shared fixtures: in-memory session pairs, loopback servers, the real WSGI
-server. The classes and helpers behind them live in ``support.py``."""
+"""Shared fixtures: in-memory session pairs, sessions driven by hand, loopback
+servers, the real WSGI server. The classes and helpers behind them live in
+``testkit/support.py``."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 
-# Re-exported: some test modules still import these from here.
-from .support import (  # noqa: F401
-    TIMEOUT,
+from testkit.support import (
     AcceptingHandler,
     EchoServer,
+    Raw,
     SelectorEchoServer,
     SessionPair,
     TunnelServer,
     closing_all,
-    wait_for,
 )
 
 
@@ -63,3 +62,24 @@ def make_tunnel_server() -> Iterator[Callable[..., TunnelServer]]:
 def tunnel_server(make_tunnel_server: Callable[..., TunnelServer]) -> TunnelServer:
     """The real WSGI server on werkzeug with default options."""
     return make_tunnel_server()
+
+
+@pytest.fixture
+def raw_factory() -> Iterator[Callable[..., Raw]]:
+    """Build :class:`Raw` sessions; all are closed at teardown."""
+    made: List[Raw] = []
+
+    def make(**kwargs: Any) -> Raw:
+        raw = Raw(**kwargs)
+        made.append(raw)
+        return raw
+
+    yield make
+    for raw in made:
+        raw.close()
+
+
+@pytest.fixture
+def raw(raw_factory: Callable[..., Raw]) -> Raw:
+    """A server-side session whose far end the test drives message by message."""
+    return raw_factory()

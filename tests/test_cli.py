@@ -31,7 +31,7 @@ from remotedialer.cli.server import (
 )
 from remotedialer.ha.peering import PeerSpec, parse_peers
 
-from .conftest import TIMEOUT, wait_for
+from testkit.support import TIMEOUT, wait_for
 
 # ------------------------------------------------------------------ parsing
 

@@ -67,7 +67,7 @@ def page_text(built: Path, page: str) -> str:
 
 def test_docs_build_without_warnings(built: Path) -> None:
     for page in ("index", "quickstart", "concepts", "protocol", "deployment", "configuration",
-                 "logging", "metrics", "compatibility", "benchmarks", "api"):
+                 "logging", "metrics", "compatibility", "benchmarks", "api", "contributing"):
         assert (built / f"{page}.html").is_file(), page
 
 

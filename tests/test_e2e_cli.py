@@ -26,7 +26,7 @@ import requests
 
 from remotedialer.cli.dummy import generated_sha256
 
-from .conftest import TIMEOUT
+from testkit.support import TIMEOUT
 
 REPO = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")

@@ -18,7 +18,7 @@ from remotedialer.client import Backoff, TunnelClient
 from remotedialer.errors import HandshakeError
 from remotedialer.server import Server
 
-from .support import TIMEOUT, EchoServer, recv_exactly, tunnel_id_authorizer, wait_for
+from testkit.support import TIMEOUT, EchoServer, recv_exactly, tunnel_id_authorizer, wait_for
 
 
 def serve(app: Any) -> Tuple[BaseWSGIServer, threading.Thread]:

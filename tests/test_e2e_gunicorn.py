@@ -20,10 +20,10 @@ from remotedialer.client import Backoff, TunnelClient
 from remotedialer.errors import HandshakeError
 from remotedialer.frames import OP_CLOSE, encode_frame
 
-from .conftest import TIMEOUT, EchoServer, wait_for
-from .support import raw_upgrade
-from .test_server import echo_round_trip, raw_get, upgrade_headers
-from .test_wsgi_transport import client_frame, read_to_eof
+from testkit.support import TIMEOUT, EchoServer, wait_for
+from testkit.support import raw_upgrade
+from .server.test_tunnel_server import echo_round_trip, raw_get, upgrade_headers
+from .transports.test_wsgi import client_frame, read_to_eof
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 3  # few on purpose: a handler that did not return would starve it

@@ -32,7 +32,7 @@ from remotedialer.forwarder import (
     parse_target,
 )
 
-from .conftest import TIMEOUT, wait_for
+from testkit.support import TIMEOUT, wait_for
 
 # --------------------------------------------------------------- parsing
 

@@ -30,7 +30,15 @@ from remotedialer.session import Session
 from remotedialer.testing import MemoryTransport, memory_pair
 from remotedialer.transports.base import TransportClosed
 
-from .support import TIMEOUT, EchoServer, SessionPair, SilentListener, TunnelServer, recv_up_to, wait_for
+from testkit.support import (
+    TIMEOUT,
+    EchoServer,
+    SessionPair,
+    SilentListener,
+    TunnelServer,
+    recv_up_to,
+    wait_for,
+)
 
 KiB = 1024
 INT64_MIN = -(1 << 63)

@@ -1,0 +1,1 @@
+"""The agent, remotedialer.client (layer 3)."""

@@ -1,0 +1,1 @@
+"""The tunnel core (layer 1): codecs, connections, sessions, piping."""

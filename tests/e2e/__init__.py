@@ -1,0 +1,1 @@
+"""End-to-end tests: real processes, real servers and clients over loopback."""

@@ -1,0 +1,1 @@
+"""High availability, remotedialer.ha (layer 4)."""

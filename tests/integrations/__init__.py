@@ -1,0 +1,1 @@
+"""The HTTP client integrations, remotedialer.integrations (layer 4)."""

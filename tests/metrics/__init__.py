@@ -1,0 +1,1 @@
+"""Metrics, remotedialer.metrics (layer 4)."""

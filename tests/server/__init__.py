@@ -1,0 +1,1 @@
+"""The server side, remotedialer.server (layer 3)."""

@@ -1,0 +1,1 @@
+"""The WebSocket transports (layer 2)."""
