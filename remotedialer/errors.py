@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import socket
+import sys
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
 
 __all__ = [
@@ -161,11 +162,21 @@ class LimitExceededError(_SocketError, ConnectionResetError):
     ``errno`` is ``ECONNRESET``."""
 
 
-class TunnelTimeoutError(_SocketError, socket.timeout):
+if sys.version_info >= (3, 10):
+    _Timeout = socket.timeout  # which is TimeoutError
+else:
+
+    class _Timeout(socket.timeout, TimeoutError):
+        """Before Python 3.10 ``socket.timeout`` is not a ``TimeoutError``:
+        a tunnel's timeout is both, as on later versions."""
+
+
+class TunnelTimeoutError(_SocketError, _Timeout):
     """A blocking call on a tunnel did not complete within its timeout.
     ``errno`` is ``ETIMEDOUT``.
 
-    ``socket.timeout`` is ``TimeoutError`` on Python 3.10 and later.
+    It is a ``socket.timeout`` and a ``TimeoutError`` on every Python version
+    (the two are one class from Python 3.10 on).
     """
 
     default_errno = errno.ETIMEDOUT

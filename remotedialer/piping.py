@@ -18,7 +18,6 @@ result to a :class:`Piper`.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import selectors
 import socket
@@ -29,6 +28,7 @@ from .addresses import split_host_port
 from .config import DEFAULT_LIMITS, Limits
 from .errors import ConnectNotAllowedError, DialError, RemoteError, error_text
 from .singleton import Singleton
+from .thread_pool import ThreadPool
 
 if TYPE_CHECKING:
     from .connection import TunnelConnection
@@ -511,9 +511,7 @@ class LocalDialer:
         self.dialer = dialer or dial_socket
         self.limits = limits
         self.piper = piper or default_piper()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=limits.dial_workers, thread_name_prefix="remotedialer-dial"
-        )
+        self._pool = ThreadPool(limits.dial_workers, "remotedialer-dial")
 
     def __call__(self, conn: TunnelConnection) -> None:
         allowed = False
@@ -529,7 +527,7 @@ class LocalDialer:
 
     def shutdown(self) -> None:
         """Stop taking dials; running ones finish."""
-        self._pool.shutdown(wait=False)
+        self._pool.shutdown()
 
     def _dial_and_pipe(self, conn: TunnelConnection) -> None:
         if conn.ended and not conn.buffered:

@@ -29,3 +29,18 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
         if line.strip() and not line.lstrip().startswith("#")
     ]
     assert tests in ci_lines
+
+
+def test_the_python_versions_agree() -> None:
+    """README.rst's "Python 3.N+", setup.cfg's ``python_requires`` and the
+    oldest version its classifiers name (which .ci/run tests, with the
+    newest) are the same."""
+    readme = (ROOT / "README.rst").read_text(encoding="utf-8")
+    setup = (ROOT / "setup.cfg").read_text(encoding="utf-8")
+    promised = re.search(r"with Python (3\.\d+)\+", readme)
+    required = re.search(r"python_requires = >=(3\.\d+)", setup)
+    named = [int(minor) for minor in re.findall(r"Programming Language :: Python :: 3\.(\d+)", setup)]
+    assert promised and required and named
+    assert promised.group(1) == required.group(1) == f"3.{min(named)}"
+    assert named == list(range(min(named), max(named) + 1)), "a version left out between the two"
+    assert "classifiers" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

@@ -18,7 +18,6 @@ each other for routing in both directions.
 
 from __future__ import annotations
 
-import concurrent.futures
 import hmac
 import logging
 import queue
@@ -36,6 +35,7 @@ from ..observer import NULL_OBSERVER, Observer
 from ..piping import Piper
 from ..server.sessions import SessionManager, dial_first
 from ..session import Session
+from ..thread_pool import ThreadPool
 
 if TYPE_CHECKING:
     from werkzeug.datastructures import Headers
@@ -260,10 +260,7 @@ class Peering:
         self._links: Dict[str, PeerLink] = {}
         # peer session -> client key -> session keys it advertised
         self._advertised: Dict[Session, Dict[str, Set[int]]] = {}
-        self._relay_pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(2, limits.dial_workers // 4),
-            thread_name_prefix="remotedialer-peer-relay",
-        )
+        self._relay_pool = ThreadPool(max(2, limits.dial_workers // 4), "remotedialer-peer-relay")
         peer_sessions.add_listener(self._on_peer_session)
 
     @classmethod
@@ -378,7 +375,7 @@ class Peering:
             links, self._links = list(self._links.values()), {}
         for link in links:
             link.stop()
-        self._relay_pool.shutdown(wait=False)
+        self._relay_pool.shutdown()
 
     # --------------------------------------------- what peers advertise to us
     def on_client_change(self, session: Session, added: bool, client_key: str, session_key: int) -> None:

@@ -281,7 +281,9 @@ class _HostRouter(requests.adapters.BaseAdapter):
     def __init__(self, tunnel: TunnelAdapter, direct: requests.adapters.BaseAdapter,
                  hosts: List[HostSpec]) -> None:
         super().__init__()
-        self.tunnel = tunnel
+        # typed as the base class: its close() is typed in every version of
+        # types-requests, HTTPAdapter's not in those for Python 3.9
+        self.tunnel: requests.adapters.BaseAdapter = tunnel
         self.direct = direct
         self.hosts = hosts
 

@@ -6,6 +6,7 @@ writes the frames with the package's own codec (:mod:`remotedialer.frames`).
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 import time
@@ -121,6 +122,17 @@ class WebSocketClientTransport:
         return self._description
 
 
+_HANDSHAKE_STATUS = re.compile(r"Handshake status \d+ (.*?) -\+-\+- ")
+
+
+def _status_message(exc: websocket.WebSocketBadStatusException) -> str:
+    """The reason phrase of a refused handshake, from the exception's text:
+    websocket-client 1.9.0 (the newest for Python 3.9) keeps it nowhere
+    else."""
+    match = _HANDSHAKE_STATUS.match(str(exc))
+    return match.group(1) if match else ""
+
+
 def open_websocket(
     url: str,
     headers: Optional[Mapping[str, str]],
@@ -144,7 +156,7 @@ def open_websocket(
         )
     except websocket.WebSocketBadStatusException as exc:
         body = exc.resp_body.decode("utf-8", "replace") if exc.resp_body else ""
-        reason = str(getattr(exc, "status_message", None) or "")
+        reason = str(getattr(exc, "status_message", None) or _status_message(exc))
         raise HandshakeError(exc.status_code, body.strip(), exc, reason=reason) from exc
     except BaseException:
         ws.shutdown()  # type: ignore[no-untyped-call]

@@ -121,12 +121,13 @@ def decode_wsproto(pieces: Sequence[bytes], from_client: bool = True) -> Tuple[L
                     code, reason = payload
                     events.append((OP_CLOSE, (int(code), reason)))
                     return events, "closed"
+                # wsproto before 1.3 (the newest for Python 3.9) hands out bytearray
                 if frame.opcode.iscontrol():
-                    assert isinstance(payload, bytes)
-                    events.append((int(frame.opcode), payload))
+                    assert isinstance(payload, (bytes, bytearray))
+                    events.append((int(frame.opcode), bytes(payload)))
                     continue
-                assert isinstance(payload, (str, bytes))
-                parts.append(payload.encode("utf-8") if isinstance(payload, str) else payload)
+                assert isinstance(payload, (str, bytes, bytearray))
+                parts.append(payload.encode("utf-8") if isinstance(payload, str) else bytes(payload))
                 if frame.message_finished:
                     events.append((int(frame.opcode), b"".join(parts)))
                     parts = []
