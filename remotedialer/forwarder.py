@@ -56,6 +56,19 @@ from werkzeug.wsgi import get_input_stream
 from .addresses import join_host_port, split_host_optional_port, split_remote_address
 from .errors import error_text
 from .server.wsgi import StartResponse, header_tokens, plain_text_response
+from .gateway.http1 import (
+    HOP_BY_HOP,
+    MAX_CHUNK_LINE,
+    MAX_RESPONSE_HEAD,
+    BadResponse,
+    ChunkedDecoder,
+    ChunkedError,
+    ResponseHead,
+    encode_request_head,
+    find_head_end,
+    parse_response_head,
+    response_framing,
+)
 from .piping import Piper, default_piper
 
 __all__ = ["Forwarder", "DialFunction"]
@@ -66,22 +79,6 @@ DialFunction = Callable[[str, str, str, Optional[float]], Any]
 """``(client_key, proto, address, timeout) -> socket-like connection``, e.g.
 ``Server.dial``."""
 
-
-#: Headers that describe one hop, never forwarded (RFC 9110 §7.6.1).
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
 
 #: Request headers not sent on: ``Host`` is replaced by the target's, and the
 #: WSGI server already answered ``Expect: 100-continue``.
@@ -125,7 +122,6 @@ class BadRequest(ValueError):
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_VERSIONS = {"HTTP/1.1": 11, "HTTP/1.0": 10}
 _BAD_HOST = re.compile(r"[/?#@ \t\r\n]")
 
 
@@ -235,76 +231,6 @@ def _response_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
 # 2.5x with httpcore, so the request rate would drop far more than the 5 % a
 # switch was allowed to cost.
 
-#: A response head longer than this is refused (http.client allows 100 lines
-#: of 64 KiB; real heads are a few hundred bytes).
-MAX_RESPONSE_HEAD = 64 * 1024
-#: Header lines a response head may have (as http.client).
-MAX_RESPONSE_HEADERS = 100
-#: Longest chunk-size or trailer line accepted in a chunked body.
-_MAX_CHUNK_LINE = 4096
-
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEX = re.compile(r"[0-9A-Fa-f]{1,16}")
-_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
-_BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
-#: Methods that get ``Content-Length: 0`` when sent without a body (as http.client).
-_BODY_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
-
-
-class BadResponse(ConnectionError):
-    """The target's answer is not HTTP/1.1 the forwarder can pass on; the
-    connection is unusable afterwards."""
-
-
-class ResponseHead:
-    """A parsed response head: ``status``, ``reason``, ``version`` (10 or 11)
-    and ``headers`` as received (name case kept, order kept)."""
-
-    __slots__ = ("version", "status", "reason", "headers")
-
-    def __init__(self, version: int, status: int, reason: str, headers: List[Tuple[str, str]]) -> None:
-        self.version = version
-        self.status = status
-        self.reason = reason
-        self.headers = headers
-
-
-def parse_response_head(head: bytes) -> ResponseHead:
-    """Parse a response head (status line and header lines, without the empty
-    line ending it; lines end in CRLF or LF). Obsolete line folding is
-    replaced by a space (RFC 9112 §5.2). Raises :class:`BadResponse`."""
-    lines = head.decode("latin-1").split("\n")
-    status_line = lines[0].rstrip("\r")
-    version_text, _, rest = status_line.partition(" ")
-    version = _VERSIONS.get(version_text)
-    if version is None:
-        raise BadResponse(f"invalid status line from the target: {status_line[:100]!r}")
-    code, _, reason = rest.partition(" ")
-    if len(code) != 3 or not code.isdigit() or code[0] == "0":
-        raise BadResponse(f"invalid status line from the target: {status_line[:100]!r}")
-    if len(lines) > MAX_RESPONSE_HEADERS + 1:
-        raise BadResponse(f"more than {MAX_RESPONSE_HEADERS} response headers")
-    headers: List[Tuple[str, str]] = []
-    for line in itertools.islice(lines, 1, None):
-        if line.endswith("\r"):
-            line = line[:-1]
-        if line[:1] in (" ", "\t"):
-            if not headers:
-                raise BadResponse("response head starts with a continuation line")
-            name, value = headers[-1]
-            folded = line.strip(" \t")
-            headers[-1] = (name, f"{value} {folded}" if value else folded)
-            continue
-        name, colon, value = line.partition(":")
-        if not colon or not _TOKEN.fullmatch(name):
-            raise BadResponse(f"invalid response header line {line[:100]!r}")
-        if "\r" in value or "\x00" in value:
-            raise BadResponse(f"invalid value of response header {name}")
-        headers.append((name, value.strip(" \t")))
-    return ResponseHead(version, int(code), reason.strip(), headers)
-
-
 class UpstreamConnection:
     """One HTTP/1.1 client connection over a connected socket-like object (a
     tunneled connection, or an ``SSLSocket`` for ``https``), one request at a
@@ -338,30 +264,7 @@ class UpstreamConnection:
         an iterable of bytes sent with chunked coding. Blocks on the socket
         (the peer may pause us); raises ``ValueError`` for a method, path or
         header value that cannot be sent, ``OSError`` from the socket."""
-        if not _TOKEN.fullmatch(method):
-            raise ValueError(f"invalid method {method!r}")
-        if not path.isascii() or _BAD_TARGET.search(path):
-            raise ValueError(f"invalid characters in the request target {path!r}")
-        parts = [f"{method} {path} HTTP/1.1\r\n"]
-        send_length = method in _BODY_EXPECTED and body is None
-        send_encoding = True
-        for name, value in headers.items():
-            if _BAD_HEADER_VALUE.search(value):
-                raise ValueError(f"invalid value of header {name}")
-            lowered = name.lower()
-            if lowered == "content-length":
-                send_length = False
-            elif lowered == "accept-encoding":
-                send_encoding = False
-            parts.append(f"{name}: {value}\r\n")
-        if send_encoding:  # as http.client: no compressed answer the client did not ask for
-            parts.append("Accept-Encoding: identity\r\n")
-        if chunked:
-            parts.append("Transfer-Encoding: chunked\r\n")
-        elif send_length:
-            parts.append("Content-Length: 0\r\n")
-        parts.append("\r\n")
-        head = "".join(parts).encode("latin-1")
+        head = encode_request_head(method, path, headers, body is not None, chunked)
         sock = self._socket()
         if body is None:
             sock.sendall(head)
@@ -405,10 +308,10 @@ class UpstreamConnection:
         buffer = self._buffer
         searched = 0
         while True:
-            match = _HEAD_END.search(buffer, max(0, searched - 3))
-            if match is not None:
-                head = bytes(buffer[: match.start()])
-                del buffer[: match.end()]
+            found = find_head_end(buffer, searched)
+            if found is not None:
+                head = bytes(buffer[: found[0]])
+                del buffer[: found[1]]
                 return head
             if len(buffer) > MAX_RESPONSE_HEAD:
                 raise BadResponse(f"response head over {MAX_RESPONSE_HEAD} bytes")
@@ -420,17 +323,17 @@ class UpstreamConnection:
                     errno.ECONNRESET, "the target closed the connection without a response"
                 )
 
-    def _read_line(self) -> str:
-        """One CRLF- or LF-ended line of a chunked body, without its ending."""
+    def _read_line(self) -> bytes:
+        """One LF-ended line of a chunked body, with its ending."""
         buffer = self._buffer
         searched = 0
         while True:
             end = buffer.find(b"\n", searched)
             if end >= 0:
-                line = bytes(buffer[:end]).rstrip(b"\r")
+                line = bytes(buffer[: end + 1])
                 del buffer[: end + 1]
-                return line.decode("latin-1")
-            if len(buffer) > _MAX_CHUNK_LINE:
+                return line
+            if len(buffer) > MAX_CHUNK_LINE:
                 raise BadResponse("chunk line too long")
             searched = len(buffer)
             if not self._fill():
@@ -457,51 +360,16 @@ class UpstreamResponse:
         self.status = head.status
         self.reason = head.reason
         self.headers = head.headers
-        self.complete = False
-        self._chunked = False
-        self._chunk_left = 0  # chunked: bytes left in the current chunk (-1: its CRLF is due)
-        self._length: Optional[int] = None  # bytes of body left; None: until EOF
-        tokens: List[str] = []
-        lengths: List[str] = []
-        codings: List[str] = []
-        for name, value in head.headers:
-            lowered = name.lower()
-            if lowered == "connection":
-                tokens.extend(header_tokens(value))
-            elif lowered == "content-length":
-                lengths.extend(item.strip() for item in value.split(","))
-            elif lowered == "transfer-encoding":
-                codings.extend(header_tokens(value))
-        if head.version == 10:
-            self.will_close = "keep-alive" not in tokens
-        else:
-            self.will_close = "close" in tokens
-        if method == "HEAD" or self.status < 200 or self.status in (204, 304):
-            self._length = 0
-            if self.status == 101:
-                self.will_close = True
-        elif codings:
-            if head.version == 10:  # RFC 9112 §6.1: the framing is faulty
-                raise BadResponse("Transfer-Encoding in an HTTP/1.0 response")
-            if lengths:
-                self.will_close = True  # RFC 9112 §6.3: never reuse such a connection
-            if codings[-1] == "chunked":
-                self._chunked = True
-            else:
-                self.will_close = True  # the body ends where the connection does
-        elif lengths:
-            if len(set(lengths)) != 1 or not lengths[0].isdigit() or not lengths[0].isascii():
-                raise BadResponse(f"invalid Content-Length from the target: {', '.join(lengths)[:100]!r}")
-            self._length = int(lengths[0])
-        else:
-            self.will_close = True  # the body ends where the connection does
-        if self._length == 0:
-            self.complete = True
+        framing = response_framing(head, method)
+        self.will_close = framing.will_close
+        self._length = framing.length  # bytes of body left; None: until EOF, or chunked
+        self._chunked: Optional[ChunkedDecoder] = ChunkedDecoder(strict=False) if framing.chunked else None
+        self.complete = framing.length == 0
 
     def body_ready(self) -> bool:
         """Whether :meth:`read1` would return without waiting: the body ended,
         or a Content-Length or close-delimited body has bytes buffered."""
-        return self.complete or (not self._chunked and not self.connection.idle_clean)
+        return self.complete or (self._chunked is None and not self.connection.idle_clean)
 
     def read1(self, limit: int) -> bytes:
         """The next piece of the body, at most ``limit`` bytes, as soon as any
@@ -511,26 +379,20 @@ class UpstreamResponse:
         if self.complete:
             return b""
         connection = self.connection
-        if self._chunked:
-            if self._chunk_left <= 0:
-                if self._chunk_left < 0 and connection._read_line():
-                    raise BadResponse("invalid chunked body from the target (no CRLF after a chunk)")
-                size_text = connection._read_line().partition(";")[0].rstrip(" \t")
-                if not _HEX.fullmatch(size_text):
-                    raise BadResponse(f"invalid chunk size from the target: {size_text[:40]!r}")
-                size = int(size_text, 16)
-                if size == 0:
-                    while connection._read_line():  # trailer fields: dropped
-                        pass
-                    self.complete = True
-                    return b""
-                self._chunk_left = size
-            data = connection._read_some(min(limit, self._chunk_left))
+        chunked = self._chunked
+        if chunked is not None:
+            try:
+                while chunked.chunk_left == 0 and not chunked.done:
+                    chunked.feed_line(connection._read_line())
+            except ChunkedError as exc:
+                raise BadResponse(str(exc)) from None
+            if chunked.done:
+                self.complete = True
+                return b""
+            data = connection._read_some(min(limit, chunked.chunk_left))
             if not data:
                 raise BadResponse("the target closed the connection in the middle of a chunked body")
-            self._chunk_left -= len(data)
-            if self._chunk_left == 0:
-                self._chunk_left = -1
+            chunked.consumed(len(data))
             return data
         length = self._length
         if length is None:

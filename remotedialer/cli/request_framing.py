@@ -17,45 +17,12 @@ development dechunker accepts ``0x10``, ``+10``, ``1_0`` and bare CR or LF.
 from __future__ import annotations
 
 import io
-import re
-from typing import Any, BinaryIO, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO
+
+from ..gateway.http1 import MAX_CHUNK_LINE, ChunkedDecoder, ChunkedError
+from ..gateway.http1 import request_framing_error as framing_error
 
 __all__ = ["framing_error", "ChunkedRequestBody", "BadChunkedBody"]
-
-_DIGITS = re.compile(r"[0-9]+")
-#: chunk-size [ chunk-ext ] CRLF (RFC 9112 §7.1); extensions are ignored.
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n]*)?\r\n")
-#: Longest chunk-size or trailer line, and trailer lines, accepted.
-_MAX_LINE = 4096
-_MAX_TRAILER_LINES = 100
-
-
-def framing_error(version: str, fields: Sequence[Tuple[str, str]]) -> Optional[Tuple[int, str]]:
-    """``(status, reason)`` to refuse a request whose header ``fields`` frame
-    its body ambiguously or unsupportedly, or ``None`` if it may be served."""
-    lengths: List[str] = []
-    codings: List[str] = []
-    for name, value in fields:
-        lowered = name.lower()
-        if lowered == "content-length":
-            lengths.append(value)
-        elif lowered == "transfer-encoding":
-            codings.extend(item.strip(" \t").lower() for item in value.split(","))
-    if any(not _DIGITS.fullmatch(value) for value in lengths):
-        return 400, "Invalid Content-Length"
-    if len(set(lengths)) > 1:
-        return 400, "Conflicting Content-Length"
-    if not codings:
-        return None
-    if lengths:
-        return 400, "Both Transfer-Encoding and Content-Length"
-    if version == "HTTP/1.0":
-        return 400, "Transfer-Encoding in an HTTP/1.0 request"
-    if codings == ["chunked"]:
-        return None
-    if codings[-1] != "chunked" or codings.count("chunked") > 1 or "" in codings:
-        return 400, "Invalid Transfer-Encoding"
-    return 501, "Unsupported transfer coding"
 
 
 class BadChunkedBody(OSError):
@@ -70,43 +37,26 @@ class ChunkedRequestBody(io.RawIOBase):
 
     def __init__(self, rfile: BinaryIO) -> None:
         self._rfile = rfile
-        self._left = 0  # bytes left in the current chunk
-        self._done = False
+        self._decoder = ChunkedDecoder(strict=True)
 
     def readable(self) -> bool:
         return True
 
-    def _line(self) -> bytes:
-        line = self._rfile.readline(_MAX_LINE + 1)
-        if not line.endswith(b"\r\n"):
-            raise BadChunkedBody("invalid chunked body: line too long, bare LF or end of stream")
-        return line
-
-    def _next_chunk(self) -> None:
-        match = _CHUNK_LINE.fullmatch(self._line())
-        if match is None:
-            raise BadChunkedBody("invalid chunk size line")
-        self._left = int(match.group(1), 16)
-        if self._left == 0:
-            for _ in range(_MAX_TRAILER_LINES + 1):
-                if self._line() == b"\r\n":
-                    self._done = True
-                    return
-            raise BadChunkedBody("too many trailer lines")
-
     def readinto(self, buffer: Any) -> int:
-        if self._done:
-            return 0
-        if self._left == 0:
-            self._next_chunk()
-            if self._done:
+        decoder = self._decoder
+        try:
+            while decoder.chunk_left == 0 and not decoder.done:
+                decoder.feed_line(self._rfile.readline(MAX_CHUNK_LINE + 1))
+            if decoder.done:
                 return 0
-        wanted = min(len(buffer), self._left)
-        data = self._rfile.read(wanted)
-        if len(data) != wanted:
-            raise BadChunkedBody("chunked body ended early")
-        buffer[: len(data)] = data
-        self._left -= len(data)
-        if self._left == 0 and self._rfile.read(2) != b"\r\n":
-            raise BadChunkedBody("no CRLF after a chunk")
+            wanted = min(len(buffer), decoder.chunk_left)
+            data = self._rfile.read(wanted)
+            if len(data) != wanted:
+                raise BadChunkedBody("chunked body ended early")
+            buffer[: len(data)] = data
+            decoder.consumed(len(data))
+            if decoder.chunk_left == 0:
+                decoder.feed_line(self._rfile.read(2))  # the CRLF ending the chunk
+        except ChunkedError as exc:
+            raise BadChunkedBody(str(exc)) from None
         return len(data)

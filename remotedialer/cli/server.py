@@ -27,7 +27,6 @@ import email.utils
 import http.client
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -43,12 +42,19 @@ from werkzeug.wsgi import LimitedStream
 from ..addresses import join_host_port, reachable_host
 from ..ha.discovery import DnsPeerDiscovery
 from ..forwarder import DEFAULT_TIMEOUT, Forwarder, poll_readable
+from ..gateway.http1 import (
+    MAX_HEADER_LINE,
+    MAX_REQUEST_HEADERS,
+    parse_request_header_line,
+    request_framing_error,
+    request_version_error,
+)
 from ..server.wsgi import WSGIApp, header_tokens, plain_text_response
 from ..ha.lifecycle import GracefulShutdown, chain_sigterm, is_gunicorn_worker
 from ..ha.peering import PeerSpec as Peer
 from ..ha.peering import parse_peers
 from . import scaleout
-from .request_framing import ChunkedRequestBody, framing_error
+from .request_framing import ChunkedRequestBody
 
 __all__ = [
     "add_arguments",
@@ -155,7 +161,7 @@ def make_tunnel_server(
 ) -> Any:
     """The :class:`remotedialer.server.Server` of the example (the connect
     endpoint and session manager)."""
-    from ..server.tunnel_server import Server
+    from ..server import Server
 
     kwargs: Dict[str, Any] = {}
     if observer is not None:
@@ -328,13 +334,6 @@ def make_app(
 _MAX_DRAIN = 256 * 1024
 _LARGE_CHUNK = 64 * 1024
 
-#: Limits of a request head, as http.client's: bytes per header line, header lines.
-_MAX_HEADER_LINE = 65536
-_MAX_REQUEST_HEADERS = 100
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FAST_VERSIONS = ("HTTP/1.1", "HTTP/1.0")
-_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
-_BAD_VALUE = re.compile(r"[\r\x00]")
 
 
 class KeepAliveRequestHandler(WSGIRequestHandler):
@@ -416,7 +415,7 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         obsolete folded one is answered with 400, more than 100 lines or one
         over 64 KiB with 431. Against request smuggling, lines must end in
         CRLF, values hold no CR or NUL, and the body's framing must be
-        unambiguous (:func:`~remotedialer.cli.request_framing.framing_error`);
+        unambiguous (:func:`~remotedialer.gateway.http1.request_framing_error`);
         another ``HTTP/x.y`` version is answered with 505. A request line
         without a version (HTTP/0.9) goes to ``http.server``."""
         requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
@@ -424,12 +423,10 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         if len(words) != 3:
             return bool(super().parse_request())
         self.request_version = "HTTP/1.0"  # for the error answers below
-        if words[2] not in _FAST_VERSIONS:
+        refused = request_version_error(words[2])
+        if refused is not None:
             self.close_connection = True
-            if _VERSION.fullmatch(words[2]):
-                self.send_error(505, "HTTP Version Not Supported")
-            else:
-                self.send_error(400, "Bad request version")
+            self.send_error(*refused)
             return False
         if not self.raw_requestline.endswith(b"\r\n"):
             self.close_connection = True
@@ -460,22 +457,21 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         fields: List[Tuple[str, str]] = []
         readline = self.rfile.readline
         while True:
-            line = readline(_MAX_HEADER_LINE + 1)
-            if len(line) > _MAX_HEADER_LINE:
+            line = readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
                 self.send_error(431, "Line too long", "header line")
                 return None
             if line in (b"\r\n", b""):
                 break
-            if len(fields) >= _MAX_REQUEST_HEADERS:
-                self.send_error(431, "Too many headers", f"got more than {_MAX_REQUEST_HEADERS} headers")
+            if len(fields) >= MAX_REQUEST_HEADERS:
+                self.send_error(431, "Too many headers", f"got more than {MAX_REQUEST_HEADERS} headers")
                 return None
-            name, colon, value = line.decode("iso-8859-1").partition(":")
-            value = value[:-2] if value.endswith("\r\n") else "\r"  # a bare LF: refused below
-            if not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
+            field = parse_request_header_line(line)
+            if field is None:
                 self.send_error(400, "Bad request header")
                 return None
-            fields.append((name, value.strip(" \t")))
-        refused = framing_error(self.request_version, fields)
+            fields.append(field)
+        refused = request_framing_error(self.request_version, fields)
         if refused is not None:
             self.send_error(*refused)
             return None
