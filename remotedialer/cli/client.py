@@ -14,20 +14,11 @@ import ssl
 import urllib.parse
 from typing import Optional
 
-from ..client import TunnelClient
+from ..examples.agent import make_client
 
 __all__ = ["add_arguments", "run", "make_client"]
 
 log = logging.getLogger(__name__)
-
-
-def _allow_all(proto: str, address: str) -> bool:
-    return True
-
-
-def make_client(url: str, client_id: str, ssl_context: Optional[ssl.SSLContext] = None) -> TunnelClient:
-    """The example client: ``X-Tunnel-ID: client_id``, every dial allowed."""
-    return TunnelClient(url, {"X-Tunnel-ID": client_id}, _allow_all, ssl_context=ssl_context)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

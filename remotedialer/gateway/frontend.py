@@ -1,0 +1,514 @@
+"""The example server's HTTP/1.1 front end: werkzeug's threaded server with
+keep-alive, a bounded number of request threads, and strict request framing.
+
+:class:`BoundedThreadedWSGIServer` runs at most ``max_threads`` request
+threads (a WebSocket tunnel holds one for as long as it lives) with a large
+listen backlog; :class:`KeepAliveRequestHandler` keeps HTTP/1.1 connections
+open between requests, parses request heads itself (the rules are
+:mod:`remotedialer.gateway.http1`'s) and frames responses;
+:class:`ChunkedRequestBody` reads a chunked request body strictly.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import io
+import logging
+import socket
+import ssl
+import threading
+import time
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple
+
+from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+from werkzeug.wsgi import LimitedStream
+
+from ..server.process import DEFAULT_MAX_THREADS, LISTEN_BACKLOG
+from ..server.wsgi import WSGIApp, header_tokens
+from .http1 import (
+    MAX_CHUNK_LINE,
+    MAX_HEADER_LINE,
+    MAX_REQUEST_HEADERS,
+    ChunkedDecoder,
+    ChunkedError,
+    parse_request_header_line,
+    request_framing_error,
+    request_version_error,
+)
+from .upstream import poll_readable
+
+__all__ = [
+    "BoundedThreadedWSGIServer",
+    "KeepAliveRequestHandler",
+    "ChunkedRequestBody",
+    "BadChunkedBody",
+    "DEFAULT_KEEPALIVE_TIMEOUT",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds an idle keep-alive connection of the built-in server is kept open
+#: waiting for its next request (``--keepalive``; 0 closes after each request).
+DEFAULT_KEEPALIVE_TIMEOUT = 30.0
+
+
+#: Request bodies left unread by the app are read and dropped up to this many
+#: bytes to keep the connection; a longer rest closes it.
+_MAX_DRAIN = 256 * 1024
+_LARGE_CHUNK = 64 * 1024
+
+
+
+class KeepAliveRequestHandler(WSGIRequestHandler):
+    """werkzeug's request handler with HTTP/1.1 keep-alive.
+
+    werkzeug's own handler answers every request with ``Connection: close``;
+    this one keeps a connection open for the next request when that is safe:
+    an HTTP/1.1 request that did not ask to close, whose body (if any) was
+    read or can be drained, answered with a framed response (``Content-Length``
+    honoured exactly, or chunked) that the app finished without error. A
+    WebSocket takeover or an app that fails or aborts mid-body closes the
+    connection (an aborted chunked body is never terminated, so the client
+    sees the truncation). Between requests the thread waits at most the
+    server's ``keepalive_timeout`` (and not past the server's shutdown).
+    Sets ``TCP_NODELAY``; the access log is at DEBUG level (this module's
+    logger).
+
+    Kept instead of werkzeug's own handler after measuring both
+    (docs/benchmarks.rst, "Libraries against the hand-written code"): with a
+    new connection per request, werkzeug's server cost 2.7-3.4x the server
+    CPU per 1 KiB GET and 46-70 % of the request rate.
+    """
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+    rbufsize = 512
+    #: ``(second, Date header value)`` of the last response: formatted once a second.
+    _date_cache: Tuple[int, str] = (0, "")
+
+    def handle(self) -> None:
+        self._requests_served = 0
+        super().handle()
+
+    def handle_one_request(self) -> None:
+        """Wait for the next request (after the first), then serve it."""
+        if self._requests_served and not self._wait_for_request():
+            self.close_connection = True
+            return
+        self._requests_served += 1
+        super().handle_one_request()
+
+    def _wait_for_request(self) -> bool:
+        """Block until the next request starts arriving (True), or until the
+        keep-alive timeout passes or the server stops (False)."""
+        sock = self.connection
+        try:
+            sock.setblocking(False)
+            try:
+                rfile: Any = self.rfile
+                if rfile.peek(1):  # already buffered (pipelined)
+                    return True
+            except ssl.SSLWantReadError:
+                pass
+            finally:
+                sock.setblocking(True)
+        except OSError:
+            return False
+        deadline = time.monotonic() + float(getattr(self.server, "keepalive_timeout", 0.0))
+        stopping = getattr(self.server, "stopping", None)
+        give_up_slot = getattr(self.server, "give_up_idle_slot", None)
+        while True:
+            if stopping is not None and stopping.is_set():
+                return False
+            if give_up_slot is not None and give_up_slot():
+                return False  # a new connection waits for this thread
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if poll_readable(sock, min(remaining, 0.5)):
+                return True  # data, or EOF which the request reader sees
+
+    def parse_request(self) -> bool:
+        """Parse the request line and headers (``http.server``'s contract:
+        False means an error answer was sent).
+
+        An ``HTTP/1.1`` or ``HTTP/1.0`` request line takes a fast path: the
+        header lines are split here instead of by the ``email`` package (the
+        front end's largest cost per request); a malformed header line or an
+        obsolete folded one is answered with 400, more than 100 lines or one
+        over 64 KiB with 431. Against request smuggling, lines must end in
+        CRLF, values hold no CR or NUL, and the body's framing must be
+        unambiguous (:func:`~remotedialer.gateway.http1.request_framing_error`);
+        another ``HTTP/x.y`` version is answered with 505. A request line
+        without a version (HTTP/0.9) goes to ``http.server``."""
+        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = requestline.split()
+        if len(words) != 3:
+            return bool(super().parse_request())
+        self.request_version = "HTTP/1.0"  # for the error answers below
+        refused = request_version_error(words[2])
+        if refused is not None:
+            self.close_connection = True
+            self.send_error(*refused)
+            return False
+        if not self.raw_requestline.endswith(b"\r\n"):
+            self.close_connection = True
+            self.send_error(400, "Request line not ended by CRLF")
+            return False
+        self.requestline = requestline
+        self.command, path, self.request_version = words
+        if path.startswith("//"):  # as http.server (gh-87389)
+            path = "/" + path.lstrip("/")
+        self.path = path
+        self.close_connection = self.request_version == "HTTP/1.0"
+        headers = self._read_headers()
+        if headers is None:
+            return False
+        self.headers = headers
+        connection = header_tokens(headers.get("Connection", ""))
+        if "close" in connection:
+            self.close_connection = True
+        elif "keep-alive" in connection:
+            self.close_connection = False
+        if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            return bool(self.handle_expect_100())
+        return True
+
+    def _read_headers(self) -> Optional[http.client.HTTPMessage]:
+        """Read the header lines up to the empty line; None after answering
+        an error. Blocks on the socket (its timeout applies)."""
+        fields: List[Tuple[str, str]] = []
+        readline = self.rfile.readline
+        while True:
+            line = readline(MAX_HEADER_LINE + 1)
+            if len(line) > MAX_HEADER_LINE:
+                self.send_error(431, "Line too long", "header line")
+                return None
+            if line in (b"\r\n", b""):
+                break
+            if len(fields) >= MAX_REQUEST_HEADERS:
+                self.send_error(431, "Too many headers", f"got more than {MAX_REQUEST_HEADERS} headers")
+                return None
+            field = parse_request_header_line(line)
+            if field is None:
+                self.send_error(400, "Bad request header")
+                return None
+            fields.append(field)
+        refused = request_framing_error(self.request_version, fields)
+        if refused is not None:
+            self.send_error(*refused)
+            return None
+        message: http.client.HTTPMessage = self.MessageClass()
+        for name, value in fields:
+            message[name] = value
+        return message
+
+    def date_time_string(self, timestamp: Optional[float] = None) -> str:
+        """The ``Date`` header value; the current one is formatted once a second."""
+        if timestamp is not None:
+            return str(super().date_time_string(timestamp))
+        now = int(time.time())
+        cached = KeepAliveRequestHandler._date_cache
+        if cached[0] != now:
+            cached = (now, email.utils.formatdate(now, usegmt=True))
+            KeepAliveRequestHandler._date_cache = cached
+        return cached[1]
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug('%s "%s" %s %s', self.address_string(), self.requestline, code, size)
+
+    def run_wsgi(self) -> None:
+        """Serve one request with ``self.server.app``."""
+        if self.headers.get("Expect", "").lower().strip() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.environ = environ = self.make_environ()
+        keep_alive = (
+            not self.close_connection
+            and self.request_version == "HTTP/1.1"
+            and float(getattr(self.server, "keepalive_timeout", 0.0)) > 0
+        )
+        body: Optional[LimitedStream] = None
+        if "wsgi.input_terminated" in environ:
+            keep_alive = False  # chunked request body: its end is not tracked here
+            environ["wsgi.input"] = ChunkedRequestBody(self.rfile)  # type: ignore[arg-type]
+        else:
+            try:
+                length = int(environ.get("CONTENT_LENGTH") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                keep_alive = False
+            elif length > 0:
+                body = LimitedStream(self.rfile, length)  # type: ignore[arg-type]
+                environ["wsgi.input"] = body
+        response = _ResponseWriter(self, environ, keep_alive)
+        try:
+            app_iter = self.server.app(environ, response.start_response)
+            try:
+                for data in app_iter:
+                    response.write(data)
+                response.finish()
+            finally:
+                close = getattr(app_iter, "close", None)
+                if close is not None:
+                    close()
+        except (ConnectionError, socket.timeout, ssl.SSLEOFError) as exc:
+            # The client went away, the app aborted the response, or the
+            # socket was taken over (WebSocket): write nothing more.
+            self.close_connection = True
+            self.connection_dropped(exc, environ)
+            return
+        except Exception:
+            self.close_connection = True
+            if self.server.passthrough_errors:
+                raise
+            log.exception("error on request %s", self.requestline)
+            if not response.head_sent:
+                response.send_error_response()
+            return
+        if not response.keep_alive or not _drained(body):
+            self.close_connection = True
+
+
+def _drained(body: Optional[LimitedStream]) -> bool:
+    """Read and drop what the app left of a request body; False if too much
+    is left or the client went away."""
+    if body is None or body.is_exhausted:
+        return True
+    left = _MAX_DRAIN
+    try:
+        while not body.is_exhausted and left > 0:
+            data = body.read(min(left, _LARGE_CHUNK))
+            if not data:
+                return False
+            left -= len(data)
+    except Exception:  # ClientDisconnected, OSError
+        return False
+    return body.is_exhausted
+
+
+class _ResponseWriter:
+    """``start_response``/``write`` of one request on a
+    :class:`KeepAliveRequestHandler`: frames the body and decides whether the
+    connection can be kept."""
+
+    def __init__(self, handler: KeepAliveRequestHandler, environ: Dict[str, Any], keep_alive: bool) -> None:
+        self.handler = handler
+        self.is_head = environ.get("REQUEST_METHOD") == "HEAD"
+        self.keep_alive = keep_alive
+        self.status: Optional[str] = None
+        self.headers: List[Tuple[str, str]] = []
+        self.head_sent = False
+        self.has_body = True
+        self.chunked = False
+        self.length: Optional[int] = None
+        self.written = 0
+
+    def start_response(self, status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Any:
+        if exc_info:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response called twice")
+        self.status = status
+        self.headers = list(headers)
+        return self.write
+
+    def _head(self) -> bytes:
+        """The response head (status line, ``Server``, ``Date``, the app's
+        headers and the framing ones); decides chunking and keep-alive."""
+        if self.status is None:
+            raise AssertionError("write() before start_response")
+        code_text, _, reason = self.status.partition(" ")
+        code = int(code_text)
+        self.has_body = not (self.is_head or 100 <= code < 200 or code in (204, 304))
+        handler = self.handler
+        handler.log_request(code)
+        if handler.request_version == "HTTP/0.9":
+            return b""
+        lines = [
+            f"{handler.protocol_version} {code} {reason}\r\n"
+            f"Server: {handler.version_string()}\r\nDate: {handler.date_time_string()}\r\n"
+        ]
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == "content-length":
+                try:
+                    self.length = int(value)
+                except ValueError:
+                    self.keep_alive = False
+            elif lowered == "connection":
+                if "close" in header_tokens(value):
+                    self.keep_alive = False
+                continue  # hop-by-hop: decided here
+            lines.append(f"{name}: {value}\r\n")
+        if self.has_body and self.length is None:
+            if handler.request_version == "HTTP/1.1":
+                self.chunked = True
+                lines.append("Transfer-Encoding: chunked\r\n")
+            else:
+                self.keep_alive = False  # the body ends where the connection does
+        if not self.keep_alive:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1", "strict")
+
+    def write(self, data: bytes) -> None:
+        """Send ``data`` (after the head, if not sent yet: a small first
+        piece goes out with it in one write); blocks on the socket."""
+        head = b""
+        if not self.head_sent:
+            head = self._head()
+        wfile = self.handler.wfile
+        if not data or not self.has_body:
+            if head:
+                wfile.write(head)
+            self.head_sent = True
+            return
+        if len(data) > _LARGE_CHUNK:
+            prefix = head + (b"%x\r\n" % len(data) if self.chunked else b"")
+            if prefix:
+                wfile.write(prefix)
+            wfile.write(data)
+            if self.chunked:
+                wfile.write(b"\r\n")
+        elif self.chunked:
+            wfile.write(b"%b%x\r\n%b\r\n" % (head, len(data), data))
+        else:
+            wfile.write(head + data if head else data)
+        self.head_sent = True
+        self.written += len(data)
+
+    def finish(self) -> None:
+        """The app's iterable ended: complete the response."""
+        if not self.head_sent:
+            self.write(b"")
+        if self.chunked:
+            self.handler.wfile.write(b"0\r\n\r\n")
+        elif self.has_body and self.length is not None and self.written != self.length:
+            self.keep_alive = False  # the body does not match its length: the client must see it end
+
+    def send_error_response(self) -> None:
+        """The app failed before sending anything: 500, then close."""
+        body = b"Internal Server Error\n"
+        handler = self.handler
+        handler.send_response(500, "Internal Server Error")
+        handler.send_header("Content-Type", "text/plain; charset=utf-8")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.wfile.write(body)
+
+
+class BoundedThreadedWSGIServer(ThreadedWSGIServer):
+    """werkzeug's threaded server with at most ``max_threads`` request threads
+    and HTTP/1.1 keep-alive (:class:`KeepAliveRequestHandler`, idle
+    connections closed after ``keepalive_timeout`` seconds; 0 closes each
+    connection after one request).
+
+    A WebSocket tunnel holds its thread for as long as it lives, and so does a
+    streamed download; when all threads are busy, new connections wait in the
+    listen backlog instead of spawning more threads. An idle keep-alive
+    connection gives up its thread (within half a second) when a new
+    connection waits for one.
+    """
+
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, host: str, port: int, app: WSGIApp, max_threads: int = DEFAULT_MAX_THREADS,
+                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT, **kwargs: Any) -> None:
+        self.max_threads = max_threads
+        self.keepalive_timeout = keepalive_timeout
+        self._slots = threading.BoundedSemaphore(max_threads)
+        self._stopping = threading.Event()
+        self.stopping = self._stopping
+        # Connections waiting for a slot, and idle keep-alive connections
+        # closing to free one for them; both guarded by _claims_lock.
+        self._claims_lock = threading.Lock()
+        self._slots_wanted = 0
+        self._slots_freeing = 0
+        kwargs.setdefault("handler", KeepAliveRequestHandler)
+        super().__init__(host, port, app, **kwargs)
+
+    def give_up_idle_slot(self) -> bool:
+        """For an idle keep-alive connection: whether it should close so that
+        a waiting connection gets its thread (True for one idle connection
+        per waiting one)."""
+        if not self._slots_wanted:
+            return False
+        with self._claims_lock:
+            if self._slots_wanted > self._slots_freeing:
+                self._slots_freeing += 1
+                return True
+        return False
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with self._claims_lock:
+                self._slots_wanted += 1
+            try:
+                while not self._slots.acquire(timeout=0.5):
+                    if self._stopping.is_set():
+                        self.shutdown_request(request)
+                        return
+            finally:
+                with self._claims_lock:
+                    self._slots_wanted -= 1
+                    self._slots_freeing = max(0, min(self._slots_freeing - 1, self._slots_wanted))
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
+
+
+class BadChunkedBody(OSError):
+    """A chunked request body breaks RFC 9112 §7.1 (the request fails and
+    its connection is closed)."""
+
+
+class ChunkedRequestBody(io.RawIOBase):
+    """The decoded body of a chunked request, read strictly from ``rfile``
+    (the connection's buffered reader). Reads block on the socket; a
+    malformed body raises :class:`BadChunkedBody`."""
+
+    def __init__(self, rfile: BinaryIO) -> None:
+        self._rfile = rfile
+        self._decoder = ChunkedDecoder(strict=True)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        decoder = self._decoder
+        try:
+            while decoder.chunk_left == 0 and not decoder.done:
+                decoder.feed_line(self._rfile.readline(MAX_CHUNK_LINE + 1))
+            if decoder.done:
+                return 0
+            wanted = min(len(buffer), decoder.chunk_left)
+            data = self._rfile.read(wanted)
+            if len(data) != wanted:
+                raise BadChunkedBody("chunked body ended early")
+            buffer[: len(data)] = data
+            decoder.consumed(len(data))
+            if decoder.chunk_left == 0:
+                decoder.feed_line(self._rfile.read(2))  # the CRLF ending the chunk
+        except ChunkedError as exc:
+            raise BadChunkedBody(str(exc)) from None
+        return len(data)
