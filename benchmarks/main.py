@@ -7,7 +7,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-from remotedialer.cli.server import raise_open_files_limit
+from remotedialer.server.process import raise_open_files_limit
 
 from .procs import BenchError
 from .report import Report

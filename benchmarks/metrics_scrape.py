@@ -114,7 +114,7 @@ def live_scrape_seconds(agents: int, runs: int) -> Dict[str, List[Tuple[float, f
     """Scrape a ``remotedialer server`` holding ``agents`` tunnels: scrape name
     -> (wall seconds, server CPU seconds) per run. Blocks for a minute or
     more; raises ``BenchError`` when the tunnels do not open."""
-    from remotedialer.cli.server import raise_open_files_limit
+    from remotedialer.server.process import raise_open_files_limit
 
     from .procs import FleetProc, Proc, free_port
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
-from remotedialer.cli.server import raise_open_files_limit
+from remotedialer.server.process import raise_open_files_limit
 
 __all__ = [
     "BenchError", "FleetProc", "Proc", "ProcStats", "free_port", "Usage", "usage", "wait_listening",

@@ -50,7 +50,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from remotedialer.cli.server import raise_open_files_limit
+from remotedialer.server.process import raise_open_files_limit
 from testkit.dns import ZoneServer
 
 from .procs import BenchError, free_port, wait_until

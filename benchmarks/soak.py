@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from remotedialer.cli.server import raise_open_files_limit
+from remotedialer.server.process import raise_open_files_limit
 
 from testkit.support import EchoServer
 
@@ -174,7 +174,7 @@ class Load:
     def http_worker(self, index: int) -> None:
         import http.client
 
-        from remotedialer.cli.dummy import generated_bytes
+        from remotedialer.examples.file_server import generated_bytes
 
         rng = random.Random(index)
         expected = {size: generated_bytes(size, index) for size in HTTP_SIZES}
@@ -208,7 +208,7 @@ class Load:
 def run_soak(options: SoakOptions, log=lambda text: print(text, file=sys.stderr)) -> SoakResult:  # noqa: ANN001
     """Run the soak; blocks for ``options.seconds`` (plus start-up). Raises
     :class:`~benchmarks.procs.BenchError` if the processes cannot start."""
-    from remotedialer.cli.dummy import DummyServer
+    from remotedialer.examples.file_server import DummyServer
 
     raise_open_files_limit()
     result = SoakResult(seconds=options.seconds, connections=options.connections)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
-from remotedialer.cli.server import raise_open_files_limit
+from remotedialer.server.process import raise_open_files_limit
 
 from .procs import FleetProc
 from .procs import Proc, free_port, wait_until

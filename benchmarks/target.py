@@ -15,7 +15,7 @@ import socket
 import sys
 from typing import Optional, Sequence
 
-from remotedialer.cli.server import raise_open_files_limit
+from remotedialer.server.process import raise_open_files_limit
 
 GREETING = b"+"
 

@@ -39,7 +39,7 @@ import sys
 import time
 from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
-from remotedialer.cli.server import raise_open_files_limit
+from remotedialer.server.process import raise_open_files_limit
 from remotedialer.frames import (
     OP_BINARY,
     OP_CLOSE,
