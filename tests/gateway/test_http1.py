@@ -4,7 +4,7 @@ sockets (request smuggling in both directions)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
@@ -24,7 +24,7 @@ from remotedialer.gateway.http1 import (
     response_framing,
     valid_header_value,
 )
-from testkit.gateway import RawTarget, raw_exchange, read_to_close, serve_keepalive
+from testkit.gateway import RawTarget, raw_exchange, read_to_close
 
 # ---------------------------------------------------------------- grammar
 
@@ -266,13 +266,6 @@ def test_response_framing_refuses(head: bytes) -> None:
 # ----------------------------------- the upstream client applies the rules
 
 
-@pytest.fixture()
-def raw() -> Iterator[RawTarget]:
-    target = RawTarget()
-    yield target
-    target.close()
-
-
 @pytest.mark.parametrize(
     "method, path, headers",
     [("GE T", "/", {}), ("GET", "/a b", {}), ("GET", "/\x7f", {}), ("GET", "/\u00e9", {}),
@@ -373,12 +366,6 @@ def test_upstream_framing_against_smuggling(raw: RawTarget, answer: bytes, outco
 # it (bytes another parser could have read as part of the first request
 # are never served as a request of their own).
 _SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
-
-
-@pytest.fixture()
-def keepalive_server() -> Iterator[BoundedThreadedWSGIServer]:
-    with serve_keepalive() as server:
-        yield server
 
 
 @pytest.mark.parametrize("lines, status", [

@@ -13,12 +13,13 @@ import pytest
 import yaml
 from werkzeug.test import Client
 
-from remotedialer.cli import build_parser, scaleout
+from remotedialer import app as example_app
+from remotedialer.cli import build_parser
 from remotedialer.cli import server as cli_server
 from remotedialer.ha.discovery import parse_dns_name
 from remotedialer.ha.lifecycle import CLOSE_TIMEOUT
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 
 
 def load(name: str) -> List[Dict[str, Any]]:
@@ -82,7 +83,7 @@ def test_ports_agree_with_the_cli(objects: Dict[str, Dict[str, Any]]) -> None:
     main = container(objects)
     (port,) = main["ports"]
     cli_port = build_parser().parse_args(["server"]).listen[1]
-    assert port["containerPort"] == cli_port == scaleout.DEFAULT_PORT
+    assert port["containerPort"] == cli_port == example_app.DEFAULT_PORT
     config, _args = gunicorn_settings(objects)
     assert config.bind == [f"0.0.0.0:{port['containerPort']}"]
     for name in ("Service/remotedialer", "Service/remotedialer-peers"):
@@ -119,7 +120,7 @@ def test_probes_reach_the_health_endpoints(objects: Dict[str, Dict[str, Any]]) -
 
 
 def test_settings_are_ones_the_server_reads(objects: Dict[str, Dict[str, Any]]) -> None:
-    source = inspect.getsource(cli_server) + inspect.getsource(scaleout)
+    source = inspect.getsource(example_app)
     env = env_of(objects)
     for name in env:
         if name.startswith("REMOTEDIALER_") or name == "POD_IP":

@@ -12,148 +12,21 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator
 
 import pytest
 import requests
 
-from remotedialer.cli.dummy import generated_sha256
-
+from remotedialer.examples.file_server import generated_sha256
+from testkit.cli import LISTENING, REPO, CliStack, Proc, cli_env, http_session, refused_port, wait_tunnel
 from testkit.support import TIMEOUT
 
-REPO = Path(__file__).resolve().parents[1]
-LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 SMALL = b"hello through the tunnel\n"
 BIG_SIZE = 6 * 1024 * 1024 + 123
-
-
-def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env.pop("CATTLE_TUNNEL_DATA_DEBUG", None)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-class Proc:
-    """A child process whose combined output is collected line by line."""
-
-    def __init__(self, args: List[str], env: Optional[dict] = None) -> None:
-        self.args = args
-        self.popen = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, env=env or _env(), cwd=str(REPO),
-        )
-        self.lines: List[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    @classmethod
-    def cli(cls, *args: str, env: Optional[dict] = None) -> "Proc":
-        return cls([sys.executable, "-m", "remotedialer.cli", *args], env)
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    @property
-    def output(self) -> str:
-        with self._cond:
-            return "".join(self.lines)
-
-    def wait_for(self, pattern: "re.Pattern[str]", timeout: float = TIMEOUT) -> "re.Match[str]":
-        """Block until a line matches; fail with the output so far if not."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                for line in self.lines[seen:]:
-                    match = pattern.search(line)
-                    if match:
-                        return match
-                seen = len(self.lines)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.popen.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(
-                        f"{pattern.pattern!r} not seen from {self.args}:\n{''.join(self.lines)}"
-                    )
-                self._cond.wait(min(remaining, 0.5))
-
-    def stop(self) -> int:
-        """SIGTERM, then wait; kill if it does not exit in time. Returns the exit code."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            code = self.popen.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(TIMEOUT)
-            raise AssertionError(f"{self.args} ignored SIGTERM:\n{self.output}") from None
-        self._reader.join(TIMEOUT)
-        return code
-
-
-def _http() -> requests.Session:
-    session = requests.Session()
-    session.trust_env = False
-    return session
-
-
-def _wait_tunnel(http: requests.Session, url: str) -> None:
-    """Poll ``url`` until it answers 200 (the tunnel is registered)."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
-        response = http.get(url, timeout=TIMEOUT)
-        if response.status_code == 200:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"tunnel not usable: {response.status_code} {response.text}")
-        time.sleep(0.05)
-
-
-def _free_port_refused() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class CliStack:
-    def __init__(self, directory: Path, server_args: Optional[List[str]] = None) -> None:
-        self.procs: List[Proc] = []
-        self.dummy = self._start(Proc.cli("dummy", "--listen", "127.0.0.1:0", str(directory)))
-        self.dummy_port = int(self.dummy.wait_for(LISTENING).group(1))
-        self.server = self._start(Proc.cli("server", "--listen", "127.0.0.1:0", *(server_args or [])))
-        self.server_port = int(self.server.wait_for(LISTENING).group(1))
-        self.client = self._start(Proc.cli(
-            "client", "--connect", f"ws://127.0.0.1:{self.server_port}/connect", "--id", "foo",
-        ))
-        self.http = _http()
-        _wait_tunnel(self.http, self.url("/small.txt"))
-
-    def _start(self, proc: Proc) -> Proc:
-        self.procs.append(proc)
-        return proc
-
-    def url(self, path: str, client: str = "foo", port: Optional[int] = None) -> str:
-        target = port or self.dummy_port
-        return f"http://127.0.0.1:{self.server_port}/client/{client}/http/127.0.0.1:{target}{path}"
-
-    def close(self) -> List[int]:
-        self.http.close()
-        return [proc.stop() for proc in reversed(self.procs)]
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +82,7 @@ def test_unknown_client_is_500(cli: CliStack) -> None:
 
 
 def test_refused_target_is_500(cli: CliStack) -> None:
-    response = cli.http.get(cli.url("/", port=_free_port_refused()), timeout=TIMEOUT)
+    response = cli.http.get(cli.url("/", port=refused_port()), timeout=TIMEOUT)
     assert response.status_code == 500
     assert "refused" in response.text.lower()
 
@@ -254,10 +127,10 @@ def test_trace_logging_with_cattle_tunnel_data_debug(files: Path) -> None:
         dummy_port = int(dummy.wait_for(LISTENING).group(1))
         server_port = int(server.wait_for(LISTENING).group(1))
         client = Proc.cli("client", "--connect", f"ws://127.0.0.1:{server_port}/connect", "--id", "traced",
-                          env=_env(CATTLE_TUNNEL_DATA_DEBUG="true"))
+                          env=cli_env(CATTLE_TUNNEL_DATA_DEBUG="true"))
         procs.append(client)
-        with _http() as http:
-            _wait_tunnel(http, f"http://127.0.0.1:{server_port}/client/traced/http/127.0.0.1:{dummy_port}"
+        with http_session() as http:
+            wait_tunnel(http, f"http://127.0.0.1:{server_port}/client/traced/http/127.0.0.1:{dummy_port}"
                                "/small.txt")
         client.wait_for(re.compile(r"remotedialer\.trace: .*recv .*CONNECT"))
         client.wait_for(re.compile(r"remotedialer\.trace: .*send .*DATA"))
@@ -270,7 +143,7 @@ def test_trace_logging_with_cattle_tunnel_data_debug(files: Path) -> None:
 def test_client_keeps_retrying_until_the_server_appears(files: Path) -> None:
     """A client started before any server retries with backoff and exits
     cleanly on SIGTERM while waiting."""
-    client = Proc.cli("client", "--connect", f"ws://127.0.0.1:{_free_port_refused()}/connect")
+    client = Proc.cli("client", "--connect", f"ws://127.0.0.1:{refused_port()}/connect")
     try:
         client.wait_for(re.compile(r"failed to connect"))
         client.wait_for(re.compile(r"reconnecting to .* in [0-9.]+s"))
@@ -281,13 +154,13 @@ def test_client_keeps_retrying_until_the_server_appears(files: Path) -> None:
 def test_bad_arguments_exit_2() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "remotedialer.cli", "server", "--listen", "nonsense"],
-        capture_output=True, text=True, timeout=TIMEOUT, env=_env(),
+        capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(),
     )
     assert result.returncode == 2
     assert "invalid listen address" in result.stderr
     result = subprocess.run(
         [sys.executable, "-m", "remotedialer.cli", "client", "--connect", "http://x"],
-        capture_output=True, text=True, timeout=TIMEOUT, env=_env(),
+        capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(),
     )
     assert result.returncode == 2
 
@@ -297,7 +170,7 @@ def test_demo_exits_0() -> None:
     script = Path(sys.executable).parent / "remotedialer"
     args = [str(script)] if script.exists() else [sys.executable, "-m", "remotedialer.cli"]
     result = subprocess.run(
-        [*args, "demo", "--size", "8"], capture_output=True, text=True, timeout=120, env=_env(), cwd=REPO,
+        [*args, "demo", "--size", "8"], capture_output=True, text=True, timeout=120, env=cli_env(), cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all 5 checks passed" in result.stdout
@@ -309,7 +182,7 @@ def test_demo_exits_0() -> None:
 def test_bin_wrappers(name: str) -> None:
     result = subprocess.run(
         [sys.executable, str(REPO / "bin" / f"remotedialer-{name}"), "--help"],
-        capture_output=True, text=True, timeout=TIMEOUT, env=_env(),
+        capture_output=True, text=True, timeout=TIMEOUT, env=cli_env(),
     )
     assert result.returncode == 0, result.stderr
     assert f"usage: remotedialer {name}" in result.stdout
@@ -334,8 +207,8 @@ def test_gunicorn_app_factory(files: Path) -> None:
         client = Proc.cli("client", "--connect", f"ws://127.0.0.1:{port}/connect", "--id", "g")
         procs.append(client)
         base = f"http://127.0.0.1:{port}/client/g/http/127.0.0.1:{dummy_port}"
-        with _http() as http:
-            _wait_tunnel(http, f"{base}/small.txt")
+        with http_session() as http:
+            wait_tunnel(http, f"{base}/small.txt")
             response = http.get(f"{base}/big.bin", timeout=TIMEOUT)
             assert response.status_code == 200
             assert hashlib.sha256(response.content).hexdigest() == _sha256_file(files / "big.bin")

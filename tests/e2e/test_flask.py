@@ -17,7 +17,6 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.errors import HandshakeError
 from remotedialer.server import Server
-
 from testkit.support import TIMEOUT, EchoServer, recv_exactly, tunnel_id_authorizer, wait_for
 
 

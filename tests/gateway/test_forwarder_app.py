@@ -1,10 +1,10 @@
-"""The HTTP forwarder: path parsing, header handling, and requests through a
-real tunnel (werkzeug server + Server + TunnelClient in this process)."""
+"""The HTTP forwarder (:mod:`remotedialer.gateway.forwarder_app`): path
+parsing, header handling, and requests through a real tunnel (werkzeug
+server + Server + TunnelClient in this process), the connection pool in use."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import socket
 import threading
@@ -17,21 +17,19 @@ import trustme
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from remotedialer.cli.client import make_client
-from remotedialer.cli.dummy import DummyServer, generated_bytes, generated_sha256
-from remotedialer.cli.server import BoundedThreadedWSGIServer, make_app
-from remotedialer.forwarder import (
+from remotedialer.app import make_app
+from remotedialer.examples.agent import make_client
+from remotedialer.examples.file_server import DummyServer, generated_bytes, generated_sha256
+from remotedialer.gateway.forwarder_app import (
     BadRequest,
-    BadResponse,
     Forwarder,
-    UpstreamConnection,
     _request_headers,
     _response_headers,
     _split_query,
-    parse_response_head,
     parse_target,
 )
-
+from remotedialer.gateway.frontend import BoundedThreadedWSGIServer
+from remotedialer.gateway.http1 import parse_response_head
 from testkit.support import TIMEOUT, wait_for
 
 # --------------------------------------------------------------- parsing
@@ -112,232 +110,6 @@ def test_response_headers_drop_hop_by_hop() -> None:
     )
     head = parse_response_head(raw)
     assert _response_headers(head.headers) == [("X-Kept", "2"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")]
-
-
-# ------------------------------------------------- the upstream HTTP/1.1 client
-
-
-def test_parse_response_head() -> None:
-    head = parse_response_head(b"HTTP/1.0 404 Not  Found\nX-A:  1 \r\nX-Fold: a\r\n  b\r\nX-Empty:")
-    assert (head.version, head.status, head.reason) == (10, 404, "Not  Found")
-    assert head.headers == [("X-A", "1"), ("X-Fold", "a b"), ("X-Empty", "")]
-    assert parse_response_head(b"HTTP/1.1 204").reason == ""
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"HTTP/2 200 OK",
-        b"ICY 200 OK",
-        b"HTTP/1.1 20 OK",
-        b"HTTP/1.1 2000 OK",
-        b"HTTP/1.1 abc OK",
-        b"HTTP/1.1 200 OK\r\nno colon here",
-        b"HTTP/1.1 200 OK\r\nBad Name: x",
-        b"HTTP/1.1 200 OK\r\n: x",
-        b"HTTP/1.1 200 OK\r\n folded first",
-        b"HTTP/1.1 200 OK\r\nX: a\rb",
-        b"HTTP/1.1 200 OK" + b"\r\nX: y" * 101,
-    ],
-)
-def test_parse_response_head_rejects(raw: bytes) -> None:
-    with pytest.raises(BadResponse):
-        parse_response_head(raw)
-
-
-class RawTarget:
-    """An :class:`UpstreamConnection` over one end of a socket pair; the test
-    plays the target on the other end."""
-
-    def __init__(self) -> None:
-        ours, self.far = socket.socketpair()
-        ours.settimeout(TIMEOUT)
-        self.far.settimeout(TIMEOUT)
-        self.connection = UpstreamConnection(ours, "target")
-
-    def answer(self, data: bytes, close: bool = False) -> None:
-        self.far.sendall(data)
-        if close:
-            self.far.shutdown(socket.SHUT_WR)
-
-    def received(self, size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            more = self.far.recv(size - len(data))
-            assert more, f"closed after {data!r}"
-            data += more
-        return data
-
-    def body(self, method: str = "GET", limit: int = 1 << 20) -> Any:
-        response = self.connection.getresponse(method)
-        parts = []
-        while True:
-            data = response.read1(limit)
-            if not data:
-                return response, b"".join(parts), parts
-            parts.append(data)
-
-    def close(self) -> None:
-        self.connection.close()
-        self.far.close()
-
-
-@pytest.fixture()
-def raw() -> Iterator[RawTarget]:
-    target = RawTarget()
-    yield target
-    target.close()
-
-
-def test_upstream_request_head(raw: RawTarget) -> None:
-    raw.connection.request("GET", "/a?b=1", {"Host": "t:1", "X-A": "1"}, None, False)
-    expected = b"GET /a?b=1 HTTP/1.1\r\nHost: t:1\r\nX-A: 1\r\nAccept-Encoding: identity\r\n\r\n"
-    assert raw.received(len(expected)) == expected
-    raw.connection.request("POST", "/", {"Host": "t", "Accept-Encoding": "gzip"}, None, False)
-    expected = b"POST / HTTP/1.1\r\nHost: t\r\nAccept-Encoding: gzip\r\nContent-Length: 0\r\n\r\n"
-    assert raw.received(len(expected)) == expected
-
-
-def test_upstream_request_bodies(raw: RawTarget) -> None:
-    raw.connection.request("PUT", "/", {"Host": "t", "Content-Length": "5"}, io.BytesIO(b"hello"), False)
-    expected = b"PUT / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nAccept-Encoding: identity\r\n\r\nhello"
-    assert raw.received(len(expected)) == expected
-    raw.connection.request("POST", "/", {"Host": "t"}, iter([b"ab", b"", b"cde"]), True)
-    expected = (b"POST / HTTP/1.1\r\nHost: t\r\nAccept-Encoding: identity\r\nTransfer-Encoding: chunked\r\n"
-                b"\r\n2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
-    assert raw.received(len(expected)) == expected
-
-
-@pytest.mark.parametrize(
-    "method, path, headers",
-    [("GE T", "/", {}), ("GET", "/a b", {}), ("GET", "/\x7f", {}), ("GET", "/\u00e9", {}),
-     ("GET", "/", {"X": "a\r\nInjected: 1"})],
-)
-def test_upstream_request_refuses_what_cannot_be_sent(raw: RawTarget, method: str, path: str,
-                                                      headers: Dict[str, str]) -> None:
-    with pytest.raises(ValueError):
-        raw.connection.request(method, path, headers, None, False)
-
-
-def test_upstream_content_length_body_and_reuse(raw: RawTarget) -> None:
-    for _ in range(2):
-        raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nX: 1\r\n\r\n0123456789")
-        response, body, _ = raw.body()
-        assert (response.status, response.reason, body) == (200, "OK", b"0123456789")
-        assert response.complete and not response.will_close and raw.connection.idle_clean
-
-
-def test_upstream_body_is_read_in_pieces_and_not_past_its_end(raw: RawTarget) -> None:
-    raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabcdefEXTRA")
-    response, body, parts = raw.body(limit=4)
-    assert (body, parts) == (b"abcdef", [b"abcd", b"ef"])
-    assert not raw.connection.idle_clean  # bytes nobody asked for: never reused
-
-
-def test_upstream_chunked_body(raw: RawTarget) -> None:
-    raw.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
-               b"3;ext=1\r\nabc\r\nA\r\n0123456789\r\n0\r\nTrailer: x\r\n\r\n")
-    response, body, _ = raw.body()
-    assert body == b"abc0123456789" and response.complete and not response.will_close
-    assert raw.connection.idle_clean
-
-
-@pytest.mark.parametrize(
-    "chunks",
-    [b"zz\r\nabc\r\n0\r\n\r\n", b"-1\r\n", b"3\r\nabcX\r\n0\r\n\r\n", b"0x3\r\nabc\r\n0\r\n\r\n",
-     b"1_0\r\n0123456789abcdef\r\n0\r\n\r\n", b"5\r\nabc"],
-)
-def test_upstream_broken_chunked_body(raw: RawTarget, chunks: bytes) -> None:
-    raw.answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks, close=True)
-    with pytest.raises(BadResponse):
-        raw.body()
-
-
-def test_upstream_close_delimited_and_http10(raw: RawTarget) -> None:
-    raw.answer(b"HTTP/1.0 200 OK\r\n\r\nuntil the end", close=True)
-    response, body, _ = raw.body()
-    assert body == b"until the end" and response.will_close and response.complete
-
-
-def test_upstream_http10_keep_alive(raw: RawTarget) -> None:
-    raw.answer(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok")
-    response, body, _ = raw.body()
-    assert body == b"ok" and not response.will_close
-
-
-def test_upstream_bodyless_answers_and_interim_ones(raw: RawTarget) -> None:
-    raw.answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n"
-               b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n")
-    response, body, _ = raw.body()
-    assert (response.status, body) == (204, b"")
-    raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n")
-    response, body, _ = raw.body("HEAD")
-    assert (response.status, body, response.will_close) == (200, b"", False)
-    assert raw.connection.idle_clean
-
-
-def test_upstream_connection_close_is_honoured(raw: RawTarget) -> None:
-    raw.answer(b"HTTP/1.1 200 OK\r\nConnection: x, Close\r\nContent-Length: 0\r\n\r\n")
-    response, body, _ = raw.body()
-    assert response.will_close and response.complete
-
-
-@pytest.mark.parametrize(
-    "head",
-    [b"Content-Length: 1\r\nContent-Length: 2", b"Content-Length: 1, 2", b"Content-Length: -1",
-     b"Content-Length: 1x", b"Content-Length: \xd9\xa1"],
-)
-def test_upstream_invalid_content_length(raw: RawTarget, head: bytes) -> None:
-    raw.answer(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n")
-    with pytest.raises(BadResponse):
-        raw.connection.getresponse("GET")
-
-
-def test_upstream_same_content_length_twice_is_fine(raw: RawTarget) -> None:
-    raw.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok")
-    assert raw.body()[1] == b"ok"
-
-
-def test_upstream_closed_before_answering_or_too_early(raw: RawTarget) -> None:
-    raw.answer(b"", close=True)
-    with pytest.raises(ConnectionResetError):
-        raw.connection.getresponse("GET")
-    other = RawTarget()
-    try:
-        other.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nab", close=True)
-        with pytest.raises(BadResponse):
-            other.body()
-    finally:
-        other.close()
-    third = RawTarget()
-    try:
-        third.answer(b"HTTP/1.1 200 OK\r\nContent", close=True)
-        with pytest.raises(BadResponse):
-            third.connection.getresponse("GET")
-    finally:
-        third.close()
-
-
-def test_upstream_head_size_is_bounded(raw: RawTarget) -> None:
-    threading.Thread(target=raw.answer, args=(b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20_000,),
-                     daemon=True).start()
-    with pytest.raises(BadResponse):
-        raw.connection.getresponse("GET")
-
-
-def test_upstream_head_split_across_reads(raw: RawTarget) -> None:
-    def trickle() -> None:
-        for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nz":
-            raw.far.sendall(bytes([byte]))
-
-    threading.Thread(target=trickle, daemon=True).start()
-    assert raw.body()[1] == b"z"
-
-
-def test_upstream_timeout_is_the_sockets(raw: RawTarget) -> None:
-    raw.connection.sock.settimeout(0.05)
-    with pytest.raises(socket.timeout):
-        raw.connection.getresponse("GET")
 
 
 def test_unknown_dial_error_is_500_with_text() -> None:
@@ -797,61 +569,3 @@ def test_pooled_connections_are_closed_when_the_session_ends() -> None:
         app.close()
         httpd.server_close()
         dummy.stop()
-
-
-# ------------------------------------- request smuggling: how the client frames answers
-# The forwarder reuses upstream connections, so a response it frames
-# differently from the target would make the next request read the rest of
-# this one (response queue poisoning). Each case: the answer's head and body
-# bytes, then what must happen: "error" (refused, never reused), or the body
-# read and whether the connection may be reused.
-@pytest.mark.parametrize(
-    "answer, outcome",
-    [
-        # Content-Length and Transfer-Encoding together: chunked wins, connection not reused
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
-         (b"ok", False)),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 100\r\n\r\n0\r\n\r\n",
-         (b"", False)),
-        # Transfer-Encoding in an HTTP/1.0 answer: faulty framing
-        (b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", "error"),
-        # a coding other than chunked last: the body runs to the close
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nabc", (b"abc", False)),
-        # duplicate Content-Length: only identical values pass
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nokk", "error"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok", "error"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\n0123456789", "error"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 0x2\r\n\r\nok", "error"),
-        # whitespace before the colon, a CR or NUL inside a value
-        (b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", "error"),
-        (b"HTTP/1.1 200 OK\r\nX: a\rContent-Length: 2\r\n\r\nok", "error"),
-        (b"HTTP/1.1 200 OK\r\nX: a\x00b\r\nContent-Length: 2\r\n\r\nok", "error"),
-        # obs-fold is unfolded (RFC 9112 5.2: a user agent replaces it with a space)
-        (b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 2\r\n\r\nok", (b"ok", True)),
-        # a folded Transfer-Encoding still frames as chunked
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\n chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", (b"ok", True)),
-        # bare LF line ends are accepted in answers (RFC 9112 2.2 allows a recipient to)
-        (b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", (b"ok", True)),
-        # invalid chunk sizes
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nok\r\n0\r\n\r\n", "error"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n 2\r\nok\r\n0\r\n\r\n", "error"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"0" * 17 + b"2\r\nok\r\n0\r\n\r\n",
-         "error"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\r\nok\r\n0\r\n\r\n", "error"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 2\r\nok\r\n0\r\n\r\n", "error"),
-        # a chunk size followed by an extension and blanks before it is fine
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2 ;x=y\r\nok\r\n0\r\n\r\n", (b"ok", True)),
-        # more body than Content-Length announced: the rest is never read as the next answer
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n\r\n", (b"ok", False)),
-    ],
-)
-def test_upstream_framing_against_smuggling(raw: RawTarget, answer: bytes, outcome: Any) -> None:
-    raw.answer(answer, close=True)
-    if outcome == "error":
-        with pytest.raises(BadResponse):
-            raw.body()
-        return
-    body, reusable = outcome
-    response, received, _ = raw.body()
-    assert received == body and response.complete
-    assert (not response.will_close and raw.connection.idle_clean) == reusable

@@ -20,17 +20,17 @@ from remotedialer.client import Backoff, TunnelClient
 from remotedialer.errors import HandshakeError
 from remotedialer.frames import OP_CLOSE, encode_frame
 
-from testkit.support import TIMEOUT, EchoServer, wait_for
-from testkit.support import raw_upgrade
-from .server.test_tunnel_server import echo_round_trip, raw_get, upgrade_headers
-from .transports.test_wsgi import client_frame, read_to_eof
+from testkit.support import TIMEOUT, EchoServer, raw_upgrade, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
+from ..server.test_tunnel_server import echo_round_trip, raw_get, upgrade_headers
+from ..transports.test_wsgi import client_frame, read_to_eof
+
+REPO = Path(__file__).resolve().parents[2]
 THREADS = 3  # few on purpose: a handler that did not return would starve it
 
 
 class Gunicorn:
-    """``gunicorn -k gthread tests.gunicorn_app:app`` on 127.0.0.1, port 0."""
+    """``gunicorn -k gthread testkit.gunicorn_app:app`` on 127.0.0.1, port 0."""
 
     def __init__(self, *extra_args: str) -> None:
         self.lines: List[str] = []
@@ -41,7 +41,7 @@ class Gunicorn:
                 sys.executable, "-m", "gunicorn",
                 "-k", "gthread", "--threads", str(THREADS), "--workers", "1",
                 "--bind", "127.0.0.1:0", "--graceful-timeout", "3", "--log-level", "info",
-                *extra_args, "tests.gunicorn_app:app",
+                *extra_args, "testkit.gunicorn_app:app",
             ],
             cwd=str(REPO),
             stdout=subprocess.DEVNULL,

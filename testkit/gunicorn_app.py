@@ -1,5 +1,5 @@
 """A tiny WSGI application for the gunicorn end-to-end tests
-(``gunicorn -k gthread tests.gunicorn_app:app``).
+(``gunicorn -k gthread testkit.gunicorn_app:app``).
 
 * ``/connect``: the tunnel endpoint (any non-empty ``X-Tunnel-ID`` is the key;
   clients may dial back to loopback targets);
