@@ -28,6 +28,7 @@ __all__ = ["Demo", "Check", "human_size", "human_time", "MiB"]
 
 log = logging.getLogger(__name__)
 
+#: Bytes in a mebibyte.
 MiB = 1 << 20
 CLIENT_ID = "demo"
 TIMEOUT = 30.0

@@ -11,6 +11,7 @@ import sys
 
 __all__ = ["LOG_FORMAT", "setup_logging"]
 
+#: The format of the examples' log lines.
 LOG_FORMAT = "%(asctime)s %(levelname)-5s %(name)s: %(message)s"
 
 

@@ -69,6 +69,7 @@ _SET_BY_WSGI_SERVER = frozenset({"date", "server"})
 #: Methods sent once more after a reused connection failed (bodyless ones only).
 _REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
+#: Idle timeout of a forwarded request, in seconds, when ``?timeout=`` gives none.
 DEFAULT_TIMEOUT = 15.0
 _counter = itertools.count(1)
 
