@@ -28,13 +28,11 @@ from ..server.process import DEFAULT_MAX_THREADS, LISTEN_BACKLOG
 from ..server.wsgi import WSGIApp, header_tokens
 from .http1 import (
     MAX_CHUNK_LINE,
-    MAX_HEADER_LINE,
-    MAX_REQUEST_HEADERS,
     ChunkedDecoder,
     ChunkedError,
-    parse_request_header_line,
-    request_framing_error,
-    request_version_error,
+    RequestRefused,
+    read_request_fields,
+    request_line_error,
 )
 from .upstream import poll_readable
 
@@ -147,14 +145,10 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         if len(words) != 3:
             return bool(super().parse_request())
         self.request_version = "HTTP/1.0"  # for the error answers below
-        refused = request_version_error(words[2])
+        refused = request_line_error(self.raw_requestline, words[2])
         if refused is not None:
             self.close_connection = True
             self.send_error(*refused)
-            return False
-        if not self.raw_requestline.endswith(b"\r\n"):
-            self.close_connection = True
-            self.send_error(400, "Request line not ended by CRLF")
             return False
         self.requestline = requestline
         self.command, path, self.request_version = words
@@ -178,26 +172,10 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
     def _read_headers(self) -> Optional[http.client.HTTPMessage]:
         """Read the header lines up to the empty line; None after answering
         an error. Blocks on the socket (its timeout applies)."""
-        fields: List[Tuple[str, str]] = []
-        readline = self.rfile.readline
-        while True:
-            line = readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                self.send_error(431, "Line too long", "header line")
-                return None
-            if line in (b"\r\n", b""):
-                break
-            if len(fields) >= MAX_REQUEST_HEADERS:
-                self.send_error(431, "Too many headers", f"got more than {MAX_REQUEST_HEADERS} headers")
-                return None
-            field = parse_request_header_line(line)
-            if field is None:
-                self.send_error(400, "Bad request header")
-                return None
-            fields.append(field)
-        refused = request_framing_error(self.request_version, fields)
-        if refused is not None:
-            self.send_error(*refused)
+        try:
+            fields = read_request_fields(self.request_version, self.rfile.readline)
+        except RequestRefused as refused:
+            self.send_error(refused.status, refused.reason, refused.explain)
             return None
         message: http.client.HTTPMessage = self.MessageClass()
         for name, value in fields:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from ..server.wsgi import header_tokens
 
@@ -44,7 +44,9 @@ __all__ = [
     "valid_header_value",
     "parse_request_header_line",
     "request_framing_error",
-    "request_version_error",
+    "RequestRefused",
+    "request_line_error",
+    "read_request_fields",
     "encode_request_head",
     "parse_response_head",
     "response_framing",
@@ -98,14 +100,55 @@ _VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
 _BODY_EXPECTED = frozenset({"POST", "PUT", "PATCH"})
 
 
-def request_version_error(version: str) -> Optional[Tuple[int, str]]:
-    """``(status, reason)`` to refuse a request line's ``version`` with, or
-    ``None`` for HTTP/1.1 and HTTP/1.0."""
-    if version in SUPPORTED_VERSIONS:
-        return None
-    if _VERSION.fullmatch(version):
-        return 505, "HTTP Version Not Supported"
-    return 400, "Bad request version"
+class RequestRefused(ValueError):
+    """A request head the front end answers with an error: ``status``,
+    ``reason`` and an optional ``explain`` text (``send_error``'s)."""
+
+    def __init__(self, status: int, reason: str, explain: Optional[str] = None) -> None:
+        super().__init__(status, reason)
+        self.status = status
+        self.reason = reason
+        self.explain = explain
+
+
+def request_line_error(raw_line: bytes, version: str) -> Optional[Tuple[int, str]]:
+    """``(status, reason)`` to refuse a request line (``raw_line`` as read,
+    with its ending; ``version`` its third word) with, or ``None``: only
+    HTTP/1.1 and HTTP/1.0 (505 for another ``HTTP/x.y``), and the line ends
+    in CRLF."""
+    if version not in SUPPORTED_VERSIONS:
+        if _VERSION.fullmatch(version):
+            return 505, "HTTP Version Not Supported"
+        return 400, "Bad request version"
+    if not raw_line.endswith(b"\r\n"):
+        return 400, "Request line not ended by CRLF"
+    return None
+
+
+def read_request_fields(version: str, readline: Callable[[int], bytes]) -> List[Tuple[str, str]]:
+    """The header fields of a request head, each line taken from the
+    caller's ``readline(limit)`` up to the empty line (or the end); nothing
+    else is read. Raises :class:`RequestRefused`: 431 for a line over
+    :data:`MAX_HEADER_LINE` bytes or more than :data:`MAX_REQUEST_HEADERS`
+    lines, 400 for a malformed line (:func:`parse_request_header_line`), and
+    what :func:`request_framing_error` refuses."""
+    fields: List[Tuple[str, str]] = []
+    while True:
+        line = readline(MAX_HEADER_LINE + 1)
+        if len(line) > MAX_HEADER_LINE:
+            raise RequestRefused(431, "Line too long", "header line")
+        if line in (b"\r\n", b""):
+            break
+        if len(fields) >= MAX_REQUEST_HEADERS:
+            raise RequestRefused(431, "Too many headers", f"got more than {MAX_REQUEST_HEADERS} headers")
+        field = parse_request_header_line(line)
+        if field is None:
+            raise RequestRefused(400, "Bad request header")
+        fields.append(field)
+    refused = request_framing_error(version, fields)
+    if refused is not None:
+        raise RequestRefused(*refused)
+    return fields
 
 
 def parse_request_header_line(line: bytes) -> Optional[Tuple[str, str]]:

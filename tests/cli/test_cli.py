@@ -134,7 +134,7 @@ def test_bench_subcommand_runs_the_benchmarks_command(
     """``remotedialer bench`` runs ``python -m benchmarks`` from a source
     checkout, in a child process: this process's ``sys.path`` is untouched."""
     path_before = list(sys.path)
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
     assert main(["bench", "--help"]) == 0
     assert "python -m benchmarks" in capfd.readouterr().out
     monkeypatch.chdir(tmp_path)  # not a checkout
