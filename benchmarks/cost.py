@@ -22,7 +22,7 @@ import sys
 import tempfile
 from typing import Callable, Dict, List, Optional, Sequence
 
-from remotedialer.cli.server import raise_open_files_limit
+from remotedialer.server.process import raise_open_files_limit
 
 from .fast_target import LIMIT_SHARE, TARGET_KINDS, FastTarget, start_fast_target
 from .loadgen import wrk_path

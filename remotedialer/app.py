@@ -174,7 +174,7 @@ def make_tunnel_server(
 ) -> Any:
     """The :class:`remotedialer.server.Server` of the example (the connect
     endpoint and session manager)."""
-    from .server import Server
+    from .server.tunnel_server import Server
 
     kwargs: Dict[str, Any] = {}
     if observer is not None:

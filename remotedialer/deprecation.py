@@ -26,6 +26,9 @@ MOVED: Dict[str, str] = {
     "remotedialer.discovery": "remotedialer.ha.discovery",
     "remotedialer.lifecycle": "remotedialer.ha.lifecycle",
     "remotedialer.metrics_exposition": "remotedialer.metrics.exposition",
+    "remotedialer.forwarder": "remotedialer.gateway.forwarder_app",
+    "remotedialer.cli.request_framing": "remotedialer.gateway.http1",
+    "remotedialer.cli.scaleout": "remotedialer.app",
 }
 """Old module path -> the path it moved to."""
 

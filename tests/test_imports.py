@@ -46,7 +46,6 @@ LAYER_OF_PACKAGE = {
     "remotedialer.metrics": 4,
     "remotedialer.integrations": 4,
     "remotedialer.gateway": 5,
-    "remotedialer.forwarder": 5,  # the HTTP gateway's upstream client, until it moves into gateway/
     "remotedialer.app": 6,
     "remotedialer.examples": 6,
     "remotedialer.workers": 6,

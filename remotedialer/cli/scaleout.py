@@ -1,5 +1,3 @@
-"""Deprecated: the scale-out settings moved to :mod:`remotedialer.app`."""
-
+"""Deprecated: moved to :mod:`remotedialer.app`."""
 from ..deprecation import alias_module
-
 alias_module(__name__, "remotedialer.app")

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
-from remotedialer.cli.dummy import DummyServer, generated_bytes
+from remotedialer.examples.file_server import DummyServer, generated_bytes
 
 from testkit.support import TIMEOUT
 from ..server.test_faults import Relay, wait_recovered

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from testkit.support import TIMEOUT, go_reference, wait_for
-from ..test_e2e_cli import LISTENING, Proc
+from testkit.cli import LISTENING, Proc
 
 FILES: Dict[str, bytes] = {"/small": b"hello from the target\n", "/big": os.urandom(3 * 1024 * 1024 + 7)}
 SKIP_REASON = "Go reference not built: run shared/goref/build.sh, or set REMOTEDIALER_GOREF"

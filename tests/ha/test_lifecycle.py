@@ -11,7 +11,8 @@ import pytest
 import requests
 import websocket
 
-from remotedialer.cli.server import BoundedThreadedWSGIServer, ServerApp, make_app
+from remotedialer.app import ServerApp, make_app
+from remotedialer.gateway.frontend import BoundedThreadedWSGIServer
 from remotedialer.client import Backoff, TunnelClient, connect_to_proxy
 from remotedialer.errors import HandshakeError
 from remotedialer.ha.lifecycle import GracefulShutdown, is_gunicorn_worker

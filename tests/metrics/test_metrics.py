@@ -444,7 +444,7 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
 def test_metrics_from_the_remotedialer_server_command(tmp_path: Path) -> None:
     """``remotedialer server`` (a real process, with a real client process and
     file server) serves every documented metric at /metrics."""
-    from ..test_e2e_cli import CliStack
+    from testkit.cli import CliStack
 
     (tmp_path / "small.txt").write_bytes(b"hello, metrics\n")
     stack = CliStack(tmp_path)  # waits until a request through the tunnel works

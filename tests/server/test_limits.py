@@ -33,7 +33,7 @@ from testkit.support import (
     recv_exactly,
     wait_for,
 )
-from ..test_hostile import RawPeer, memory_raw_peer
+from testkit.hostile import RawPeer, memory_raw_peer
 
 KiB = 1024
 MiB = 1024 * KiB

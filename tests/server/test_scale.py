@@ -128,7 +128,7 @@ def test_client_keeps_its_tunnel_on_descriptors_past_1023(
 def test_example_server_thread_cap_follows_the_descriptor_limit() -> None:
     """The example server's thread cap no longer stops it at ~1,000 tunnels:
     with 20,000 descriptors it serves 10,000 tunnels and more."""
-    from remotedialer.cli.server import DEFAULT_MAX_THREADS, default_max_threads
+    from remotedialer.server.process import DEFAULT_MAX_THREADS, default_max_threads
 
     assert default_max_threads(20000) >= 10000 + 1000
     assert default_max_threads(20000) < 20000  # descriptors kept for the rest
@@ -286,7 +286,7 @@ def test_example_server_lengthens_the_switch_interval() -> None:
     the default 5 ms stopped it accepting and answering pings)."""
     import sys
 
-    from remotedialer.cli.server import SWITCH_INTERVAL, tune_interpreter_for_many_threads
+    from remotedialer.server.process import SWITCH_INTERVAL, tune_interpreter_for_many_threads
 
     before = sys.getswitchinterval()
     try:
