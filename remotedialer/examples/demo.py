@@ -61,6 +61,7 @@ def human_size(size: float) -> str:
 
 
 def human_time(seconds: float) -> str:
+    """``0.25`` -> ``250 ms``, ``2.5`` -> ``2.50 s``."""
     return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
