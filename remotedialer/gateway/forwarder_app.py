@@ -246,10 +246,14 @@ class _StreamedBody:
             )
             # Ending the iteration normally would let the WSGI server finish a
             # chunked response as if complete; raising makes it drop the
-            # downstream connection instead.
-            raise ConnectionAbortedError(
-                errno.ECONNABORTED, f"upstream failed mid-body: {_describe(exc)}"
-            ) from exc
+            # downstream connection instead. ECONNRESET and no chained cause,
+            # so that every server we document drops it quietly: werkzeug's
+            # handlers any ConnectionError, gunicorn only ECONNRESET, EPIPE
+            # and ENOTCONN (anything else is an ERROR with the tracebacks).
+            # The warning above says why.
+            raise ConnectionResetError(
+                errno.ECONNRESET, f"upstream failed mid-body: {_describe(exc)}"
+            ) from None
 
     def close(self) -> None:
         if self._closed:

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import struct
-import subprocess
-import sys
-import threading
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Iterator
 
 import pytest
 import requests
@@ -20,66 +16,13 @@ from remotedialer.client import Backoff, TunnelClient
 from remotedialer.errors import HandshakeError
 from remotedialer.frames import OP_CLOSE, encode_frame
 
+from testkit.gunicorn import Gunicorn
 from testkit.support import TIMEOUT, EchoServer, raw_upgrade, wait_for
 
 from ..server.test_tunnel_server import echo_round_trip, raw_get, upgrade_headers
 from ..transports.test_wsgi import client_frame, read_to_eof
 
-REPO = Path(__file__).resolve().parents[2]
-THREADS = 3  # few on purpose: a handler that did not return would starve it
-
-
-class Gunicorn:
-    """``gunicorn -k gthread testkit.gunicorn_app:app`` on 127.0.0.1, port 0."""
-
-    def __init__(self, *extra_args: str) -> None:
-        self.lines: List[str] = []
-        self._listening = threading.Event()
-        self.port = 0
-        self.process = subprocess.Popen(
-            [
-                sys.executable, "-m", "gunicorn",
-                "-k", "gthread", "--threads", str(THREADS), "--workers", "1",
-                "--bind", "127.0.0.1:0", "--graceful-timeout", "3", "--log-level", "info",
-                *extra_args, "testkit.gunicorn_app:app",
-            ],
-            cwd=str(REPO),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        threading.Thread(target=self._read_log, daemon=True).start()
-        if not self._listening.wait(TIMEOUT * 3):
-            self.stop()
-            raise AssertionError("gunicorn did not start:\n" + "".join(self.lines))
-        tls = "--certfile" in extra_args
-        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
-        self.url = f"{'wss' if tls else 'ws'}://127.0.0.1:{self.port}/connect"
-
-    def _read_log(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            match = re.search(r"Listening at: https?://127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                self._listening.set()
-
-    def clients(self, verify: Any = True) -> List[str]:
-        response = requests.get(f"{self.base}/clients", timeout=TIMEOUT, verify=verify)
-        response.raise_for_status()
-        return response.text.split()
-
-    def errors(self) -> List[str]:
-        return [line for line in self.lines if "[ERROR]" in line or "Traceback" in line]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:  # pragma: no cover - reported by the test
-            self.process.kill()
-            self.process.wait(TIMEOUT)
+THREADS = 3  # Gunicorn's default: few on purpose, a handler that did not return would starve it
 
 
 @pytest.fixture(scope="module")
