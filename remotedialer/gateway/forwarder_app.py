@@ -26,11 +26,21 @@ string sent on. An unknown client, a failed dial or a failure before the
 response head arrived is answered with ``500`` and the error text, as the Go
 example does; a failure in the middle of the body aborts the downstream
 response (the client sees a truncated body, never a silently shortened one).
+
+Upgrades (WebSocket and others): the request's ``Upgrade`` and ``Connection:
+Upgrade`` are sent on. A ``101`` answer to a protocol the request asked for is
+passed on, written straight to the client's socket (taken from the WSGI
+server, as the tunnel endpoint does: werkzeug's and gunicorn's), and the
+exchange becomes a two-way byte pipe (:mod:`remotedialer.gateway.upgrade`) on
+the request thread, with the same idle timeout, until either side ends. A
+``101`` the request did not ask for, or to another protocol, is answered
+with ``502`` and a log line.
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import itertools
 import logging
 import re
@@ -43,10 +53,13 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 from werkzeug.wsgi import get_input_stream
 
 from ..addresses import join_host_port, split_host_optional_port, split_remote_address
+from ..bridge import as_socket
 from ..errors import error_text
 from ..piping import Piper, default_piper
 from ..server.wsgi import StartResponse, header_tokens, plain_text_response
+from ..transports.wsgi import UnsupportedServerError, finish_taken_over_response, socket_from_environ
 from .http1 import HOP_BY_HOP
+from .upgrade import IDLE_TIMEOUT, RelayError, relay, shut_down
 from .upstream import CHUNK, ConnectionPool, PoolKey, UpstreamConnection, UpstreamResponse
 
 __all__ = ["Forwarder", "DialFunction", "ForwardTarget", "BadRequest", "parse_target", "DEFAULT_TIMEOUT"]
@@ -155,8 +168,18 @@ def _raw_path(environ: Dict[str, Any]) -> str:
     return urllib.parse.quote(path.encode("latin-1"), safe="/:@!$&'()*+,;=~-._")
 
 
+def requested_upgrade(environ: Dict[str, Any]) -> Optional[str]:
+    """The ``Upgrade`` header value of a request that asks to switch
+    protocols (``Connection: Upgrade`` and a non-empty ``Upgrade``), else None."""
+    upgrade = str(environ.get("HTTP_UPGRADE", "")).strip()
+    if upgrade and "upgrade" in header_tokens(environ.get("HTTP_CONNECTION", "")):
+        return upgrade
+    return None
+
+
 def _request_headers(environ: Dict[str, Any], host: str) -> Dict[str, str]:
-    """End-to-end request headers to send on, with ``Host`` set to the target."""
+    """End-to-end request headers to send on, with ``Host`` set to the
+    target; an upgrade request keeps its ``Upgrade`` and ``Connection: Upgrade``."""
     connection_tokens = set(header_tokens(environ.get("HTTP_CONNECTION", "")))
     headers: Dict[str, str] = {"Host": host}
     for key, value in environ.items():
@@ -171,6 +194,10 @@ def _request_headers(environ: Dict[str, Any], host: str) -> Dict[str, str]:
         headers["Content-Type"] = environ["CONTENT_TYPE"]
     if environ.get("CONTENT_LENGTH"):
         headers["Content-Length"] = environ["CONTENT_LENGTH"]
+    upgrade = requested_upgrade(environ)
+    if upgrade is not None:
+        headers["Connection"] = "Upgrade"
+        headers["Upgrade"] = upgrade
     return headers
 
 
@@ -279,7 +306,33 @@ class _StreamedBody:
             )
 
 
+def _close_quietly(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:  # pragma: no cover - closing never fails on our sockets
+        pass
+
+
+def _buffered_input(environ: Dict[str, Any], sock: socket.socket) -> bytes:
+    """Bytes the WSGI server read from the client past the request head
+    (werkzeug's buffered reader; gunicorn keeps them out of reach, but a
+    client waits for the 101 before it sends, RFC 6455 §4.1)."""
+    stream = environ.get("wsgi.input")
+    if not isinstance(stream, io.BufferedReader):
+        return b""
+    sock.setblocking(False)
+    try:
+        data = stream.peek(CHUNK)
+        return stream.read1(len(data)) if data else b""
+    except (OSError, ValueError):
+        return b""
+    finally:
+        sock.setblocking(True)
+
+
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, RelayError):
+        return f"the {exc.side}: {_describe(exc.error)}"
     if isinstance(exc, socket.timeout):
         return "timeout waiting for the target (idle timeout exceeded)"
     return error_text(exc) or type(exc).__name__
@@ -372,8 +425,68 @@ class Forwarder:
         if debug:
             log.debug("[%03d] REQ OK %s %d%s", request_id, url, response.status,
                       " (reused)" if reused else "")
+        if response.status == 101:
+            return self._switch(environ, start_response, request_id, url, response, connection, timeout)
         start_response(f"{response.status} {response.reason}", _response_headers(response.headers))
         return _StreamedBody(request_id, url, response, connection, started, self.pool, key)
+
+    def _switch(
+        self,
+        environ: Dict[str, Any],
+        start_response: StartResponse,
+        request_id: int,
+        url: str,
+        response: UpstreamResponse,
+        connection: UpstreamConnection,
+        timeout: Optional[float],
+    ) -> Iterable[bytes]:
+        """The target answered ``101 Switching Protocols``. To a protocol the
+        request asked for: pass the answer on and pipe the bytes both ways
+        until either side ends (blocking this thread; ``timeout`` is the idle
+        timeout), then end the WSGI call without a response of its own.
+        Otherwise (no upgrade asked, another protocol, or a WSGI server that
+        does not expose its socket) answer 502."""
+        asked = requested_upgrade(environ)
+        offered = ",".join(value for name, value in response.headers if name.lower() == "upgrade")
+        problem = None
+        if asked is None:
+            problem = "the target switched protocols unasked"
+        elif not offered or not set(header_tokens(offered)) <= set(header_tokens(asked)):
+            problem = f"the target switched to {offered or 'no protocol'!r}, not to {asked!r}"
+        sock: Optional[socket.socket] = None
+        kind = ""
+        if problem is None:
+            try:
+                sock, kind = socket_from_environ(environ)
+            except UnsupportedServerError as exc:
+                problem = str(exc)
+        if problem is not None or sock is None:
+            connection.close()
+            log.warning("[%03d] REQ ERR %s: 101 Switching Protocols refused: %s", request_id, url, problem)
+            return plain_text_response(start_response, 502, f"bad upgrade: {problem}")
+        upstream, to_client = connection.detach()
+        if not isinstance(upstream, socket.socket):  # a TunnelConnection: bridge it to a real socket
+            upstream = as_socket(upstream, self._piper)
+        lines = [f"HTTP/1.1 101 {response.reason or 'Switching Protocols'}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in _response_headers(response.headers))
+        lines.append(f"Connection: Upgrade\r\nUpgrade: {offered}\r\n\r\n")
+        try:
+            to_target = _buffered_input(environ, sock)
+            sock.settimeout(timeout)
+            sock.sendall("".join(lines).encode("latin-1"))
+            ended = relay(sock, upstream, to_client=to_client, to_target=to_target, idle_timeout=timeout)
+        except (OSError, RelayError) as exc:
+            log.warning("[%03d] UPGRADE ABORTED %s: %s", request_id, url, _describe(exc))
+        else:
+            if ended == IDLE_TIMEOUT:
+                log.warning("[%03d] UPGRADE ABORTED %s: %s", request_id, url,
+                            _describe(socket.timeout("idle")))
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("[%03d] UPGRADE DONE %s: %s", request_id, url, ended)
+        finally:
+            _close_quietly(upstream)
+            shut_down(sock)
+        finish_taken_over_response(kind)
 
     def _open(self, target: ForwardTarget, timeout: Optional[float]) -> UpstreamConnection:
         """Dial ``target`` through its client (TLS for ``https``); raises what

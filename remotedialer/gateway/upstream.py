@@ -92,6 +92,15 @@ class UpstreamConnection:
         have none between responses)."""
         return not self._buffer
 
+    def detach(self) -> Tuple[Any, bytes]:
+        """Hand over the socket and the bytes received past the last response
+        head (an upgraded connection's first bytes); the connection is then
+        closed, the socket left open."""
+        sock, self.sock = self._socket(), None
+        buffered = bytes(self._buffer)
+        self._buffer.clear()
+        return sock, buffered
+
     def close(self) -> None:
         """Close the socket; never raises."""
         sock, self.sock = self.sock, None

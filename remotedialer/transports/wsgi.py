@@ -33,7 +33,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple
 
 from urllib3.util.wait import wait_for_write
 
@@ -157,7 +157,7 @@ class _TakenOver(ConnectionResetError):
     ``ConnectionError`` as a dropped connection and writes nothing more."""
 
 
-def finish_taken_over_response(server_kind: str) -> None:
+def finish_taken_over_response(server_kind: str) -> NoReturn:
     """End a WSGI call whose socket was taken over, so that the WSGI server
     writes nothing more into it; always raises.
 
