@@ -23,7 +23,8 @@ from .errors import HandshakeError, TunnelTimeoutError, error_text
 from .observer import Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from .session import ConnectHandler, Session
-from .transports.websocket_client import WebSocketClientTransport, open_websocket
+from .transports.proxy import parse_proxy_url, proxy_from_environment
+from .transports.websocket_client import WebSocketClientTransport, open_websocket, server_address
 
 __all__ = [
     "Backoff",
@@ -74,6 +75,18 @@ class TunnelClient:
     targets are dialed locally; ``connect_handler`` replaces the whole
     handling of the server's CONNECTs (peering uses it to relay them). Call
     :meth:`run` (blocks) or :meth:`start`, and :meth:`stop` from any thread.
+
+    ``proxy`` is the proxy on the way to the server: ``None`` (the default)
+    reads ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` as a Go agent does, a
+    URL (``http://``, ``https://``, ``socks5://``, ``socks5h://``, credentials
+    as ``user:password@``) is used for every server, ``""`` connects
+    directly (see :mod:`remotedialer.transports.proxy`).
+
+    Settings that cannot work (the URL's scheme, host, port or IPv6 literal,
+    the proxy URL or variable) raise
+    :class:`~remotedialer.errors.ConfigurationError`, a ``ValueError``, here,
+    before any attempt. Once running, every failure of an attempt, expected
+    or not, is one log line and a backoff: the loop only ends on :meth:`stop`.
     """
 
     def __init__(
@@ -92,7 +105,13 @@ class TunnelClient:
         piper: Optional[Piper] = None,
         connect_handler: Optional[ConnectHandler] = None,
         client_key: str = "",
+        proxy: Optional[str] = None,
     ) -> None:
+        secure, host, port = server_address(url)
+        if proxy is None:
+            self.proxy = proxy_from_environment(secure, host, port)
+        else:
+            self.proxy = parse_proxy_url(proxy, "proxy") if proxy else None
         self.url = url
         self.client_key = client_key
         self.headers = dict(headers or {})
@@ -133,7 +152,7 @@ class TunnelClient:
         ended. Raises :class:`HandshakeError` or ``OSError`` if it could not
         connect."""
         ws = open_websocket(
-            self.url, self.headers, self.limits, self.ssl_context, self.websocket_options
+            self.url, self.headers, self.limits, self.ssl_context, self.websocket_options, self.proxy
         )
         transport = WebSocketClientTransport(ws, self.limits.max_message_size, self.url)
         session = Session(
@@ -176,8 +195,17 @@ class TunnelClient:
         finally:
             self._local_dialer.shutdown()
 
+    def describe_failure(self, error: BaseException) -> str:
+        """The text of the log line for an attempt that failed with ``error``
+        (one line; a subclass may say more about its kind of link)."""
+        if isinstance(error, (OSError, websocket.WebSocketException)):
+            return error_text(error)
+        return f"{type(error).__name__}: {error_text(error)}"
+
     def _reconnect_loop(self) -> None:
         failures = 0
+        if self.proxy is not None:
+            log.info("connecting to %s through proxy %s", self.url, self.proxy)
         while not self._stop.is_set():
             started = time.monotonic()
             try:
@@ -188,7 +216,12 @@ class TunnelClient:
                 failures = 0 if lived > self.backoff.initial else failures + 1
             except (HandshakeError, OSError, websocket.WebSocketException) as exc:
                 self.last_error = exc
-                log.warning("failed to connect to %s: %s", self.url, error_text(exc))
+                log.warning("failed to connect to %s: %s", self.url, self.describe_failure(exc))
+                failures += 1
+            except Exception as exc:  # a bug here or below: never a dead loop in a live process
+                self.last_error = exc
+                log.error("failed to connect to %s: %s", self.url, self.describe_failure(exc))
+                log.debug("the unexpected failure's traceback", exc_info=True)
                 failures += 1
             if self._stop.is_set():
                 break

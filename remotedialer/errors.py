@@ -35,6 +35,9 @@ __all__ = [
     "HandshakeError",
     "LimitExceededError",
     "TunnelTimeoutError",
+    "ConfigurationError",
+    "ProxyError",
+    "ListenError",
     "socket_error",
 ]
 
@@ -121,9 +124,10 @@ class HandshakeError(_SocketError, ConnectionRefusedError):
 
     The message is one line: status, reason, the first
     :data:`BODY_PREVIEW` characters of the body with its line breaks
-    folded, and for 400 and 404 a hint that the endpoint may not be mounted
-    with WebSocket upgrades allowed (a web framework's plain route answers
-    an upgrade request with 400)."""
+    folded, and a hint: for 404 that the URL's path may not be the tunnel
+    endpoint (``/connect`` on ``remotedialer server``), for 400 that the
+    endpoint may not be mounted with WebSocket upgrades allowed (a web
+    framework's plain route answers an upgrade request with 400)."""
 
     default_errno = errno.ECONNREFUSED
 
@@ -146,15 +150,56 @@ _UPGRADE_HINT = (
 )
 
 
+_PATH_HINT = (
+    "is the URL's path the server's tunnel endpoint? "
+    "remotedialer server and the Go example serve it at /connect (ws://HOST:PORT/connect)"
+)
+
+
 def _handshake_summary(status: int, reason: str, body: str, preview: int) -> str:
     head = f"handshake refused: HTTP {status}" + (f" {reason}" if reason else "")
     text = " ".join(body.split())
     if len(text) > preview:
         text = text[:preview] + "..."
     summary = f"{head}: {text}" if text else head
-    if status in (400, 404):
+    if status == 404:
+        summary += f" - hint: {_PATH_HINT}"
+    elif status == 400:
         summary += f" - hint: {_UPGRADE_HINT}"
     return summary
+
+
+class ConfigurationError(RemotedialerError, ValueError):
+    """A setting that cannot work (a server URL, a port, a proxy URL, a
+    certificate file), found before anything connects."""
+
+
+class ProxyError(_SocketError, ConnectionRefusedError):
+    """The proxy on the way to the server failed: unreachable, refused the
+    ``CONNECT`` (``status`` carries its HTTP status, 407 for credentials) or
+    answered nonsense. ``errno`` is ``ECONNREFUSED``."""
+
+    default_errno = errno.ECONNREFUSED
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ListenError(RemotedialerError):
+    """A server could not listen on its address (in use, not ours, no
+    permission); the ``OSError`` is the ``__cause__``. Not an ``OSError``
+    itself: werkzeug's server turns those into printed lines and ``sys.exit``."""
+
+    @classmethod
+    def binding(cls, address: Tuple[Any, ...], error: OSError) -> "ListenError":
+        """The error for a failed ``bind`` of ``address`` (host, port, ...)."""
+        from .addresses import join_host_port
+
+        where = join_host_port(str(address[0]), int(address[1]))
+        listen_error = cls(f"cannot listen on {where}: {error_text(error)}")
+        listen_error.__cause__ = error
+        return listen_error
 
 
 class LimitExceededError(_SocketError, ConnectionResetError):

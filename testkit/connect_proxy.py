@@ -6,7 +6,8 @@ username/password method for SOCKS5), may refuse every request (HTTP 403,
 SOCKS5 reply 0x02), and only ever connects to loopback: a target name is
 looked up in ``names`` (a stand-in for the proxy's own DNS, so a test can
 reach a name the agent itself cannot resolve) and must end on 127.0.0.1 or
-::1. With ``tls`` it is an ``https://`` proxy (HTTP CONNECT inside TLS). Each accepted tunnel is recorded in :attr:`ConnectProxy.tunnels`.
+::1. With ``tls`` it is an ``https://`` proxy (HTTP CONNECT inside TLS).
+Each accepted tunnel is recorded in :attr:`ConnectProxy.tunnels`.
 """
 
 from __future__ import annotations

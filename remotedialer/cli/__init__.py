@@ -11,6 +11,11 @@ idle memory of each process down. ``bench`` runs ``python -m benchmarks``
 ``--debug`` (or ``CATTLE_TUNNEL_DATA_DEBUG=true``) logs every protocol message
 sent and received through the ``remotedialer.trace`` logger, as the Go
 implementation does.
+
+A command that cannot run says why in one line on stderr, without a
+traceback: exit status 2 for a usage error (an option's value, a
+:class:`~remotedialer.errors.ConfigurationError`), 1 for a runtime one (a
+port in use, any other error; ``--debug`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NoReturn, Optional, Sequence, Tuple
 
 from ..addresses import ALL_INTERFACES, parse_listen_address
+from ..errors import ConfigurationError, RemotedialerError, error_text
 from ..examples.logs import LOG_FORMAT, setup_logging
 
 __all__ = ["main", "build_parser", "setup_logging", "LOG_FORMAT"]
@@ -82,11 +88,19 @@ def _run_bench(bench_args: Sequence[str]) -> int:
     return subprocess.call([sys.executable, "-m", "benchmarks", *bench_args])
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors as one line (``remotedialer client: error: ...``), exit 2;
+    ``--help`` shows the usage. Its subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
 def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The argument parser of the ``remotedialer`` command. With ``command``,
     only that subcommand's module is imported and its options parsed (the
     others are listed but take no options)."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="remotedialer",
         description="Reverse tunnels over one WebSocket (a port of rancher/remotedialer).",
     )
@@ -125,6 +139,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except ConfigurationError as exc:
+        print(f"remotedialer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # one line, not a traceback; --debug shows it
+        log.debug("%s failed", args.command, exc_info=True)
+        known = isinstance(exc, (OSError, RemotedialerError))
+        text = error_text(exc) if known else f"{type(exc).__name__}: {exc}"
+        print(f"remotedialer {args.command}: error: {text}", file=sys.stderr)
+        return 1
 
 
 def subcommand_main(command: str) -> int:

@@ -32,6 +32,7 @@ from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..addresses import join_host_port
+from ..errors import ListenError
 
 __all__ = ["DummyServer", "generated_bytes", "generated_sha256", "BLOCK_SIZE"]
 
@@ -217,8 +218,12 @@ class DummyServer(http.server.ThreadingHTTPServer):
         super().__init__(address, DummyHandler)
 
     def server_bind(self) -> None:
-        """Bind without ``HTTPServer``'s reverse DNS lookup of the host."""
-        socketserver.TCPServer.server_bind(self)
+        """Bind without ``HTTPServer``'s reverse DNS lookup of the host; raise
+        :class:`~remotedialer.errors.ListenError` when the address cannot be had."""
+        try:
+            socketserver.TCPServer.server_bind(self)
+        except OSError as exc:
+            raise ListenError.binding(self.server_address, exc) from exc
         host, port = self.server_address[:2]
         self.server_name = str(host)
         self.server_port = int(port)

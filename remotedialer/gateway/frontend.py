@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from werkzeug.wsgi import LimitedStream
 
+from ..errors import ListenError
 from ..server.process import DEFAULT_MAX_THREADS, LISTEN_BACKLOG
 from ..server.wsgi import WSGIApp, header_tokens
 from .http1 import (
@@ -412,6 +413,14 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
         self._slots_freeing = 0
         kwargs.setdefault("handler", KeepAliveRequestHandler)
         super().__init__(host, port, app, **kwargs)
+
+    def server_bind(self) -> None:
+        """Bind; raise :class:`~remotedialer.errors.ListenError` when the
+        address cannot be had (werkzeug would print two lines and exit)."""
+        try:
+            super().server_bind()
+        except OSError as exc:
+            raise ListenError.binding(self.server_address, exc) from exc
 
     def give_up_idle_slot(self) -> bool:
         """For an idle keep-alive connection: whether it should close so that

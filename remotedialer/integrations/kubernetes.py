@@ -52,7 +52,7 @@ def tunneled_api_client(
     try:
         route_through_tunnel(api, dial, piper=piper)
     except BaseException:
-        api.close()
+        api.close()  # type: ignore[no-untyped-call]
         raise
     return api
 
@@ -64,6 +64,8 @@ def route_through_tunnel(api_client: "ApiClient", dial: Dial, *, piper: Optional
     rest = api_client.rest_client
     current = rest.pool_manager
     if getattr(current, "proxy", None) is not None:
-        raise ValueError("a tunneled kubernetes client does not use configuration.proxy: the tunnel is the route")
+        raise ValueError(
+            "a tunneled kubernetes client does not use configuration.proxy: the tunnel is the route"
+        )
     rest.pool_manager = TunnelPoolManager(dial, piper=piper, **current.connection_pool_kw)
     current.clear()

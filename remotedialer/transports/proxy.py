@@ -217,9 +217,9 @@ def proxy_from_environment(
         name, value = _first_set(env, "HTTP_PROXY", "http_proxy")
     if not value:
         return None
-    proxy = parse_proxy_url(value, name)
     if NoProxy(_first_set(env, "NO_PROXY", "no_proxy")[1]).bypasses(host, port):
         return None
+    proxy = parse_proxy_url(value, name)
     if not secure and env.get("REQUEST_METHOD"):
         raise ConfigurationError(
             f"{name} is not used in a CGI environment (REQUEST_METHOD is set), as in Go"

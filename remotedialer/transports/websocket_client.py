@@ -1,6 +1,8 @@
-"""The agent's end of a tunnel's WebSocket: websocket-client does the
-handshake (:func:`open_websocket`), :class:`WebSocketClientTransport` reads and
-writes the frames with the package's own codec (:mod:`remotedialer.frames`).
+"""The agent's end of a tunnel's WebSocket: the connection to the server
+(directly or through a proxy, :mod:`~remotedialer.transports.proxy`) and TLS
+are ours, websocket-client does the handshake (:func:`open_websocket`),
+:class:`WebSocketClientTransport` reads and writes the frames with the
+package's own codec (:mod:`remotedialer.frames`).
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ import re
 import socket
 import ssl
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 import websocket
 from urllib3.util.wait import wait_for_write
 
 from ..config import Limits
-from ..errors import HandshakeError, ProtocolError
+from ..errors import ConfigurationError, HandshakeError, ProtocolError
 from ..frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, encode_masked_frame
 from .base import ReceiveSize, TransportClosed, next_event_from_socket
+from .proxy import ProxyURL, connect_through_proxy
 
-__all__ = ["RECEIVE_BYTES", "WebSocketClientTransport", "open_websocket"]
+__all__ = ["RECEIVE_BYTES", "WebSocketClientTransport", "open_websocket", "server_address"]
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +137,79 @@ def _status_message(exc: websocket.WebSocketBadStatusException) -> str:
     return match.group(1) if match else ""
 
 
+def server_address(url: str) -> Tuple[bool, str, int]:
+    """``(secure, host, port)`` of a ``ws://`` or ``wss://`` server URL.
+    Raises :class:`~remotedialer.errors.ConfigurationError` (a ``ValueError``)
+    saying what is wrong: scheme, host, port, IPv6 literal."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
+        raise ConfigurationError(f"invalid server URL {url!r}: {exc} (unclosed IPv6 literal?)") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("ws", "wss"):
+        raise ConfigurationError(f"invalid server URL {url!r}: want ws://HOST[:PORT]/PATH or wss://...")
+    if not parts.hostname:
+        raise ConfigurationError(f"invalid server URL {url!r}: no host")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (port is None and parts.netloc.endswith(":")):
+        text = parts.netloc.rpartition(":")[2]
+        raise ConfigurationError(f"invalid server URL {url!r}: port {text!r} is not a number in 1-65535")
+    return scheme == "wss", parts.hostname, port or (443 if scheme == "wss" else 80)
+
+
+def _connect(
+    url: str, proxy: Optional[ProxyURL], ssl_context: Optional[ssl.SSLContext], timeout: float,
+    socket_options: Sequence[Tuple[Any, ...]] = (),
+) -> socket.socket:
+    """The stream the handshake runs on: TCP to the server or through
+    ``proxy`` (with ``setsockopt(*option)`` for each of ``socket_options``),
+    then TLS for ``wss://`` (``ssl_context``, default: the system store, host
+    name checked). Each step is bounded by ``timeout``."""
+    secure, host, port = server_address(url)
+    if proxy is None:
+        sock = socket.create_connection((host, port), timeout)
+    else:
+        sock = connect_through_proxy(proxy, host, port, timeout)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:  # pragma: no cover - not a TCP socket
+            pass
+        for option in socket_options:
+            sock.setsockopt(*option)
+        if secure:
+            context = ssl_context if ssl_context is not None else ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+_OWN_CONNECTION_OPTIONS = ("socket", "sslopt", "http_proxy_host")
+"""``websocket_options`` with which websocket-client opens the connection
+itself, as before the proxy support (its own proxy rules then apply)."""
+
+
 def open_websocket(
     url: str,
     headers: Optional[Mapping[str, str]],
     limits: Limits,
     ssl_context: Optional[ssl.SSLContext],
     websocket_options: Optional[Dict[str, Any]],
+    proxy: Optional[ProxyURL] = None,
 ) -> websocket.WebSocket:
-    """Do the WebSocket handshake; HTTP refusals become :class:`HandshakeError`."""
+    """Connect (through ``proxy`` if given) and do the WebSocket handshake,
+    within ``limits.handshake_timeout`` per step. HTTP refusals become
+    :class:`HandshakeError`, a failing proxy
+    :class:`~remotedialer.errors.ProxyError`; other failures raise ``OSError``."""
     options: Dict[str, Any] = dict(websocket_options or {})
-    if ssl_context is not None:
+    websocket_connects = proxy is None and any(key in options for key in _OWN_CONNECTION_OPTIONS)
+    if websocket_connects and ssl_context is not None:
         options.setdefault("sslopt", {})["context"] = ssl_context
     header = [f"{name}: {value}" for name, value in (headers or {}).items()]
     ws = websocket.WebSocket(
@@ -150,6 +217,9 @@ def open_websocket(
         skip_utf8_validation=True,
         enable_multithread=True,
     )
+    if not websocket_connects:
+        options["socket"] = _connect(url, proxy, ssl_context, limits.handshake_timeout,
+                                     options.pop("sockopt", ()))
     try:
         ws.connect(  # type: ignore[no-untyped-call]
             url, header=header, timeout=limits.handshake_timeout, **options

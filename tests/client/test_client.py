@@ -3,6 +3,8 @@ Server on a loopback werkzeug server, over real WebSockets."""
 
 from __future__ import annotations
 
+import logging
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +17,7 @@ import pytest
 
 from remotedialer.client import Backoff, TunnelClient, client_connect, connect_to_proxy
 from remotedialer.config import Limits
-from remotedialer.errors import HandshakeError, RemoteError
+from remotedialer.errors import ConfigurationError, HandshakeError, RemoteError
 from remotedialer.session import Session
 
 from testkit.support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, wait_for
@@ -361,3 +363,88 @@ def test_run_returns_cleanly_on_ctrl_c(tunnel_server: TunnelServer, state: str) 
     assert "interrupted: closing the tunnel" in err
     if state == "connected":
         wait_for(lambda: not tunnel_server.server.has_session("ctrl-c"))
+
+
+# ------------------------------------------------ usage errors and a loop that never dies
+@pytest.mark.parametrize(
+    "url, needle",
+    [
+        ("ws://127.0.0.1:99999/connect", "port '99999'"),
+        ("ws://127.0.0.1:abc/connect", "port 'abc'"),
+        ("ws://[::1/connect", "IPv6"),
+        ("http://127.0.0.1:8123/connect", "want ws://"),
+        ("ws:///connect", "no host"),
+    ],
+)
+def test_unusable_urls_are_refused_at_construction(url: str, needle: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(needle)) as raised:
+        TunnelClient(url, {"X-Tunnel-ID": "x"})
+    assert isinstance(raised.value, ValueError) and url in str(raised.value)
+
+
+def test_unusable_proxies_are_refused_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigurationError, match="proxy: unsupported proxy scheme 'ftp'"):
+        TunnelClient("ws://127.0.0.1:8123/connect", proxy="ftp://proxy.corp")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.corp:99999")
+    with pytest.raises(ConfigurationError, match="HTTPS_PROXY: invalid proxy URL"):
+        TunnelClient("wss://tunnel.example:8443/connect")
+    # the variable of the other scheme, and a loopback server, do not matter
+    assert TunnelClient("ws://tunnel.example:8123/connect").proxy is None
+    assert TunnelClient("wss://127.0.0.1:8443/connect").proxy is None
+
+
+def test_an_unexpected_error_is_one_line_and_a_backoff(
+    tunnel_server: TunnelServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception nobody expected from an attempt (here websocket-client's
+    TypeError for a malformed socket option) must not end the connect loop:
+    one ERROR line per attempt, and the client keeps trying."""
+    caplog.set_level(logging.WARNING, logger="remotedialer.client")
+    client = TunnelClient(tunnel_server.url, {"X-Tunnel-ID": "odd"}, allow_all_dials,
+                          backoff=Backoff(initial=0.02, maximum=0.05),
+                          websocket_options={"sockopt": ((1, 2),)})
+    thread = client.start()
+    try:
+        wait_for(lambda: len(caplog.records) >= 3)
+        assert thread.is_alive()
+    finally:
+        client.stop(TIMEOUT)
+    assert not thread.is_alive()
+    assert isinstance(client.last_error, TypeError)
+    for record in caplog.records[:3]:
+        assert record.levelno == logging.ERROR and record.exc_info is None
+        line = record.getMessage()
+        assert line.startswith(f"failed to connect to {tunnel_server.url}: TypeError: ") and "\n" not in line
+
+
+def test_a_wrong_path_gets_a_hint_naming_connect(caplog: pytest.LogCaptureFixture) -> None:
+    """``remotedialer server``'s app (werkzeug, as the CLI runs it) answers a
+    wrong ``--connect`` path with 404; the client's line points at /connect."""
+    from werkzeug.serving import make_server
+
+    from remotedialer.cli.server import make_app
+
+    app = make_app(handle_sigterm=False, drain_seconds=0)
+    httpd = make_server("127.0.0.1", 0, app, threaded=True)
+    serving = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    serving.start()
+    caplog.set_level(logging.WARNING, logger="remotedialer.client")
+    url = f"ws://127.0.0.1:{httpd.server_port}/tunnel"
+    client = TunnelClient(url, {"X-Tunnel-ID": "lost"}, allow_all_dials,
+                          backoff=Backoff(initial=0.02, maximum=0.05))
+    client.start()
+    try:
+        wait_for(lambda: len(caplog.records) >= 1)
+    finally:
+        client.stop(TIMEOUT)
+        httpd.shutdown()
+        app.close()
+        httpd.server_close()
+    assert isinstance(client.last_error, HandshakeError) and client.last_error.status == 404
+    line = caplog.records[0].getMessage()
+    assert line.startswith(f"failed to connect to {url}: handshake refused: HTTP 404")
+    assert " at /connect " in line and "Flask" not in line
+
+
+def allow_all_dials(proto: str, address: str) -> bool:
+    return True

@@ -88,7 +88,8 @@ def test_upper_case_wins_and_lower_case_counts() -> None:
     assert proxy_from_environment(
         True, "s.example", 443, env(https_proxy="socks5://sox", no_proxy="other.example")
     ) == ProxyURL("socks5", "sox", 1080)
-    assert proxy_from_environment(True, "s.example", 443, env(https_proxy="http://p:1", no_proxy="s.example")) is None
+    listed = env(https_proxy="http://p:1", no_proxy="s.example")
+    assert proxy_from_environment(True, "s.example", 443, listed) is None
     assert proxy_from_environment(True, "s.example", 443, env(HTTPS_PROXY="http://p:1", NO_PROXY="*")) is None
 
 
