@@ -20,6 +20,8 @@ import struct
 import threading
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from .support import recv_exactly
+
 __all__ = ["ConnectProxy"]
 
 HEAD_LIMIT = 16 * 1024
@@ -119,7 +121,7 @@ class ConnectProxy:
                 upstream = self._serve_http(client)
             else:
                 upstream = None
-        except OSError:
+        except (OSError, AssertionError):  # a client gone mid-request (recv_exactly asserts)
             upstream = None
         if upstream is None:
             _close(client)
@@ -198,8 +200,8 @@ class ConnectProxy:
         return scheme.lower() == "basic" and token == expected
 
     def _serve_socks(self, client: socket.socket) -> Optional[socket.socket]:
-        _version, count = _recv_exactly(client, 2)
-        methods = _recv_exactly(client, count)
+        _version, count = recv_exactly(client, 2)
+        methods = recv_exactly(client, count)
         wanted = 0x02 if self.credentials is not None else 0x00
         if wanted not in methods:
             client.sendall(b"\x05\xff")
@@ -207,22 +209,22 @@ class ConnectProxy:
         client.sendall(bytes([5, wanted]))
         authorized = True
         if wanted == 0x02:
-            _sub_version, size = _recv_exactly(client, 2)
-            user = _recv_exactly(client, size).decode()
-            password = _recv_exactly(client, _recv_exactly(client, 1)[0]).decode()
+            _sub_version, size = recv_exactly(client, 2)
+            user = recv_exactly(client, size).decode()
+            password = recv_exactly(client, recv_exactly(client, 1)[0]).decode()
             authorized = (user, password) == self.credentials
             client.sendall(b"\x01\x00" if authorized else b"\x01\x01")
             if not authorized:
                 self._record("", "socks credentials")
                 return None
-        _version, command, _reserved, kind = _recv_exactly(client, 4)
+        _version, command, _reserved, kind = recv_exactly(client, 4)
         if kind == 0x01:
-            host = socket.inet_ntop(socket.AF_INET, _recv_exactly(client, 4))
+            host = socket.inet_ntop(socket.AF_INET, recv_exactly(client, 4))
         elif kind == 0x04:
-            host = socket.inet_ntop(socket.AF_INET6, _recv_exactly(client, 16))
+            host = socket.inet_ntop(socket.AF_INET6, recv_exactly(client, 16))
         else:
-            host = _recv_exactly(client, _recv_exactly(client, 1)[0]).decode()
-        port = struct.unpack("!H", _recv_exactly(client, 2))[0]
+            host = recv_exactly(client, recv_exactly(client, 1)[0]).decode()
+        port = struct.unpack("!H", recv_exactly(client, 2))[0]
         try:
             if command != 0x01:
                 raise _Refused(405, "not CONNECT", 0x07)
@@ -232,16 +234,6 @@ class ConnectProxy:
             return None
         client.sendall(b"\x05\x00\x00\x01\x7f\x00\x00\x01" + struct.pack("!H", port))
         return upstream
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise OSError("EOF")
-        data += chunk
-    return data
 
 
 def _pump(source: socket.socket, sink: socket.socket) -> None:
