@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple, Uni
 from ..client import Backoff, TunnelClient
 from ..config import DEFAULT_LIMITS, Limits
 from ..connection import TunnelConnection
-from ..errors import ConnectNotAllowedError, NoSessionError, TunnelClosedError
+from ..errors import ConnectNotAllowedError, HandshakeError, NoSessionError, TunnelClosedError
 from ..observer import NULL_OBSERVER, Observer
 from ..piping import Piper
 from ..server.sessions import SessionManager, dial_first
@@ -121,6 +121,16 @@ class _LinkClient(TunnelClient):
     def connect_once(self) -> str:
         (self.observer or NULL_OBSERVER).peer_connecting(self._peer_id)
         return super().connect_once()
+
+    def describe_failure(self, error: BaseException) -> str:
+        """A refused peer authentication names the peer and the likely cause
+        (the accepting side logs which: token mismatch or unknown peer id)."""
+        text = super().describe_failure(error)
+        if isinstance(error, HandshakeError) and error.status == 401:
+            ours = self.headers.get(PEER_ID_HEADER, "")
+            return (f"peer {self._peer_id} refused our peer link as {ours}: {text} - its --token differs "
+                    f"from ours, or it does not list {ours} among its peers")
+        return text
 
 
 class PeerLink:

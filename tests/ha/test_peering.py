@@ -162,6 +162,14 @@ def test_wrong_token_is_refused(caplog: pytest.LogCaptureFixture) -> None:
             wait_for(lambda: a_link.connected)
             wait_for(lambda: b_link.client.last_error is not None)
         assert getattr(b_link.client.last_error, "status", None) == 401
+        # the dialing side (B) says which peer refused it and why, in one line
+        dialing = [r.getMessage() for r in caplog.records if r.name == "remotedialer.client"
+                   and r.getMessage().startswith(f"failed to connect to {a.url}")]
+        assert dialing and all(
+            "peer A refused our peer link as B: handshake refused: HTTP 401" in line
+            and "its --token differs from ours, or it does not list B among its peers" in line
+            and "\n" not in line for line in dialing
+        ), dialing
         assert not a.server.peer_sessions.sessions("B")
         assert TOKEN not in caplog.text and "other-token" not in caplog.text
         refusals = [r.getMessage() for r in caplog.records if r.name == "remotedialer.server.tunnel_server"
