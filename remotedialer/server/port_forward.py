@@ -347,7 +347,7 @@ class PortForward:
                 "%s: dial for %s failed, closing it: %s: %s",
                 self.name, _show(peer), type(exc).__name__, error_text(exc),
             )
-            _close_quietly(sock)
+            _end_with_eof(sock)
             return
         log.debug("%s: %s -> %s", self.name, _show(peer), conn)
         with self._lock:
@@ -413,6 +413,30 @@ def _show(address: object) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         return join_host_port(str(address[0]), address[1])
     return str(address)
+
+
+DRAIN_LIMIT = 256 * 1024
+"""Bytes of unread input discarded before closing a connection we refuse
+(closing a socket with unread input sends RST instead of FIN)."""
+
+
+def _end_with_eof(sock: socket.socket) -> None:
+    """End an accepted connection with EOF (FIN), even when the local program
+    already sent data: send FIN, discard what already arrived (up to
+    :data:`DRAIN_LIMIT`; unread input would turn the close into a reset),
+    then close. Never blocks."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.setblocking(False)
+        drained = 0
+        while drained < DRAIN_LIMIT:
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:  # nothing (more) to read, or the peer is gone already
+        pass
+    _close_quietly(sock)
 
 
 def _close_quietly(sock: socket.socket) -> None:

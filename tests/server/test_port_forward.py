@@ -32,6 +32,7 @@ from testkit.support import (
     LoopbackListener,
     SelectorEchoServer,
     SessionPair,
+    TunnelServer,
     echo_concurrently,
     recv_exactly,
     wait_for,
@@ -445,6 +446,31 @@ def test_dial_error_closes_accepted_connection_at_once(
     assert len(attempts) == 3
     messages = [r.getMessage() for r in caplog.records if r.name == "remotedialer.server.port_forward"]
     assert sum("failed to find Session" in m and "NoSessionError" in m for m in messages) == 3
+
+
+def test_absent_client_ends_a_connection_that_sent_first_with_eof(
+    env: Env, make_tunnel_server: Callable[..., TunnelServer]
+) -> None:
+    """The local program connects and sends before the forward dials (the
+    dial waits for it); the real server has no session for the key, so the
+    dial fails. The program must read EOF (FIN), as docs/forwarding.rst
+    says, not a reset: closing a socket with unread input sends RST."""
+    server = make_tunnel_server().server
+    sent = threading.Event()
+
+    def dial() -> TunnelConnection:
+        assert sent.wait(TIMEOUT)
+        return server.dial("absent", "tcp", "127.0.0.1:9", TIMEOUT)
+
+    with PortForward(dial, piper=env.server_piper) as fwd:
+        for _ in range(5):
+            with connect(fwd) as sock:
+                sock.sendall(b"EHLO nobody\r\n" * 100)
+                sent.set()
+                got, error = recv_to_end(sock)
+                sent.clear()
+                assert (got, error) == (b"", None)
+        assert fwd.failed == 5 and fwd.active == 0
 
 
 def test_session_end_closes_forwarded_connections(env: Env) -> None:
