@@ -1,8 +1,9 @@
 """The kubernetes client reaching an API server through a tunnel, following
-the recipe in docs/requests.rst: a local HTTPS stand-in for the API server
+:mod:`remotedialer.integrations.kubernetes`: a local HTTPS stand-in for the API server
 (certificates from trustme, bearer-token auth), a real WSGI server and a real
 tunnel client, and ``kubernetes.client`` with its pool manager replaced by a
-:class:`~remotedialer.integrations.requests.TunnelPoolManager`."""
+:class:`~remotedialer.integrations.requests.TunnelPoolManager` (what
+``tunneled_api_client`` and ``route_through_tunnel`` do)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
 from remotedialer.connection import TunnelConnection
+from remotedialer.integrations.kubernetes import route_through_tunnel, tunneled_api_client
 from remotedialer.integrations.requests import TunnelPoolManager
 
 from testkit.support import TIMEOUT, TunnelServer
@@ -119,19 +121,18 @@ def api_server(ca: trustme.CA) -> Iterator[StandInAPIServer]:
     server.stop()
 
 
-def tunneled_api_client(
-    dial: Any, host: str, ca_file: Optional[str], token: str = TOKEN
-) -> k8s.ApiClient:
-    """The recipe of docs/requests.rst ("The kubernetes client")."""
+def configuration_for(host: str, ca_file: Optional[str], token: str = TOKEN) -> k8s.Configuration:
+    """What a user configures (docs/requests.rst, "The kubernetes client")."""
     configuration = k8s.Configuration()
     configuration.host = host
     configuration.ssl_ca_cert = ca_file
     configuration.api_key = {"authorization": token}
     configuration.api_key_prefix = {"authorization": "Bearer"}
-    api = k8s.ApiClient(configuration)
-    rest = api.rest_client
-    rest.pool_manager = TunnelPoolManager(dial, **rest.pool_manager.connection_pool_kw)
-    return api
+    return configuration
+
+
+def api_client(dial: Any, host: str, ca_file: Optional[str], token: str = TOKEN) -> k8s.ApiClient:
+    return tunneled_api_client(dial, configuration_for(host, ca_file, token))
 
 
 def test_kubernetes_client_through_the_tunnel(
@@ -147,7 +148,7 @@ def test_kubernetes_client_through_the_tunnel(
 
     ca_file = tmp_path / "ca.crt"
     ca.cert_pem.write_to_path(str(ca_file))
-    api = tunneled_api_client(dial, f"https://localhost:{api_server.port}", str(ca_file))
+    api = api_client(dial, f"https://localhost:{api_server.port}", str(ca_file))
     with api:
         version = k8s.VersionApi(api).get_code(_request_timeout=TIMEOUT)
         assert version.git_version == "v1.30.0-standin"
@@ -175,7 +176,7 @@ def test_kubernetes_client_checks_the_api_servers_certificate(
     tunnel_server.client("cluster-7")
     other_ca = tmp_path / "other-ca.crt"
     trustme.CA().cert_pem.write_to_path(str(other_ca))
-    api = tunneled_api_client(
+    api = api_client(
         tunnel_server.server.dialer("cluster-7"), f"https://localhost:{api_server.port}", str(other_ca)
     )
     api.rest_client.pool_manager.connection_pool_kw["retries"] = 0  # fail at once
@@ -190,10 +191,31 @@ def test_kubernetes_client_without_a_tunnel_gets_the_servers_reason(
 ) -> None:
     ca_file = tmp_path / "ca.crt"
     ca.cert_pem.write_to_path(str(ca_file))
-    api = tunneled_api_client(
+    api = api_client(
         tunnel_server.server.dialer("absent"), f"https://localhost:{api_server.port}", str(ca_file)
     )
     api.rest_client.pool_manager.connection_pool_kw["retries"] = 0  # fail at once
     with api, pytest.raises(Exception) as failed:
         k8s.VersionApi(api).get_code(_request_timeout=TIMEOUT)
     assert "failed to find Session for client absent" in str(failed.value)
+
+
+def test_an_existing_client_routed_through_the_tunnel(
+    tunnel_server: TunnelServer, api_server: StandInAPIServer, ca: trustme.CA, tmp_path: Path
+) -> None:
+    tunnel_server.client("cluster-7")
+    ca_file = tmp_path / "ca.crt"
+    ca.cert_pem.write_to_path(str(ca_file))
+    with k8s.ApiClient(configuration_for(f"https://localhost:{api_server.port}", str(ca_file))) as api:
+        route_through_tunnel(api, tunnel_server.server.dialer("cluster-7"))
+        assert isinstance(api.rest_client.pool_manager, TunnelPoolManager)
+        pods = k8s.CoreV1Api(api).list_namespaced_pod("default", _request_timeout=TIMEOUT)
+        assert [pod.metadata.name for pod in pods.items] == ["web-0"]
+    assert api_server.seen == [("GET", "/api/v1/namespaces/default/pods")]
+
+
+def test_a_configured_proxy_is_refused(tunnel_server: TunnelServer) -> None:
+    configuration = configuration_for("https://kubernetes.default.svc", None)
+    configuration.proxy = "http://proxy.corp:3128"
+    with pytest.raises(ValueError, match="does not use configuration.proxy"):
+        tunneled_api_client(tunnel_server.server.dialer("cluster-7"), configuration)
