@@ -16,12 +16,13 @@ from testkit.front import FRONT_ENDS, start_agent, start_front
 from testkit.support import TIMEOUT, wait_for
 
 MiB = 1024 * 1024
+STALL_AFTER = 256 * 1024
 AGENT = "cut-agent"
 
 
 class LongBodies(http.server.BaseHTTPRequestHandler):
-    """``/flow``: a 1 GiB body sent as fast as it is read; ``/stall``: 1 MiB
-    of a 1 GiB body, then nothing until the connection goes away."""
+    """``/flow``: a 1 GiB body sent as fast as it is read; ``/stall``: 256
+    KiB of a 1 GiB body, then nothing until the connection goes away."""
 
     protocol_version = "HTTP/1.1"
 
@@ -33,7 +34,7 @@ class LongBodies(http.server.BaseHTTPRequestHandler):
         sent = 0
         try:
             while sent < 1024 * MiB:
-                if self.path.startswith("/stall") and sent >= MiB:
+                if self.path.startswith("/stall") and sent >= STALL_AFTER:
                     self.connection.settimeout(TIMEOUT * 3)
                     self.connection.recv(1)  # returns once the forwarder gave up
                     return
@@ -57,7 +58,7 @@ def target() -> Iterator[int]:
 
 
 def _start_download(port: int, target_port: int, path: str) -> requests.Response:
-    """GET through the tunnel until its first MiB arrived (retrying while
+    """GET through the tunnel until its first 64 KiB arrived (retrying while
     the server does not know the agent yet); the response is left open."""
     url = f"http://127.0.0.1:{port}/client/{AGENT}/http/127.0.0.1:{target_port}{path}"
     responses: List[requests.Response] = []
@@ -75,7 +76,7 @@ def _start_download(port: int, target_port: int, path: str) -> requests.Response
     got = 0
     for data in response.raw.stream(64 * 1024, decode_content=False):
         got += len(data)
-        if got >= MiB:
+        if got >= 64 * 1024:
             break
     return response
 
@@ -97,7 +98,7 @@ def test_a_cut_download_is_one_warning(
     front = start_front(front_end, caplog)
     agent = start_agent(front.port, AGENT)
     try:
-        path = "/stall?timeout=0.5" if cut == "idle timeout" else "/flow"
+        path = "/stall?timeout=2" if cut == "idle timeout" else "/flow"
         response = _start_download(front.port, target, path)
         if cut == "agent gone":
             agent.stop(TIMEOUT)
