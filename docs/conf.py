@@ -17,6 +17,9 @@ generate pages from the code, so that the documentation cannot drift from it:
     default and the comment written above it;
 ``remotedialer-metrics``
     the table of every metric in :data:`remotedialer.metrics.METRICS`;
+``remotedialer-layers``
+    the parts of the package by layer and what each imports at run time
+    (``testkit/layers.py``, which ``tests/test_imports.py`` checks with);
 ``optional-toctree``
     a toctree that leaves out entries listed in ``OPTIONAL_PAGES`` while
     their files do not exist yet (pages other people are writing);
@@ -183,6 +186,24 @@ class MetricsDirective(SphinxDirective):
         return _parse(self, _list_table(("name", "type", "labels", "meaning"), rows, widths="35 10 20 35"))
 
 
+class LayersDirective(SphinxDirective):
+    """Tabulate the package's parts by layer with the parts each imports."""
+
+    def run(self) -> List[nodes.Node]:
+        from testkit.layers import LAYERS, MODULES, group_graph, group_of, layer_of
+
+        layers = {group_of(module): layer_of(module) for module in MODULES if module != "remotedialer"}
+        graph = group_graph()
+        rows = []
+        for group in sorted(layers, key=lambda name: (layers[name], name)):
+            layer = layers[group]
+            name = "core (the top-level modules)" if group == "core" else f"``{group}``"
+            uses = sorted(graph.get(group, ()), key=lambda name: (layers[name], name))
+            shown = ", ".join("core" if used == "core" else f"``{used}``" for used in uses) or "nothing"
+            rows.append((name, f"{layer}. {LAYERS[layer - 1]}", shown))
+        return _parse(self, _list_table(("part", "layer", "imports at run time"), rows, widths="30 30 40"))
+
+
 class OptionalTocTree(TocTree):
     """A toctree without the entries of ``OPTIONAL_PAGES`` that do not exist."""
 
@@ -256,6 +277,7 @@ def setup(app: Sphinx) -> dict:
     app.add_directive("remotedialer-exports", ExportsDirective)
     app.add_directive("remotedialer-limits", LimitsDirective)
     app.add_directive("remotedialer-metrics", MetricsDirective)
+    app.add_directive("remotedialer-layers", LayersDirective)
     app.add_directive("optional-toctree", OptionalTocTree)
     app.add_directive("optional-image", OptionalImage)
     app.add_directive("optional-include", OptionalInclude)

@@ -94,6 +94,28 @@ def test_configuration_page_lists_every_limit(built: Path) -> None:
         assert re.search(rf"\b{field.name} {re.escape(repr(field.default))}\b", text), field.name
 
 
+def test_contributing_page_shows_the_layout_and_the_import_graph(built: Path) -> None:
+    """The folder tree names every top-level module and subpackage; the
+    generated table has every part with its layer and what it imports."""
+    from testkit.layers import LAYERS, MODULES, group_graph, group_of, layer_of
+
+    source = (DOCS / "contributing.rst").read_text(encoding="utf-8")
+    tree = source[source.index(".. code-block:: text") : source.index(".. remotedialer-layers::")]
+    for module in MODULES:
+        parts = module.split(".")
+        if len(parts) == 2:
+            shown = f"{parts[1]}/" if MODULES[module].name == "__init__.py" else f"{parts[1]}.py"
+            assert shown in tree, f"{module} is not in the folder tree of docs/contributing.rst"
+    text = page_text(built, "contributing.html")
+    graph = group_graph()
+    for module in MODULES:
+        group, layer = group_of(module), layer_of(module)
+        if module != "remotedialer":
+            assert f"{group} {layer}. {LAYERS[layer - 1]}" in text.replace("core (the top-level modules)", "core")
+    assert "core (the top-level modules) 1. core nothing" in text  # the core imports no other part
+    assert graph.get("core") == set()
+
+
 def test_api_page_documents_every_public_module(built: Path) -> None:
     raw = (built / "api.html").read_text(encoding="utf-8")
     for name in public_module_names():
