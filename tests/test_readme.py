@@ -44,3 +44,29 @@ def test_the_python_versions_agree() -> None:
     assert promised.group(1) == required.group(1) == f"3.{min(named)}"
     assert named == list(range(min(named), max(named) + 1)), "a version left out between the two"
     assert "classifiers" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_ci_builds_checks_and_installs_the_release_before_the_tests() -> None:
+    """A release one could publish: .ci/run builds the sdist and the wheel,
+    checks them as PyPI would, installs the wheel into a clean venv and runs
+    it, all before the README's test command."""
+    lines = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    tests = lines.index(readme_commands()[1])
+
+    def first(fragment: str) -> int:
+        found = [index for index, line in enumerate(lines) if fragment in line]
+        assert found, f".ci/run has no line with {fragment!r}"
+        return found[0]
+
+    steps = [
+        first(".release-venv/bin/python -m build"),
+        first("twine check --strict dist/*"),
+        first("python3 -m venv .wheel-venv"),
+        first(".wheel-venv/bin/pip install -q dist/remotedialer-*.whl"),
+        first(".wheel-venv/bin/remotedialer --help"),
+    ]
+    assert steps == sorted(steps) and steps[-1] < tests
