@@ -100,6 +100,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             report.chart(args.chart)
         except ImportError:
-            print("--chart needs matplotlib: pip install 'remotedialer[bench]'", file=sys.stderr)
+            print("--chart needs matplotlib (the bench extra): pip install matplotlib", file=sys.stderr)
             return 1
     return 1 if failed else 0

@@ -108,10 +108,11 @@ def test_contributing_page_shows_the_layout_and_the_import_graph(built: Path) ->
             assert shown in tree, f"{module} is not in the folder tree of docs/contributing.rst"
     text = page_text(built, "contributing.html")
     graph = group_graph()
+    rows = text.replace("core (the top-level modules)", "core")
     for module in MODULES:
         group, layer = group_of(module), layer_of(module)
         if module != "remotedialer":
-            assert f"{group} {layer}. {LAYERS[layer - 1]}" in text.replace("core (the top-level modules)", "core")
+            assert f"{group} {layer}. {LAYERS[layer - 1]}" in rows
     assert "core (the top-level modules) 1. core nothing" in text  # the core imports no other part
     assert graph.get("core") == set()
 
@@ -194,3 +195,26 @@ def test_benchmarks_page_shows_measured_tables_and_charts(tmp_path: Path) -> Non
     assert "download 1 GiB" in page and "MB/s" in page
     assert "to be measured" not in page
     assert 'src="_images/bench.png"' in page and 'src="_images/bench-forward.png"' in page
+
+
+def test_changelog_lists_every_deprecated_module_path() -> None:
+    text = (ROOT / "CHANGELOG.rst").read_text(encoding="utf-8")
+    missing = [old for old, new in MOVED.items() if f"``{old}`` -> ``{new}``" not in text]
+    assert missing == []
+
+
+def test_install_lines_work_before_the_package_is_published() -> None:
+    """remotedialer is not on PyPI: no page may tell a reader to ``pip install
+    remotedialer`` (or one of its extras by that name); from a checkout, or
+    a wheel built from one, is what works."""
+    pages = [ROOT / "README.rst", ROOT / "CHANGELOG.rst", *sorted(DOCS.glob("*.rst"))]
+    code = [
+        path for folder in ("remotedialer", "benchmarks") for path in sorted((ROOT / folder).rglob("*.py"))
+    ]
+    pattern = re.compile(r"pip install\s+['\"]?remotedialer\b[^\s`]*")
+    offences = [
+        f"{path.relative_to(ROOT)}: {match.group(0)}"
+        for path in [*pages, *code]
+        for match in pattern.finditer(path.read_text(encoding="utf-8"))
+    ]
+    assert offences == []

@@ -22,7 +22,7 @@ A name that does not exist (NXDOMAIN) or has no records is an answer: no
 peers. A resolver failure (timeout, SERVFAIL, no server reachable) keeps the
 last good set and is logged; so is every change.
 
-Needs dnspython (``pip install 'remotedialer[k8s]'``); the system resolver
+Needs dnspython (the ``k8s`` extra: ``pip install dnspython``); the system resolver
 (``/etc/resolv.conf``, with its search domains) is used unless a DNS server
 is given.
 """
@@ -61,7 +61,7 @@ DEFAULT_REFRESH = 15.0
 DEFAULT_DNS_TIMEOUT = 2.0
 """Seconds one resolution may take in all (every query and retry)."""
 
-DNS_EXTRA_HINT = "peer discovery from DNS needs dnspython: pip install 'remotedialer[k8s]'"
+DNS_EXTRA_HINT = "peer discovery from DNS needs dnspython (the k8s extra): pip install dnspython"
 """What to install when dnspython is missing (shown by the CLI and in errors)."""
 
 

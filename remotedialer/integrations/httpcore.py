@@ -1,5 +1,5 @@
 """An ``httpcore`` network backend over a dial function (optional: needs
-``pip install remotedialer[httpcore]``).
+``pip install '.[httpcore]'`` from a checkout).
 
 ``httpcore.ConnectionPool(network_backend=TunnelBackend(dial))`` sends every
 connection of the pool through ``dial(proto, address, timeout)``, for instance

@@ -1,5 +1,5 @@
 """An ``httpx`` transport over a dial function (optional: needs
-``pip install remotedialer[httpx]``).
+``pip install '.[httpx]'`` from a checkout).
 
 ``httpx.Client(transport=TunnelTransport(dial))`` sends every request of the
 client through ``dial(proto, address, timeout)``, for instance

@@ -1,8 +1,8 @@
 """Prometheus metrics for sessions, connections and peer links.
 
-Install the optional extra (``pip install 'remotedialer[metrics]'``), then pass
-a :class:`PrometheusObserver` as the ``observer`` of a server, client or
-session::
+Install the optional extra (``prometheus_client``: ``pip install '.[metrics]'``
+from a checkout), then pass a :class:`PrometheusObserver` as the ``observer``
+of a server, client or session::
 
     observer = PrometheusObserver()          # registers in prometheus_client.REGISTRY
     app = with_metrics_endpoint(server_app, observer.registry)
@@ -39,7 +39,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
         "remotedialer.metrics needs the prometheus_client package; "
-        "install it with: pip install 'remotedialer[metrics]'"
+        "install it (the metrics extra) with: pip install prometheus_client"
     ) from exc
 
 from . import exposition

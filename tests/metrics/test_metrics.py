@@ -328,7 +328,7 @@ def test_package_imports_without_prometheus_client() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "IMPORT-ERROR" in result.stdout
-    assert "remotedialer[metrics]" in result.stdout
+    assert "pip install prometheus_client" in result.stdout
 
 
 # ---------------------------------------------------------------- over HTTP
