@@ -200,7 +200,7 @@ class LayersDirective(SphinxDirective):
             name = "core (the top-level modules)" if group == "core" else f"``{group}``"
             uses = sorted(graph.get(group, ()), key=lambda name: (layers[name], name))
             shown = ", ".join("core" if used == "core" else f"``{used}``" for used in uses) or "nothing"
-            rows.append((name, f"{layer}. {LAYERS[layer - 1]}", shown))
+            rows.append((name, f"{layer}: {LAYERS[layer - 1]}", shown))
         return _parse(self, _list_table(("part", "layer", "imports at run time"), rows, widths="30 30 40"))
 
 

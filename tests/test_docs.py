@@ -112,8 +112,8 @@ def test_contributing_page_shows_the_layout_and_the_import_graph(built: Path) ->
     for module in MODULES:
         group, layer = group_of(module), layer_of(module)
         if module != "remotedialer":
-            assert f"{group} {layer}. {LAYERS[layer - 1]}" in rows
-    assert "core (the top-level modules) 1. core nothing" in text  # the core imports no other part
+            assert f"{group} {layer}: {LAYERS[layer - 1]}" in rows
+    assert "core (the top-level modules) 1: core nothing" in text  # the core imports no other part
     assert graph.get("core") == set()
 
 
