@@ -103,7 +103,7 @@ def parse_proxy_url(text: str, source: str = "proxy") -> ProxyURL:
     if scheme in ("socks5", "socks5h") and not _has_python_socks():
         raise ConfigurationError(
             f"{source}: a {scheme} proxy needs the python-socks package "
-            "(pip install 'remotedialer[socks]')"
+            "(the socks extra: pip install python-socks)"
         )
     return ProxyURL(
         scheme, parts.hostname, port if port is not None else _DEFAULT_PORTS[scheme],
