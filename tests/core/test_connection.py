@@ -12,17 +12,8 @@ import pytest
 
 from remotedialer.errors import LimitExceededError, RemoteError
 from remotedialer.protocol import MessageType
-from testkit.support import (
-    KiB,
-    SMALL,
-    TIMEOUT,
-    AcceptingHandler,
-    Raw,
-    SessionPair,
-    dial_pair,
-    recv_exactly,
-    wait_for,
-)
+from testkit.support import SMALL, TIMEOUT, KiB, Raw, recv_exactly, wait_for
+from testkit.support import AcceptingHandler, SessionPair, dial_pair  # a real session pair
 
 
 def test_error_eof_from_peer_is_clean_eof_after_buffered_data(raw: Raw) -> None:
