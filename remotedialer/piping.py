@@ -22,11 +22,12 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Set
 
 from .addresses import split_host_port
 from .config import DEFAULT_LIMITS, Limits
-from .errors import ConnectNotAllowedError, DialError, RemoteError, error_text
+from .errors import ConnectNotAllowedError, DialError, RemoteError, TunnelTimeoutError, error_text
 from .singleton import Singleton
 from .thread_pool import ThreadPool
 
@@ -141,6 +142,7 @@ class _SocketPipe(_Pipe):
         sock: socket.socket,
         conn: TunnelConnection,
         on_done: Optional[Callable[[], None]],
+        idle_timeout: Optional[float] = None,
     ) -> None:
         super().__init__(piper, on_done)
         self.sock = sock
@@ -148,6 +150,8 @@ class _SocketPipe(_Pipe):
         self.to_tunnel = _Direction()
         self.to_socket = _Direction()
         self.events = 0
+        self.idle_timeout = idle_timeout
+        self.last_active = time.monotonic()  # when a byte last moved either way
         # Guards ``to_socket`` and writes to ``sock``: the piper thread and
         # :meth:`deliver_now` (on the session's reader thread) both deliver
         # tunnel bytes to the socket. Also guards ``closing``, so that no
@@ -205,6 +209,7 @@ class _SocketPipe(_Pipe):
                 return False
             direction.pending = memoryview(data)
             moved += len(data)
+            self.last_active = time.monotonic()
         return True
 
     def _tunnel_to_socket(self) -> bool:
@@ -222,6 +227,7 @@ class _SocketPipe(_Pipe):
                 except (BlockingIOError, InterruptedError):
                     return False
                 moved += sent
+                self.last_active = time.monotonic()
                 rest = direction.pending[sent:]
                 direction.pending = rest if len(rest) else None
             return True
@@ -248,6 +254,7 @@ class _SocketPipe(_Pipe):
                 return False  # the piper waits for the socket to drain
             except (RemoteError, ConnectionError, OSError):
                 return False  # the piper meets the error again and closes
+            self.last_active = time.monotonic()
             rest = direction.pending[sent:]
             direction.pending = rest if len(rest) else None
             return direction.pending is None and not self.conn.readable_now()
@@ -328,7 +335,8 @@ class Piper:
 
     def __init__(self, name: str = "remotedialer-piper") -> None:
         self._name = name
-        self._lock = threading.Lock()  # guards _dirty, _pipes, _wake_sent, _thread, _stopped
+        # guards _dirty, _pipes, _timed, _idle_check, _wake_sent, _thread, _stopped
+        self._lock = threading.Lock()
         self._dirty: Set[_Pipe] = set()
         self._wake_sent = False
         self._stopped = False
@@ -339,6 +347,8 @@ class Piper:
         self._wake_writer.setblocking(False)
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._pipes: Set[_Pipe] = set()  # added by pipe_*(), forgotten when done
+        self._timed: Set[_SocketPipe] = set()  # the pipes with an idle timeout
+        self._idle_check = 1.0  # seconds between idle checks
         # Piper-thread state:
         self._interest: Dict[int, int] = {}
 
@@ -352,11 +362,21 @@ class Piper:
         sock: socket.socket,
         conn: TunnelConnection,
         on_done: Optional[Callable[[], None]] = None,
+        idle_timeout: Optional[float] = None,
     ) -> None:
         """Copy both ways between ``sock`` and ``conn`` until either ends, then
-        close both. Takes ownership of both; ``sock`` is made non-blocking."""
+        close both. Takes ownership of both; ``sock`` is made non-blocking.
+        With ``idle_timeout``, the pipe is cut (``conn`` aborted with a
+        :class:`~remotedialer.errors.TunnelTimeoutError`) once no byte moved
+        either way for that many seconds (checked within a quarter of it, at
+        least once a second)."""
         sock.setblocking(False)
-        self._add(_SocketPipe(self, sock, conn, on_done), conn)
+        pipe = _SocketPipe(self, sock, conn, on_done, idle_timeout)
+        if idle_timeout is not None:
+            with self._lock:
+                self._timed.add(pipe)
+                self._idle_check = min(self._idle_check, max(0.01, idle_timeout / 4))
+        self._add(pipe, conn)
 
     def pipe_tunnels(
         self,
@@ -411,6 +431,18 @@ class Piper:
     def _forget(self, pipe: _Pipe) -> None:
         with self._lock:
             self._pipes.discard(pipe)
+            if isinstance(pipe, _SocketPipe):
+                self._timed.discard(pipe)
+
+    def _cut_idle(self, now: float) -> None:
+        """Piper thread: cut the pipes idle past their timeout."""
+        with self._lock:
+            timed = list(self._timed)
+        for pipe in timed:
+            timeout = pipe.idle_timeout
+            if timeout is not None and not pipe.done and now - pipe.last_active >= timeout:
+                log.info("%r: no bytes either way for %gs; closing", pipe, timeout)
+                pipe._close(TunnelTimeoutError(f"idle for {timeout:g}s"))
 
     def _set_interest(self, pipe: _Pipe, sock: socket.socket, events: int) -> None:
         """Piper thread: (un)register ``sock`` for ``events``."""
@@ -432,13 +464,24 @@ class Piper:
 
     def _run(self) -> None:
         try:
+            next_check = 0.0
             while True:
                 with self._lock:
                     stopped = self._stopped
                     busy = bool(self._dirty)
+                    timed = bool(self._timed)
+                    interval = self._idle_check
                 if stopped:
                     break
-                for key, _mask in self._selector.select(0 if busy else None):
+                wait: Optional[float] = 0 if busy else None
+                if timed:
+                    now = time.monotonic()
+                    if now >= next_check:
+                        if next_check:
+                            self._cut_idle(now)
+                        next_check = now + interval
+                    wait = min(next_check - now, interval) if wait is None else wait
+                for key, _mask in self._selector.select(wait):
                     if key.data is None:
                         self._drain_wake()
                     else:

@@ -361,6 +361,38 @@ def test_pipe_socket_on_done_and_stop(session_pair_factory: Callable[..., Sessio
         piper.pipe_socket(socket.socket(), far)
 
 
+def test_pipe_socket_idle_timeout(session_pair_factory: Callable[..., SessionPair]) -> None:
+    """A pipe with no byte either way for ``idle_timeout`` is cut (the far
+    side gets the reason); one that keeps moving bytes, and one without a
+    timeout, are not."""
+    piper = Piper("idle-piper")
+    try:
+        busy_conn, busy_far, busy_left, busy_right = _tunnel_and_socketpair(session_pair_factory)
+        idle_conn, idle_far, idle_left, idle_right = _tunnel_and_socketpair(session_pair_factory)
+        free_conn, free_far, free_left, free_right = _tunnel_and_socketpair(session_pair_factory)
+        cut = threading.Event()
+        piper.pipe_socket(busy_left, busy_far, idle_timeout=0.6)
+        piper.pipe_socket(idle_left, idle_far, on_done=cut.set, idle_timeout=0.6)
+        piper.pipe_socket(free_left, free_far)
+        idle_conn.sendall(b"one")
+        assert recv_exactly(idle_right, 3) == b"one"
+        while not cut.wait(0.2):  # the busy pipe moves a byte every 0.2 s meanwhile
+            busy_conn.sendall(b".")
+            assert recv_exactly(busy_right, 1) == b"."
+        assert idle_right.recv(1) == b""
+        with pytest.raises(RemoteError, match="idle"):
+            idle_conn.recv(1)
+        busy_conn.sendall(b"still")
+        assert recv_exactly(busy_right, 5) == b"still"
+        free_conn.sendall(b"free")
+        assert recv_exactly(free_right, 4) == b"free"
+        assert piper.active_pipes == 2
+    finally:
+        piper.stop()
+        for sock in (busy_right, idle_right, free_right):
+            sock.close()
+
+
 def _piper_idle(piper: Piper) -> threading.Event:
     """An event set while the piper thread is blocked in its selector with no
     pipe to service (a wait without timeout), cleared when it wakes."""
