@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Piper",
+    "Waker",
     "LocalDialer",
     "ConnectAuthorizer",
     "SocketDialer",
@@ -325,6 +326,36 @@ class _TunnelPipe(_Pipe):
         self._finish()
 
 
+class Waker:
+    """Wakes a selector loop from other threads: register :attr:`reader` for
+    reading; :meth:`wake` makes it readable, :meth:`drain` empties it. Never
+    blocks (a full pipe already holds a wake-up)."""
+
+    def __init__(self) -> None:
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def wake(self) -> None:
+        """Any thread: make :attr:`reader` readable."""
+        try:
+            self._writer.send(b"\0")
+        except OSError:  # full (a wake-up is pending anyway) or closed
+            pass
+
+    def drain(self) -> None:
+        """Loop thread: read every pending wake-up."""
+        try:
+            while self.reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        self.reader.close()
+        self._writer.close()
+
+
 class Piper:
     """One selector thread copying between endpoint pairs (see the module doc).
 
@@ -342,10 +373,8 @@ class Piper:
         self._stopped = False
         self._thread: Optional[threading.Thread] = None
         self._selector = selectors.DefaultSelector()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._waker = Waker()
+        self._selector.register(self._waker.reader, selectors.EVENT_READ, None)
         self._pipes: Set[_Pipe] = set()  # added by pipe_*(), forgotten when done
         self._timed: Set[_SocketPipe] = set()  # the pipes with an idle timeout
         self._idle_check = 1.0  # seconds between idle checks
@@ -423,10 +452,7 @@ class Piper:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            self._wake_writer.send(b"\0")
-        except (BlockingIOError, OSError):
-            pass
+        self._waker.wake()
 
     def _forget(self, pipe: _Pipe) -> None:
         with self._lock:
@@ -501,11 +527,7 @@ class Piper:
         # Drain first, then clear the flag: clearing first lets a _mark() in
         # between send a byte that this drain swallows, leaving the flag set
         # with no byte queued, so every later _mark() skips the wake (lost wakeup).
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._waker.drain()
         with self._lock:
             self._wake_sent = False
 
@@ -521,8 +543,7 @@ class Piper:
                 first, second, _ = pipe.ends[0]
                 pipe._close(first, second, None)
         self._selector.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
+        self._waker.close()
         with self._lock:
             self._thread = None
 

@@ -55,7 +55,8 @@ from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Set, Tuple
 
 from ..addresses import join_host_port
 from ..errors import NoSessionError, RemoteError, error_text
-from ..piping import Piper, default_piper
+from ..piping import Piper, Waker, default_piper
+from ..server.port_forward import accept_pending
 from .proxy_handshake import (
     DEFAULT_MAX_HEAD,
     DEFAULT_MAX_HEADERS,
@@ -94,7 +95,6 @@ agent, raises an error whose ``status`` is 401 (bad secret) or 403 (not this age
 DEFAULT_HEADER_TIMEOUT = 10.0
 
 _RECV_SIZE = 16 * 1024
-_ACCEPT_ERROR_DELAY = 0.1
 
 
 @dataclass(frozen=True)
@@ -198,11 +198,9 @@ class ProxyFrontEnd:
         self.address: Tuple[str, int] = self._listener.getsockname()[:2]
         self.name = f"proxy {join_host_port(*self.address)}"
         self._selector = selectors.DefaultSelector()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._wake_writer.setblocking(False)
+        self._waker = Waker()
         self._selector.register(self._listener, selectors.EVENT_READ, None)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
+        self._selector.register(self._waker.reader, selectors.EVENT_READ, None)
         # _lock guards _posted, _stopping and _piped; never held while calling out.
         self._lock = threading.Lock()
         self._posted: Deque[Callable[[], None]] = collections.deque()
@@ -263,10 +261,7 @@ class ProxyFrontEnd:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:  # full (a wake is pending anyway) or closed
-            pass
+        self._waker.wake()
 
     # ---------------------------------------------------------- loop thread
     def _run(self) -> None:
@@ -281,8 +276,8 @@ class ProxyFrontEnd:
                 for key, mask in self._selector.select(timeout):
                     if key.fileobj is self._listener:
                         self._accept_ready()
-                    elif key.fileobj is self._wake_reader:
-                        self._drain_wake()
+                    elif key.fileobj is self._waker.reader:
+                        self._waker.drain()
                     else:
                         self._client_ready(key.data, mask)
                 self._run_posted()
@@ -291,13 +286,6 @@ class ProxyFrontEnd:
             log.exception("%s: loop failed", self.name)
         finally:
             self._shutdown()
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
 
     def _run_posted(self) -> None:
         while True:
@@ -311,15 +299,7 @@ class ProxyFrontEnd:
                 log.exception("%s: handling a connection failed", self.name)
 
     def _accept_ready(self) -> None:
-        while True:
-            try:
-                sock, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of descriptors, ...
-                log.warning("%s: accept failed: %s", self.name, exc)
-                time.sleep(_ACCEPT_ERROR_DELAY)
-                return
+        for sock, peer in accept_pending(self._listener, self.name, time.sleep):
             self.accepted += 1
             sock.setblocking(False)
             try:
@@ -625,8 +605,7 @@ class ProxyFrontEnd:
             self._drop(client)
         self._selector.close()
         self._listener.close()
-        self._wake_reader.close()
-        self._wake_writer.close()
+        self._waker.close()
         log.info("%s: stopped", self.name)
 
 

@@ -43,12 +43,12 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Set, Tuple
+from typing import Any, Callable, Iterator, Optional, Protocol, Set, Tuple
 
 from ..addresses import join_host_port, parse_listen_address
 from ..connection import TunnelConnection
 from ..errors import RemoteError, error_text
-from ..piping import Piper, default_piper
+from ..piping import Piper, Waker, default_piper
 
 __all__ = [
     "FORWARD_PROTOS",
@@ -56,6 +56,7 @@ __all__ = [
     "KeyDialer",
     "PortForward",
     "TunnelDialFunc",
+    "accept_pending",
     "parse_forward_spec",
     "start_forward",
 ]
@@ -204,12 +205,11 @@ class PortForward:
         self._accepted = 0
         self._failed = 0
         self._warnings = WarningLimiter()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_writer.setblocking(False)
+        self._waker = Waker()
         self._selector = selectors.DefaultSelector()
         self._listener.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ)
+        self._selector.register(self._waker.reader, selectors.EVENT_READ)
         self._thread = threading.Thread(
             target=self._accept_loop, name=f"remotedialer-{self.name}", daemon=True
         )
@@ -263,10 +263,7 @@ class PortForward:
             self._stopping = True
         self._stop_event.set()
         if first:
-            try:
-                self._wake_writer.send(b"\0")
-            except OSError:  # pragma: no cover - the loop already ended
-                pass
+            self._waker.wake()
         done = True
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -314,21 +311,12 @@ class PortForward:
         finally:
             self._selector.close()
             self._listener.close()
-            self._wake_reader.close()
-            self._wake_writer.close()
+            self._waker.close()
             log.info("%s: stopped listening", self.name)
 
     def _accept_ready(self) -> None:
         """Accept every pending connection (the listener is non-blocking)."""
-        while True:
-            try:
-                sock, peer = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of descriptors, aborted handshake, ...
-                log.warning("%s: accept failed: %s", self.name, exc)
-                self._stop_event.wait(ACCEPT_ERROR_DELAY)
-                return
+        for sock, peer in accept_pending(self._listener, self.name, self._stop_event.wait):
             self._accepted += 1
             self._forward(sock, peer)
 
@@ -407,6 +395,25 @@ def _bind(listen: ListenAddress, backlog: int) -> socket.socket:
     family = infos[0][0]
     address = infos[0][4]
     return socket.create_server(address[:2], family=family, backlog=backlog)
+
+
+def accept_pending(
+    listener: socket.socket, name: str, pause: Callable[[float], object]
+) -> Iterator[Tuple[socket.socket, Any]]:
+    """Yield ``(socket, peer)`` for each connection waiting on the
+    non-blocking ``listener``. An accept error (out of descriptors, an
+    aborted handshake) is logged, ``pause(ACCEPT_ERROR_DELAY)`` is called so
+    the caller's loop does not spin while it lasts, and the iteration ends."""
+    while True:
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("%s: accept failed: %s", name, exc)
+            pause(ACCEPT_ERROR_DELAY)
+            return
+        yield sock, peer
 
 
 def _show(address: object) -> str:
