@@ -65,6 +65,7 @@ __all__ = [
     "read_token_file",
     "start_discovery",
     "DEFAULT_PORT",
+    "start_proxy",
 ]
 
 log = logging.getLogger(__name__)
@@ -350,3 +351,17 @@ def make_app(
     if handle_sigterm:
         chain_sigterm(app.shutdown)
     return app
+
+
+def start_proxy(app: ServerApp, listen: Tuple[str, int], header_timeout: float = 0.0) -> Any:
+    """Serve the proxy front end (:class:`~remotedialer.gateway.proxy.ProxyFrontEnd`)
+    on ``listen``, dialing through ``app``'s server (so its dial policy
+    applies) and checking user secrets against ``app.credentials`` when it
+    has them (an open proxy otherwise, which it logs). ``header_timeout``
+    of 0 keeps the proxy's default. Raises ``OSError`` if it cannot bind."""
+    from .gateway.proxy import ProxyFrontEnd, ProxyLimits
+
+    credentials = getattr(app, "credentials", None)
+    authorize = credentials.authorize_user if credentials is not None else None
+    limits = ProxyLimits(header_timeout=header_timeout) if header_timeout else ProxyLimits()
+    return ProxyFrontEnd(app.server.dial, listen, authorize=authorize, limits=limits)

@@ -23,11 +23,12 @@ from ..app import (
     ServerApp,
     make_app,
     make_tunnel_server,
+    start_proxy,
     tunnel_id_authorizer,
     wire_peers,
 )
 from ..gateway.forwarder_app import DEFAULT_TIMEOUT
-from ..gateway.frontend import DEFAULT_KEEPALIVE_TIMEOUT, BoundedThreadedWSGIServer
+from ..gateway.frontend import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT, BoundedThreadedWSGIServer
 from ..ha.discovery import DEFAULT_REFRESH
 from ..ha.lifecycle import DEFAULT_DRAIN_SECONDS
 from ..server.process import (
@@ -94,6 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
                         help="keep idle HTTP/1.1 connections open this long for their next request "
                              f"(default {DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: close after each request)")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+                        help="close a connection whose request head (or proxy handshake) has not "
+                             f"arrived this long after it started (default {DEFAULT_HEADER_TIMEOUT:g}; "
+                             "0: no limit), as Go's ReadHeaderTimeout")
+    parser.add_argument("--proxy-listen", default=None, type=listen_address_type, metavar="ADDR",
+                        help="also serve a proxy on ADDR (HTTP CONNECT, absolute-form HTTP and "
+                             "SOCKS5 on one port): the proxy username is the client key of the "
+                             "agent to go through, the password a user secret (docs/proxy.rst)")
     parser.add_argument("--forward", action="append", default=[], metavar="LISTEN=CLIENT:PROTO:ADDRESS",
                         type=_forward_type,
                         help="forward a TCP port through a client, like ssh -R (repeatable), "
@@ -144,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     max_threads = args.max_threads or default_max_threads(open_files)
     threading.stack_size(THREAD_STACK_SIZE)  # threads started from here on
     httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=max_threads,
-                                      keepalive_timeout=args.keepalive)
+                                      keepalive_timeout=args.keepalive,
+                                      header_timeout=args.header_timeout or None)
     log.info("serving at most %d tunnels and requests at once (open files: %s)",
              max_threads, open_files or "unlimited")
     shown = join_host_port(reachable_host(host), httpd.port)
@@ -156,11 +166,22 @@ def run(args: argparse.Namespace) -> int:
         app.close()
         httpd.server_close()
         return 1
+    try:
+        proxy = start_proxy(app, args.proxy_listen, args.header_timeout) if args.proxy_listen else None
+    except OSError as exc:
+        log.error("cannot listen for --proxy-listen: %s", exc)
+        for forward in forwards:
+            forward.stop()
+        app.close()
+        httpd.server_close()
+        return 1
     stop = install_stop_signals()
     thread = threading.Thread(target=httpd.serve_forever, name="remotedialer-http", daemon=True)
     thread.start()
     wait_for_stop(stop)
     app.drain(stop)
+    if proxy is not None:
+        proxy.stop()
     for forward in forwards:
         forward.stop()
     httpd.shutdown()

@@ -6,5 +6,8 @@ requests sent on through a client's tunnel.
   pool through the tunnel;
 * :mod:`~remotedialer.gateway.forwarder_app`: the WSGI app (:class:`Forwarder`);
 * :mod:`~remotedialer.gateway.frontend`: the keep-alive HTTP/1.1 front end and
-  the bounded threaded server.
+  the bounded threaded server;
+* :mod:`~remotedialer.gateway.proxy`: the proxy front end (HTTP CONNECT,
+  absolute-form HTTP and SOCKS5 on one port), its handshakes sans-IO in
+  :mod:`~remotedialer.gateway.proxy_handshake`.
 """

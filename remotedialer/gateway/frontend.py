@@ -12,8 +12,10 @@ open between requests, parses request heads itself (the rules are
 from __future__ import annotations
 
 import email.utils
+import heapq
 import http.client
 import io
+import itertools
 import logging
 import socket
 import ssl
@@ -43,6 +45,8 @@ __all__ = [
     "ChunkedRequestBody",
     "BadChunkedBody",
     "DEFAULT_KEEPALIVE_TIMEOUT",
+    "DEFAULT_HEADER_TIMEOUT",
+    "HeadDeadlines",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,91 @@ log = logging.getLogger(__name__)
 #: Seconds an idle keep-alive connection of the built-in server is kept open
 #: waiting for its next request (``--keepalive``; 0 closes after each request).
 DEFAULT_KEEPALIVE_TIMEOUT = 30.0
+
+
+#: Seconds a request head may take to arrive, from its first byte (from the
+#: accept for a connection's first request), as Go's ``ReadHeaderTimeout``
+#: (``--header-timeout``; 0: no limit). Slower connections are closed.
+DEFAULT_HEADER_TIMEOUT = 10.0
+
+
+class HeadDeadlines:
+    """One thread that cuts connections whose request head did not arrive in
+    time (Go's ``ReadHeaderTimeout``): :meth:`arm` before reading a head,
+    :meth:`disarm` once it is read; a connection still armed at its deadline
+    is shut down both ways, so the thread blocked reading it sees the end
+    and lets it go. Costs no thread per connection."""
+
+    def __init__(self, timeout: float, name: str = "remotedialer-head-deadlines") -> None:
+        self.timeout = timeout
+        self._name = name
+        # _cond guards _armed, _heap, _thread, _stopped; nothing blocking runs under it
+        # except socket.shutdown (which does not block).
+        self._cond = threading.Condition(threading.Lock())
+        self._armed: Dict[int, socket.socket] = {}
+        self._heap: List[Tuple[float, int]] = []
+        self._tickets = itertools.count(1)
+        self._thread: Optional[threading.Thread] = None
+        self._stopped = False
+        self.cut = 0  # connections cut so far
+
+    def arm(self, sock: socket.socket) -> int:
+        """Start the clock for ``sock``'s head; returns the ticket for :meth:`disarm`."""
+        ticket = next(self._tickets)
+        deadline = time.monotonic() + self.timeout
+        with self._cond:
+            if self._stopped:
+                return ticket
+            self._armed[ticket] = sock
+            heapq.heappush(self._heap, (deadline, ticket))
+            if len(self._heap) > 2 * len(self._armed) + 1024:  # mostly disarmed: compact
+                self._heap = [entry for entry in self._heap if entry[1] in self._armed]
+                heapq.heapify(self._heap)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            elif self._heap[0][1] == ticket:
+                self._cond.notify()
+        return ticket
+
+    def disarm(self, ticket: int) -> None:
+        """The head arrived (or the connection ended): stop the clock. After
+        this returns, ``sock`` is never cut by this ticket."""
+        with self._cond:
+            self._armed.pop(ticket, None)
+
+    def stop(self) -> None:
+        """End the thread; nothing armed is cut any more."""
+        with self._cond:
+            self._stopped = True
+            self._armed.clear()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if not self._heap:
+                    self._cond.wait()
+                    continue
+                deadline, ticket = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                sock = self._armed.pop(ticket, None)
+                if sock is None:
+                    continue
+                self.cut += 1
+                try:
+                    # socket.socket's own shutdown, also for a TLS socket
+                    # (whose override would drop its TLS state under the reader).
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                log.debug("closed a connection whose request head did not arrive within %gs",
+                          self.timeout)
+            self._thread = None
 
 
 #: Request bodies left unread by the app are read and dropped up to this many
@@ -91,12 +180,25 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         super().handle()
 
     def handle_one_request(self) -> None:
-        """Wait for the next request (after the first), then serve it."""
+        """Wait for the next request (after the first), then serve it. Its
+        head must arrive within the server's ``head_deadlines`` (if any)."""
         if self._requests_served and not self._wait_for_request():
             self.close_connection = True
             return
         self._requests_served += 1
-        super().handle_one_request()
+        deadlines: Optional[HeadDeadlines] = getattr(self.server, "head_deadlines", None)
+        self._head_deadlines = deadlines
+        self._head_ticket = deadlines.arm(self.connection) if deadlines is not None else 0
+        try:
+            super().handle_one_request()
+        finally:
+            self._head_read()
+
+    def _head_read(self) -> None:
+        """The request head was read (or failed): stop its clock."""
+        if self._head_ticket and self._head_deadlines is not None:
+            self._head_deadlines.disarm(self._head_ticket)
+            self._head_ticket = 0
 
     def _wait_for_request(self) -> bool:
         """Block until the next request starts arriving (True), or until the
@@ -158,6 +260,7 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         self.path = path
         self.close_connection = self.request_version == "HTTP/1.0"
         headers = self._read_headers()
+        self._head_read()
         if headers is None:
             return False
         self.headers = headers
@@ -390,7 +493,9 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     connections closed after ``keepalive_timeout`` seconds; 0 closes each
     connection after one request).
 
-    A WebSocket tunnel holds its thread for as long as it lives, and so does a
+    A request head must arrive within ``header_timeout`` seconds (None: no
+    limit), see :class:`HeadDeadlines`. A WebSocket tunnel holds its thread
+    for as long as it lives, and so does a
     streamed download; when all threads are busy, new connections wait in the
     listen backlog instead of spawning more threads. An idle keep-alive
     connection gives up its thread (within half a second) when a new
@@ -400,9 +505,11 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, host: str, port: int, app: WSGIApp, max_threads: int = DEFAULT_MAX_THREADS,
-                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT, **kwargs: Any) -> None:
+                 keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
+                 header_timeout: Optional[float] = DEFAULT_HEADER_TIMEOUT, **kwargs: Any) -> None:
         self.max_threads = max_threads
         self.keepalive_timeout = keepalive_timeout
+        self.head_deadlines = HeadDeadlines(header_timeout) if header_timeout else None
         self._slots = threading.BoundedSemaphore(max_threads)
         self._stopping = threading.Event()
         self.stopping = self._stopping
@@ -462,6 +569,8 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     def shutdown(self) -> None:
         self._stopping.set()
         super().shutdown()
+        if self.head_deadlines is not None:
+            self.head_deadlines.stop()
 
 
 class BadChunkedBody(OSError):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 from ..addresses import join_host_port
+from .http1 import HOP_BY_HOP, is_token, parse_request_header_line, request_framing_error, request_line_error
 
 __all__ = [
     "ProxyKind",
@@ -65,15 +66,10 @@ _ATYP_IPV4 = 0x01
 _ATYP_DOMAIN = 0x03
 _ATYP_IPV6 = 0x04
 
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(rb"[\r\n\x00]")
 _DIGITS = re.compile(r"[0-9]+")
-#: Headers that concern one hop only and are not passed on (RFC 9110 §7.6.1);
-#: ``Transfer-Encoding`` is kept, as the body is passed on unchanged.
-_HOP_BY_HOP = frozenset((
-    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization",
-    b"proxy-authenticate", b"te", b"upgrade",
-))
+#: Headers not passed on with an absolute-form request: the hop-by-hop ones
+#: but the body's framing, as the body is passed on unchanged.
+_DROPPED = HOP_BY_HOP - {"transfer-encoding", "trailer"}
 
 
 class ProxyKind(enum.Enum):
@@ -102,25 +98,14 @@ class Refusal(enum.Enum):
     HEAD_TOO_LARGE = (431, "Request Header Fields Too Large", 0x01, "request head too large")
     SLOW = (408, "Request Timeout", 0x01, "request head not received in time")
 
-    @property
-    def status(self) -> int:
-        """The HTTP status answered."""
-        return int(self.value[0])
-
-    @property
-    def phrase(self) -> str:
-        """The HTTP reason phrase."""
-        return str(self.value[1])
-
-    @property
-    def socks_code(self) -> int:
-        """The SOCKS5 reply code (RFC 1928 §6) answered."""
-        return int(self.value[2])
-
-    @property
-    def text(self) -> str:
-        """What the refusal says when no reason is given."""
-        return str(self.value[3])
+    def __init__(self, status: int, phrase: str, socks_code: int, text: str) -> None:
+        #: The HTTP status and reason phrase answered.
+        self.status = status
+        self.phrase = phrase
+        #: The SOCKS5 reply code (RFC 1928 §6) answered.
+        self.socks_code = socks_code
+        #: What the refusal says when no reason is given.
+        self.text = text
 
 
 @dataclass(frozen=True)
@@ -169,6 +154,7 @@ class ProxyRequest:
 
 
 ProxyEvent = Union[Send, Close, CheckCredentials, ProxyRequest]
+"""What :meth:`ProxyHandshake.receive_data` hands back."""
 
 
 class _State(enum.Enum):
@@ -368,17 +354,23 @@ class ProxyHandshake:
         lines = head.split(b"\r\n")
         if len(lines) - 1 > self.max_headers:
             return self._http_close(Refusal.HEAD_TOO_LARGE, "too many header lines")
-        parsed = _parse_request_line(lines[0])
-        if isinstance(parsed, str):
-            return self._http_close(Refusal.BAD_REQUEST, parsed)
-        method, target, version = parsed
-        fields = _parse_fields(lines[1:])
-        if isinstance(fields, str):
-            return self._http_close(Refusal.BAD_REQUEST, fields)
+        words = lines[0].decode("iso-8859-1").split(" ")
+        if len(words) != 3 or not all(words) or not is_token(words[0]):
+            return self._http_close(Refusal.BAD_REQUEST, "malformed request line")
+        method, target, version = words
+        refused = request_line_error(lines[0] + b"\r\n", version)
+        if refused is not None:
+            return self._http_close(Refusal.BAD_REQUEST, refused[1])
+        fields = []
+        for line in lines[1:]:
+            field = parse_request_header_line(line + b"\r\n")
+            if field is None:
+                return self._http_close(Refusal.BAD_REQUEST, "malformed header line")
+            fields.append(field)
         credentials = _proxy_credentials(fields)
         username, password = credentials if credentials is not None else (None, None)
-        if method == b"CONNECT":
-            authority = _parse_authority(target.decode("ascii", "replace"), None)
+        if method == "CONNECT":
+            authority = _parse_authority(target, None)
             if isinstance(authority, str):
                 return self._http_close(Refusal.BAD_REQUEST, authority)
             self.kind = ProxyKind.CONNECT
@@ -452,35 +444,13 @@ def _socks_reply(code: int) -> bytes:
     return bytes((SOCKS_VERSION, code, 0x00, _ATYP_IPV4)) + bytes(6)
 
 
-def _parse_request_line(line: bytes) -> Union[Tuple[bytes, bytes, bytes], str]:
-    words = line.split(b" ")
-    if len(words) != 3 or not all(words):
-        return "malformed request line"
-    method, target, version = words
-    if not _TOKEN.fullmatch(method):
-        return "malformed method"
-    if version not in (b"HTTP/1.1", b"HTTP/1.0"):
-        return "unsupported HTTP version"
-    return method, target, version
-
-
-def _parse_fields(lines: List[bytes]) -> Union[List[Tuple[bytes, bytes]], str]:
-    fields: List[Tuple[bytes, bytes]] = []
-    for line in lines:
-        name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name) or _BAD_VALUE.search(value):
-            return "malformed header line"
-        fields.append((name, value.strip(b" \t")))
-    return fields
-
-
-def _proxy_credentials(fields: List[Tuple[bytes, bytes]]) -> Optional[Tuple[str, str]]:
+def _proxy_credentials(fields: List[Tuple[str, str]]) -> Optional[Tuple[str, str]]:
     """``(username, password)`` of a ``Proxy-Authorization: Basic`` header, or None."""
     for name, value in fields:
-        if name.lower() != b"proxy-authorization":
+        if name.lower() != "proxy-authorization":
             continue
-        scheme, _, token = value.partition(b" ")
-        if scheme.lower() != b"basic":
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() != "basic":
             return None
         try:
             decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
@@ -533,14 +503,14 @@ def _parse_authority(text: str, default_port: Optional[int]) -> Union[Tuple[str,
 
 
 def _forward_head(
-    method: bytes, target: bytes, version: bytes, fields: List[Tuple[bytes, bytes]]
+    method: str, target: str, version: str, fields: List[Tuple[str, str]]
 ) -> Union[Tuple[str, int, bytes], str]:
     """The head to send the target for an absolute-form request: origin-form
     request line, ``Host`` from the URI, hop-by-hop headers dropped and
     ``Connection: close`` (one request per connection)."""
     try:
-        url = urllib.parse.urlsplit(target.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
+        url = urllib.parse.urlsplit(target)
+    except ValueError:
         return "malformed request target"
     if url.scheme.lower() != "http" or not url.netloc:
         if url.scheme.lower() == "https":
@@ -548,39 +518,25 @@ def _forward_head(
         return "this is a proxy: the request target must be an absolute http:// URL"
     if "@" in url.netloc:
         return "user information in the request target"
+    if not url.netloc.isascii() or any(ord(c) <= 0x20 or c == "\x7f" for c in target):
+        return "malformed request target"
     authority = _parse_authority(url.netloc, 80)
     if isinstance(authority, str):
         return authority
-    refused = _framing_error(version, fields)
+    refused = request_framing_error(version, fields)
     if refused is not None:
-        return refused
+        return refused[1]
     connection_tokens = {
-        token.strip(b" \t").lower()
-        for name, value in fields if name.lower() == b"connection"
-        for token in value.split(b",")
+        token.strip(" \t").lower()
+        for name, value in fields if name.lower() == "connection"
+        for token in value.split(",")
     }
     origin_form = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    request_line = method + b" " + origin_form.encode("ascii") + b" " + version
-    lines = [request_line, b"Host: " + url.netloc.encode("ascii")]
+    lines = [f"{method} {origin_form} {version}", f"Host: {url.netloc}"]
     for name, value in fields:
         lowered = name.lower()
-        if lowered in _HOP_BY_HOP or lowered in connection_tokens or lowered == b"host":
+        if lowered in _DROPPED or lowered in connection_tokens or lowered == "host":
             continue
-        lines.append(name + b": " + value)
-    lines.append(b"Connection: close")
-    return authority[0], authority[1], b"\r\n".join(lines) + b"\r\n\r\n"
-
-
-def _framing_error(version: bytes, fields: List[Tuple[bytes, bytes]]) -> Optional[str]:
-    """Why a request's body framing is ambiguous (RFC 9112 §6), or None."""
-    lengths = [value for name, value in fields if name.lower() == b"content-length"]
-    codings = [
-        item.strip(b" \t").lower()
-        for name, value in fields if name.lower() == b"transfer-encoding"
-        for item in value.split(b",")
-    ]
-    if any(not value.isdigit() for value in lengths) or len(set(lengths)) > 1:
-        return "invalid Content-Length"
-    if codings and (lengths or version == b"HTTP/1.0" or codings != [b"chunked"]):
-        return "invalid Transfer-Encoding"
-    return None
+        lines.append(f"{name}: {value}")
+    lines.append("Connection: close")
+    return authority[0], authority[1], ("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1")

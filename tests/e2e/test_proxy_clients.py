@@ -30,6 +30,7 @@ import pytest
 
 from remotedialer.gateway.proxy import ProxyFrontEnd
 from remotedialer.piping import Piper, dial_socket
+from testkit.proxy import user_authorizer
 from testkit.support import TIMEOUT, TunnelServer, wait_for
 
 PASSWORD = "user-secret-1"
@@ -38,17 +39,7 @@ PASSWORD = "user-secret-1"
 AGENT_ONLY_NAME = "kube.test"
 
 
-class Refused(Exception):
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
-
-
-def authorize(secret: str, client_key: str) -> None:
-    if secret != PASSWORD:
-        raise Refused(401, "bad secret")
-    if client_key != "foo":
-        raise Refused(403, f"user may not reach {client_key}")
+authorize = user_authorizer(PASSWORD, ("foo",))
 
 
 def agent_dialer(proto: str, address: str, timeout: Optional[float]) -> socket.socket:
@@ -359,3 +350,44 @@ def test_every_client_left_nothing_open(env: Env) -> None:
     assert run([curl, "-sS", "-x", env.proxy_url(), url]).returncode == 0
     wait_for(lambda: env.proxy.active == 0 and env.proxy.handshaking == 0)
 
+
+# ------------------------------------------------- remotedialer server --proxy-listen
+def test_server_cli_proxy_listen() -> None:
+    """The real processes: ``remotedialer server --proxy-listen`` (open: no
+    credentials, and it says so) and ``remotedialer client``; curl through
+    the proxy port; a silent connection on either port is closed after
+    ``--header-timeout``."""
+    import re
+
+    from testkit.cli import LISTENING, Proc
+
+    curl = need("curl")
+    server = Proc.cli("server", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
+                      "--header-timeout", "1")
+    client: Optional[Proc] = None
+    try:
+        port = server.wait_for(LISTENING).group(1)
+        proxy_port = server.wait_for(re.compile(r"proxy 127\.0\.0\.1:(\d+): listening")).group(1)
+        assert "no user credentials configured" in server.output
+        client = Proc.cli("client", "--connect", f"ws://127.0.0.1:{port}/connect", "--id", "foo")
+        server.wait_for(re.compile(r"client session started for foo"))
+        proxy = f"http://foo:anything@127.0.0.1:{proxy_port}"
+        ok = run([curl, "-sS", "-x", proxy, f"http://127.0.0.1:{port}/healthz"])
+        assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
+        ok = run([curl, "-sS", "--socks5-hostname", f"foo:x@127.0.0.1:{proxy_port}",
+                  f"http://localhost:{port}/healthz"])
+        assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
+        no_agent = run([curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x",
+                        f"http://bar:x@127.0.0.1:{proxy_port}", f"http://127.0.0.1:{port}/healthz"])
+        assert no_agent.stdout == "502"
+        for silent_port in (port, proxy_port):
+            with socket.create_connection(("127.0.0.1", int(silent_port)), timeout=TIMEOUT) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\n")
+                started = time.monotonic()
+                while sock.recv(4096):  # an HTTP 408 from the proxy, then the end
+                    pass
+                assert time.monotonic() - started < TIMEOUT
+    finally:
+        if client is not None:
+            client.stop()
+        assert server.stop() == 0, server.output

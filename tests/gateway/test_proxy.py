@@ -15,25 +15,14 @@ import pytest
 
 from remotedialer.gateway.proxy import ProxyFrontEnd, ProxyLimits
 from remotedialer.piping import Piper
+from testkit.proxy import user_authorizer
 from testkit.support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, wait_for
 
 PASSWORD = "pw-for-foo"
 
 
-class Refused(Exception):
-    """What the operators' credential store raises, as far as the proxy reads it."""
-
-    def __init__(self, status: int, text: str) -> None:
-        super().__init__(text)
-        self.status = status
-
-
-def authorize(secret: str, client_key: str) -> None:
-    """A user ``PASSWORD`` who may reach ``foo`` and ``missing``, nothing else."""
-    if secret != PASSWORD:
-        raise Refused(401, "bad secret")
-    if client_key not in ("foo", "missing"):
-        raise Refused(403, f"user may not reach {client_key}")
+#: A user who may reach ``foo`` and ``missing`` (no agent has that key), nothing else.
+authorize = user_authorizer(PASSWORD, ("foo", "missing"))
 
 
 class Env:
