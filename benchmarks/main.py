@@ -7,6 +7,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from remotedialer.cli import OneLineErrorParser
 from remotedialer.server.process import raise_open_files_limit
 
 from .procs import BenchError
@@ -17,7 +18,7 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(  # `remotedialer bench` errors are one line, as the other commands'
         prog="python -m benchmarks",
         description="Benchmark remotedialer's example server + client against the Go reference, ssh -R "
                     "and the direct path, side by side in one run.",

@@ -193,8 +193,8 @@ def wire_peers(server: Any, peers: List[Peer]) -> None:
     """Peer ``server`` (a :class:`~remotedialer.server.Server`) with each of
     ``peers`` (see docs/deployment.rst)."""
     for peer in peers:
+        server.add_peer(peer.url, peer.peer_id, peer.token)  # raises ValueError first: no identity
         log.info("peering with %s at %s", peer.peer_id, peer.url)
-        server.add_peer(peer.url, peer.peer_id, peer.token)
 
 
 class ServerApp:

@@ -34,7 +34,7 @@ from ..addresses import ALL_INTERFACES, parse_listen_address
 from ..errors import ConfigurationError, RemotedialerError, error_text
 from ..examples.logs import LOG_FORMAT, setup_logging
 
-__all__ = ["main", "build_parser", "setup_logging", "LOG_FORMAT"]
+__all__ = ["main", "build_parser", "setup_logging", "OneLineErrorParser", "LOG_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,28 @@ def wait_for_stop(stop: threading.Event) -> None:
     thread wakes up."""
     while not stop.wait(0.5):
         pass
+
+
+def positive_int(text: str) -> int:
+    """The argparse ``type`` of counts that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """The argparse ``type`` of durations: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, 0 or more, not {text}")
+    return value
 
 
 def listen_address_type(text: str) -> Tuple[str, int]:
@@ -88,7 +110,7 @@ def _run_bench(bench_args: Sequence[str]) -> int:
     return subprocess.call([sys.executable, "-m", "benchmarks", *bench_args])
 
 
-class _OneLineErrorParser(argparse.ArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
     """Usage errors as one line (``remotedialer client: error: ...``), exit 2;
     ``--help`` shows the usage. Its subcommand parsers are of this class too."""
 
@@ -100,7 +122,7 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The argument parser of the ``remotedialer`` command. With ``command``,
     only that subcommand's module is imported and its options parsed (the
     others are listed but take no options)."""
-    parser = _OneLineErrorParser(
+    parser = OneLineErrorParser(
         prog="remotedialer",
         description="Reverse tunnels over one WebSocket (a port of rancher/remotedialer).",
     )

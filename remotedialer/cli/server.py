@@ -75,7 +75,7 @@ HELP_EPILOG = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``remotedialer server`` options (the Go example's flags and a few more)."""
-    from . import listen_address_type
+    from . import listen_address_type, positive_int, seconds
 
     parser.add_argument("--listen", default=":8123", type=listen_address_type, metavar="ADDR",
                         help="listen address, HOST:PORT or :PORT (default :8123)")
@@ -85,14 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peers to route through, id:token:url,id:token:url")
     parser.add_argument("--debug", action="store_true",
                         help="debug logging, including every tunnel message")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=seconds, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help="default idle timeout of /client/ requests (default 15; ?timeout=N overrides)")
     parser.add_argument("--allow-client-connect", action="store_true",
                         help="let clients dial through this server (the Go example allows it)")
-    parser.add_argument("--max-threads", type=int, default=None, metavar="N",
+    parser.add_argument("--max-threads", type=positive_int, default=None, metavar="N",
                         help="request threads at most: tunnels + requests in flight (default: the "
                              f"open-files limit, raised to its hard limit, minus {RESERVED_DESCRIPTORS})")
-    parser.add_argument("--keepalive", type=float, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--keepalive", type=seconds, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
                         help="keep idle HTTP/1.1 connections open this long for their next request "
                              f"(default {DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: close after each request)")
     parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
@@ -193,17 +193,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _add_scaleout_arguments(parser: argparse.ArgumentParser) -> None:
     """The scale-out options of ``remotedialer server`` (see :mod:`remotedialer.app`)."""
+    from . import seconds
+
     group = parser.add_argument_group("scale out (Kubernetes)")
     group.add_argument("--peers-from-dns", default=None, metavar="NAME[:PORT]",
                        help="peer with every instance DNS lists for NAME (a headless Service; SRV "
                             "records give ports; PORT defaults to the listen port; wss://NAME for TLS)")
-    group.add_argument("--peer-refresh", type=float, default=None, metavar="SECONDS",
+    group.add_argument("--peer-refresh", type=seconds, default=None, metavar="SECONDS",
                        help=f"resolve NAME this often (default {DEFAULT_REFRESH:g})")
     group.add_argument("--dns-server", default=None, metavar="HOST[:PORT]",
                        help="ask this DNS server instead of the system resolver")
     group.add_argument("--token-file", default=None, metavar="PATH",
                        help="read the peer token from this file (a mounted Secret)")
-    group.add_argument("--drain-seconds", type=float, default=None, metavar="SECONDS",
+    group.add_argument("--drain-seconds", type=seconds, default=None, metavar="SECONDS",
                        help="on SIGTERM, fail /readyz and refuse new tunnels this long before closing "
                             f"the tunnels (default {DEFAULT_DRAIN_SECONDS:g})")
 
