@@ -101,11 +101,12 @@ class HeadDeadlines:
                 self._cond.notify()
         return ticket
 
-    def disarm(self, ticket: int) -> None:
+    def disarm(self, ticket: int) -> bool:
         """The head arrived (or the connection ended): stop the clock. After
-        this returns, ``sock`` is never cut by this ticket."""
+        this returns, ``sock`` is never cut by this ticket. False if it was
+        cut already."""
         with self._cond:
-            self._armed.pop(ticket, None)
+            return self._armed.pop(ticket, None) is not None
 
     def stop(self) -> None:
         """End the thread; nothing armed is cut any more."""
@@ -174,6 +175,10 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
     rbufsize = 512
     #: ``(second, Date header value)`` of the last response: formatted once a second.
     _date_cache: Tuple[int, str] = (0, "")
+    # The current request head's clock (see handle_one_request).
+    _head_deadlines: Optional["HeadDeadlines"] = None
+    _head_ticket = 0
+    _head_cut = False
 
     def handle(self) -> None:
         self._requests_served = 0
@@ -188,6 +193,7 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         self._requests_served += 1
         deadlines: Optional[HeadDeadlines] = getattr(self.server, "head_deadlines", None)
         self._head_deadlines = deadlines
+        self._head_cut = False
         self._head_ticket = deadlines.arm(self.connection) if deadlines is not None else 0
         try:
             super().handle_one_request()
@@ -195,10 +201,21 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
             self._head_read()
 
     def _head_read(self) -> None:
-        """The request head was read (or failed): stop its clock."""
+        """The request head was read (or failed): stop its clock, noting
+        whether it ran out (the connection was cut)."""
         if self._head_ticket and self._head_deadlines is not None:
-            self._head_deadlines.disarm(self._head_ticket)
+            self._head_cut = not self._head_deadlines.disarm(self._head_ticket)
             self._head_ticket = 0
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """``http.server``'s error answer, except to a connection cut for a
+        late head (it is gone: the partial head it left is not its fault to
+        hear about, nor worth a log line)."""
+        self._head_read()
+        if self._head_cut:
+            self.close_connection = True
+            return
+        super().send_error(code, message, explain)
 
     def _wait_for_request(self) -> bool:
         """Block until the next request starts arriving (True), or until the

@@ -114,3 +114,18 @@ def test_no_header_timeout_keeps_the_old_behaviour() -> None:
         assert httpd.head_deadlines is None
     finally:
         httpd.server_close()
+
+
+def test_a_cut_head_is_not_answered_nor_logged(server: BoundedThreadedWSGIServer,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The partial head a cut connection leaves (a request line without its
+    CRLF, a header line cut short) is not answered with a 400 to a socket
+    that is gone, nor logged as an error."""
+    for partial in (b"GET / HTTP/1.1", b"GET / HTTP/1.1\r\nHost: x"):
+        with socket.create_connection(("127.0.0.1", server.server_port), timeout=TIMEOUT) as sock:
+            sock.sendall(partial)
+            assert sock.recv(4096) == b""
+    assert server.head_deadlines is not None
+    wait_for(lambda: server.head_deadlines is not None and server.head_deadlines.cut == 2)
+    assert get(server.server_port).endswith(b"ok")  # its thread went on to serve nothing else
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING") or "400" in r.getMessage()]
