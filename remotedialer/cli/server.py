@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keepalive", type=seconds, default=DEFAULT_KEEPALIVE_TIMEOUT, metavar="SECONDS",
                         help="keep idle HTTP/1.1 connections open this long for their next request "
                              f"(default {DEFAULT_KEEPALIVE_TIMEOUT:g}; 0: close after each request)")
-    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--header-timeout", type=seconds, default=DEFAULT_HEADER_TIMEOUT, metavar="SECONDS",
                         help="close a connection whose request head (or proxy handshake) has not "
                              f"arrived this long after it started (default {DEFAULT_HEADER_TIMEOUT:g}; "
                              "0: no limit), as Go's ReadHeaderTimeout")
