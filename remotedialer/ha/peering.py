@@ -162,6 +162,7 @@ class PeerLink:
             ssl_context=ssl_context,
             observer=peering.observer,
             client_key=spec.peer_id,
+            proxy="",  # peers connect directly, whatever HTTP(S)_PROXY says, as Go's peer dialer does
         )
         self._announcer = threading.Thread(
             target=self._announce_loop, name=f"remotedialer-peer-{spec.peer_id}", daemon=True

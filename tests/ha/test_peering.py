@@ -211,6 +211,21 @@ def test_peering_needs_an_identity() -> None:
         server.close()
 
 
+def test_peer_links_ignore_the_proxy_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Go's peer dialer has no Proxy: peers inside a cluster connect directly
+    even where the agents' HTTP_PROXY/HTTPS_PROXY are set for the server pods."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+    server = TunnelServer(peer_id="A", peer_token=TOKEN)
+    try:
+        assert TunnelClient("ws://peer-b.cluster.test:8123/connect").proxy is not None  # agents use them
+        server.server.add_peer("ws://peer-b.cluster.test:8123/connect", "B", TOKEN)
+        link = server.server.peering.links()[0]
+        assert link.client.proxy is None
+    finally:
+        server.close()
+
+
 def test_peer_tls_verifies_by_default() -> None:
     assert peer_ssl_context() is None  # websocket-client's default: verify
     insecure = peer_ssl_context(verify=False)
