@@ -19,9 +19,11 @@ from typing import Any, Callable, Dict, Mapping, Optional
 import websocket
 
 from .config import DEFAULT_LIMITS, Limits
-from .errors import HandshakeError, TunnelTimeoutError, error_text
-from .observer import Observer
+from .errors import HandshakeError, TunnelClosedError, TunnelTimeoutError, error_text
+from .observer import NULL_OBSERVER, Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
+from .resumable import ResumableSession
+from .resume import RESUME_HEADER, RESUME_VERSION, RESUMED_HEADER, TOKEN_HEADER, WINDOW_HEADER
 from .session import ConnectHandler, Session
 from .transports.proxy import parse_proxy_url, proxy_from_environment
 from .transports.websocket_client import WebSocketClientTransport, open_websocket, server_address
@@ -36,7 +38,36 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OnConnect = Callable[[Session], None]
-"""Called on a new thread with each new session, once it is serving."""
+"""Called on a new thread with each new session, once it is serving (not
+again when a suspended session is reattached)."""
+
+RESUME_RETRY_INTERVAL = 0.5
+"""Seconds between attempts to reattach a suspended session."""
+RESUME_HANDSHAKE_TIMEOUT = 2.0
+"""Handshake timeout of an attempt to reattach (at most)."""
+
+
+@dataclass(frozen=True)
+class _ResumeAnswer:
+    """What the ``101`` said about resumption."""
+
+    token: str = ""
+    window: float = 0.0
+    resumed: bool = False
+
+    @classmethod
+    def of(cls, ws: websocket.WebSocket) -> "_ResumeAnswer":
+        headers = ws.getheaders() or {}
+        if headers.get(RESUME_HEADER.lower(), "").strip() != RESUME_VERSION:
+            return cls()
+        try:
+            window = float(headers.get(WINDOW_HEADER.lower(), "0"))
+        except ValueError:
+            window = 0.0
+        token = headers.get(TOKEN_HEADER.lower(), "").strip()
+        if not token or not window > 0:
+            return cls()
+        return cls(token, window, headers.get(RESUMED_HEADER.lower(), "").strip() == "1")
 
 
 @dataclass(frozen=True)
@@ -127,6 +158,10 @@ class TunnelClient:
         self._wake = threading.Event()  # cuts a backoff wait short (stop, retry_now)
         self._lock = threading.Lock()  # guards _session
         self._session: Optional[Session] = None
+        # A resumable session that lost its WebSocket, and the token that
+        # reattaches it (guarded by _lock; only the connect loop changes them).
+        self._suspended: Optional[ResumableSession] = None
+        self._resume_token = ""
         self._connected = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.last_error: Optional[BaseException] = None
@@ -151,26 +186,36 @@ class TunnelClient:
         """Open one WebSocket, serve its session until it ends, return why it
         ended. Raises :class:`HandshakeError` or ``OSError`` if it could not
         connect."""
+        limits = self.limits
+        headers = dict(self.headers)
+        suspended = self._suspended
+        if suspended is not None and suspended.closed:
+            suspended = self._suspended = None
+        if limits.resume_window > 0:
+            headers[RESUME_HEADER] = RESUME_VERSION
+            if suspended is not None:
+                headers[TOKEN_HEADER] = self._resume_token
+                limits = limits.replace(
+                    handshake_timeout=min(limits.handshake_timeout, RESUME_HANDSHAKE_TIMEOUT)
+                )
         ws = open_websocket(
-            self.url, self.headers, self.limits, self.ssl_context, self.websocket_options, self.proxy
+            self.url, headers, limits, self.ssl_context, self.websocket_options, self.proxy
         )
+        answer = _ResumeAnswer.of(ws)
         transport = WebSocketClientTransport(ws, self.limits.max_message_size, self.url)
-        session = Session(
-            transport,
-            is_client=True,
-            client_key=self.client_key,
-            connect_handler=self._connect_handler,
-            limits=self.limits,
-            observer=self.observer,
-        )
+        reattached = self._reattach(suspended, transport, answer) if suspended is not None else None
+        self._resume_token = answer.token
+        resumed = reattached is not None
+        session = reattached if reattached is not None else self._new_session(transport, answer)
         with self._lock:
             if self._stop.is_set():
+                session.close("client stopped")
                 transport.close()
                 return "stopped"
             self._session = session
         self._connected.set()
-        log.info("connected to %s", self.url)
-        if self.on_connect is not None:
+        log.info("%s to %s", "resumed the tunnel" if resumed else "connected", self.url)
+        if self.on_connect is not None and not resumed:
             threading.Thread(
                 target=self._run_on_connect, args=(session,), name="remotedialer-on-connect",
                 daemon=True,
@@ -181,6 +226,37 @@ class TunnelClient:
             self._connected.clear()
             with self._lock:
                 self._session = None
+                if isinstance(session, ResumableSession) and not session.closed:
+                    self._suspended = session
+
+    def _new_session(self, transport: WebSocketClientTransport, answer: _ResumeAnswer) -> Session:
+        options: Dict[str, Any] = dict(
+            is_client=True, client_key=self.client_key, connect_handler=self._connect_handler,
+            limits=self.limits, observer=self.observer,
+        )
+        if answer.token:
+            window = min(self.limits.resume_window, answer.window)
+            return ResumableSession(transport, resume_window=window, **options)
+        return Session(transport, **options)
+
+    def _reattach(
+        self, suspended: ResumableSession, transport: WebSocketClientTransport, answer: _ResumeAnswer
+    ) -> Optional[ResumableSession]:
+        """Carry ``suspended`` on over ``transport`` if the server found it;
+        otherwise end it (its connections fail as they would have without
+        resumption) and return ``None``."""
+        self._suspended = None
+        reason = "" if answer.resumed else ("unknown token" if answer.token else "not offered")
+        if not reason:
+            try:
+                suspended.reattach(transport)
+                return suspended
+            except (TunnelClosedError, TunnelTimeoutError) as exc:
+                reason = f"reattach failed: {exc}"
+        log.info("could not resume the tunnel to %s (%s): its connections are lost", self.url, reason)
+        (self.observer or NULL_OBSERVER).resume_refused(reason)
+        suspended.close(f"resume refused: {reason}")
+        return None
 
     def run(self) -> None:
         """Connect, serve, and reconnect with backoff until :meth:`stop`.
@@ -208,12 +284,14 @@ class TunnelClient:
             log.info("connecting to %s through proxy %s", self.url, self.proxy)
         while not self._stop.is_set():
             started = time.monotonic()
+            lost = False
             try:
                 reason = self.connect_once()
                 log.info("tunnel to %s ended: %s", self.url, reason)
                 self.last_error = None
                 lived = time.monotonic() - started
                 failures = 0 if lived > self.backoff.initial else failures + 1
+                lost = True
             except (HandshakeError, OSError, websocket.WebSocketException) as exc:
                 self.last_error = exc
                 log.warning("failed to connect to %s: %s", self.url, self.describe_failure(exc))
@@ -225,6 +303,14 @@ class TunnelClient:
                 failures += 1
             if self._stop.is_set():
                 break
+            suspended = self._suspended
+            if suspended is not None and not suspended.closed:
+                # resume at once, then every half second: no backoff within the window
+                delay = 0.0 if lost else RESUME_RETRY_INTERVAL
+                failures = 0
+                self._wake.wait(delay)
+                self._wake.clear()
+                continue
             delay = self.backoff.delay(failures - 1) if failures else self.backoff.restart_delay()
             if failures:
                 log.info("reconnecting to %s in %.1fs", self.url, delay)
@@ -243,8 +329,10 @@ class TunnelClient:
         self._wake.set()
         with self._lock:
             session = self._session
-        if session is not None:
-            session.close("client stopped")
+            suspended, self._suspended = self._suspended, None
+        for ending in (session, suspended):
+            if ending is not None:
+                ending.close("client stopped")
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)

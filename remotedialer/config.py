@@ -58,6 +58,16 @@ class Limits:
     control_write_timeout: float = 5.0
     #: Threads that make local dials on the peer's behalf (per process pool).
     dial_workers: int = 16
+    #: Seconds a session whose WebSocket was lost stays suspended, waiting
+    #: for its client to reattach (the resumption extension,
+    #: docs/protocol.rst); 0 turns resumption off (the Go behaviour).
+    resume_window: float = 0.0
+    #: With resumption: bytes of one connection kept until the peer
+    #: acknowledges them; a writer past it waits, as for PAUSE.
+    resume_buffer_per_connection: int = 4 * MiB
+    #: With resumption: bytes kept for retransmission on one session, all
+    #: connections together.
+    resume_buffer_per_session: int = 64 * MiB
 
     def replace(self, **changes: Any) -> "Limits":
         """A copy with some fields changed."""
@@ -70,6 +80,12 @@ class Limits:
             )
         if self.max_data_message <= 0 or self.max_message_size < self.max_data_message:
             raise ValueError("need 0 < max_data_message <= max_message_size")
+        if self.resume_window < 0:
+            raise ValueError("resume_window must not be negative")
+        if not self.max_data_message <= self.resume_buffer_per_connection <= self.resume_buffer_per_session:
+            raise ValueError(
+                "need max_data_message <= resume_buffer_per_connection <= resume_buffer_per_session"
+            )
         for name in ("max_connections_per_session", "max_sessions_per_key", "dial_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

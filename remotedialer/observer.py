@@ -47,6 +47,16 @@ class Observer:
     def message_received(self, session: "Session", message_type: int, payload_size: int) -> None:
         """A protocol message came in."""
 
+    def session_suspended(self, session: "Session", reason: str) -> None:
+        """A resumable session lost its WebSocket and waits to be reattached."""
+
+    def session_resumed(self, session: "Session", resent_bytes: int) -> None:
+        """A suspended session was reattached; ``resent_bytes`` of DATA went again."""
+
+    def resume_refused(self, reason: str) -> None:
+        """A reattach could not resume its session (``reason``: ``unknown
+        token``, ``not offered``, ...); its connections end as today."""
+
     def peer_connecting(self, peer_id: str) -> None:
         """A server is about to open its link to peer ``peer_id`` (each attempt)."""
 

@@ -142,6 +142,7 @@ class Session:
         self._close_callbacks: List[Callable[["Session"], None]] = []
         self._sync_seen: FrozenSet[int] = frozenset()  # conn ids present at the last SYNC received
         self._sync_listed: FrozenSet[int] = frozenset()  # open conn ids the peer listed in a SYNC
+        self._serving = False  # serve() ran once (a resumed session serves again)
         now = time.monotonic()
         self.started_at = now  #: ``time.monotonic()`` when the session was made
         self._next_ping = now
@@ -159,6 +160,12 @@ class Session:
     def closed(self) -> bool:
         """Whether the session ended."""
         return self._closed
+
+    @property
+    def accepting_dials(self) -> bool:
+        """Whether new dials should use this session (a resumable session
+        that lost its WebSocket still holds its connections, but is skipped)."""
+        return not self._closed
 
     @property
     def close_reason(self) -> str:
@@ -185,15 +192,22 @@ class Session:
         ends; return the reason it ended. Never raises for network or protocol
         trouble: those end the session."""
         self._reader_thread = threading.current_thread()
-        self.observer.session_started(self)
-        self._heartbeat.register(self)
+        if not self._serving:
+            self._serving = True
+            self.observer.session_started(self)
+            self._heartbeat.register(self)
         reason = "closed"
+        transport = self.transport
+        kept = False  # the session lives on without this transport (resumption)
         try:
             while not self._closed:
-                data = self.transport.receive()
-                self._handle(data)
+                data = transport.receive()
+                if not self._handle_from(transport, data):
+                    kept = True  # the session moved to another transport
+                    break
         except TransportClosed as exc:
             reason = error_text(exc) or "websocket closed"
+            kept = self._transport_lost(transport, reason)
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.warning("%s: %s", self, reason)
@@ -201,7 +215,10 @@ class Session:
             reason = f"{type(exc).__name__}: {exc}"
             log.exception("%s: reader failed", self)
         finally:
-            self.close(reason)
+            if not kept:
+                self.close(reason)
+        if kept:
+            return f"suspended: {reason}"
         return self._close_reason
 
     def start(self, name: Optional[str] = None) -> threading.Thread:
@@ -265,12 +282,16 @@ class Session:
         self.observer.connection_added(self, conn)
         payload = f"{proto}/{address}".encode()
         try:
-            self._write(MessageType.CONNECT, conn.conn_id, payload, timeout)
+            self._send_connect(conn, payload, timeout)
         except BaseException:
             self.remove_connection(conn)
             conn.end(TunnelClosedError("dial failed"))
             raise
         return conn
+
+    def _send_connect(self, conn: TunnelConnection, payload: bytes, timeout: Optional[float]) -> None:
+        """Send the CONNECT of a connection we dial."""
+        self._write(MessageType.CONNECT, conn.conn_id, payload, timeout)
 
     def connections(self) -> List[TunnelConnection]:
         """A snapshot of the open connections."""
@@ -312,7 +333,7 @@ class Session:
             # that cannot be written): never stall the one heartbeat thread
             # that keeps every other session of the process alive.
             threading.Thread(
-                target=self.close, args=(f"no keepalive for {silent:.1f}s",),
+                target=self._lose_transport, args=(self.transport, f"no keepalive for {silent:.1f}s"),
                 name="remotedialer-expire", daemon=True,
             ).start()
             return self.limits.ping_interval
@@ -328,6 +349,23 @@ class Session:
             wait = min(wait, self._next_ping - now, self._next_sync - now)
         return max(wait, 0.0)
 
+    def _handle_from(self, transport: "Transport", data: bytes) -> bool:
+        """Handle a message read from ``transport``; False (not handled) if
+        the session no longer reads from it."""
+        self._handle(data)
+        return True
+
+    def _lose_transport(self, transport: "Transport", reason: str) -> None:
+        """The peer went silent on ``transport``: end the session (unless
+        :meth:`_transport_lost` keeps it)."""
+        if not self._transport_lost(transport, reason):
+            self.close(reason)
+
+    def _transport_lost(self, transport: "Transport", reason: str) -> bool:
+        """``transport`` failed or closed under the session. True if the
+        session lives on without it (resumption); the base class ends."""
+        return False
+
     def _ping(self) -> None:
         if not self._write_lock.acquire(timeout=min(1.0, self.limits.ping_interval)):
             return  # the socket is busy or stuck; the read deadline decides
@@ -340,7 +378,7 @@ class Session:
         finally:
             self._write_lock.release()
         if failure is not None:
-            self.close(f"ping failed: {failure}")
+            self._lose_transport(self.transport, f"ping failed: {failure}")
 
     # ------------------------------------------------------------------ writes
     def _write(self, message_type: int, conn_id: int, payload: Bytes, timeout: Optional[float]) -> None:
@@ -397,18 +435,23 @@ class Session:
             if self._transmit_locked(data, message_type, payload_size) is not None:
                 return
 
-    def _transmit_locked(self, data: bytes, message_type: int, payload_size: int) -> Optional[BaseException]:
-        """With ``_write_lock`` held: send one encoded message and tell the
-        observer. A failed write ends the session; the failure is returned."""
+    def _transmit_locked(
+        self, data: bytes, message_type: int, payload_size: int, transport: Optional["Transport"] = None
+    ) -> Optional[BaseException]:
+        """With ``_write_lock`` held: send one encoded message on ``transport``
+        (default: the current one) and tell the observer. A failed write ends
+        the session (or suspends it); the failure is returned."""
+        if transport is None:
+            transport = self.transport
         try:
             if self._trace:
                 trace_log.debug("%s send %r", self, decode_message(data))
-            self.transport.send(data)
+            transport.send(data)
         except (TransportClosed, OSError) as exc:
             self.observer.message_send_failed(self, message_type, payload_size)
             with self._control_lock:
                 self._control_queue = None
-            self.close(f"write failed: {exc}")
+            self._lose_transport(transport, f"write failed: {exc}")
             return exc
         self.observer.message_sent(self, message_type, payload_size)
         return None
@@ -445,6 +488,21 @@ class Session:
     ) -> None:
         if self._closed:
             raise TunnelClosedError(f"session ended: {self._close_reason}")
+        self._take_socket(timeout, message_type, payload_size, conn)
+        try:
+            failure = self._transmit_locked(data, message_type, payload_size)
+        finally:
+            self._write_lock.release()
+        if failure is not None:
+            raise TunnelClosedError(f"session ended: {failure}") from failure
+
+    def _take_socket(
+        self, timeout: Optional[float], message_type: int, payload_size: int,
+        conn: Optional[TunnelConnection],
+    ) -> None:
+        """Take ``_write_lock`` (waiting at most ``timeout``), send the control
+        messages queued before, and check that ``conn`` may still send (data
+        never follows the connection's ERROR); the caller releases the lock."""
         if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
             self.observer.message_send_failed(self, message_type, payload_size)
             raise TunnelTimeoutError("timed out waiting to write to the tunnel")
@@ -452,12 +510,10 @@ class Session:
             if self._control_queue:
                 self._drain_control_locked()  # control messages first, in order
             if conn is not None:
-                conn.check_can_send()  # data never follows the connection's ERROR
-            failure = self._transmit_locked(data, message_type, payload_size)
-        finally:
+                conn.check_can_send()
+        except BaseException:
             self._write_lock.release()
-        if failure is not None:
-            raise TunnelClosedError(f"session ended: {failure}") from failure
+            raise
 
     # ------------------------------------------------------------------- reads
     def _handle(self, data: bytes) -> None:

@@ -101,6 +101,17 @@ class MemoryTransport:
                     end._closed = True
                     end._cond.notify_all()
 
+    def cut(self) -> None:
+        """Lose the connection as a network would: both ends closed, and
+        whatever was in flight either way gone."""
+        for end in (self, self.peer):
+            if end is not None:
+                with end._cond:
+                    end._closed = True
+                    end._inbox.clear()
+                    end._queued = 0
+                    end._cond.notify_all()
+
     def describe(self) -> str:
         return self.name
 

@@ -136,6 +136,23 @@ BUFFERED_BYTES = MetricSpec(
     "remotedialer_buffered_bytes", "gauge", ("clientkey",),
     "Bytes received on open connections and not yet read by the application", False,
 )
+SESSIONS_SUSPENDED = MetricSpec(
+    "remotedialer_sessions_suspended", "counter", ("clientkey",),
+    "Total count of resumable sessions that lost their websocket and were suspended", False,
+)
+RESUMES = MetricSpec(
+    "remotedialer_resumes", "counter", ("clientkey",),
+    "Total count of suspended sessions reattached to a new websocket", False,
+)
+RESUME_BYTES_RESENT = MetricSpec(
+    "remotedialer_resume_bytes_resent", "counter", ("clientkey",),
+    "Total DATA bytes sent again after a reattach (what the peer had not received)", False,
+)
+RESUMES_REFUSED = MetricSpec(
+    "remotedialer_resumes_refused", "counter", ("reason",),
+    "Total count of reattach attempts that could not resume their session (its connections ended)",
+    False,
+)
 
 METRICS: Tuple[MetricSpec, ...] = (
     ADD_SESSION,
@@ -149,6 +166,10 @@ METRICS: Tuple[MetricSpec, ...] = (
     PEER_CONNECTED,
     PEER_DISCONNECTED,
     SEND_FAILURES,
+    SESSIONS_SUSPENDED,
+    RESUMES,
+    RESUME_BYTES_RESENT,
+    RESUMES_REFUSED,
     SESSIONS,
     CONNECTIONS,
     PAUSED_CONNECTIONS,
@@ -247,6 +268,16 @@ class PrometheusObserver(Observer):
     def message_received(self, session: "Session", message_type: int, payload_size: int) -> None:
         if message_type == MessageType.DATA:
             self._add(RECEIVE_BYTES, (session.client_key,), payload_size)
+
+    def session_suspended(self, session: "Session", reason: str) -> None:
+        self._add(SESSIONS_SUSPENDED, (session.client_key,))
+
+    def session_resumed(self, session: "Session", resent_bytes: int) -> None:
+        self._add(RESUMES, (session.client_key,))
+        self._add(RESUME_BYTES_RESENT, (session.client_key,), resent_bytes)
+
+    def resume_refused(self, reason: str) -> None:
+        self._add(RESUMES_REFUSED, (reason,))
 
     def peer_connecting(self, peer_id: str) -> None:
         self._add(PEER_ATTEMPT, (peer_id,))

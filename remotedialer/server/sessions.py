@@ -21,9 +21,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 from ..connection import TunnelConnection
 from ..errors import LimitExceededError, TunnelClosedError
+from ..resumable import ResumableSession
+from ..resume import token_digest
 from ..session import Session
 
-__all__ = ["SessionManager", "SessionListener"]
+__all__ = ["SessionManager", "SessionListener", "ResumeTokens"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def dial_first(
     order. A closed session, or one whose dial raises one of ``skip`` (it died
     under us), is passed over; ``None`` when none took it."""
     for session in sessions:
-        if session.closed:
+        if not session.accepting_dials:
             continue
         try:
             return session.dial(proto, address, timeout)
@@ -170,3 +172,50 @@ class SessionManager:
             listener(added, client_key, session)
         except Exception:
             log.exception("session listener failed")
+
+
+class ResumeTokens:
+    """The resumption tokens of a server's sessions (docs/protocol.rst,
+    "Security"): only their SHA-256 is kept, each is good for one reattach,
+    by a request authorized for the same client key. Thread-safe; ``_lock``
+    guards both tables and is never held while calling out."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sessions: Dict[bytes, ResumableSession] = {}  # digest -> session
+        self._digests: Dict[ResumableSession, bytes] = {}  # session -> its current digest
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def issue(self, session: ResumableSession, token: str) -> None:
+        """Make ``token`` the one that reattaches ``session`` (voiding the
+        previous one); forgotten when the session ends."""
+        digest = token_digest(token)
+        with self._lock:
+            first = session not in self._digests
+            old = self._digests.get(session)
+            if old is not None:
+                self._sessions.pop(old, None)
+            self._sessions[digest] = session
+            self._digests[session] = digest
+        if first:
+            session.add_close_callback(self._forget)
+
+    def take(self, client_key: str, token: str) -> Optional[ResumableSession]:
+        """The open session ``token`` reattaches, if it belongs to
+        ``client_key``; the token is void from then on. ``None`` otherwise."""
+        digest = token_digest(token)
+        with self._lock:
+            session = self._sessions.get(digest)
+            if session is None or session.client_key != client_key or session.closed:
+                return None
+            del self._sessions[digest]
+            return session
+
+    def _forget(self, session: Session) -> None:
+        with self._lock:
+            digest = self._digests.pop(session, None)  # type: ignore[call-overload]
+            if digest is not None:
+                self._sessions.pop(digest, None)

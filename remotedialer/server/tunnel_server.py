@@ -48,13 +48,29 @@ from werkzeug.wrappers import Request
 from ..addresses import join_host_port
 from ..config import DEFAULT_LIMITS, Limits
 from ..connection import TunnelConnection
-from ..errors import ConnectNotAllowedError, LimitExceededError, NoSessionError, error_text
+from ..errors import (
+    ConnectNotAllowedError,
+    LimitExceededError,
+    NoSessionError,
+    TunnelClosedError,
+    TunnelTimeoutError,
+    error_text,
+)
 from .port_forward import ForwardSpec, PortForward, start_forward
 from .wsgi import StartResponse, WSGIEnviron, plain_text_response
-from ..observer import Observer
+from ..observer import NULL_OBSERVER, Observer
 from ..piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
+from ..resumable import ResumableSession
+from ..resume import (
+    RESUME_HEADER,
+    RESUME_VERSION,
+    RESUMED_HEADER,
+    TOKEN_HEADER,
+    WINDOW_HEADER,
+    new_token,
+)
 from ..session import ClientListener, ConnectHandler, Session
-from .sessions import SessionListener, SessionManager, dial_first
+from .sessions import ResumeTokens, SessionListener, SessionManager, dial_first
 from ..transports.wsgi import (
     RECEIVE_BYTES,
     ServerWebSocket,
@@ -286,6 +302,8 @@ class Server:
         #: advertise); see :class:`PeeringLayer` and :mod:`remotedialer.ha.peering`.
         self.peering: PeeringLayer = (peering or _default_peering)(self)
         self.peer_router: Optional[PeerRouter] = self.peering
+        #: Resumption tokens of client sessions (``limits.resume_window`` > 0).
+        self.resume_tokens = ResumeTokens()
         self._closed = False
         self._warned_single_threaded = False
 
@@ -322,7 +340,19 @@ class Server:
         if self._closed:
             return self.error_writer(environ, start_response, 503, "server shutting down")
         manager = self.peer_sessions if is_peer else self.session_manager
-        if len(manager.sessions(client_key)) >= self.limits.max_sessions_per_key:
+        offered = (
+            not is_peer and self.limits.resume_window > 0 and self.websocket == "builtin"
+            and request.headers.get(RESUME_HEADER, "").strip() == RESUME_VERSION
+        )
+        resumed: Optional[ResumableSession] = None
+        token = request.headers.get(TOKEN_HEADER, "").strip()
+        if offered and token:
+            resumed = self.resume_tokens.take(client_key, token)
+            if resumed is None:
+                log.info("%s: no session to resume for %s (unknown or used token)",
+                         describe_remote(environ), client_key)
+                self._observer().resume_refused("unknown token")
+        if resumed is None and len(manager.sessions(client_key)) >= self.limits.max_sessions_per_key:
             return self.error_writer(
                 environ, start_response, 429, f"too many sessions for client {client_key}"
             )
@@ -338,7 +368,7 @@ class Server:
                 "lifetime; use werkzeug's threaded server or gunicorn -k gthread"
             )
         del request  # not kept for the tunnel's lifetime
-        self._serve_websocket(environ, client_key, is_peer)
+        self._serve_websocket(environ, client_key, is_peer, offered, resumed)
         finish_taken_over_response(server_kind)  # raises: the server must write nothing more
         return []  # pragma: no cover
 
@@ -351,10 +381,32 @@ class Server:
         else:
             log.info("refused %s: %s", describe_remote(environ), reason)
 
-    def _serve_websocket(self, environ: WSGIEnviron, client_key: str, is_peer: bool) -> None:
-        """Upgrade, register and serve one session until it ends; the socket
-        is shut down when this returns."""
+    def _observer(self) -> Observer:
+        return self.observer or NULL_OBSERVER
+
+    def _serve_websocket(
+        self,
+        environ: WSGIEnviron,
+        client_key: str,
+        is_peer: bool,
+        offered: bool = False,
+        resumed: Optional[ResumableSession] = None,
+    ) -> None:
+        """Upgrade, register and serve one session until it ends (or, with
+        resumption, until it loses this WebSocket); the socket is shut down
+        when this returns. ``offered``: the client offered resumption;
+        ``resumed``: the suspended session its token reattaches."""
         transport: Any
+        token = new_token() if offered else ""
+        headers = []
+        if offered:
+            headers = [
+                (RESUME_HEADER, RESUME_VERSION),
+                (TOKEN_HEADER, token),
+                (WINDOW_HEADER, f"{self.limits.resume_window:g}"),
+            ]
+            if resumed is not None:
+                headers.append((RESUMED_HEADER, "1"))
         try:
             if self.websocket == "simple-websocket":
                 transport = SimpleWebSocketTransport(
@@ -363,7 +415,7 @@ class Server:
                 )
             else:
                 transport = ServerWebSocket.accept(
-                    environ, self.limits.max_message_size, self.receive_bytes
+                    environ, self.limits.max_message_size, self.receive_bytes, headers
                 )
         except Exception as exc:
             log.info("websocket upgrade of %s failed: %s", describe_remote(environ), exc)
@@ -372,6 +424,9 @@ class Server:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            return
+        if resumed is not None:
+            self._serve_reattached(resumed, transport, token)
             return
         # A peer's session relays dials and reports its clients; a client's
         # session dials locally (if allowed) and reports nothing.
@@ -382,7 +437,9 @@ class Server:
         else:
             connect_handler, client_listener = self._local_dialer, None
             manager = self.session_manager
-        session = Session(
+        session_type: Any = ResumableSession if offered else Session
+        options = {"resume_window": self.limits.resume_window} if offered else {}
+        session = session_type(
             transport,
             is_client=False,
             client_key=client_key,
@@ -390,22 +447,43 @@ class Server:
             client_listener=client_listener,
             limits=self.limits,
             observer=self.observer,
+            **options,
         )
         try:
             manager.add(client_key, session)
         except LimitExceededError as exc:
             session.close(error_text(exc))
             return
+        if offered:
+            self.resume_tokens.issue(session, token)
         log.info("%s session started for %s from %s", "peer" if is_peer else "client",
                  client_key, transport.describe())
+        self._serve_until_detached(session, transport, "peer" if is_peer else "client")
+
+    def _serve_reattached(self, session: ResumableSession, transport: Any, token: str) -> None:
+        """Serve a suspended session over the new WebSocket of its client."""
+        try:
+            session.reattach(transport)
+        except (TunnelClosedError, TunnelTimeoutError) as exc:
+            log.info("reattach of %s failed: %s", session, exc)
+            self._observer().resume_refused("reattach failed")
+            transport.close()
+            return
+        self.resume_tokens.issue(session, token)
+        log.info("client session for %s reattached from %s", session.client_key, transport.describe())
+        self._serve_until_detached(session, transport, "client")
+
+    @staticmethod
+    def _serve_until_detached(session: Session, transport: Any, kind: str) -> None:
         try:
             reason = session.serve()
         finally:
-            session.close("handler ended")
+            if not isinstance(session, ResumableSession):
+                session.close("handler ended")
             # If another thread is closing the session, wait until its close
             # frame is out: the WSGI server closes the socket once we return.
             transport.close()
-        log.info("%s session for %s ended: %s", "peer" if is_peer else "client", client_key, reason)
+        log.info("%s session for %s ended: %s", kind, session.client_key, reason)
 
     # ------------------------------------------------------------ peering hooks
     def handle_peer_connect(self, conn: TunnelConnection) -> None:

@@ -33,7 +33,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from urllib3.util.wait import wait_for_write
 
@@ -232,19 +232,23 @@ class ServerWebSocket:
         environ: Mapping[str, Any],
         max_message_size: int,
         receive_bytes: int = RECEIVE_BYTES,
+        extra_headers: Sequence[Tuple[str, str]] = (),
     ) -> "ServerWebSocket":
         """Answer the upgrade request in ``environ`` with ``101 Switching
-        Protocols``, written straight to the socket. Check the request with
-        :func:`is_websocket_request` first. Blocks on the socket write; raises
-        ``OSError`` if it fails and :class:`UnsupportedServerError` if the
-        server does not expose its socket."""
+        Protocols`` (plus ``extra_headers``, ASCII), written straight to the
+        socket. Check the request with :func:`is_websocket_request` first.
+        Blocks on the socket write; raises ``OSError`` if it fails and
+        :class:`UnsupportedServerError` if the server does not expose its
+        socket."""
         sock, _kind = socket_from_environ(environ)
         key = str(environ["HTTP_SEC_WEBSOCKET_KEY"])
+        extra = "".join(f"{name}: {value}\r\n" for name, value in extra_headers)
         response = (
             "HTTP/1.1 101 Switching Protocols\r\n"
             "Upgrade: websocket\r\n"
             "Connection: Upgrade\r\n"
             f"Sec-WebSocket-Accept: {accept_key(key)}\r\n"
+            f"{extra}"
             "\r\n"
         ).encode("ascii")
         sock.sendall(response)

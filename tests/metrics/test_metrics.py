@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import requests
+import websocket
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from werkzeug.serving import make_server
@@ -19,6 +20,7 @@ from remotedialer import metrics
 from remotedialer.config import Limits
 from remotedialer.heartbeat import Heartbeat
 from remotedialer.metrics import METRICS, PrometheusObserver, with_metrics_endpoint
+from remotedialer.resumable import ResumableSession
 from remotedialer.session import Session
 from remotedialer.testing import MemoryTransport, memory_pair
 
@@ -84,6 +86,14 @@ def end_by_a_failed_write(observer: PrometheusObserver, key: str) -> None:
     far.close()
     with pytest.raises(ConnectionError):
         doomed.dial("tcp", "127.0.0.1:1")
+
+
+def suspend_resume_refuse(observer: PrometheusObserver, session: Session) -> None:
+    """The resumption hooks: ``session`` suspended and resumed (3 bytes sent
+    again), and a reattach refused."""
+    observer.session_suspended(session, "websocket closed")
+    observer.session_resumed(session, 3)
+    observer.resume_refused("unknown token")
 
 
 def peer_link_up_and_down(observer: PrometheusObserver, peer: str) -> None:
@@ -364,6 +374,7 @@ def test_metrics_endpoint_over_http(pair: ObservedPair) -> None:
     pair.server.dial("tcp", "127.0.0.1:10", timeout=TIMEOUT).close()  # an ERROR EOF goes out
     end_by_a_failed_write(observer, "bar")  # a second session
     peer_link_up_and_down(observer, "b")
+    suspend_resume_refuse(observer, pair.server)
 
     served = Served(with_metrics_endpoint(_not_found, pair.server_registry))
     try:
@@ -395,13 +406,14 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
 
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)
-    server = Server(tunnel_id_authorizer, observer=observer)
+    resumable = Limits(resume_window=30.0)
+    server = Server(tunnel_id_authorizer, observer=observer, limits=resumable)
     server.peering.accept_peer("peer-b", "s3cret")
     served = Served(with_metrics_endpoint(server, registry))
     url = served.url.replace("http://", "ws://") + "/connect"
     clients = [
         TunnelClient(url, {"X-Tunnel-ID": "foo"}, lambda proto, address: True,
-                     backoff=Backoff(initial=0.05, maximum=0.2)),
+                     backoff=Backoff(initial=0.05, maximum=0.2), limits=resumable),
         TunnelClient(url, {"X-API-Tunnel-ID": "peer-b", "X-API-Tunnel-Token": "s3cret"},
                      backoff=Backoff(initial=0.05, maximum=0.2)),
     ]
@@ -418,6 +430,15 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
                                         addr=echo_server.address) == 1)
         end_by_a_failed_write(observer, "gone")
         peer_link_up_and_down(observer, "peer-b")
+        # resumption: foo's WebSocket dropped and resumed; a reattach with a bogus token
+        session = clients[0].session
+        assert isinstance(session, ResumableSession) and session.suspend("test")
+        wait_for(lambda: observer.value(metrics.RESUMES, clientkey="foo") == 1)
+        bogus = websocket.create_connection(url, header=[
+            "X-Tunnel-ID: bar", "X-Remotedialer-Resume: 1", "X-Remotedialer-Resume-Token: bogus",
+        ], timeout=TIMEOUT)
+        bogus.close()
+        assert observer.value(metrics.RESUMES_REFUSED, reason="unknown token") == 1
 
         response = requests.get(served.url + "/metrics", timeout=TIMEOUT)
         assert response.status_code == 200

@@ -1,0 +1,225 @@
+"""Resumption end to end: a real werkzeug server and a TunnelClient with a
+TCP proxy between them (testkit.cut_proxy) that resets or silently drops
+the connection mid-transfer. With resumption on, a download through
+``Server.dial`` completes byte-exact (sha256) and an interactive echo stream
+carries on; with an unknown token the connections fail as today
+(``ECONNRESET``) and a new session comes up."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import time
+from typing import Callable, Iterator, List, Tuple
+
+import pytest
+
+from remotedialer.client import Backoff, TunnelClient
+from remotedialer.config import Limits
+from remotedialer.connection import TunnelConnection
+from remotedialer.observer import Observer
+from remotedialer.resumable import ResumableSession
+from remotedialer.server.sessions import ResumeTokens
+from remotedialer.session import Session
+from testkit.cut_proxy import CutProxy
+from testkit.support import EchoServer, LoopbackListener, TunnelServer, allow_all, wait_for
+
+MiB = 1024 * 1024
+TIMEOUT = 60.0
+LIMITS = Limits(resume_window=30.0, ping_interval=0.2)
+
+
+def pattern_block(index: int) -> bytes:
+    """The ``index``-th 64 KiB block of the download."""
+    return hashlib.sha256(b"%d" % index).digest() * 2048
+
+
+class DownloadServer(LoopbackListener):
+    """Sends ``size`` bytes of :func:`pattern_block` to each connection, then closes."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        super().__init__(name="download-server")
+
+    def handle(self, sock: socket.socket) -> None:
+        def send(sock: socket.socket) -> None:
+            with sock:
+                try:
+                    for index in range(self.size // (64 * 1024)):
+                        sock.sendall(pattern_block(index))
+                except OSError:
+                    pass
+
+        self.serve_on_thread(send, sock)
+
+    def digest(self) -> str:
+        digest = hashlib.sha256()
+        for index in range(self.size // (64 * 1024)):
+            digest.update(pattern_block(index))
+        return digest.hexdigest()
+
+
+class Events(Observer):
+    def __init__(self) -> None:
+        self.suspended: List[str] = []
+        self.resumed: List[int] = []
+        self.refused: List[str] = []
+
+    def session_suspended(self, session: Session, reason: str) -> None:
+        self.suspended.append(reason)
+
+    def session_resumed(self, session: Session, resent_bytes: int) -> None:
+        self.resumed.append(resent_bytes)
+
+    def resume_refused(self, reason: str) -> None:
+        self.refused.append(reason)
+
+
+class Setup:
+    def __init__(self, limits: Limits = LIMITS) -> None:
+        self.server_events = Events()
+        self.client_events = Events()
+        self.tunnel = TunnelServer(limits=limits, observer=self.server_events)
+        self.proxy = CutProxy(("127.0.0.1", self.tunnel.port))
+        self.client = TunnelClient(
+            f"ws://127.0.0.1:{self.proxy.port}/connect", {"X-Tunnel-ID": "foo"}, allow_all,
+            limits=limits, backoff=Backoff(initial=0.05, maximum=0.2), observer=self.client_events,
+        )
+        self.client.start()
+        self.client.wait_connected(TIMEOUT)
+        wait_for(lambda: self.tunnel.server.has_session("foo"), TIMEOUT)
+
+    def dial(self, address: str) -> TunnelConnection:
+        return self.tunnel.server.dial("foo", "tcp", address, timeout=TIMEOUT)
+
+    def close(self) -> None:
+        self.client.stop(TIMEOUT)
+        self.proxy.close()
+        self.tunnel.close()
+
+
+@pytest.fixture
+def setup() -> Iterator[Setup]:
+    made = Setup()
+    yield made
+    made.close()
+
+
+def download(
+    conn: TunnelConnection, size: int, cut_at: List[int], cut: Callable[[], None]
+) -> Tuple[int, str]:
+    """Read ``size`` bytes, calling ``cut()`` as the count passes each of ``cut_at``."""
+    digest = hashlib.sha256()
+    got = 0
+    pending = sorted(cut_at)
+    while got < size:
+        data = conn.recv(1 << 20)
+        if not data:
+            break
+        digest.update(data)
+        got += len(data)
+        while pending and got >= pending[0]:
+            pending.pop(0)
+            cut()
+    return got, digest.hexdigest()
+
+
+def test_download_survives_resets(setup: Setup) -> None:
+    size = 64 * MiB
+    target = DownloadServer(size)
+    try:
+        conn = setup.dial(target.address)
+        got, digest = download(conn, size, [8 * MiB, 24 * MiB, 40 * MiB], setup.proxy.reset)
+        assert got == size
+        assert digest == target.digest()
+        assert conn.recv(1) == b""  # then the target's clean close
+    finally:
+        target.close()
+    assert len(setup.client_events.suspended) >= 3
+    assert len(setup.server_events.resumed) >= 3
+    assert setup.proxy.accepted >= 4  # one WebSocket per cut, plus the first
+    assert setup.client_events.refused == setup.server_events.refused == []
+
+
+def test_download_survives_a_silent_drop(setup: Setup) -> None:
+    size = 32 * MiB
+    target = DownloadServer(size)
+    outage: List[float] = []
+
+    def drop() -> None:
+        setup.proxy.blackhole()
+        # the client notices two missed pongs (0.4 s here), then retries; the
+        # network comes back a little later
+        wait_for(lambda: setup.client_events.suspended, TIMEOUT)
+        time.sleep(0.3)  # the outage itself, not a synchronisation
+        outage.append(time.monotonic())
+        setup.proxy.restore()
+
+    try:
+        conn = setup.dial(target.address)
+        got, digest = download(conn, size, [8 * MiB], drop)
+        assert got == size and digest == target.digest()
+    finally:
+        target.close()
+    assert setup.server_events.resumed
+
+
+def test_echo_stream_carries_on(setup: Setup) -> None:
+    echo = EchoServer()
+    try:
+        conn = setup.dial(echo.address)
+        for round_ in range(6):
+            line = b"line %d\n" % round_
+            conn.sendall(line)
+            if round_ % 2:
+                setup.proxy.reset()
+            got = b""
+            while len(got) < len(line):
+                got += conn.recv(100)
+            assert got == line
+    finally:
+        echo.close()
+    assert len(setup.server_events.resumed) >= 3
+
+
+def test_unknown_token_fails_connections_as_today() -> None:
+    # a short window: the server's copy of the session ends with it
+    setup = Setup(LIMITS.replace(resume_window=2.0))
+    echo = EchoServer()
+    try:
+        conn = setup.dial(echo.address)
+        conn.sendall(b"x")
+        assert conn.recv(1) == b"x"
+        setup.tunnel.server.resume_tokens = ResumeTokens()  # as after a server restart
+        setup.proxy.reset()
+        with pytest.raises(ConnectionResetError):
+            conn.settimeout(TIMEOUT)
+            conn.recv(1)
+        wait_for(lambda: setup.client_events.refused, TIMEOUT)
+        assert setup.client_events.refused == ["unknown token"]
+        # a new session is up and works
+        wait_for(lambda: any(s.accepting_dials for s in setup.tunnel.server.sessions("foo")), TIMEOUT)
+        again = setup.dial(echo.address)
+        again.sendall(b"y")
+        assert again.recv(1) == b"y"
+    finally:
+        echo.close()
+        setup.close()
+
+
+def test_resumption_off_by_default_is_todays_behaviour() -> None:
+    made = Setup(Limits())
+    echo = EchoServer()
+    try:
+        conn = made.dial(echo.address)
+        assert not any(isinstance(s, ResumableSession) for s in made.tunnel.server.sessions("foo"))
+        assert "X-Remotedialer-Resume" not in made.tunnel.requests[-1]
+        made.proxy.reset()
+        with pytest.raises(ConnectionResetError):
+            conn.settimeout(TIMEOUT)
+            conn.recv(1)
+    finally:
+        echo.close()
+        made.close()
+
+
