@@ -319,9 +319,12 @@ class GracefulShutdown:
 
 
 def is_gunicorn_worker(handler: Any) -> bool:
-    """Whether ``handler`` (a signal handler) is a gunicorn worker's method."""
+    """Whether ``handler`` (a signal handler) is a method of a gunicorn
+    worker: one of gunicorn's classes or a subclass of them (such as
+    :class:`remotedialer.workers.RemotedialerWorker`)."""
     owner = getattr(handler, "__self__", None)
-    return owner is not None and type(owner).__module__.startswith("gunicorn.workers")
+    return owner is not None and any(
+        cls.__module__.startswith("gunicorn.workers") for cls in type(owner).__mro__)
 
 
 def chain_sigterm(shutdown: GracefulShutdown) -> None:

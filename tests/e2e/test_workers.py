@@ -20,7 +20,7 @@ import pytest
 
 from remotedialer.client import Backoff, TunnelClient
 
-from ..support import TIMEOUT, wait_for
+from testkit.support import TIMEOUT, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = "remotedialer.workers.RemotedialerWorker"

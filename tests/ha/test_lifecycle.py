@@ -166,6 +166,12 @@ def test_gunicorn_workers_are_recognised() -> None:
 
     worker = ThreadWorker.__new__(ThreadWorker)
     assert is_gunicorn_worker(worker.handle_exit)
+
+    class OwnWorker(ThreadWorker):  # a worker class of another package (ours)
+        pass
+
+    own = OwnWorker.__new__(OwnWorker)
+    assert is_gunicorn_worker(own.handle_exit)
     assert not is_gunicorn_worker(print)
     assert not is_gunicorn_worker(None)
 
