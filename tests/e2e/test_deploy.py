@@ -95,12 +95,14 @@ def test_ports_agree_with_the_cli(objects: Dict[str, Dict[str, Any]]) -> None:
     assert dns_port == port["containerPort"]
 
 
-def test_gunicorn_runs_one_gthread_worker_with_enough_threads(objects: Dict[str, Dict[str, Any]]) -> None:
+def test_gunicorn_runs_one_worker_of_ours_with_enough_threads(objects: Dict[str, Dict[str, Any]]) -> None:
+    from remotedialer.workers import RemotedialerWorker
+
     config, args = gunicorn_settings(objects)
-    assert config.worker_class_str == "gthread"
+    assert config.worker_class is RemotedialerWorker
     assert config.workers == 1
-    assert config.threads >= 100
-    assert config.worker_connections > config.threads  # gthread accepts no more connections than this
+    # one thread per connection, at most --worker-connections (no --threads given)
+    assert config.threads == 1 and config.worker_connections >= 1000
     assert args.args == ["remotedialer.cli.server:make_app()"]
     assert not config.preload_app  # the SIGTERM drain is set up in the worker
 
