@@ -7,7 +7,8 @@
 
 gunicorn's arbiter forks, watches and restarts the workers as for its own
 classes: signals (TERM drains gracefully within ``--graceful-timeout``,
-QUIT/INT stop at once, USR1 reopens the logs), ``--max-requests`` recycling,
+QUIT/INT stop at once, USR1 reopens the logs), ``--max-requests`` recycling
+(the worker then stops as on TERM),
 the heartbeat behind ``--timeout``, logging (``--access-logfile``) and the
 server hooks (``post_fork``, ``post_worker_init``, ``pre_request``,
 ``post_request``, ``worker_int``, ``worker_exit``...).
@@ -42,6 +43,7 @@ import errno
 import logging
 import os
 import selectors
+import signal
 import socket
 import ssl
 import threading
@@ -201,6 +203,7 @@ class RemotedialerWorker(Worker):  # type: ignore[misc]  # gunicorn is untyped
         self._connections = 0
         self._slot_wanted = False
         self._slot_freeing = False
+        self._recycling = False  # --max-requests reached (guarded by _lock)
         self.wants_request_hooks = False
         self.ssl_context: Optional[ssl.SSLContext] = None
 
@@ -227,15 +230,18 @@ class RemotedialerWorker(Worker):  # type: ignore[misc]  # gunicorn is untyped
 
     # -- per request, from the connection threads
     def request_done(self) -> bool:
-        """Count a served request; False when ``--max-requests`` is reached
-        (the worker then stops accepting and its connections close)."""
+        """Count a served request; False when ``--max-requests`` is reached.
+        The worker then stops as on SIGTERM, by sending itself one: an app
+        that chained a graceful drain to SIGTERM (``make_app()`` does) closes
+        its tunnels first, so that their clients reconnect to the next
+        worker instead of holding this one for its graceful timeout."""
         with self._lock:
             self.nr += 1
-            if self.nr < self.max_requests or not self.alive:
+            if self.nr < self.max_requests or self._recycling:
                 return self.alive
+            self._recycling = True
         self.log.info("Autorestarting worker after current request.")
-        self.alive = False
-        self._wake()
+        os.kill(os.getpid(), signal.SIGTERM)
         return False
 
     def give_up_idle_slot(self) -> bool:
