@@ -5,24 +5,22 @@ client and a real HTTP target on loopback."""
 from __future__ import annotations
 
 import http.client
-from contextlib import closing
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
+from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator, List
+from typing import Any, Iterator
 
 import pytest
 
 from remotedialer.client import Backoff, TunnelClient
 
+from testkit import gunicorn as testkit_gunicorn
 from testkit.support import TIMEOUT, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
 WORKER = "remotedialer.workers.RemotedialerWorker"
 
 
@@ -53,57 +51,28 @@ def target() -> Iterator[str]:
     httpd.server_close()
 
 
-class Gunicorn:
+class Gunicorn(testkit_gunicorn.Gunicorn):
     """``gunicorn -k RemotedialerWorker 'remotedialer.cli.server:make_app()'``
-    on 127.0.0.1, port 0, one worker; its log lines collected."""
+    (one worker, no ``--threads``: the worker's bound is then
+    ``--worker-connections``), once its worker booted."""
 
     def __init__(self, *extra_args: str) -> None:
-        self.lines: List[str] = []
-        self._listening = threading.Event()
-        self.port = 0
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-k", WORKER, "--workers", "1",
-             "--bind", "127.0.0.1:0", "--log-level", "info", *extra_args,
-             "remotedialer.cli.server:make_app()"],
-            cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        threading.Thread(target=self._read_log, daemon=True).start()
-        if not self._listening.wait(TIMEOUT * 3):
-            self.stop()
-            raise AssertionError("gunicorn did not start:\n" + self.log())
+        super().__init__(*extra_args, app=testkit_gunicorn.EXAMPLE_APP, worker=WORKER, threads=1)
         wait_for(lambda: self.count("Booting worker") >= 1, TIMEOUT * 3)
-        self.url = f"ws://127.0.0.1:{self.port}/connect"
-
-    def _read_log(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.append(line)
-            match = re.search(r"Listening at: https?://127\.0\.0\.1:(\d+)", line)
-            if match:
-                self.port = int(match.group(1))
-                self._listening.set()
 
     def log(self) -> str:
-        return "".join(self.lines)
+        return self.log_text()
 
     def count(self, text: str) -> int:
         return sum(text in line for line in self.lines)
 
-    def errors(self) -> List[str]:
-        return [line for line in self.lines if "[ERROR]" in line or "Traceback" in line]
-
     def connection(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=TIMEOUT)
 
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-        try:
-            return self.process.wait(TIMEOUT * 3)
-        except subprocess.TimeoutExpired:  # reported by the test
-            self.process.kill()
-            self.process.wait(TIMEOUT)
-            raise
+    def stop(self) -> int:  # type: ignore[override]
+        """Stop gunicorn (SIGTERM); its exit status."""
+        super().stop()
+        return int(self.process.returncode)
 
 
 def _client(server: Gunicorn, target: str) -> TunnelClient:
@@ -297,7 +266,7 @@ def test_tls(tmp_path: Path, target: str) -> None:
     context = ssl.create_default_context()
     ca.configure_trust(context)
     server = Gunicorn("--certfile", str(pem), "--keyfile", str(pem))
-    client = TunnelClient(f"wss://127.0.0.1:{server.port}/connect", {"X-Tunnel-ID": "foo"},
+    client = TunnelClient(server.url, {"X-Tunnel-ID": "foo"},
                           lambda proto, address: True, ssl_context=context)
     try:
         client.start()
