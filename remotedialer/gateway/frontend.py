@@ -19,8 +19,10 @@ import itertools
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
+import urllib.parse
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
@@ -179,6 +181,9 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
     _head_deadlines: Optional["HeadDeadlines"] = None
     _head_ticket = 0
     _head_cut = False
+    #: The request's header lines (fast path), and the message built from them on first use.
+    _fields: Optional[List[Tuple[str, str]]] = None
+    _message: Optional[http.client.HTTPMessage] = None
 
     def handle(self) -> None:
         self._requests_served = 0
@@ -276,32 +281,102 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
             path = "/" + path.lstrip("/")
         self.path = path
         self.close_connection = self.request_version == "HTTP/1.0"
-        headers = self._read_headers()
-        self._head_read()
-        if headers is None:
+        try:
+            fields = read_request_fields(self.request_version, self.rfile.readline)
+        except RequestRefused as refusal:
+            self.send_error(refusal.status, refusal.reason, refusal.explain)
             return False
-        self.headers = headers
-        connection = header_tokens(headers.get("Connection", ""))
-        if "close" in connection:
+        self._head_read()
+        self._fields = fields
+        self._message = None
+        connection = expect = ""
+        for name, value in fields:
+            lowered = name.lower()
+            if lowered == "connection":
+                connection = f"{connection},{value}" if connection else value
+            elif lowered == "expect":
+                expect = value
+        tokens = header_tokens(connection) if connection else []
+        if "close" in tokens:
             self.close_connection = True
-        elif "keep-alive" in connection:
+        elif "keep-alive" in tokens:
             self.close_connection = False
-        if headers.get("Expect", "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+        if expect.lower() == "100-continue" and self.request_version == "HTTP/1.1":
             return bool(self.handle_expect_100())
         return True
 
-    def _read_headers(self) -> Optional[http.client.HTTPMessage]:
-        """Read the header lines up to the empty line; None after answering
-        an error. Blocks on the socket (its timeout applies)."""
-        try:
-            fields = read_request_fields(self.request_version, self.rfile.readline)
-        except RequestRefused as refused:
-            self.send_error(refused.status, refused.reason, refused.explain)
-            return None
-        message: http.client.HTTPMessage = self.MessageClass()
-        for name, value in fields:
-            message[name] = value
+    @property  # type: ignore[override]
+    def headers(self) -> http.client.HTTPMessage:
+        """The request's headers as ``http.server`` keeps them, built on
+        first use from the fast path's header list (the WSGI environ is
+        built from that list directly, see :meth:`make_environ`)."""
+        message = self._message
+        if message is None:
+            message = self.MessageClass()
+            for name, value in self._fields or ():
+                message[name] = value
+            self._message = message
         return message
+
+    @headers.setter
+    def headers(self, message: http.client.HTTPMessage) -> None:  # http.server's slow path sets it
+        self._message = message
+        self._fields = None
+
+    def make_environ(self) -> Dict[str, Any]:
+        """The WSGI environ werkzeug's handler would build, made straight from
+        the fast path's header list for an origin-form target on a plain
+        socket (werkzeug's ``make_environ`` otherwise: other targets, TLS
+        for the client certificate, HTTP/0.9)."""
+        fields = self._fields
+        path = self.path
+        if (fields is None or not path.startswith("/") or "#" in path
+                or isinstance(self.connection, ssl.SSLSocket)):
+            return dict(super().make_environ())
+        raw_path, _, query = path.partition("?")
+        path_info = urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path
+        # PEP 3333 strings: werkzeug's UTF-8 bytes read as latin-1
+        if not path.isascii():
+            path, query = path.encode().decode("latin-1"), query.encode().decode("latin-1")
+        if not path_info.isascii():
+            path_info = path_info.encode().decode("latin-1")
+        server = self.server
+        address = self.client_address
+        environ: Dict[str, Any] = {
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": self.rfile,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": server.multithread,
+            "wsgi.multiprocess": server.multiprocess,
+            "wsgi.run_once": False,
+            "werkzeug.socket": self.connection,
+            "SERVER_SOFTWARE": self.server_version,
+            "REQUEST_METHOD": self.command,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": path_info,
+            "QUERY_STRING": query,
+            "REQUEST_URI": path,
+            "RAW_URI": path,
+            "REMOTE_ADDR": address[0] if address else "<local>",
+            "REMOTE_PORT": address[1] if address else 0,
+            "SERVER_NAME": server.server_address[0],
+            "SERVER_PORT": str(server.server_address[1]),
+            "SERVER_PROTOCOL": self.request_version,
+        }
+        for name, value in fields:
+            if "_" in name:  # as werkzeug: such a name could pass for another header
+                continue
+            key = name.upper().replace("-", "_")
+            if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
+                key = "HTTP_" + key
+                if key in environ:
+                    value = f"{environ[key]},{value}"
+            environ[key] = value
+        encoding = environ.get("HTTP_TRANSFER_ENCODING")
+        if encoding and "chunked" in header_tokens(encoding):
+            environ["wsgi.input_terminated"] = True  # run_wsgi reads the chunked body
+        return environ
 
     def date_time_string(self, timestamp: Optional[float] = None) -> str:
         """The ``Date`` header value; the current one is formatted once a second."""
@@ -320,9 +395,9 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
 
     def run_wsgi(self) -> None:
         """Serve one request with ``self.server.app``."""
-        if self.headers.get("Expect", "").lower().strip() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.environ = environ = self.make_environ()
+        if environ.get("HTTP_EXPECT", "").lower().strip() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         keep_alive = (
             not self.close_connection
             and self.request_version == "HTTP/1.1"

@@ -136,3 +136,55 @@ def test_front_end_request_head_parsing(keepalive_server: BoundedThreadedWSGISer
     date = [line for line in head.split(b"\r\n") if line.startswith(b"Date: ")]
     assert len(date) == 1 and date[0].endswith(b" GMT")
     assert body.decode("latin-1") == "GET|/env|x=1|HTTP/1.1|one two|\u00e9"
+
+
+# -- the environ built from the header list is werkzeug's
+
+_ENVIRON_CASES = [
+    b"GET /client/foo/http/127.0.0.1:8125/1k.bin?x=1&timeout=3 HTTP/1.1\r\nHost: a:8123\r\n"
+    b"User-Agent: wrk\r\nAccept: */*\r\n\r\n",
+    b"GET /a%20b/%C3%A9t%C3%A9?q=%41%42 HTTP/1.1\r\nHost: x\r\n\r\n",
+    "GET /\u00e9t\u00e9/raw?\u00e9=1 HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n"
+    b"X-Dup: 1\r\nx-dup: 2\r\nX_Under: no\r\nConnection: keep-alive, Upgrade\r\n\r\nabc",
+    b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET //double/slash HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET http://example.test:81/absolute?y=2 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /old HTTP/1.0\r\n\r\n",
+]
+
+
+class _EnvironServer:
+    """What the handler reads of its server for ``make_environ``."""
+
+    multithread = True
+    multiprocess = False
+    server_address = ("127.0.0.1", 8123)
+    _server_version = "Werkzeug/test"
+    ssl_context = None
+
+
+@pytest.mark.parametrize("head", _ENVIRON_CASES)
+def test_environ_from_the_header_list_is_werkzeugs(head: bytes) -> None:
+    import io
+    import socket
+
+    from werkzeug.serving import WSGIRequestHandler
+
+    from remotedialer.gateway.frontend import KeepAliveRequestHandler
+
+    ours, _theirs = socket.socketpair()
+    with ours, _theirs:
+        handler = KeepAliveRequestHandler.__new__(KeepAliveRequestHandler)
+        handler.server = _EnvironServer()  # type: ignore[assignment]
+        handler.client_address = ("127.0.0.1", 5555)
+        handler.connection = handler.request = ours
+        handler.rfile = io.BytesIO(head)
+        handler.wfile = io.BytesIO()
+        handler.raw_requestline = handler.rfile.readline(65537)
+        assert handler.parse_request()
+        built = handler.make_environ()
+        expected = WSGIRequestHandler.make_environ(handler)  # from handler.headers, werkzeug's way
+    for environ in (built, expected):
+        environ.pop("wsgi.input")  # werkzeug wraps a chunked body here; run_wsgi replaces it anyway
+    assert built == expected
