@@ -3,7 +3,9 @@ health endpoints, peering and scale-out.
 
 Routes ``/connect`` to a :class:`remotedialer.server.Server` that accepts any
 request carrying a non-empty ``X-Tunnel-ID`` header (its value is the client
-key) and ``/client/<id>/<scheme>/<host>/<path...>`` to the
+key; with a credentials file, only with a secret or client certificate
+allowing that key: :mod:`remotedialer.server.credentials`) and
+``/client/<id>/<scheme>/<host>/<path...>`` to the
 :class:`~remotedialer.gateway.forwarder_app.Forwarder`, which sends the
 request through that client's tunnel and streams the answer back.
 ``remotedialer server`` serves it with the built-in front end
@@ -48,11 +50,14 @@ from werkzeug.wrappers import Request
 
 from .examples.agent import allow_all
 from .examples.logs import setup_logging
+from .gateway.admin import AdminAPI
 from .gateway.forwarder_app import DEFAULT_TIMEOUT, Forwarder
+from .gateway.user_auth import UserGuard, client_key_from_path
 from .ha.discovery import DEFAULT_REFRESH, DnsPeerDiscovery, DnsResolver, parse_dns_name, parse_dns_server
 from .ha.lifecycle import DEFAULT_DRAIN_SECONDS, GracefulShutdown, chain_sigterm, is_gunicorn_worker
 from .ha.peering import PeerSpec as Peer
 from .ha.peering import parse_peers
+from .server.credentials import CredentialStore
 from .server.wsgi import WSGIApp, plain_text_response
 
 __all__ = [
@@ -172,16 +177,21 @@ def make_tunnel_server(
     peer_token: Optional[str] = None,
     allow_client_connect: bool = False,
     observer: Any = None,
+    credentials: Optional[CredentialStore] = None,
 ) -> Any:
     """The :class:`remotedialer.server.Server` of the example (the connect
-    endpoint and session manager)."""
+    endpoint and session manager). With ``credentials``, agents need a
+    secret allowing their client key and dials obey its dial policy;
+    without, any ``X-Tunnel-ID`` is accepted and every dial allowed."""
     from .server.tunnel_server import Server
 
     kwargs: Dict[str, Any] = {}
     if observer is not None:
         kwargs["observer"] = observer
+    if credentials is not None:
+        kwargs["dial_policy"] = credentials.dial_policy
     return Server(
-        tunnel_id_authorizer,
+        credentials.agent_authorizer if credentials is not None else tunnel_id_authorizer,
         client_connect_authorizer=allow_all if allow_client_connect else None,
         peer_id=peer_id or None,
         peer_token=peer_token or None,
@@ -212,9 +222,40 @@ class ServerApp:
         self.server = server
         self.forwarder = forwarder
         self.connect_app: WSGIApp = server
+        #: Serves ``/client/...``: the forwarder, behind :meth:`secure`'s user check.
+        self.client_app: WSGIApp = forwarder
         self.shutdown: Optional[GracefulShutdown] = None
         self.discovery: Optional[DnsPeerDiscovery] = None
+        #: The credentials in force (:meth:`secure`); ``None``: an open server.
+        self.credentials: Optional[CredentialStore] = None
+        #: The admin API under ``/admin/`` (:meth:`secure`), if any.
+        self.admin: Optional[AdminAPI] = None
         self._mounts: Dict[str, WSGIApp] = {}
+
+    def announce(self) -> None:
+        """Log whether the server is open (as Go's example) or what
+        credentials it holds (one line, plus a warning for a credentials
+        file without policy lines: every dial is refused)."""
+        store = self.credentials
+        if store is None:
+            log.warning("no --credentials: open server (as Go's example): any agent may claim any "
+                        "client key and anyone may use /client/")
+            return
+        log.info("credentials from %s: %s", store.path, store.current.summary())
+        if not store.current.policy.rules:
+            log.warning("%s has no policy lines: every dial through an agent is refused "
+                        "(add 'policy * allow=*' to allow all)", store.path)
+
+    def secure(self, credentials: CredentialStore) -> None:
+        """Require ``credentials``' users on ``/client/`` and serve the admin
+        API under ``/admin/`` (the tunnel server takes the agents' side:
+        :func:`make_tunnel_server`)."""
+        self.credentials = credentials
+        self.client_app = UserGuard(self.forwarder, credentials, client_key_from_path(self.forwarder.prefix))
+        peering = getattr(self.server, "peering", None)
+        remote_clients = getattr(peering, "remote_clients", None)
+        self.admin = AdminAPI(self.server, credentials.authorize_admin,
+                              *((remote_clients,) if remote_clients is not None else ()))
 
     def mount(self, path: str, app: WSGIApp) -> None:
         """Serve the exact ``path`` (e.g. ``/metrics``) with ``app``."""
@@ -225,7 +266,9 @@ class ServerApp:
         if path == "/connect":
             return self.connect_app(environ, start_response)
         if path.startswith(self.forwarder.prefix + "/"):
-            return self.forwarder(environ, start_response)
+            return self.client_app(environ, start_response)
+        if self.admin is not None and path.startswith(self.admin.prefix + "/"):
+            return self.admin(environ, start_response)
         mounted = self._mounts.get(path)
         if mounted is not None:
             return mounted(environ, start_response)
@@ -248,6 +291,8 @@ class ServerApp:
         forwarder's idle connections."""
         if self.discovery is not None:
             self.discovery.stop()
+        if self.credentials is not None:
+            self.credentials.stop_watching()
         close = getattr(self.server, "close", None)
         if close is not None:
             close()
@@ -277,6 +322,8 @@ def make_app(
     dns_default_port: int = DEFAULT_PORT,
     handle_sigterm: Optional[bool] = None,
     debug_endpoints: Optional[bool] = None,
+    credentials: Optional[str] = None,
+    announce: bool = True,
 ) -> ServerApp:
     """Build the example server's WSGI app (the gunicorn app factory).
 
@@ -288,7 +335,14 @@ def make_app(
     i.e. without ``--preload``). ``debug_endpoints``
     (``REMOTEDIALER_DEBUG_ENDPOINTS``) serves ``/debug/sessions``: the
     instance's session table as JSON (client keys, peers, what peers
-    advertised).
+    advertised). ``credentials`` (``REMOTEDIALER_CREDENTIALS``) is the path
+    of a credentials file (:mod:`remotedialer.server.credentials`): agents
+    and users need secrets, dials obey its policy, ``/admin/`` serves the
+    admin API, and the file is reloaded when it changes; a malformed file
+    raises :class:`~remotedialer.server.credentials.CredentialsError`.
+    Without it the server is open, as Go's example. ``announce`` logs
+    which (:meth:`ServerApp.announce`; ``remotedialer server`` does so
+    once it listens).
     """
     if debug is None:
         debug = _env_flag("REMOTEDIALER_DEBUG")
@@ -309,6 +363,8 @@ def make_app(
     peer_token = scale.token(peer_token)
     peer_id = scale.peer_id(peer_id)
     peer_list = parse_peers(peers)
+    if credentials is None:
+        credentials = os.environ.get("REMOTEDIALER_CREDENTIALS", "")
     metrics_registry = None
     if observer is None:
         try:
@@ -318,15 +374,24 @@ def make_app(
         else:
             observer = observer_with_registry()
             metrics_registry = observer.registry
+    store = CredentialStore.load(credentials, _reload_listener(observer)) if credentials else None
     server = make_tunnel_server(
         peer_id=peer_id,
         peer_token=peer_token,
         allow_client_connect=allow_client_connect,
         observer=observer,
+        credentials=store,
     )
+    if observer is not None and hasattr(observer, "dials_in_flight"):
+        observer.dials_in_flight = server.dials_in_flight_by_key
     forwarder = Forwarder(server.dial, default_timeout=timeout)
     forwarder.watch(server)
     app = ServerApp(server, forwarder)
+    if store is not None:
+        app.secure(store)
+        store.start_watching()
+    if announce:
+        app.announce()
     if metrics_registry is not None:
         from .metrics import make_wsgi_app
 
@@ -365,3 +430,8 @@ def start_proxy(app: ServerApp, listen: Tuple[str, int], header_timeout: float =
     authorize = credentials.authorize_user if credentials is not None else None
     limits = ProxyLimits(header_timeout=header_timeout) if header_timeout else ProxyLimits()
     return ProxyFrontEnd(app.server.dial, listen, authorize=authorize, limits=limits)
+
+
+def _reload_listener(observer: Any) -> Optional[Callable[[bool], None]]:
+    """``observer``'s hook for credentials reloads, if it has one."""
+    return getattr(observer, "credentials_reloaded", None)

@@ -38,6 +38,10 @@ __all__ = [
     "ConfigurationError",
     "ProxyError",
     "ListenError",
+    "DialRefusedError",
+    "AccessDeniedError",
+    "AuthenticationError",
+    "ForbiddenError",
     "socket_error",
 ]
 
@@ -232,6 +236,59 @@ class RemoteTimeoutError(RemoteError, TunnelTimeoutError):
     ``errno`` ``ETIMEDOUT``, and a :class:`RemoteError` carrying its text."""
 
     default_errno = errno.ETIMEDOUT
+
+
+class DialRefusedError(RemotedialerError, PermissionError):
+    """The server's dial policy refused a dial through an agent: a
+    ``PermissionError`` with ``errno`` ``EACCES``. ``reason`` is
+    ``"target"`` (the address or port is not allowed), ``"no-policy"`` (no
+    policy applies to the client key) or ``"max-connections"`` (the agent's
+    cap on open connections is reached)."""
+
+    def __init__(self, client_key: str, proto: str, address: str, reason: str, detail: str = "") -> None:
+        text = f"dial {proto}/{address} through {client_key!r} not allowed: " + (
+            detail or _REFUSAL_TEXT.get(reason, reason))
+        super().__init__(errno.EACCES, text)
+        self.client_key = client_key
+        self.proto = proto
+        self.address = address
+        self.reason = reason
+
+    def __reduce__(self) -> Any:
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+_REFUSAL_TEXT = {
+    "target": "target not in the agent's policy",
+    "no-policy": "no dial policy for this client key",
+    "max-connections": "too many connections",
+}
+
+
+class AccessDeniedError(RemotedialerError):
+    """A caller (agent, user, admin) was refused: ``status`` is the HTTP
+    status to answer, ``claimed`` the client key or user it claimed (for a
+    log line; never the secret), ``reason`` why."""
+
+    status: ClassVar[int] = 403
+
+    def __init__(self, reason: str, claimed: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.claimed = claimed
+
+
+class AuthenticationError(AccessDeniedError):
+    """A missing, unknown or expired secret: HTTP 401."""
+
+    status = 401
+
+
+class ForbiddenError(AccessDeniedError):
+    """A valid secret that does not allow what was asked (another client
+    key, the admin API without the admin role): HTTP 403."""
+
+    status = 403
 
 
 # How far sides word a failed dial. Go's net package: "dial tcp 127.0.0.1:1:

@@ -66,6 +66,17 @@ class Observer:
     def peer_disconnected(self, peer_id: str) -> None:
         """A server's link to peer ``peer_id`` went down."""
 
+    def handshake_refused(self, status: int) -> None:
+        """A server refused a tunnel request with HTTP ``status`` (400 bad
+        request, 401 bad secret, 403 secret for another key, 429, 503)."""
+
+    def dial_refused(self, client_key: str, reason: str) -> None:
+        """A server's dial policy refused a dial through ``client_key``;
+        ``reason`` is a :class:`~remotedialer.errors.DialRefusedError` reason."""
+
+    def credentials_reloaded(self, ok: bool) -> None:
+        """A credentials file was read again: ``ok`` if it took effect."""
+
 
 NULL_OBSERVER = Observer()
 """The do-nothing observer used when none is given."""

@@ -145,6 +145,10 @@ class Session:
         self._serving = False  # serve() ran once (a resumed session serves again)
         now = time.monotonic()
         self.started_at = now  #: ``time.monotonic()`` when the session was made
+        #: DATA payload bytes sent (only added to with ``_write_lock`` held).
+        self.bytes_sent = 0
+        #: DATA payload bytes received (only added to by the reader thread).
+        self.bytes_received = 0
         self._next_ping = now
         self._next_sync = now + limits.sync_interval
 
@@ -297,6 +301,11 @@ class Session:
         """A snapshot of the open connections."""
         with self._lock:
             return list(self._connections.values())
+
+    def connection_count(self) -> int:
+        """How many connections are open."""
+        with self._lock:
+            return len(self._connections)
 
     def connection_ids(self) -> List[int]:
         """The sorted ids of the open connections."""
@@ -453,6 +462,8 @@ class Session:
                 self._control_queue = None
             self._lose_transport(transport, f"write failed: {exc}")
             return exc
+        if message_type == MessageType.DATA:
+            self.bytes_sent += payload_size
         self.observer.message_sent(self, message_type, payload_size)
         return None
 
@@ -535,6 +546,7 @@ class Session:
             text = f"connection not found {self.client_key}/{self.session_key}/{message.conn_id}"
             self.send_control(MessageType.ERROR, message.conn_id, text.encode())
             return
+        self.bytes_received += len(message.payload)
         conn.deliver(message.payload)
 
     def _on_connect(self, message: Message) -> None:

@@ -1,7 +1,7 @@
-"""The ``remotedialer`` command: ``server``, ``client``, ``dummy``, ``demo`` and ``bench``.
+"""The ``remotedialer`` command: ``server``, ``client``, ``dummy``, ``demo``, ``admin`` and ``bench``.
 
 Each subcommand lives in its own module (``server.py``, ``client.py``,
-``dummy.py``, ``demo.py``) with an ``add_arguments(parser)`` and a
+``dummy.py``, ``demo.py``, ``admin.py``) with an ``add_arguments(parser)`` and a
 ``run(args) -> int``; this module wires them into one argument parser and
 sets up logging. Only the module of the subcommand being run is imported (a
 ``remotedialer server`` never loads ``requests`` for the demo), which keeps the
@@ -34,9 +34,22 @@ from ..addresses import ALL_INTERFACES, parse_listen_address
 from ..errors import ConfigurationError, RemotedialerError, error_text
 from ..examples.logs import LOG_FORMAT, setup_logging
 
-__all__ = ["main", "build_parser", "setup_logging", "OneLineErrorParser", "LOG_FORMAT"]
+__all__ = ["main", "build_parser", "setup_logging", "OneLineErrorParser", "LOG_FORMAT", "read_secret"]
 
 log = logging.getLogger(__name__)
+
+def read_secret(token_file: Optional[str], env_name: str) -> Optional[str]:
+    """A secret from ``token_file`` (its first line, white space stripped)
+    or, without a file, from the environment variable ``env_name``; ``None``
+    if neither gives one. Secrets are never taken from the command line,
+    where ``ps`` shows them to every user. Raises ``OSError`` if the file
+    cannot be read."""
+    if token_file:
+        with open(token_file, encoding="utf-8") as f:
+            secret = f.readline().strip()
+        return secret or None
+    return os.environ.get(env_name, "").strip() or None
+
 
 def install_stop_signals() -> threading.Event:
     """An event set by SIGINT (Ctrl-C) or SIGTERM; call from the main thread.
@@ -97,6 +110,7 @@ _COMMANDS = (
     ("client", "connect to a server and serve its dials"),
     ("dummy", "serve a directory (and generated data) over HTTP"),
     ("demo", "run server, client and file server in one process and try them"),
+    ("admin", "list, show and disconnect the agents of a server (its admin API)"),
 )
 
 

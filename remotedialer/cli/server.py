@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import ssl
+import sys
 import threading
 from typing import Any
 
@@ -28,7 +30,12 @@ from ..app import (
     wire_peers,
 )
 from ..gateway.forwarder_app import DEFAULT_TIMEOUT
-from ..gateway.frontend import DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEPALIVE_TIMEOUT, BoundedThreadedWSGIServer
+from ..gateway.frontend import (
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    BoundedThreadedWSGIServer,
+    server_tls_context,
+)
 from ..ha.discovery import DEFAULT_REFRESH
 from ..ha.lifecycle import DEFAULT_DRAIN_SECONDS
 from ..server.process import (
@@ -65,11 +72,11 @@ log = logging.getLogger(__name__)
 
 #: Shown at the end of ``remotedialer server --help``, as README.rst says it.
 HELP_EPILOG = (
-    "WARNING: for testing and demos only, as in Go: this server is an open relay. "
-    "Anyone who can reach it may open a tunnel with any X-Tunnel-ID and reach anything "
+    "WARNING: without --credentials this server is an open relay, as Go's example: "
+    "anyone who can reach it may open a tunnel with any X-Tunnel-ID and reach anything "
     "through any client via /client/. The default --listen :8123 listens on every "
-    "interface: use --listen 127.0.0.1:8123 or put it behind authentication; real "
-    "deployments build a remotedialer.Server with their own authorizer."
+    "interface: use --listen 127.0.0.1:8123, or give --credentials (agent and user "
+    "secrets, dial policy; see the docs page 'Running the server for real')."
 )
 
 
@@ -103,6 +110,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also serve a proxy on ADDR (HTTP CONNECT, absolute-form HTTP and "
                              "SOCKS5 on one port): the proxy username is the client key of the "
                              "agent to go through, the password a user secret (docs/proxy.rst)")
+    parser.add_argument("--credentials", metavar="FILE", default=None,
+                        help="credentials file: agent and user secrets, dial policy (docs: Running the "
+                             "server for real; default $REMOTEDIALER_CREDENTIALS; none: an open server)")
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="serve HTTPS/wss:// with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE",
+                        help="private key of --tls-cert (default: in the --tls-cert file)")
+    parser.add_argument("--client-ca", metavar="FILE",
+                        help="with --tls-cert: accept agents by client certificates this CA signed "
+                             "(mTLS; the certificate's name is the client key)")
+    parser.add_argument("--new-secret", action="store_true",
+                        help="print a new secret and its hash for the credentials file, and exit")
+    parser.add_argument("--hash-secret", action="store_true",
+                        help="read a secret from standard input, print its hash, and exit")
     parser.add_argument("--forward", action="append", default=[], metavar="LISTEN=CLIENT:PROTO:ADDRESS",
                         type=_forward_type,
                         help="forward a TCP port through a client, like ssh -R (repeatable), "
@@ -126,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; returns the exit status."""
     from . import install_stop_signals, wait_for_stop
 
+    if args.new_secret or args.hash_secret:
+        return _secret_command(args.new_secret)
     try:
         scale = _scaleout_from_args(args)
         app = make_app(
@@ -142,23 +165,40 @@ def run(args: argparse.Namespace) -> int:
             drain_seconds=scale.drain_seconds,
             dns_default_port=args.listen[1],
             handle_sigterm=False,
+            credentials=args.credentials,
+            announce=False,
         )
         specs = list(args.forward)  # ForwardSpecs, checked by _forward_type
     except (ValueError, ImportError) as exc:
         log.error("%s", exc)
         return 2
     host, port = args.listen
+    tls_context = None
+    if args.tls_cert:
+        try:
+            tls_context = server_tls_context(args.tls_cert, args.tls_key, args.client_ca)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("cannot use --tls-cert %s: %s", args.tls_cert, exc)
+            app.close()
+            return 2
+    elif args.client_ca or args.tls_key:
+        log.error("--tls-key and --client-ca need --tls-cert")
+        app.close()
+        return 2
     open_files = raise_open_files_limit()
     tune_interpreter_for_many_threads()
     max_threads = args.max_threads or default_max_threads(open_files)
     threading.stack_size(THREAD_STACK_SIZE)  # threads started from here on
     httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=max_threads,
                                       keepalive_timeout=args.keepalive,
-                                      header_timeout=args.header_timeout or None)
+                                      header_timeout=args.header_timeout or None, tls_context=tls_context)
     log.info("serving at most %d tunnels and requests at once (open files: %s)",
              max_threads, open_files or "unlimited")
     shown = join_host_port(reachable_host(host), httpd.port)
-    log.info("listening on http://%s (connect: ws://%s/connect)", shown, shown)
+    secure = tls_context is not None
+    log.info("listening on %s://%s (connect: %s://%s/connect)", "https" if secure else "http", shown,
+             "wss" if secure else "ws", shown)
+    app.announce()
     try:
         forwards = [app.server.forward(s.listen, s.client_key, s.proto, s.address) for s in specs]
     except OSError as exc:
@@ -176,6 +216,8 @@ def run(args: argparse.Namespace) -> int:
         httpd.server_close()
         return 1
     stop = install_stop_signals()
+    if app.credentials is not None:
+        app.credentials.install_sighup()
     thread = threading.Thread(target=httpd.serve_forever, name="remotedialer-http", daemon=True)
     thread.start()
     wait_for_stop(stop)
@@ -188,6 +230,23 @@ def run(args: argparse.Namespace) -> int:
     app.close()
     httpd.server_close()
     log.info("stopped")
+    return 0
+
+
+def _secret_command(new: bool) -> int:
+    """``--new-secret`` / ``--hash-secret``: print and return the exit status."""
+    from ..server.credentials import hash_secret, new_secret
+
+    if new:
+        secret = new_secret()
+        print(f"secret: {secret}    (give this to the agent or user; it is not stored)")
+        print(f"hash:   {hash_secret(secret)}    (put this in the credentials file)")
+        return 0
+    try:
+        print(hash_secret(sys.stdin.readline().strip()))
+    except ValueError as exc:
+        print(f"remotedialer server --hash-secret: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -19,18 +19,25 @@ def allow_all(proto: str, address: str) -> bool:
 
 
 def make_client(url: str, client_id: str, ssl_context: Optional[ssl.SSLContext] = None,
-                proxy: Optional[str] = None) -> TunnelClient:
-    """The example client: ``X-Tunnel-ID: client_id``, every dial allowed;
-    ``proxy`` as :class:`~remotedialer.client.TunnelClient` takes it. Raises
+                proxy: Optional[str] = None, secret: Optional[str] = None) -> TunnelClient:
+    """The example client: ``X-Tunnel-ID: client_id`` (and ``Authorization:
+    Bearer secret`` with a ``secret``), every dial allowed; ``proxy`` as
+    :class:`~remotedialer.client.TunnelClient` takes it. Raises
     :class:`~remotedialer.errors.ConfigurationError` for settings that cannot work."""
-    return TunnelClient(url, {"X-Tunnel-ID": client_id}, allow_all, ssl_context=ssl_context, proxy=proxy)
+    headers = {"X-Tunnel-ID": client_id}
+    if secret:
+        headers["Authorization"] = f"Bearer {secret}"
+    return TunnelClient(url, headers, allow_all, ssl_context=ssl_context, proxy=proxy)
 
 
-def tls_context(cacert: Optional[str], insecure: bool) -> Optional[ssl.SSLContext]:
-    """The TLS context for a CA file and/or no verification (``None``: the
-    default one). Raises :class:`~remotedialer.errors.ConfigurationError`
-    for a CA file that is missing or holds no PEM certificate."""
-    if not cacert and not insecure:
+def tls_context(cacert: Optional[str], insecure: bool, cert: Optional[str] = None,
+                key: Optional[str] = None) -> Optional[ssl.SSLContext]:
+    """The TLS context for a CA file and/or no verification, and a client
+    certificate ``cert`` (its key in ``key`` or in ``cert``) to present
+    (``None``: the default context). Raises
+    :class:`~remotedialer.errors.ConfigurationError` for a CA file that is
+    missing or holds no PEM certificate, or a certificate that cannot be used."""
+    if not cacert and not insecure and not cert:
         return None
     try:
         context = ssl.create_default_context(cafile=cacert)
@@ -43,4 +50,9 @@ def tls_context(cacert: Optional[str], insecure: bool) -> Optional[ssl.SSLContex
     if insecure:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    if cert:
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigurationError(f"--cert {cert}: {error_text(exc)}") from None
     return context

@@ -54,7 +54,7 @@ from werkzeug.wsgi import get_input_stream
 
 from ..addresses import join_host_port, split_host_optional_port, split_remote_address
 from ..bridge import as_socket
-from ..errors import error_text
+from ..errors import DialRefusedError, error_text
 from ..piping import Piper, default_piper
 from ..server.wsgi import StartResponse, header_tokens, plain_text_response
 from ..transports.wsgi import UnsupportedServerError, finish_taken_over_response, socket_from_environ
@@ -421,7 +421,9 @@ class Forwarder:
                     reused = False
                     continue
                 log.warning("[%03d] REQ ERR %s: %s", request_id, url, _describe(exc))
-                return plain_text_response(start_response, 500, _describe(exc))
+                # 403 for the dial policy's refusal; anything else 500, as Go does
+                status = 403 if isinstance(exc, DialRefusedError) else 500
+                return plain_text_response(start_response, status, _describe(exc))
         if debug:
             log.debug("[%03d] REQ OK %s %d%s", request_id, url, response.status,
                       " (reused)" if reused else "")

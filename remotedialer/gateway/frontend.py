@@ -49,6 +49,8 @@ __all__ = [
     "DEFAULT_KEEPALIVE_TIMEOUT",
     "DEFAULT_HEADER_TIMEOUT",
     "HeadDeadlines",
+    "TLS_HANDSHAKE_TIMEOUT",
+    "server_tls_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -579,6 +581,25 @@ class _ResponseWriter:
         handler.wfile.write(body)
 
 
+#: Seconds a client has to complete the TLS handshake (``tls_context``).
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+def server_tls_context(cert_file: str, key_file: Optional[str], client_ca: Optional[str]) -> ssl.SSLContext:
+    """The TLS context of ``remotedialer server --tls-cert/--tls-key``; with
+    ``client_ca``, client certificates signed by it are verified when
+    presented (mTLS: the certificate's name is the agent's client key, see
+    :meth:`~remotedialer.server.credentials.CredentialStore.agent_authorizer`)
+    but not required (users and agents with secrets need none). Raises
+    ``OSError`` or ``ssl.SSLError`` for unreadable files."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
 class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     """werkzeug's threaded server with at most ``max_threads`` request threads
     and HTTP/1.1 keep-alive (:class:`KeepAliveRequestHandler`, idle
@@ -598,7 +619,9 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
 
     def __init__(self, host: str, port: int, app: WSGIApp, max_threads: int = DEFAULT_MAX_THREADS,
                  keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
-                 header_timeout: Optional[float] = DEFAULT_HEADER_TIMEOUT, **kwargs: Any) -> None:
+                 header_timeout: Optional[float] = DEFAULT_HEADER_TIMEOUT,
+                 tls_context: Optional[ssl.SSLContext] = None, **kwargs: Any) -> None:
+        self.tls_context = tls_context
         self.max_threads = max_threads
         self.keepalive_timeout = keepalive_timeout
         self.head_deadlines = HeadDeadlines(header_timeout) if header_timeout else None
@@ -612,6 +635,11 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
         self._slots_freeing = 0
         kwargs.setdefault("handler", KeepAliveRequestHandler)
         super().__init__(host, port, app, **kwargs)
+        if tls_context is not None:
+            # The handshake happens on each connection's own thread (werkzeug
+            # would make it on the accepting thread, where one silent client
+            # stops every accept); the handler reads ssl_context for "https".
+            self.ssl_context = tls_context
 
     def server_bind(self) -> None:
         """Bind; raise :class:`~remotedialer.errors.ListenError` when the
@@ -654,9 +682,27 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
+            if self.tls_context is not None:
+                request = self._tls_handshake(request, client_address)
+                if request is None:
+                    return
             super().process_request_thread(request, client_address)
         finally:
             self._slots.release()
+
+    def _tls_handshake(self, sock: socket.socket, client_address: Any) -> Optional[ssl.SSLSocket]:
+        """TLS over an accepted connection, within :data:`TLS_HANDSHAKE_TIMEOUT`;
+        ``None`` (connection closed, one log line) if the handshake fails."""
+        assert self.tls_context is not None
+        try:
+            sock.settimeout(TLS_HANDSHAKE_TIMEOUT)
+            tls = self.tls_context.wrap_socket(sock, server_side=True)
+            tls.settimeout(None)
+            return tls
+        except (OSError, ValueError) as exc:
+            log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+            sock.close()
+            return None
 
     def shutdown(self) -> None:
         self._stopping.set()

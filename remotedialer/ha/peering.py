@@ -25,12 +25,18 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Set, Tuple, Type, Union
 
 from ..client import Backoff, TunnelClient
 from ..config import DEFAULT_LIMITS, Limits
 from ..connection import TunnelConnection
-from ..errors import ConnectNotAllowedError, HandshakeError, NoSessionError, TunnelClosedError
+from ..errors import (
+    ConnectNotAllowedError,
+    DialRefusedError,
+    HandshakeError,
+    NoSessionError,
+    TunnelClosedError,
+)
 from ..observer import NULL_OBSERVER, Observer
 from ..piping import Piper
 from ..server.sessions import SessionManager, dial_first
@@ -230,6 +236,13 @@ class PeerLink:
                 session.send_client_removed(client_key, session_key)
 
 
+LocalDial = Callable[[str, str, str, Optional[float], Tuple[Type[BaseException], ...]],
+                     Optional[TunnelConnection]]
+"""``dial(client_key, proto, address, timeout, skip)`` through this server's
+own sessions of ``client_key``; ``None`` if none took it; may raise
+:class:`~remotedialer.errors.DialRefusedError`."""
+
+
 class Peering:
     """The peering state of one server: its
     :class:`~remotedialer.server.tunnel_server.PeeringLayer`.
@@ -256,8 +269,12 @@ class Peering:
         observer: Optional[Observer] = None,
         ssl_context: Optional[ssl.SSLContext] = None,
         backoff: Backoff = PEER_BACKOFF,
+        local_dial: Optional[LocalDial] = None,
     ) -> None:
         self.client_sessions = client_sessions
+        #: Dials a relayed CONNECT through our own sessions of the key (the
+        #: server's, under its dial policy: ``Server.dial_local``).
+        self.dial_local: LocalDial = local_dial or self._dial_first
         self.peer_sessions = peer_sessions
         self.peer_id = peer_id
         self.peer_token = peer_token
@@ -287,7 +304,14 @@ class Peering:
             limits=server.limits,
             observer=server.observer,
             ssl_context=server.peer_ssl_context,
+            local_dial=server.dial_local,
         )
+
+    def _dial_first(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float],
+        skip: Tuple[Type[BaseException], ...],
+    ) -> Optional[TunnelConnection]:
+        return dial_first(self.client_sessions.sessions(client_key), proto, address, timeout, skip)
 
     # ------------------------------------------------------------- the links
     def add_peer(self, url: str, peer_id: str, token: str) -> None:
@@ -447,10 +471,14 @@ class Peering:
         self._relay_pool.submit(self._relay, conn, client_key, proto)
 
     def _relay(self, conn: TunnelConnection, client_key: str, proto: str) -> None:
-        target = dial_first(
-            self.client_sessions.sessions(client_key), proto, conn.address,
-            self.limits.control_write_timeout, skip=(TunnelClosedError, OSError),
-        )
+        try:
+            target = self.dial_local(
+                client_key, proto, conn.address, self.limits.control_write_timeout,
+                (TunnelClosedError, OSError),
+            )
+        except DialRefusedError as exc:  # the holding server's dial policy (logged)
+            conn.abort(exc)
+            return
         if target is None:
             conn.abort(NoSessionError(f"failed to find Session for client {client_key}"))
             return

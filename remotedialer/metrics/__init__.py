@@ -153,6 +153,24 @@ RESUMES_REFUSED = MetricSpec(
     "Total count of reattach attempts that could not resume their session (its connections ended)",
     False,
 )
+REFUSED_HANDSHAKES = MetricSpec(
+    "remotedialer_refused_handshakes", "counter", ("status",),
+    "Tunnel requests refused before the upgrade, by HTTP status (401 bad secret, 403 secret for "
+    "another client key, 400, 429, 503)", False,
+)
+REFUSED_DIALS = MetricSpec(
+    "remotedialer_refused_dials", "counter", ("clientkey", "reason"),
+    "Dials refused by the dial policy, by reason (target, no-policy, max-connections)", False,
+)
+CREDENTIALS_RELOADS = MetricSpec(
+    "remotedialer_credentials_reloads", "counter", ("result",),
+    "Reloads of the credentials file: result=\"ok\" took effect, \"failed\" kept the last good one",
+    False,
+)
+DIALS_IN_FLIGHT = MetricSpec(
+    "remotedialer_dials_in_flight", "gauge", ("clientkey",),
+    "Dials admitted by the dial policy and not yet registered on a session", False,
+)
 
 METRICS: Tuple[MetricSpec, ...] = (
     ADD_SESSION,
@@ -170,10 +188,14 @@ METRICS: Tuple[MetricSpec, ...] = (
     RESUMES,
     RESUME_BYTES_RESENT,
     RESUMES_REFUSED,
+    REFUSED_HANDSHAKES,
+    REFUSED_DIALS,
+    CREDENTIALS_RELOADS,
     SESSIONS,
     CONNECTIONS,
     PAUSED_CONNECTIONS,
     BUFFERED_BYTES,
+    DIALS_IN_FLIGHT,
 )
 """Every metric a :class:`PrometheusObserver` exposes, in documentation order."""
 
@@ -213,6 +235,9 @@ class PrometheusObserver(Observer):
         self._lock = threading.Lock()
         self._counts: Dict[str, Dict[_Labels, float]] = {spec.name: {} for spec in _COUNTERS}
         self._sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
+        #: Read at scrape time for ``remotedialer_dials_in_flight``: dials in
+        #: flight by client key (e.g. ``server.dials_in_flight_by_key``).
+        self.dials_in_flight: Optional[Callable[[], Dict[str, int]]] = None
         self.registry.register(self)
 
     def unregister(self) -> None:
@@ -288,6 +313,15 @@ class PrometheusObserver(Observer):
     def peer_disconnected(self, peer_id: str) -> None:
         self._add(PEER_DISCONNECTED, (peer_id,))
 
+    def handshake_refused(self, status: int) -> None:
+        self._add(REFUSED_HANDSHAKES, (str(status),))
+
+    def dial_refused(self, client_key: str, reason: str) -> None:
+        self._add(REFUSED_DIALS, (client_key, reason))
+
+    def credentials_reloaded(self, ok: bool) -> None:
+        self._add(CREDENTIALS_RELOADS, ("ok" if ok else "failed",))
+
     # ------------------------------------------------------------ collector
     def describe(self) -> List[Metric]:
         """The metric families without samples (lets the registry check names)."""
@@ -334,10 +368,14 @@ class PrometheusObserver(Observer):
                     paused[(key, "us")] += 1
                 if conn.peer_paused_us:
                     paused[(key, "peer")] += 1
+        source = self.dials_in_flight
+        in_flight = {(key,): 0 for (key,) in conns}  # every live key, as the other gauges
+        in_flight.update(((key,), count) for key, count in (source() if source is not None else {}).items())
         return [
             self._family(spec, sorted(values.items()))
             for spec, values in ((SESSIONS, live), (CONNECTIONS, conns),
-                                 (PAUSED_CONNECTIONS, paused), (BUFFERED_BYTES, buffered))
+                                 (PAUSED_CONNECTIONS, paused), (BUFFERED_BYTES, buffered),
+                                 (DIALS_IN_FLIGHT, in_flight))
         ]
 
 

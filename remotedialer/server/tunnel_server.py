@@ -41,7 +41,20 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Mapping, Optional, Protocol, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Tuple,
+    Type,
+    Union,
+)
 
 from werkzeug.wrappers import Request
 
@@ -49,6 +62,8 @@ from ..addresses import join_host_port
 from ..config import DEFAULT_LIMITS, Limits
 from ..connection import TunnelConnection
 from ..errors import (
+    AccessDeniedError,
+    DialRefusedError,
     ConnectNotAllowedError,
     LimitExceededError,
     NoSessionError,
@@ -56,6 +71,7 @@ from ..errors import (
     TunnelTimeoutError,
     error_text,
 )
+from .policy import DialGate, PolicySource
 from .port_forward import ForwardSpec, PortForward, start_forward
 from .wsgi import StartResponse, WSGIEnviron, plain_text_response
 from ..observer import NULL_OBSERVER, Observer
@@ -96,6 +112,7 @@ __all__ = [
     "ErrorWriter",
     "default_error_writer",
     "FAILED_AUTHENTICATION",
+    "FORBIDDEN",
 ]
 
 log = logging.getLogger(__name__)
@@ -111,6 +128,9 @@ refusal as a WSGI response (Go's ``ErrorWriter``)."""
 
 FAILED_AUTHENTICATION = "failed authentication"
 """Body of the HTTP 401 answer to a request the authorizer did not authorize."""
+
+FORBIDDEN = "forbidden"
+"""Body of the HTTP 403 answer to a secret that may not claim the client key."""
 
 def default_error_writer(
     environ: WSGIEnviron, start_response: StartResponse, status_code: int, message: str
@@ -248,8 +268,13 @@ class Server:
     * ``authorizer(request)`` returns ``(client_key, authed)`` for a werkzeug
       :class:`~werkzeug.wrappers.Request`, or raises: raising answers HTTP 400
       with the error's text, not authed answers 401 ``failed authentication``,
-      both before any upgrade. ``error_writer`` replaces how those (and a
-      request that is not a WebSocket upgrade: 400) are answered.
+      both before any upgrade. Raising an
+      :class:`~remotedialer.errors.AccessDeniedError` answers its ``status``
+      (401 ``failed authentication``, 403 ``forbidden``) and logs the claimed
+      key and the reason (e.g.
+      :meth:`~remotedialer.server.credentials.CredentialStore.agent_authorizer`).
+      ``error_writer`` replaces how those (and a request that is not a
+      WebSocket upgrade: 400) are answered.
     * ``client_connect_authorizer(proto, address)`` decides which dials a
       *client* may make through the server (reverse dials); ``None`` refuses
       them all, failing only the connection concerned. ``local_dialer``
@@ -258,6 +283,10 @@ class Server:
       :meth:`add_peer`); ``peer_ssl_context`` sets TLS for ``wss://`` peer
       links, which verify certificates by default. ``peering`` builds the
       peering layer (default: :class:`~remotedialer.ha.peering.Peering`).
+    * ``dial_policy()`` returns the
+      :class:`~remotedialer.server.policy.DialPolicy` in force (read on every
+      dial; ``None``: no policy), which :meth:`dial` enforces (see
+      :mod:`remotedialer.server.policy`); without it every dial is allowed.
     * ``websocket="simple-websocket"`` uses simple-websocket for the
       WebSocket instead of the built-in reader (the default), at a second
       thread per tunnel and 2.5x the CPU per GiB received (measured in
@@ -280,6 +309,7 @@ class Server:
         receive_bytes: int = RECEIVE_BYTES,
         peer_ssl_context: Optional[ssl.SSLContext] = None,
         peering: Optional[PeeringFactory] = None,
+        dial_policy: Optional[PolicySource] = None,
     ) -> None:
         if websocket not in ("builtin", "simple-websocket"):
             raise ValueError(f"unknown websocket implementation {websocket!r}")
@@ -304,6 +334,10 @@ class Server:
         self.peer_router: Optional[PeerRouter] = self.peering
         #: Resumption tokens of client sessions (``limits.resume_window`` > 0).
         self.resume_tokens = ResumeTokens()
+        #: Enforces ``dial_policy`` around every dial (``None`` without one).
+        self.dial_gate: Optional[DialGate] = (
+            DialGate(dial_policy, self._dial_refused) if dial_policy is not None else None
+        )
         self._closed = False
         self._warned_single_threaded = False
 
@@ -328,17 +362,22 @@ class Server:
             is_peer = False
             try:
                 client_key, authed = self.authorizer(request)
+            except AccessDeniedError as exc:
+                log.warning("refused agent %r from %s: HTTP %d: %s", exc.claimed,
+                            describe_remote(environ), exc.status, exc.reason)
+                return self._refuse(environ, start_response, exc.status,
+                                    FAILED_AUTHENTICATION if exc.status == 401 else FORBIDDEN)
             except Exception as exc:
                 self._log_refusal(environ, request, str(exc))
-                return self.error_writer(environ, start_response, 400, str(exc))
+                return self._refuse(environ, start_response, 400, str(exc))
             if not authed:
                 self._log_refusal(environ, request, FAILED_AUTHENTICATION)
-                return self.error_writer(environ, start_response, 401, FAILED_AUTHENTICATION)
+                return self._refuse(environ, start_response, 401, FAILED_AUTHENTICATION)
         problem = is_websocket_request(environ)
         if problem is not None:
-            return self.error_writer(environ, start_response, 400, problem)
+            return self._refuse(environ, start_response, 400, problem)
         if self._closed:
-            return self.error_writer(environ, start_response, 503, "server shutting down")
+            return self._refuse(environ, start_response, 503, "server shutting down")
         manager = self.peer_sessions if is_peer else self.session_manager
         offered = (
             not is_peer and self.limits.resume_window > 0 and self.websocket == "builtin"
@@ -356,6 +395,8 @@ class Server:
             return self.error_writer(
                 environ, start_response, 429, f"too many sessions for client {client_key}"
             )
+        if len(manager.sessions(client_key)) >= self.limits.max_sessions_per_key:
+            return self._refuse(environ, start_response, 429, f"too many sessions for client {client_key}")
         try:
             _sock, server_kind = socket_from_environ(environ)
         except UnsupportedServerError as exc:
@@ -371,6 +412,14 @@ class Server:
         self._serve_websocket(environ, client_key, is_peer, offered, resumed)
         finish_taken_over_response(server_kind)  # raises: the server must write nothing more
         return []  # pragma: no cover
+
+    def _refuse(
+        self, environ: WSGIEnviron, start_response: StartResponse, status: int, message: str
+    ) -> Iterable[bytes]:
+        """Answer a refused tunnel request and count it."""
+        if self.observer is not None:
+            self.observer.handshake_refused(status)
+        return self.error_writer(environ, start_response, status, message)
 
     def _log_refusal(self, environ: WSGIEnviron, request: Request, reason: str) -> None:
         """One line for a refused connect request; a peer link that failed
@@ -538,12 +587,55 @@ class Server:
         Raises :class:`~remotedialer.errors.NoSessionError` at once when no
         open session holds the key.
         """
-        conn = dial_first(self.session_manager.sessions(client_key), proto, address, timeout)
-        if conn is None:
-            conn = self.dial_via_peer(client_key, proto, address, timeout)
+        gate = self.dial_gate
+        if gate is None:
+            conn = dial_first(self.session_manager.sessions(client_key), proto, address, timeout)
+            if conn is None:
+                conn = self.dial_via_peer(client_key, proto, address, timeout)
+        else:
+            with gate.admit(client_key, proto, address, timeout,
+                            lambda: self.open_connections(client_key)) as allowed_timeout:
+                conn = dial_first(self.session_manager.sessions(client_key), proto, address,
+                                  allowed_timeout)
+                if conn is None:
+                    conn = self.dial_via_peer(client_key, proto, address, allowed_timeout)
         if conn is not None:
             return conn
         raise NoSessionError(f"failed to find Session for client {client_key}")
+
+    def dial_local(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float],
+        skip: Tuple[Type[BaseException], ...] = (TunnelClosedError,),
+    ) -> Optional[TunnelConnection]:
+        """Dial through this server's own sessions of ``client_key`` only
+        (never a peer), under the dial policy: what a peer's relayed dial
+        uses. ``None`` when no session took it (those raising one of
+        ``skip`` are passed over); raises
+        :class:`~remotedialer.errors.DialRefusedError` when the policy refuses."""
+        gate = self.dial_gate
+        if gate is None:
+            return dial_first(self.session_manager.sessions(client_key), proto, address, timeout, skip)
+        with gate.admit(client_key, proto, address, timeout,
+                        lambda: self.open_connections(client_key)) as allowed_timeout:
+            return dial_first(self.session_manager.sessions(client_key), proto, address,
+                              allowed_timeout, skip)
+
+    def open_connections(self, client_key: str) -> int:
+        """Connections open on this server's sessions of ``client_key``."""
+        return sum(session.connection_count() for session in self.session_manager.sessions(client_key))
+
+    def dials_in_flight(self, client_key: Optional[str] = None) -> int:
+        """Dials admitted by the dial policy and not yet registered, through
+        ``client_key`` (all keys if ``None``); 0 without a policy."""
+        return self.dial_gate.in_flight(client_key) if self.dial_gate is not None else 0
+
+    def dials_in_flight_by_key(self) -> Dict[str, int]:
+        """:meth:`dials_in_flight` of every key with any (the metrics gauge)."""
+        return self.dial_gate.in_flight_by_key() if self.dial_gate is not None else {}
+
+    def _dial_refused(self, error: DialRefusedError) -> None:
+        if self.observer is not None:
+            self.observer.dial_refused(error.client_key, error.reason)
 
     def dialer(self, client_key: str) -> ClientDialer:
         """A callable ``dial(proto, address, timeout=None)`` through
@@ -596,6 +688,17 @@ class Server:
     def remove_session_listener(self, listener: SessionListener) -> None:
         """Stop calling ``listener``."""
         self.session_manager.remove_listener(listener)
+
+    def disconnect(self, client_key: str, reason: str = "disconnected") -> int:
+        """Close every session of ``client_key`` on this server (peers hear
+        REMOVE_CLIENT as each leaves the table); returns how many there
+        were. The agent may reconnect: refuse its secret first to keep it out."""
+        sessions = [s for s in self.session_manager.sessions(client_key) if not s.closed]
+        for session in sessions:
+            session.close(reason)
+        if sessions:
+            log.info("disconnected %s: %d sessions (%s)", client_key, len(sessions), reason)
+        return len(sessions)
 
     # --------------------------------------------------------------- shutdown
     def close(self, reason: str = "server closed") -> None:

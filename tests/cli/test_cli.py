@@ -59,9 +59,9 @@ def test_server_help_carries_the_open_relay_warning(capsys: pytest.CaptureFixtur
         main(["server", "--help"])
     assert exited.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "WARNING: for testing and demos only" in text
-    assert "open relay" in text and "listens on every interface" in text
-    assert "--listen 127.0.0.1:8123" in text
+    assert "WARNING: without --credentials this server is an open relay" in text
+    assert "listens on every interface" in text
+    assert "--listen 127.0.0.1:8123" in text and "Running the server for real" in text
 
 
 @pytest.mark.parametrize("spec, reason", [

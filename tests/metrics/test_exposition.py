@@ -86,6 +86,9 @@ class Scenario:
             self._expect(metrics.BUFFERED_BYTES, (key,), 0)
             self._expect(metrics.PAUSED_CONNECTIONS, (key, "us"), 0)
             self._expect(metrics.PAUSED_CONNECTIONS, (key, "peer"), 0)
+            self._expect(metrics.DIALS_IN_FLIGHT, (key,), 0)
+        self.observer.dial_refused(AWKWARD[0], "target")
+        self._expect(metrics.REFUSED_DIALS, (AWKWARD[0], "target"), 1)
         self.go_names = go_names
 
     def _expect(self, spec: MetricSpec, labels: Tuple[str, ...], value: float) -> None:

@@ -14,6 +14,9 @@ import requests
 import websocket
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+
+from remotedialer.errors import DialRefusedError, HandshakeError
+from remotedialer.server.policy import DialPolicy, KeyPolicy, parse_targets
 from werkzeug.serving import make_server
 
 from remotedialer import metrics
@@ -140,6 +143,7 @@ def test_metric_list_matches_go_names() -> None:
         "remotedialer_connections",
         "remotedialer_paused_connections",
         "remotedialer_buffered_bytes",
+        "remotedialer_dials_in_flight",
     }
     assert len({spec.name for spec in METRICS}) == len(METRICS)
 
@@ -375,6 +379,9 @@ def test_metrics_endpoint_over_http(pair: ObservedPair) -> None:
     end_by_a_failed_write(observer, "bar")  # a second session
     peer_link_up_and_down(observer, "b")
     suspend_resume_refuse(observer, pair.server)
+    observer.handshake_refused(401)
+    observer.dial_refused("foo", "target")
+    observer.credentials_reloaded(True)
 
     served = Served(with_metrics_endpoint(_not_found, pair.server_registry))
     try:
@@ -407,7 +414,8 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
     registry = CollectorRegistry()
     observer = PrometheusObserver(registry)
     resumable = Limits(resume_window=30.0)
-    server = Server(tunnel_id_authorizer, observer=observer, limits=resumable)
+    policy = DialPolicy((KeyPolicy("foo", parse_targets(echo_server.address)),))
+    server = Server(tunnel_id_authorizer, observer=observer, limits=resumable, dial_policy=lambda: policy)
     server.peering.accept_peer("peer-b", "s3cret")
     served = Served(with_metrics_endpoint(server, registry))
     url = served.url.replace("http://", "ws://") + "/connect"
@@ -428,6 +436,11 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
             recv_exactly(conn, 400)
         wait_for(lambda: observer.value(metrics.REMOVE_CONNECTIONS, clientkey="foo", proto="tcp",
                                         addr=echo_server.address) == 1)
+        with pytest.raises(DialRefusedError):
+            server.dial("foo", "tcp", "127.0.0.1:1", timeout=TIMEOUT)
+        with pytest.raises(HandshakeError):
+            TunnelClient(url, {}).connect_once()  # no X-Tunnel-ID: 401
+        observer.credentials_reloaded(False)
         end_by_a_failed_write(observer, "gone")
         peer_link_up_and_down(observer, "peer-b")
         # resumption: foo's WebSocket dropped and resumed; a reattach with a bogus token
@@ -460,6 +473,9 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
     assert 'session_server_total_transmit_bytes{clientkey="foo"} 400.0' in text
     assert 'session_server_total_receive_bytes{clientkey="foo"} 400.0' in text
     assert 'remotedialer_sessions{clientkey="foo",peer="false"} 1.0' in text
+    assert 'remotedialer_refused_handshakes_total{status="401"} 1.0' in text
+    assert 'remotedialer_refused_dials_total{clientkey="foo",reason="target"} 1.0' in text
+    assert 'remotedialer_dials_in_flight{clientkey="foo"} 0.0' in text
 
 
 def test_metrics_from_the_remotedialer_server_command(tmp_path: Path) -> None:
@@ -487,3 +503,24 @@ def test_metrics_from_the_remotedialer_server_command(tmp_path: Path) -> None:
     assert samples[("session_server_total_transmit_bytes", (("clientkey", "foo"),))] > 0
     assert samples[("session_server_total_receive_bytes", (("clientkey", "foo"),))] > 0
     assert "process_resident_memory_bytes" in families
+
+
+def test_access_counters_and_dials_in_flight() -> None:
+    """The issue-20 hooks: refused handshakes by status, refused dials by
+    reason, reloads by result; the in-flight gauge reads its source per scrape."""
+    obs = metrics.PrometheusObserver(CollectorRegistry())
+    obs.handshake_refused(401)
+    obs.handshake_refused(401)
+    obs.handshake_refused(403)
+    obs.dial_refused("edge-1", "target")
+    obs.credentials_reloaded(True)
+    obs.credentials_reloaded(False)
+    assert obs.value(metrics.REFUSED_HANDSHAKES, status="401") == 2
+    assert obs.value(metrics.REFUSED_HANDSHAKES, status="403") == 1
+    assert obs.value(metrics.REFUSED_DIALS, clientkey="edge-1", reason="target") == 1
+    assert obs.value(metrics.CREDENTIALS_RELOADS, result="ok") == 1
+    assert obs.value(metrics.CREDENTIALS_RELOADS, result="failed") == 1
+    assert obs.value(metrics.DIALS_IN_FLIGHT, clientkey="edge-1") == 0
+    in_flight = {"edge-1": 3}
+    obs.dials_in_flight = lambda: in_flight
+    assert obs.value(metrics.DIALS_IN_FLIGHT, clientkey="edge-1") == 3
