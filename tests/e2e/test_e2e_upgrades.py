@@ -176,3 +176,28 @@ def test_a_101_without_a_matching_upgrade_is_a_502(stack: Stack, upgrade: Option
         wait_for(lambda: "101 Switching Protocols refused" in stack.front.log_text())
     finally:
         target.close()
+
+
+def test_bytes_sent_with_the_request_head_reach_the_target(caplog: pytest.LogCaptureFixture) -> None:
+    """A client that does not wait for the 101 (one write: the handshake and
+    a first frame): the example server's front end had read the frame with
+    the head, and it is passed on first. (gunicorn keeps such bytes out of
+    the application's reach; RFC 6455 clients wait for the 101.)"""
+    stack = Stack(start_front("example", caplog))
+    try:
+        stack.connect().close()  # the front end knows the agent
+        handshake = (f"GET /client/{AGENT}/http/{stack.echo.address}/echo HTTP/1.1\r\nHost: x\r\n"
+                     "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode()
+        early = b"\x81\x85\x00\x00\x00\x00early"  # a masked text frame, mask key 0
+        with socket.create_connection(("127.0.0.1", stack.front.port), timeout=TIMEOUT) as sock:
+            sock.sendall(handshake + early)
+            answer = b""
+            while b"early" not in answer:
+                piece = sock.recv(65536)
+                assert piece, answer
+                answer += piece
+        assert answer.startswith(b"HTTP/1.1 101 ")
+        assert answer.endswith(b"\r\n\r\n\x81\x05early")
+    finally:
+        stack.close()
