@@ -585,7 +585,10 @@ class Server:
         ``timeout``), never for the far side: a refused target shows up as
         the first read raising :class:`~remotedialer.errors.RemoteError`.
         Raises :class:`~remotedialer.errors.NoSessionError` at once when no
-        open session holds the key.
+        open session holds the key, and
+        :class:`~remotedialer.errors.DialRefusedError` (a ``PermissionError``)
+        when the dial policy refuses (the target, or the key's connection
+        cap); the policy may also lower ``timeout`` to its ``dial-timeout``.
         """
         gate = self.dial_gate
         if gate is None:
