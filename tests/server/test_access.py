@@ -12,7 +12,7 @@ from typing import Iterator, List
 
 import pytest
 
-from remotedialer.client import TunnelClient
+from remotedialer.client import Backoff, TunnelClient
 from remotedialer.errors import DialRefusedError, HandshakeError
 from remotedialer.observer import Observer
 from remotedialer.server.credentials import CredentialStore, hash_secret, new_secret
@@ -223,3 +223,27 @@ def test_peer_relayed_dials_obey_the_holding_servers_policy(tmp_path: Path, echo
         a.close()
         b.close()
 
+
+
+def test_disconnect_tells_the_peers(tmp_path: Path) -> None:
+    """Disconnecting an agent on the server that holds it sends REMOVE_CLIENT:
+    its peer stops routing the key there."""
+    path = tmp_path / "credentials"
+    write(path, 1)
+    store = CredentialStore.load(str(path))
+    a = TunnelServer(peer_id="a", peer_token="t")
+    b = TunnelServer(peer_id="b", peer_token="t", authorizer=store.agent_authorizer)
+    try:
+        a.server.add_peer(b.url, "b", "t")
+        b.server.add_peer(a.url, "a", "t")
+        client = TunnelClient(b.url, {"X-Tunnel-ID": "edge-1", "Authorization": f"Bearer {EDGE}"}, allow_all,
+                              backoff=Backoff(initial=30, maximum=30))  # it stays away once cut
+        b.clients.append(client)
+        client.start()
+        client.wait_connected(TIMEOUT)
+        wait_for(lambda: "edge-1" in a.server.peering.remote_clients().get("b", []))
+        assert b.server.disconnect("edge-1", "test") == 1
+        wait_for(lambda: "edge-1" not in a.server.peering.remote_clients().get("b", []))
+    finally:
+        a.close()
+        b.close()
