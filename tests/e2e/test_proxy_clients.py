@@ -30,16 +30,17 @@ import pytest
 
 from remotedialer.gateway.proxy import ProxyFrontEnd
 from remotedialer.piping import Piper, dial_socket
-from testkit.proxy import user_authorizer
+from remotedialer.server.credentials import Credentials, CredentialStore, hash_secret, new_secret
 from testkit.support import TIMEOUT, TunnelServer, wait_for
 
-PASSWORD = "user-secret-1"
+PASSWORD = new_secret()
 #: A name only the agent resolves (to 127.0.0.1): Go clients such as
 #: kubectl never send loopback addresses to a proxy.
 AGENT_ONLY_NAME = "kube.test"
 
 
-authorize = user_authorizer(PASSWORD, ("foo",))
+#: alice may reach the agent ``foo`` only, which may dial anything.
+CREDENTIALS = f"user alice {hash_secret(PASSWORD)} foo\npolicy * allow=*\n"
 
 
 def agent_dialer(proto: str, address: str, timeout: Optional[float]) -> socket.socket:
@@ -96,7 +97,8 @@ class Env:
         self.piper = Piper("e2e-proxy-piper")
         self.tunnel = TunnelServer(piper=self.piper)
         self.tunnel.client("foo", dialer=agent_dialer)
-        self.proxy = ProxyFrontEnd(self.tunnel.server.dial, authorize=authorize, piper=self.piper)
+        store = CredentialStore(Credentials.parse(CREDENTIALS))
+        self.proxy = ProxyFrontEnd(self.tunnel.server.dial, authorize=store.authorize_user, piper=self.piper)
         self.targets = Targets(tmp)
 
     @property
@@ -352,34 +354,49 @@ def test_every_client_left_nothing_open(env: Env) -> None:
 
 
 # ------------------------------------------------- remotedialer server --proxy-listen
-def test_server_cli_proxy_listen() -> None:
-    """The real processes: ``remotedialer server --proxy-listen`` (open: no
-    credentials, and it says so) and ``remotedialer client``; curl through
-    the proxy port; a silent connection on either port is closed after
-    ``--header-timeout``."""
+def test_server_cli_proxy_listen(tmp_path: Path) -> None:
+    """The real processes: ``remotedialer server --credentials FILE
+    --proxy-listen`` and ``remotedialer client`` with its agent secret; curl
+    through the proxy port, allowed and refused (bad secret, another agent,
+    a target the policy refuses); a silent connection on either port is
+    closed after ``--header-timeout``."""
     import re
 
-    from testkit.cli import LISTENING, Proc
+    from testkit.cli import LISTENING, Proc, cli_env
 
     curl = need("curl")
+    agent_secret = new_secret()
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        f"agent {hash_secret(agent_secret)} foo\n"
+        f"user alice {hash_secret(PASSWORD)} foo\n"
+        "policy foo allow=127.0.0.1:1024-65535,localhost:1024-65535\n"
+    )
     server = Proc.cli("server", "--listen", "127.0.0.1:0", "--proxy-listen", "127.0.0.1:0",
-                      "--header-timeout", "1")
+                      "--header-timeout", "1", "--credentials", str(credentials))
     client: Optional[Proc] = None
     try:
         port = server.wait_for(LISTENING).group(1)
         proxy_port = server.wait_for(re.compile(r"proxy 127\.0\.0\.1:(\d+): listening")).group(1)
-        assert "no user credentials configured" in server.output
-        client = Proc.cli("client", "--connect", f"ws://127.0.0.1:{port}/connect", "--id", "foo")
+        assert "no user credentials configured" not in server.output
+        client = Proc.cli("client", "--connect", f"ws://127.0.0.1:{port}/connect", "--id", "foo",
+                          env=cli_env(REMOTEDIALER_TOKEN=agent_secret))
         server.wait_for(re.compile(r"client session started for foo"))
-        proxy = f"http://foo:anything@127.0.0.1:{proxy_port}"
-        ok = run([curl, "-sS", "-x", proxy, f"http://127.0.0.1:{port}/healthz"])
+
+        def status(key: str, password: str, url: str) -> str:
+            answer = run([curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x",
+                          f"http://{key}:{password}@127.0.0.1:{proxy_port}", url])
+            return answer.stdout
+
+        healthz = f"http://127.0.0.1:{port}/healthz"
+        ok = run([curl, "-sS", "-x", f"http://foo:{PASSWORD}@127.0.0.1:{proxy_port}", healthz])
         assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
-        ok = run([curl, "-sS", "--socks5-hostname", f"foo:x@127.0.0.1:{proxy_port}",
+        ok = run([curl, "-sS", "--socks5-hostname", f"foo:{PASSWORD}@127.0.0.1:{proxy_port}",
                   f"http://localhost:{port}/healthz"])
         assert ok.returncode == 0 and ok.stdout.strip() == "ok", ok.stderr
-        no_agent = run([curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-x",
-                        f"http://bar:x@127.0.0.1:{proxy_port}", f"http://127.0.0.1:{port}/healthz"])
-        assert no_agent.stdout == "502"
+        assert status("foo", "wrong-secret", healthz) == "407"
+        assert status("bar", PASSWORD, healthz) == "403"  # alice may not reach bar
+        assert status("foo", PASSWORD, "http://127.0.0.1:1/") == "403"  # the policy refuses
         for silent_port in (port, proxy_port):
             with socket.create_connection(("127.0.0.1", int(silent_port)), timeout=TIMEOUT) as sock:
                 sock.sendall(b"GET / HTTP/1.1\r\n")

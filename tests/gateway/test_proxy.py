@@ -5,39 +5,42 @@ form and SOCKS5 (allowed and refused), plus slow and hostile clients."""
 from __future__ import annotations
 
 import base64
-import errno
 import socket
 import struct
 import threading
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import pytest
 
 from remotedialer.gateway.proxy import ProxyFrontEnd, ProxyLimits
 from remotedialer.piping import Piper
-from testkit.proxy import user_authorizer
+from remotedialer.server.credentials import Credentials, CredentialStore, hash_secret, new_secret
 from testkit.support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, wait_for
 
-PASSWORD = "pw-for-foo"
-
-
-#: A user who may reach ``foo`` and ``missing`` (no agent has that key), nothing else.
-authorize = user_authorizer(PASSWORD, ("foo", "missing"))
+PASSWORD = new_secret()
+#: alice may reach ``foo`` and ``missing`` (no agent has that key); ``foo``
+#: may dial loopback's unprivileged ports and ``localhost``, nothing else.
+CREDENTIALS = f"""
+user alice {hash_secret(PASSWORD)} foo,missing
+policy foo allow=127.0.0.1:1024-65535,[::1]:1024-65535,localhost:*
+policy * allow=*
+"""
+#: A target the policy refuses (never dialed).
+DENIED = "127.0.0.1:1"
 
 
 class Env:
+    """A real server with a real credential store and dial policy, an agent
+    ``foo``, an echo server and the proxy front end."""
+
     def __init__(self, limits: ProxyLimits = ProxyLimits(dial_confirm_wait=0.5)) -> None:
         self.piper = Piper("test-proxy-piper")
-        self.tunnel = TunnelServer(piper=self.piper)
+        self.store = CredentialStore(Credentials.parse(CREDENTIALS))
+        self.tunnel = TunnelServer(piper=self.piper, dial_policy=self.store.dial_policy)
         self.tunnel.client("foo")
         self.echo = EchoServer()
-        self.denied: Set[str] = set()
-        self.proxy = ProxyFrontEnd(self.dial, authorize=authorize, limits=limits, piper=self.piper)
-
-    def dial(self, key: str, proto: str, address: str, timeout: Optional[float]) -> Any:
-        if address in self.denied:  # what the dial policy raises
-            raise PermissionError(errno.EACCES, f"dial policy: {address} not allowed for {key}")
-        return self.tunnel.server.dial(key, proto, address, timeout)
+        self.proxy = ProxyFrontEnd(self.tunnel.server.dial, authorize=self.store.authorize_user,
+                                   limits=limits, piper=self.piper)
 
     @property
     def echo_address(self) -> str:
@@ -151,14 +154,13 @@ def test_connect_without_credentials_is_407(env: Env) -> None:
 
 
 def test_connect_policy_refusal_is_403(env: Env) -> None:
-    env.denied.add(env.echo_address)
-    sock, head = http_connect(env, env.echo_address)
+    sock, head = http_connect(env, DENIED)
     sock.close()
     assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n")
 
 
 def test_connect_to_refused_target_is_502(env: Env) -> None:
-    sock, head = http_connect(env, f"127.0.0.1:{closed_port()}")
+    sock, head = http_connect(env, f"localhost:{closed_port()}")
     sock.close()
     assert head.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert b"refused" in head.lower()
@@ -200,11 +202,10 @@ def test_socks5_refusals(env: Env, key: str, password: str, expected: bytes) -> 
 
 
 def test_socks5_policy_refusal_and_refused_target(env: Env) -> None:
-    env.denied.add(env.echo_address)
-    sock, reply = socks5(env, "127.0.0.1", env.echo.port, atyp=1)
+    sock, reply = socks5(env, "127.0.0.1", 1, atyp=1)
     sock.close()
     assert reply[:2] == b"\x05\x02"
-    sock, reply = socks5(env, "127.0.0.1", closed_port(), atyp=1)
+    sock, reply = socks5(env, "localhost", closed_port(), atyp=3)
     sock.close()
     assert reply[:2] == b"\x05\x05"
 
