@@ -15,67 +15,28 @@ in the same run is marked *limited by the target* in the notes.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
 import tempfile
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from remotedialer.server.process import raise_open_files_limit
 
-from .fast_target import LIMIT_SHARE, TARGET_KINDS, FastTarget, start_fast_target
+from .fast_target import TARGET_KINDS, FastTarget, mark_target_limited, start_fast_target
 from .loadgen import wrk_path
 from .procs import BenchError, Proc, wait_until
 from .report import Report
 from .sshd import SSHReverseForward
-from .stacks import GO, Route, route_label, start_stacks
-from .workloads import _get_ok, _request_rows
+from .stacks import GO, WORKER, Route, route_label, start_stacks
+from .workloads import Options, get_ok, request_rows
 
-__all__ = ["main", "WORKER", "WORKER_CLASS", "start_worker_stack", "mark_target_limited"]
+__all__ = ["main", "ratio_notes"]
 
-#: The column of the Python server under gunicorn with our worker class.
-WORKER = "worker"
-WORKER_CLASS = "remotedialer.workers.RemotedialerWorker"
 FILE = "1k.bin"
 
 
-def start_worker_stack(log_dir: str, target: str, procs: Dict[str, Proc]) -> Route:
-    """``gunicorn -k WORKER_CLASS --workers 1`` serving the example server,
-    with a Python client; the route to the target through it."""
-    from .stacks import _start_on_free_port
-
-    server, port = _start_on_free_port("gunicorn-worker", lambda port: [
-        sys.executable, "-m", "gunicorn", "-k", WORKER_CLASS, "--workers", "1",
-        "-b", f"127.0.0.1:{port}", "remotedialer.cli.server:make_app()"], log_dir)
-    procs["gunicorn-worker"] = server
-    client = Proc.remotedialer("py-client-worker", [
-        "client", "--connect", f"ws://127.0.0.1:{port}/connect", "--id", "foo"], log_dir)
-    procs["py-client-worker"] = client
-    return Route(f"http://127.0.0.1:{port}/client/foo/http/{target}/", server, client, server_tree=True)
-
-
-def mark_target_limited(report: Report, direct: str = "direct") -> List[str]:
-    """Notes for every request-rate row where a path's median exceeds
-    :data:`LIMIT_SHARE` of the direct path's median (same row, same run)."""
-    marked = []
-    for row in report.rows:
-        if row.unit != "req/s":
-            continue
-        target = row.median(direct)
-        if not target:
-            continue
-        for path in row.values:
-            rate = row.median(path)
-            if path != direct and rate is not None and rate > target * LIMIT_SHARE:
-                text = (f"{row.workload} {path}: {rate:.0f} req/s is more than a third of the "
-                        f"target's direct {target:.0f} req/s: limited by the target")
-                report.note(text)
-                marked.append(text)
-    return marked
-
-
-def ratio_notes(report: Report, pairs: Sequence[tuple]) -> None:
+def ratio_notes(report: Report, pairs: Sequence[Tuple[str, str]]) -> None:
     """``a/b`` of the request-rate and CPU medians for each pair present."""
     for row in report.rows:
         if row.unit != "req/s" and "server+client" not in row.metric:
@@ -87,8 +48,6 @@ def ratio_notes(report: Report, pairs: Sequence[tuple]) -> None:
 
 
 def _run(args: argparse.Namespace, report: Report, progress: Callable[[str], None]) -> None:
-    from .workloads import Options
-
     options = Options(runs=args.runs, request_seconds=args.seconds,
                       concurrency=[int(c) for c in args.concurrency.split(",") if c.strip()],
                       use_wrk=not args.no_wrk, progress=progress)
@@ -101,7 +60,7 @@ def _run(args: argparse.Namespace, report: Report, progress: Callable[[str], Non
             handle.write(os.urandom(1024))
         try:
             target: FastTarget = start_fast_target(args.target, data, work)
-            procs["target"] = target.proc
+            procs[target.proc.name] = target.proc
             report.note(f"target: {target.label}")
             server_args = ["server", "--listen", "127.0.0.1:0"]
             if args.forward:
@@ -117,29 +76,23 @@ def _run(args: argparse.Namespace, report: Report, progress: Callable[[str], Non
                                 server, client)}
             notes: List[str] = []
             routes.update(start_stacks(work, server, server_port, target.address, not args.no_go,
-                                       not args.no_gunicorn, procs, notes.append))
+                                       not args.no_gunicorn, procs, notes.append,
+                                       want_worker=not args.no_worker))
             if not args.pairings:
                 for path in ("go-srv+py-cli", "py-srv+go-cli"):
                     routes.pop(path, None)
-            if not args.no_worker:
-                if importlib.util.find_spec("remotedialer.workers") is None:
-                    notes.append("worker column skipped: remotedialer.workers is not in this checkout")
-                else:
-                    routes[WORKER] = start_worker_stack(work, target.address, procs)
             routes["direct"] = Route(f"http://{target.address}/")
             for name, route in routes.items():
                 url = route.url(FILE)
-                wait_until(lambda: _get_ok(url), 20, f"the {name} path to answer", 0.05)  # noqa: B023
+                wait_until(lambda: get_ok(url), 20, f"the {name} path to answer", 0.05)  # noqa: B023
             for note in notes:
                 report.note(note)
             for path in routes:
-                label = (route_label(path) if path != WORKER else
-                         f"Python server under gunicorn -k {WORKER_CLASS} (1 worker) + Python client")
-                report.note(f"{path}: {label}")
+                report.note(f"{path}: {route_label(path)}")
             tool = "wrk" if options.use_wrk and wrk_path() else "built-in Python load generator"
             report.note(f"request rates measured with {tool}; {options.runs} alternating runs "
                         f"of {options.request_seconds:g} s per cell")
-            _request_rows_for(options, report, "1 KiB GET", routes)
+            request_rows(options, report, "1 KiB GET", routes, {}, {})
             if args.forward:
                 forward_port = int(server.wait_for_log(
                     rf"forward 127\.0\.0\.1:(\d+)=\S*{target.address}\b")[0].group(1))
@@ -156,22 +109,13 @@ def _run(args: argparse.Namespace, report: Report, progress: Callable[[str], Non
                 forward_routes["direct"] = routes["direct"]
                 for name, route in forward_routes.items():
                     url = route.url(FILE)
-                    wait_until(lambda: _get_ok(url), 20, f"the {name} path to answer", 0.05)  # noqa: B023
-                _request_rows_for(options, report, "raw forward 1 KiB GET", forward_routes)
+                    wait_until(lambda: get_ok(url), 20, f"the {name} path to answer", 0.05)  # noqa: B023
+                request_rows(options, report, "raw forward 1 KiB GET", forward_routes, {}, {})
         finally:
             if ssh is not None:
                 ssh.stop()
             for proc in reversed(list(procs.values())):
                 proc.stop()
-
-
-def _request_rows_for(options: object, report: Report, prefix: str, routes: Dict[str, Route]) -> None:
-    class _Setup:  # what _request_rows reads of a workloads.Setup
-        pass
-
-    setup = _Setup()
-    setup.options = options  # type: ignore[attr-defined]
-    _request_rows(setup, report, prefix, routes, {}, {})  # type: ignore[arg-type]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 from remotedialer.cli import OneLineErrorParser
 from remotedialer.server.process import raise_open_files_limit
 
+from .fast_target import TARGET_KINDS
 from .procs import BenchError
 from .report import Report
 from .workloads import WORKLOADS, Options, run_workloads
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-go", action="store_true",
                         help="skip the Go reference stacks (run when built: see benchmarks/goref.py)")
     parser.add_argument("--no-gunicorn", action="store_true", help="skip the gunicorn gthread stack")
+    parser.add_argument("--no-worker", action="store_true",
+                        help="skip gunicorn with the project's worker class (remotedialer.workers)")
+    parser.add_argument("--target", choices=TARGET_KINDS, default="auto",
+                        help="the HTTP server behind the tunnels: Go's example file server when built, "
+                             "else nginx (auto, the default); python is remotedialer dummy, slower than "
+                             "the tunnels")
     return parser
 
 
@@ -78,6 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options.ssh = not args.no_ssh
     options.go = not args.no_go
     options.gunicorn = not args.no_gunicorn
+    options.worker = not args.no_worker
+    options.target = args.target
     raise_open_files_limit()
     report = Report()
     started = time.monotonic()

@@ -18,10 +18,10 @@ __all__ = ["Row", "Report", "PATHS"]
 
 #: Path columns, in table order ("tunnel" is the Python server + Python client,
 #: "go" the Go reference's server + client, both started in the same run).
-PATHS = ("tunnel", "go", "go-srv+py-cli", "py-srv+go-cli", "gunicorn", "forward", "ssh-R", "direct")
+PATHS = ("tunnel", "go", "go-srv+py-cli", "py-srv+go-cli", "worker", "gunicorn", "forward", "ssh-R", "direct")
 
 #: Ratio columns (medians, first / second), shown when a table has both paths.
-RATIOS = (("tunnel", "go"), ("gunicorn", "go"), ("forward", "ssh-R"), ("tunnel", "direct"))
+RATIOS = (("tunnel", "go"), ("worker", "go"), ("gunicorn", "go"), ("forward", "ssh-R"), ("tunnel", "direct"))
 
 
 @dataclass

@@ -14,6 +14,7 @@ import math
 import sys
 from typing import Callable, List
 
+from .fast_target import mark_target_limited
 from .loadgen import parse_wrk
 from .report import Report
 from .soak import Sample, SoakResult
@@ -101,8 +102,22 @@ def check_soak_bad_arguments() -> None:
         assert soak_main(["--seconds", "1", "--connections", "0"]) == 2
 
 
+def check_rows_limited_by_the_target_are_marked() -> None:
+    report = Report()
+    row = report.row("1 KiB GET c10", "requests", "req/s")
+    for path, rates in (("direct", (9000, 9100, 8900)), ("tunnel", (2000, 2100, 1900)),
+                        ("go", (3200, 3000, 3100))):
+        for rate in rates:
+            row.add(path, rate)
+    report.row("1 KiB GET c10", "CPU server", "us/req").add("tunnel", 9999)  # not a rate: ignored
+    marked = mark_target_limited(report)
+    assert len(marked) == 1 and "go: 3100 req/s" in marked[0] and "limited by the target" in marked[0], marked
+    assert marked[0] in report.table()
+
+
 CHECKS: List[Callable[[], None]] = [
     check_parse_wrk,
+    check_rows_limited_by_the_target_are_marked,
     check_report_table_medians_and_run_counts,
     check_report_one_table_per_workload_with_go_ratios,
     check_soak_errors_and_deaths_fail_the_run,

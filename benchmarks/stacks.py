@@ -1,6 +1,7 @@
 """The tunnel stacks compared side by side in one run: every pairing of the
 Python and the Go example server with the Python and the Go example client,
-plus the Python server deployed under gunicorn as README.rst recommends.
+plus the Python server under gunicorn: with the project's worker class (as
+README.rst recommends) and with gunicorn's gthread worker (the fallback).
 
 Each :class:`Route` is a URL of the 1 KiB file through one server/client
 pair (the server's ``/client/<id>/http/<target>/<path>`` route) and the two
@@ -19,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from .goref import GOREF_HINT, go_binary
 from .procs import BenchError, Proc, Usage, free_port, usage, wait_listening
 
-__all__ = ["Route", "GO", "TUNNEL", "start_stacks", "route_label"]
+__all__ = ["Route", "GO", "TUNNEL", "WORKER", "WORKER_CLASS", "start_stacks", "route_label"]
 
 #: Path names (table columns) of the stacks; "tunnel" is Python server + Python client.
 TUNNEL = "tunnel"
@@ -27,6 +28,9 @@ GO = "go"
 GO_SERVER_PY_CLIENT = "go-srv+py-cli"
 PY_SERVER_GO_CLIENT = "py-srv+go-cli"
 GUNICORN = "gunicorn"
+WORKER = "worker"
+#: The project's gunicorn worker class (README.rst's deployment).
+WORKER_CLASS = "remotedialer.workers.RemotedialerWorker"
 
 
 def route_label(path: str) -> str:
@@ -37,6 +41,7 @@ def route_label(path: str) -> str:
         GO_SERVER_PY_CLIENT: "Go server + Python client",
         PY_SERVER_GO_CLIENT: "Python server + Go client",
         GUNICORN: "Python server under gunicorn gthread (1 worker, 256 threads) + Python client",
+        WORKER: f"Python server under gunicorn -k {WORKER_CLASS} (1 worker) + Python client",
     }.get(path, path)
 
 
@@ -78,7 +83,7 @@ def _start_on_free_port(name: str, argv_for: Callable[[int], List[str]], log_dir
 
 def start_stacks(log_dir: str, py_server: Proc, py_server_port: int, target: str,
                  want_go: bool, want_gunicorn: bool, procs: Dict[str, Proc],
-                 notes: Callable[[str], None]) -> Dict[str, Route]:
+                 notes: Callable[[str], None], want_worker: bool = False) -> Dict[str, Route]:
     """Start the Go server and clients and the gunicorn server beside the
     running Python server; return the extra routes by path name. Started
     processes go into ``procs`` (the caller stops them). ``target`` is the
@@ -121,4 +126,11 @@ def start_stacks(log_dir: str, py_server: Proc, py_server_port: int, target: str
         procs["gunicorn"] = gunicorn
         routes[GUNICORN] = Route(route(port, "foo"), gunicorn,
                                  client("py-client-gunicorn", port, "foo", False), server_tree=True)
+    if want_worker:
+        worker, port = _start_on_free_port("gunicorn-worker", lambda port: [
+            sys.executable, "-m", "gunicorn", "-k", WORKER_CLASS, "--workers", "1",
+            "-b", f"127.0.0.1:{port}", "remotedialer.cli.server:make_app()"], log_dir)
+        procs["gunicorn-worker"] = worker
+        routes[WORKER] = Route(route(port, "foo"), worker,
+                               client("py-client-worker", port, "foo", False), server_tree=True)
     return routes

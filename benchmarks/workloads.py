@@ -26,10 +26,11 @@ from .agents import AgentsOptions, agents_workload
 from .loadgen import LoadResult, run_load, wrk_path
 from .procs import BenchError, Proc, ProcStats, Usage, wait_until
 from .report import Report
+from .fast_target import mark_target_limited, start_fast_target
 from .sshd import SSHReverseForward
 from .stacks import Route, start_stacks
 
-__all__ = ["Options", "Setup", "WORKLOADS", "run_workloads"]
+__all__ = ["Options", "Setup", "WORKLOADS", "run_workloads", "request_rows", "get_ok"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -59,6 +60,8 @@ class Options:
     agents: AgentsOptions = field(default_factory=AgentsOptions)
     go: bool = True
     gunicorn: bool = True
+    worker: bool = True  # gunicorn with remotedialer.workers.RemotedialerWorker
+    target: str = "auto"  # the HTTP target (fast_target.TARGET_KINDS)
     progress: Callable[[str], None] = lambda text: print(text, file=sys.stderr, flush=True)
 
     @classmethod
@@ -124,8 +127,11 @@ class Setup:
         progress = self.options.progress
         progress("setup: writing test files")
         self._make_files()
-        dummy = self._spawn("dummy", ["dummy", "--listen", "127.0.0.1:0", self.data_dir])
-        self.dummy_port = int(dummy.wait_for_log(r"listening on http://[^\s]+:(\d+)")[0].group(1))
+        http_target = start_fast_target(self.options.target, self.data_dir, self.dir)
+        self.procs[http_target.proc.name] = http_target.proc
+        self.dummy_port = http_target.port
+        self.notes.append(f"target (the file server behind every path, and the direct column): "
+                          f"{http_target.label}")
         server_args = ["server", "--listen", "127.0.0.1:0"]
         self.has_forward = (self.want_forward or self.want_scale) and _cli_has_forward()
         forwards = 0
@@ -151,10 +157,10 @@ class Setup:
         if self.want_stacks:
             self.stacks.update(start_stacks(
                 self.dir, server, self.server_port, f"127.0.0.1:{self.dummy_port}", self.options.go,
-                self.options.gunicorn, self.procs, self.notes.append))
+                self.options.gunicorn, self.procs, self.notes.append, want_worker=self.options.worker))
         for name, route in self.stacks.items():
             url = route.url("1k.bin")
-            wait_until(lambda: _get_ok(url), 20, f"the {name} tunnel to answer", 0.05)  # noqa: B023
+            wait_until(lambda: get_ok(url), 20, f"the {name} tunnel to answer", 0.05)  # noqa: B023
         progress(f"setup: dummy :{self.dummy_port}, server :{self.server_port}, client pid {client.pid}"
                  + (f", forward :{self.forward_port}" if self.forward_port else ""))
 
@@ -177,7 +183,7 @@ class Setup:
         self.ssh = SSHReverseForward(self.dir, self.dummy_port)
         try:
             port = self.ssh.start()
-            wait_until(lambda: _get_ok(f"http://127.0.0.1:{port}/1k.bin"), 10, "ssh -R to answer", 0.05)
+            wait_until(lambda: get_ok(f"http://127.0.0.1:{port}/1k.bin"), 10, "ssh -R to answer", 0.05)
             return port
         except (BenchError, OSError, subprocess.SubprocessError) as exc:
             self.ssh_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -204,7 +210,8 @@ class Setup:
         return self.procs[name].stats()
 
 
-def _get_ok(url: str) -> bool:
+def get_ok(url: str) -> bool:
+    """Whether a GET of ``url`` answers 200 (False on any socket error)."""
     try:
         host, port, path = _split_url(url)
         conn = http.client.HTTPConnection(host, port, timeout=5)
@@ -333,12 +340,11 @@ def _load_once(route: Route, name: str, connections: int, seconds: float, use_wr
     return LoadRun(result, (after[0] - before[0], after[1] - before[1]))
 
 
-def _request_rows(setup: Setup, report: Report, workload_prefix: str, routes: Dict[str, Route],
-                  targets: Dict[str, str], cache: Dict[Tuple[str, int], List[LoadRun]]) -> None:
+def request_rows(options: Options, report: Report, workload_prefix: str, routes: Dict[str, Route],
+                 targets: Dict[str, str], cache: Dict[Tuple[str, int], List[LoadRun]]) -> None:
     """1 KiB GETs on every route at every concurrency. The runs alternate
     between the routes (run 1 of each, then run 2 of each...), so that a
     change in the machine's load hits every route alike."""
-    options = setup.options
     warmup = min(1.0, options.request_seconds)
     for connections in options.concurrency:
         workload = f"{workload_prefix} c{connections}"
@@ -395,7 +401,8 @@ def requests_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int],
         targets.update({"c1 p50": TARGETS["p50 c1"], "cpu server+client": TARGETS["cpu"]})
         if "gunicorn" in routes:
             targets["c10 rps"] += "; " + TARGETS["gunicorn c10"]
-    _request_rows(setup, report, "1 KiB GET", routes, targets, cache)
+    request_rows(setup.options, report, "1 KiB GET", routes, targets, cache)
+    mark_target_limited(report)
 
 
 def forward_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int], List[LoadRun]]) -> None:
@@ -419,7 +426,8 @@ def forward_workload(setup: Setup, report: Report, cache: Dict[Tuple[str, int], 
     size = setup.options.forward_bytes
     _download_rows(setup, report, f"raw forward {_size(size)}", size, routes, "fwd.bin", "")
     targets = {f"c{c} rps": TARGETS["forward rps"] for c in (10, 100)} if "ssh-R" in routes else {}
-    _request_rows(setup, report, "raw forward 1 KiB GET", routes, targets, cache)
+    request_rows(setup.options, report, "raw forward 1 KiB GET", routes, targets, cache)
+    mark_target_limited(report)
 
 
 def _open_many(port: int, count: int, batch: int = 100, timeout: float = 60.0) -> List[socket.socket]:
@@ -574,7 +582,8 @@ def run_workloads(options: Options, only: Sequence[str], report: Report) -> None
         if not chosen:
             return
     # Go runs beside every Python figure it has a counterpart for; gunicorn only for requests.
-    options = dataclasses.replace(options, gunicorn=options.gunicorn and "requests" in chosen)
+    options = dataclasses.replace(options, gunicorn=options.gunicorn and "requests" in chosen,
+                                  worker=options.worker and "requests" in chosen)
     with Setup(options, "forward" in chosen, "scale" in chosen,
                want_stacks=bool({"idle", "download", "requests"} & set(chosen))) as setup:
         for name in chosen:
