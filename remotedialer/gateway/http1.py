@@ -42,11 +42,11 @@ __all__ = [
     "ResponseFraming",
     "is_token",
     "valid_header_value",
-    "parse_request_header_line",
     "request_framing_error",
     "RequestRefused",
     "request_line_error",
     "read_request_fields",
+    "parse_request_header_line",
     "encode_request_head",
     "parse_response_head",
     "response_framing",
@@ -76,6 +76,10 @@ _BAD_HEADER_VALUE = re.compile(r"[\r\n\x00]")
 _BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
 _DIGITS = re.compile(r"[0-9]+")
 _HEX = re.compile(r"[0-9A-Fa-f]{1,16}")
+# The parsers' loops call these bound methods directly (a call less per
+# header line than is_token() and valid_header_value(), which say the same).
+_token_match = _TOKEN.fullmatch
+_bad_value_search = _BAD_HEADER_VALUE.search
 
 
 def is_token(text: str) -> bool:
@@ -158,7 +162,7 @@ def parse_request_header_line(line: bytes) -> Optional[Tuple[str, str]]:
     by CRLF, a CR or NUL in the value. The value is stripped of blanks."""
     name, colon, value = line.decode("iso-8859-1").partition(":")
     value = value[:-2] if value.endswith("\r\n") else "\r"  # a bare LF: refused below
-    if not colon or not is_token(name) or not valid_header_value(value):
+    if not colon or not _token_match(name) or _bad_value_search(value):
         return None
     return name, value.strip(" \t")
 
@@ -211,7 +215,7 @@ def encode_request_head(method: str, path: str, headers: Mapping[str, str], has_
     send_length = method in _BODY_EXPECTED and not has_body
     send_encoding = True
     for name, value in headers.items():
-        if not valid_header_value(value):
+        if _bad_value_search(value):
             raise ValueError(f"invalid value of header {name}")
         lowered = name.lower()
         if lowered == "content-length":
@@ -293,9 +297,9 @@ def parse_response_head(head: bytes) -> ResponseHead:
             headers[-1] = (name, f"{value} {folded}" if value else folded)
             continue
         name, colon, value = line.partition(":")
-        if not colon or not is_token(name):
+        if not colon or not _token_match(name):
             raise BadResponse(f"invalid response header line {line[:100]!r}")
-        if not valid_header_value(value):
+        if _bad_value_search(value):
             raise BadResponse(f"invalid value of response header {name}")
         headers.append((name, value.strip(" \t")))
     return ResponseHead(version, int(code), reason.strip(), headers)
@@ -399,52 +403,43 @@ class ChunkedDecoder:
 
     def feed_line(self, line: bytes) -> None:
         """Take the next line (with its ending); raises :class:`ChunkedError`."""
-        if self.strict:
-            self._feed_strict(line)
+        strict = self.strict
+        if strict:
+            if self._chunk_ended:
+                if line != b"\r\n":
+                    raise ChunkedError("no CRLF after a chunk")
+                self._chunk_ended = False
+                return
+            if not line.endswith(b"\r\n"):
+                raise ChunkedError("invalid chunked body: line too long, bare LF or end of stream")
+            empty = line == b"\r\n"
         else:
-            self._feed_lenient(line)
-
-    def _feed_strict(self, line: bytes) -> None:
-        if self._chunk_ended:
-            if line != b"\r\n":
-                raise ChunkedError("no CRLF after a chunk")
-            self._chunk_ended = False
+            line = line[:-1].rstrip(b"\r") if line.endswith(b"\n") else line.rstrip(b"\r")
+            if self._chunk_ended:
+                if line:
+                    raise ChunkedError("invalid chunked body from the target (no CRLF after a chunk)")
+                self._chunk_ended = False
+                return
+            empty = not line
+        if self._trailer_lines >= 0:  # trailer fields: dropped
+            if empty:
+                self.done = True
+                return
+            self._trailer_lines += 1
+            if strict and self._trailer_lines > MAX_TRAILER_LINES:
+                raise ChunkedError("too many trailer lines")
             return
-        if not line.endswith(b"\r\n"):
-            raise ChunkedError("invalid chunked body: line too long, bare LF or end of stream")
-        if self._trailer_lines >= 0:
-            self._trailer_line(line == b"\r\n", MAX_TRAILER_LINES)
-            return
-        match = _STRICT_CHUNK_LINE.fullmatch(line)
-        if match is None:
-            raise ChunkedError("invalid chunk size line")
-        self._size(int(match.group(1), 16))
-
-    def _feed_lenient(self, raw: bytes) -> None:
-        line = raw[:-1].rstrip(b"\r") if raw.endswith(b"\n") else raw.rstrip(b"\r")
-        if self._chunk_ended:
-            if line:
-                raise ChunkedError("invalid chunked body from the target (no CRLF after a chunk)")
-            self._chunk_ended = False
-            return
-        if self._trailer_lines >= 0:
-            self._trailer_line(not line, None)  # trailer fields: dropped
-            return
-        size_text = line.decode("latin-1").partition(";")[0].rstrip(" \t")
-        if not _HEX.fullmatch(size_text):
-            raise ChunkedError(f"invalid chunk size from the target: {size_text[:40]!r}")
-        self._size(int(size_text, 16))
-
-    def _size(self, size: int) -> None:
+        if strict:
+            match = _STRICT_CHUNK_LINE.fullmatch(line)
+            if match is None:
+                raise ChunkedError("invalid chunk size line")
+            size = int(match.group(1), 16)
+        else:
+            size_text = line.decode("latin-1").partition(";")[0].rstrip(" \t")
+            if not _HEX.fullmatch(size_text):
+                raise ChunkedError(f"invalid chunk size from the target: {size_text[:40]!r}")
+            size = int(size_text, 16)
         if size == 0:
             self._trailer_lines = 0
         else:
             self.chunk_left = size
-
-    def _trailer_line(self, empty: bool, limit: Optional[int]) -> None:
-        if empty:
-            self.done = True
-            return
-        self._trailer_lines += 1
-        if limit is not None and self._trailer_lines > limit:
-            raise ChunkedError("too many trailer lines")

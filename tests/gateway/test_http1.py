@@ -131,7 +131,9 @@ def test_request_rules_accept() -> None:
         assert _refusal(b"POST / HTTP/1.1\r\nTransfer-Encoding: " + te + b"\r\n\r\n") is None
     assert _refusal(b"GET / HTTP/1.0\r\nContent-Length: 5\r\n\r\n") is None
     assert _refusal(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 100 + b"\r\n") is None
-    assert parse_request_header_line(b"X: a\n") is None  # bare LF
+    assert _refusal(b"GET / HTTP/1.1\r\nX: a\n\r\n") == b"400"  # bare LF
+    assert parse_request_header_line(b"X: a\n") is None
+    assert parse_request_header_line(b"X-A:  one two \r\n") == ("X-A", "one two")
 
 
 def test_encode_request_head() -> None:
