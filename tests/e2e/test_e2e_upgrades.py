@@ -9,6 +9,7 @@ idle timeout); a ``101`` without a matching upgrade is a 502 and a log line."""
 from __future__ import annotations
 
 import hashlib
+import re
 import socket
 import threading
 import time
@@ -58,6 +59,8 @@ class Stack:
         self.agent.stop(TIMEOUT)
         self.echo.close()
         self.front.stop()
+        log = self.front.log_text()
+        assert not re.search(r"^ERROR\b|\[ERROR\]|Traceback", log, re.MULTILINE), log
 
 
 @pytest.fixture(params=FRONT_ENDS)
