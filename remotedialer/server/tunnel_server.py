@@ -58,6 +58,7 @@ from typing import (
 
 from werkzeug.wrappers import Request
 
+from .. import plugins
 from ..addresses import join_host_port
 from ..config import DEFAULT_LIMITS, Limits
 from ..connection import TunnelConnection
@@ -217,15 +218,12 @@ def _no_peering(server: "Server") -> PeeringLayer:
     return NoPeering()
 
 
-_default_peering: PeeringFactory = _no_peering
-
-
 def set_default_peering(factory: PeeringFactory) -> None:
     """Build the peering layer of servers made from now on with ``factory``
     unless they are given one. ``import remotedialer`` sets
-    :meth:`Peering.for_server <remotedialer.ha.peering.Peering.for_server>`."""
-    global _default_peering
-    _default_peering = factory
+    :meth:`Peering.for_server <remotedialer.ha.peering.Peering.for_server>`
+    (through :mod:`remotedialer.plugins`, without importing it)."""
+    plugins.set_default_peering(factory)
 
 
 class ClientDialer:
@@ -330,7 +328,8 @@ class Server:
         self.peer_sessions = SessionManager(limits.max_sessions_per_key)
         #: The peering layer (peer authentication, links to peers, what they
         #: advertise); see :class:`PeeringLayer` and :mod:`remotedialer.ha.peering`.
-        self.peering: PeeringLayer = (peering or _default_peering)(self)
+        factory = peering or plugins.default_peering() or _no_peering
+        self.peering: PeeringLayer = factory(self)
         self.peer_router: Optional[PeerRouter] = self.peering
         #: Resumption tokens of client sessions (``limits.resume_window`` > 0).
         self.resume_tokens = ResumeTokens()

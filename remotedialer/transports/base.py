@@ -18,6 +18,7 @@ Contract:
 
 from __future__ import annotations
 
+import select
 import socket
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
@@ -27,7 +28,21 @@ from ..errors import TransportClosed
 if TYPE_CHECKING:
     from ..frames import FrameReader, WebSocketEvent
 
-__all__ = ["Transport", "TransportClosed", "ReceiveSize", "next_event_from_socket"]
+__all__ = ["Transport", "TransportClosed", "ReceiveSize", "next_event_from_socket", "wait_for_write"]
+
+
+def wait_for_write(sock: Any, timeout: Optional[float]) -> bool:
+    """Whether ``sock`` (a socket or anything with ``fileno()``) becomes
+    writable within ``timeout`` seconds (0: now; ``None``: block). ``poll``
+    where there is one (``select`` fails for descriptors past 1023),
+    ``select`` elsewhere (Windows). Raises ``OSError`` or ``ValueError`` for a
+    closed socket."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)
+        return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
+    _, writable, _ = select.select([], [sock], [], timeout)
+    return bool(writable)
 
 
 class ReceiveSize:

@@ -16,12 +16,11 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 import websocket
-from urllib3.util.wait import wait_for_write
 
 from ..config import Limits
 from ..errors import ConfigurationError, HandshakeError, ProtocolError
 from ..frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, encode_masked_frame
-from .base import ReceiveSize, TransportClosed, next_event_from_socket
+from .base import ReceiveSize, TransportClosed, next_event_from_socket, wait_for_write
 from .proxy import ProxyURL, connect_through_proxy
 
 __all__ = ["RECEIVE_BYTES", "WebSocketClientTransport", "open_websocket", "server_address"]

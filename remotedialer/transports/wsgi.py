@@ -35,7 +35,6 @@ import threading
 import time
 from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
-from urllib3.util.wait import wait_for_write
 
 from ..addresses import join_host_port
 from ..errors import ProtocolError
@@ -56,7 +55,7 @@ from ..frames import (
     parse_close,
 )
 from ..protocol import Bytes
-from .base import ReceiveSize, TransportClosed, next_event_from_socket
+from .base import ReceiveSize, TransportClosed, next_event_from_socket, wait_for_write
 
 __all__ = [
     "is_websocket_request",

@@ -1,0 +1,84 @@
+"""What an agent loads (issue 24): the client side imports only what the
+agent needs. Each check runs a fresh interpreter and reads its
+``sys.modules``; adding an eager import of the server, werkzeug, urllib3, the
+metrics or an integration to the agent's path fails here (the numbers are in
+``benchmarks/agent_footprint.py``)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Dict, List
+
+import pytest
+
+FORBIDDEN = [
+    "werkzeug", "simple_websocket", "prometheus_client", "urllib3", "requests",
+    "gunicorn", "httpx", "httpcore", "kubernetes",
+]
+"""Third-party packages an agent never loads."""
+
+CORE = [
+    "remotedialer", "remotedialer.addresses", "remotedialer.client", "remotedialer.config",
+    "remotedialer.connection", "remotedialer.errors", "remotedialer.frames", "remotedialer.heartbeat",
+    "remotedialer.observer", "remotedialer.piping", "remotedialer.plugins", "remotedialer.protocol",
+    "remotedialer.receive_buffer", "remotedialer.resumable", "remotedialer.resume",
+    "remotedialer.session", "remotedialer.singleton", "remotedialer.thread_pool",
+    "remotedialer.transports", "remotedialer.transports.base", "remotedialer.transports.proxy",
+    "remotedialer.transports.websocket_client",
+]
+"""The package modules of ``TunnelClient``: the core, the agent's transport."""
+
+AGENT_MODULES: Dict[str, List[str]] = {
+    "from remotedialer.client import TunnelClient": CORE,
+    "import remotedialer.cli.client": sorted(CORE + [
+        "remotedialer.cli", "remotedialer.cli.client", "remotedialer.examples",
+        "remotedialer.examples.agent", "remotedialer.examples.logs",
+    ]),
+}
+
+
+def loaded_after(statement: str) -> Dict[str, List[str]]:
+    """The package's modules and the top-level packages in ``sys.modules``
+    of a fresh interpreter after ``statement``."""
+    code = (
+        f"{statement}\nimport json, sys\n"
+        "print(json.dumps({'package': sorted(m for m in sys.modules if m.split('.')[0] == 'remotedialer'),"
+        " 'top': sorted({m.split('.')[0] for m in sys.modules})}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=120, check=True)
+    result: Dict[str, List[str]] = json.loads(done.stdout)
+    return result
+
+
+@pytest.mark.parametrize("statement", sorted(AGENT_MODULES))
+def test_the_agent_loads_only_what_it_needs(statement: str) -> None:
+    loaded = loaded_after(statement)
+    assert loaded["package"] == sorted(AGENT_MODULES[statement])
+    assert sorted(set(FORBIDDEN) & set(loaded["top"])) == []
+
+
+def test_every_public_name_of_the_root_still_resolves() -> None:
+    """The root loads the server and HA layers on first use; each name of
+    ``__all__`` resolves, and a server built through ``remotedialer.server``
+    still gets the HA peering layer by default."""
+    code = (
+        "import remotedialer\n"
+        "missing = [name for name in remotedialer.__all__ if getattr(remotedialer, name, None) is None]\n"
+        "from remotedialer.server import Server\n"
+        "server = Server(lambda request: ('key', True))\n"
+        "unlisted = sorted(set(remotedialer.__all__) - set(dir(remotedialer)))\n"
+        "print(missing, type(server.peering).__module__, unlisted)"
+    )
+    done = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["[]", "remotedialer.ha.peering", "[]"]
+
+
+def test_the_check_notices_an_eager_server_import() -> None:
+    """The check can fail: an agent that also imports the server shows up."""
+    loaded = loaded_after("import remotedialer.cli.client\nimport remotedialer.server")
+    assert loaded["package"] != AGENT_MODULES["import remotedialer.cli.client"]
+    assert "werkzeug" in loaded["top"]
