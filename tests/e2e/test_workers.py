@@ -154,19 +154,24 @@ def test_sigterm_drains_with_a_tunnel_open(target: str) -> None:
 
 
 def test_max_requests_recycles_the_worker(target: str) -> None:
-    """--max-requests 3: the worker stops as on SIGTERM (the app's drain
+    """--max-requests: the worker stops as on SIGTERM (the app's drain
     closes the tunnel), the arbiter boots another, the client reconnects."""
-    server = Gunicorn("--max-requests", "3", "--graceful-timeout", "60")
-    client = _client(server, target)  # its readiness check is request 1
+    server = Gunicorn("--max-requests", "20", "--graceful-timeout", "60")
+    client = _client(server, target)  # its readiness checks count too
+    first_session = client.session
     try:
-        for number in range(2):  # the tunnel's own request counts only when it ends
-            with closing(server.connection()) as conn:
-                assert _get(conn, f"/client/foo/http/{target}/n{number}").status == 200
+        for number in range(40):  # the tunnel's own request counts only when it ends
+            if server.count("Autorestarting worker after current request."):
+                break
+            _answers(server, f"/client/foo/http/{target}/n{number}")  # 200, or 5xx once it drains
         wait_for(lambda: server.count("Autorestarting worker after current request.") == 1, TIMEOUT * 3)
         # well within the 60 s graceful timeout: the drain closed the tunnel
         wait_for(lambda: server.count("Booting worker") >= 2, TIMEOUT * 2)
         assert server.count("graceful timeout") == 0, server.log()
-        wait_for(lambda: _answers(server, f"/client/foo/http/{target}/after"), TIMEOUT * 3)
+        # the client reconnects (to the new worker); a few requests only, so
+        # that the new worker does not reach its own --max-requests meanwhile
+        wait_for(lambda: client.session not in (None, first_session), TIMEOUT * 3)
+        wait_for(lambda: _answers(server, f"/client/foo/http/{target}/after"), TIMEOUT * 3, interval=0.5)
     finally:
         client.stop(TIMEOUT)
         assert server.stop() == 0
