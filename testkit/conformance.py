@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Optional
 import pytest
 from urllib3.util.wait import wait_for_read
 
-from testkit.support import TIMEOUT, recv_exactly
+from testkit.support import TIMEOUT, recv_exactly, recv_until_eof
 
 
 @dataclass
@@ -48,15 +48,6 @@ class Pair:
     @property
     def is_tunnel(self) -> bool:
         return self.kind == "tunnel"
-
-
-def recv_until_eof(sock: Any) -> bytes:
-    out = bytearray()
-    while True:
-        chunk = sock.recv(1 << 16)
-        if not chunk:
-            return bytes(out)
-        out += chunk
 
 
 def readable(sock: Any, timeout: float) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
 import os
 import selectors
 import socket
@@ -83,6 +84,16 @@ def recv_up_to(sock: Any, size: int) -> bytes:
     return bytes(out)
 
 
+def recv_until_eof(sock: Any) -> bytes:
+    """Read until EOF (each ``recv`` bounded by the socket's timeout)."""
+    out = bytearray()
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+
+
 def echo_concurrently(sock: Any, data: bytes) -> bytes:
     """Send ``data`` on a thread while reading as many bytes back on this one
     (the far end echoes; both bounded by the socket's timeout). A failed or
@@ -101,6 +112,16 @@ def echo_concurrently(sock: Any, data: bytes) -> bytes:
     writer.join(TIMEOUT)
     assert not errors and not writer.is_alive(), errors
     return got
+
+
+def echo_round_trip(conn: Any, size: int) -> None:
+    """Send ``size`` random bytes through an echo and compare digests."""
+    payload = os.urandom(size)
+    sender = threading.Thread(target=conn.sendall, args=(payload,))
+    sender.start()
+    received = recv_exactly(conn, size)
+    sender.join(TIMEOUT)
+    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
 
 
 def allow_all(proto: str, address: str) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -168,3 +168,85 @@ def test_tests_and_benchmarks_do_not_import_each_other() -> None:
         if name == forbidden
     ]
     assert offences == []
+
+
+# ------------------------------------------------- tests import only testkit
+def dotted_name(path: Path, root: Path) -> Tuple[str, bool]:
+    """The dotted name of the file ``path`` below ``root`` (``tests/...``),
+    and whether it is a package's ``__init__``."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    is_package = parts[-1] == "__init__"
+    return ".".join(parts[:-1] if is_package else parts), is_package
+
+
+def imports_of_tests(module: str, is_package: bool, tree: ast.AST) -> List[str]:
+    """Every module of ``tests`` that ``module`` imports (relative or
+    absolute, at any depth, ``if TYPE_CHECKING:`` included), or loads with
+    ``importlib.import_module`` / ``__import__`` by a literal name."""
+    found = []
+    for node in ast.walk(tree):
+        targets: List[str] = []
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                package = module.split(".")[: len(module.split(".")) - (0 if is_package else 1)]
+                package = package[: max(len(package) - node.level + 1, 0)]
+                base = ".".join(package + ([node.module] if node.module else []))
+            # ``from . import test_requests`` imports a module by its name
+            targets = [base] if node.module else [f"{base}.{alias.name}" for alias in node.names]
+        elif (
+            isinstance(node, ast.Call)
+            and (
+                (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                or (isinstance(node.func, ast.Name) and node.func.id in ("__import__", "import_module"))
+            )
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            targets = [node.args[0].value]
+        found += [target for target in targets if target == "tests" or target.startswith("tests.")]
+    return found
+
+
+def test_tests_import_no_other_test_module() -> None:
+    """Test modules (and ``conftest.py`` files) import shared helpers from
+    ``testkit`` only, never from another module under ``tests/``; fixtures
+    they share are defined in a ``conftest.py`` (the helpers behind them in
+    ``testkit``), which pytest loads by itself."""
+    root = PACKAGE.parent
+    offences = []
+    for path in sorted((root / "tests").rglob("*.py")):
+        module, is_package = dotted_name(path, root)
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        offences += [f"{module} imports {target}" for target in imports_of_tests(module, is_package, tree)]
+    assert offences == []
+
+
+@pytest.mark.parametrize(
+    "module, source, expected",
+    [
+        # the forms the suite used before testkit took the shared helpers
+        ("tests.server.test_x", "from ..transports.test_wsgi import client_frame\n",
+         ["tests.transports.test_wsgi"]),
+        ("tests.integrations.test_x", "from . import test_requests as base\n",
+         ["tests.integrations.test_requests"]),
+        ("tests.integrations.test_x", "from .test_requests import Tunnel\n",
+         ["tests.integrations.test_requests"]),
+        ("tests.e2e.test_x", "from tests.e2e.test_e2e_peering import procs\n",
+         ["tests.e2e.test_e2e_peering"]),
+        ("tests.e2e.test_x", "import tests.support\n", ["tests.support"]),
+        ("tests.e2e.test_x", "def f():\n    from ..server import test_faults\n", ["tests.server"]),
+        ("tests.e2e.test_x", "from .conftest import files\n", ["tests.e2e.conftest"]),
+        ("tests.core.test_x", "importlib.import_module('tests.core.test_y')\n", ["tests.core.test_y"]),
+        # what is allowed
+        ("tests.e2e.test_x", "from testkit.peering import Processes\nimport pytest\n", []),
+        ("tests.e2e.test_x", "from remotedialer import frames\nimportlib.import_module('remotedialer')\n",
+         []),
+    ],
+)
+def test_the_tests_check_catches_a_test_module_import(module: str, source: str, expected: List[str]) -> None:
+    """Synthetic cases: the check fails on a test module importing another."""
+    assert imports_of_tests(module, False, ast.parse(source)) == expected

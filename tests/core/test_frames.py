@@ -25,7 +25,7 @@ from remotedialer.frames import (
     encode_frame,
 )
 
-from ..transports.test_wsgi import client_frame
+from testkit.raw_websocket import client_frame
 
 
 def reference(data: bytes, key: bytes) -> bytes:

@@ -23,19 +23,17 @@ from testkit.dns import ZoneServer
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.session import Session
 
-from testkit.support import TIMEOUT
-from testkit.support import allow_all
-from .test_e2e_peering import (  # noqa: F401  (fixtures)
+from testkit.peering import (
     Processes,
-    files,
     free_port,
     gunicorn_control_socket,
     port_open,
-    procs,
     reachable,
     start_client,
     wait_until,
 )
+from testkit.support import TIMEOUT
+from testkit.support import allow_all
 
 TOKEN = "k8s-e2e-token"
 NAME = "peers.test"
@@ -56,7 +54,7 @@ def readyz(port: int) -> str:
 
 
 def test_three_servers_discover_each_other_and_follow_the_records(
-    procs: Processes, files: Dict[str, object], zone: ZoneServer, tmp_path: Path  # noqa: F811
+    procs: Processes, files: Dict[str, object], zone: ZoneServer, tmp_path: Path
 ) -> None:
     file_port = int(files["port"])  # type: ignore[call-overload]
     ports = {name: free_port() for name in "abcd"}
@@ -130,7 +128,7 @@ class TunnelWatcher:
                                    backoff=Backoff(initial=0.05, maximum=0.2))
 
 
-def test_gunicorn_worker_drains_on_sigterm(procs: Processes) -> None:  # noqa: F811
+def test_gunicorn_worker_drains_on_sigterm(procs: Processes) -> None:
     port = free_port()
     procs.start("g", [
         sys.executable, "-m", "gunicorn", "-w", "1", "-k", "gthread", "--threads", "8",

@@ -30,8 +30,8 @@ import pytest
 
 from remotedialer.examples.file_server import DummyServer, generated_bytes
 
+from testkit.faults import Relay, wait_recovered
 from testkit.support import TIMEOUT
-from ..server.test_faults import Relay, wait_recovered
 
 MiB = 1024 * 1024
 TOKEN = "e2e-fault-token"

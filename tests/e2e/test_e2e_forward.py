@@ -28,7 +28,7 @@ from testkit.support import (
     recv_exactly,
     wait_for,
 )
-from ..server.test_port_forward import MiB, SourceServer, payload, recv_to_end
+from testkit.streams import MiB, SourceServer, payload, recv_to_end
 
 
 def connect(address: Tuple[str, int]) -> socket.socket:

@@ -17,10 +17,8 @@ from remotedialer.errors import HandshakeError
 from remotedialer.frames import OP_CLOSE, encode_frame
 
 from testkit.gunicorn import Gunicorn
-from testkit.support import TIMEOUT, EchoServer, raw_upgrade, wait_for
-
-from ..server.test_tunnel_server import echo_round_trip, raw_get, upgrade_headers
-from ..transports.test_wsgi import client_frame, read_to_eof
+from testkit.raw_websocket import client_frame, raw_get, upgrade_headers
+from testkit.support import TIMEOUT, EchoServer, echo_round_trip, raw_upgrade, recv_until_eof, wait_for
 
 THREADS = 3  # Gunicorn's default: few on purpose, a handler that did not return would starve it
 
@@ -94,7 +92,7 @@ def test_no_stray_bytes_and_threads_come_back_under_gunicorn(gunicorn: Gunicorn)
         else:  # the server ends it
             requests.get(f"{gunicorn.base}/kick", params={"key": "raw"}, timeout=TIMEOUT)
         # exactly one close frame, then EOF: gunicorn wrote nothing after it
-        assert read_to_eof(sock) == close_1000, f"round {round_}"
+        assert recv_until_eof(sock) == close_1000, f"round {round_}"
         sock.close()
         wait_for(lambda: "raw" not in gunicorn.clients())
     assert gunicorn.clients() == []

@@ -10,123 +10,23 @@ server's ``/client/foo/http/...`` endpoint reach the file server behind it.
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict
 
-import pytest
-import requests
 
-from testkit.support import TIMEOUT
+from testkit.peering import (
+    Processes,
+    fetch,
+    free_port,
+    gunicorn_control_socket,
+    port_open,
+    reachable,
+    start_client,
+    wait_until,
+)
 
 TOKEN = "e2e-peer-token"
 NAMES = ("a", "b", "c")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(predicate, what: str, timeout: float = 2 * TIMEOUT) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-class Processes:
-    """Starts CLI processes and kills whatever is left at the end."""
-
-    def __init__(self, tmp_path: Path) -> None:
-        self.tmp_path = tmp_path
-        self.procs: Dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, args: List[str], env: Optional[Dict[str, str]] = None) -> None:
-        log = open(self.tmp_path / f"{name}.log", "wb")
-        self.procs[name] = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            start_new_session=True,  # kill() takes gunicorn's workers down with it
-        )
-
-    def stop(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(TIMEOUT)
-
-    def kill(self, name: str) -> None:
-        """SIGKILL the process and everything it started (a crash)."""
-        proc = self.procs.pop(name)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(TIMEOUT)
-
-    def log(self, name: str) -> str:
-        return (self.tmp_path / f"{name}.log").read_text(errors="replace")
-
-    def close(self) -> None:
-        for name in list(self.procs):
-            self.kill(name)
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    processes = Processes(tmp_path)
-    yield processes
-    processes.close()
-
-
-@pytest.fixture
-def files(tmp_path: Path, procs: Processes) -> Dict[str, object]:
-    """A dummy file server with a small and a 3 MiB file."""
-    root = tmp_path / "files"
-    root.mkdir()
-    (root / "small.txt").write_bytes(b"hello through the mesh\n")
-    big = os.urandom(3 * 1024 * 1024)
-    (root / "big.bin").write_bytes(big)
-    port = free_port()
-    cli = [sys.executable, "-m", "remotedialer.cli"]
-    procs.start("dummy", cli + ["dummy", "--listen", f"127.0.0.1:{port}", str(root)])
-    wait_until(lambda: port_open(port), "the file server")
-    return {"port": port, "big_sha": hashlib.sha256(big).hexdigest()}
-
-
-def fetch(server_port: int, file_port: int, name: str) -> requests.Response:
-    url = f"http://127.0.0.1:{server_port}/client/foo/http/127.0.0.1:{file_port}/{name}"
-    return requests.get(url, timeout=TIMEOUT)
-
-
-def reachable(server_port: int, file_port: int) -> bool:
-    try:
-        return fetch(server_port, file_port, "small.txt").status_code == 200
-    except requests.RequestException:
-        return False
-
-
-def start_client(procs: Processes, server_port: int) -> None:
-    procs.start("client", [sys.executable, "-m", "remotedialer.cli", "client",
-                           "--connect", f"ws://127.0.0.1:{server_port}/connect", "--id", "foo"])
 
 
 def peers_of(name: str, ports: Dict[str, int]) -> str:
@@ -139,16 +39,6 @@ def start_cli_server(procs: Processes, name: str, ports: Dict[str, int]) -> None
     procs.start(name, [sys.executable, "-m", "remotedialer.cli", "server",
                        "--listen", f"127.0.0.1:{ports[name]}", "--id", name, "--token", TOKEN,
                        "--peers", peers_of(name, ports)])
-
-
-def gunicorn_control_socket(path: Path) -> List[str]:
-    """Newer gunicorn opens one control socket per user by default: give each
-    instance its own so they do not fight over it."""
-    import gunicorn.config
-
-    if any(setting.name == "control_socket" for setting in gunicorn.config.KNOWN_SETTINGS):
-        return ["--control-socket", str(path)]
-    return []
 
 
 def start_gunicorn(procs: Processes, name: str, ports: Dict[str, int]) -> None:

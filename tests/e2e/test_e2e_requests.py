@@ -17,8 +17,8 @@ from remotedialer.connection import TunnelConnection
 from remotedialer.integrations.requests import TunnelAdapter, patch_requests
 from remotedialer.server import Server
 
+from testkit.http_targets import LoopbackServer, pattern, tls_context
 from testkit.support import TIMEOUT, wait_for
-from ..integrations.test_requests import LoopbackServer, pattern, tls_context
 
 
 def authorizer(request: Any) -> Tuple[str, bool]:

@@ -16,17 +16,10 @@ from remotedialer.connection import TunnelConnection  # noqa: E402
 from remotedialer.errors import NoSessionError  # noqa: E402
 from remotedialer.integrations.httpcore import TunnelBackend  # noqa: E402
 
+from testkit.http_targets import LoopbackServer, Tunnel, pattern  # noqa: E402
 from testkit.support import TIMEOUT, wait_for  # noqa: E402
-from . import test_requests as base  # noqa: E402
-from .test_requests import LoopbackServer, Tunnel, pattern  # noqa: E402
 
-# The loopback servers and the tunnel are the requests tests' fixtures.
-ca = base.ca
-tunnel = base.tunnel
-server = base.server
-tls_server = base.tls_server
-refusing_port = base.refusing_port
-client_context = base.client_context
+# The loopback servers, the test CA and the tunnel are fixtures of conftest.py.
 
 TIMEOUTS = {"timeout": {"connect": TIMEOUT, "read": TIMEOUT, "write": TIMEOUT, "pool": TIMEOUT}}
 

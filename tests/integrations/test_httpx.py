@@ -14,18 +14,10 @@ from remotedialer.connection import TunnelConnection
 from remotedialer.errors import NoSessionError
 from remotedialer.integrations.httpx import TunnelTransport
 
-from . import test_requests as base
+from testkit.http_targets import LoopbackServer, Tunnel, pattern
 from testkit.support import TIMEOUT, TunnelServer, wait_for
-from .test_requests import LoopbackServer, Tunnel, pattern
 
-# The loopback servers and the tunnel are the requests tests' fixtures.
-ca = base.ca
-ca_bundle = base.ca_bundle
-tunnel = base.tunnel
-server = base.server
-tls_server = base.tls_server
-refusing_port = base.refusing_port
-client_context = base.client_context
+# The loopback servers, the test CA and the tunnel are fixtures of conftest.py.
 
 
 @pytest.fixture

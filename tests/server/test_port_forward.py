@@ -4,7 +4,6 @@ loopback TCP sockets (echo, source and sink servers on port 0)."""
 from __future__ import annotations
 
 import logging
-import random
 import socket
 import threading
 import time
@@ -29,7 +28,6 @@ from remotedialer.session import Session
 
 from testkit.support import (
     TIMEOUT,
-    LoopbackListener,
     SelectorEchoServer,
     SessionPair,
     TunnelServer,
@@ -37,47 +35,10 @@ from testkit.support import (
     recv_exactly,
     wait_for,
 )
-
-MiB = 1 << 20
+from testkit.streams import MiB, SourceServer, payload, recv_to_end
 
 
 # --------------------------------------------------------------- servers
-class SourceServer(LoopbackListener):
-    """Sends ``payload`` to every connection, counting bytes handed to the
-    kernel, then closes (unless ``hold`` is set: then it waits for EOF)."""
-
-    def __init__(self, payload: bytes, sndbuf: Optional[int] = None, hold: bool = False) -> None:
-        self.payload = payload
-        self.sndbuf = sndbuf
-        self.hold = hold
-        self.sent = 0
-        self.finished = threading.Event()
-        self.peer_closed = threading.Event()
-        super().__init__(name="test-source")
-
-    def handle(self, sock: socket.socket) -> None:
-        self.serve_on_thread(self._send, sock)
-
-    def _send(self, sock: socket.socket) -> None:
-        if self.sndbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
-        view = memoryview(self.payload)
-        try:
-            while True:
-                for start in range(0, len(view), 64 * 1024):
-                    sock.sendall(view[start : start + 64 * 1024])
-                    self.sent += len(view[start : start + 64 * 1024])
-                self.finished.set()
-                if not self.hold:
-                    break
-        except OSError:
-            pass
-        finally:
-            if self.hold:
-                self.peer_closed.set()
-            sock.close()
-
-
 class SinkServer:
     """Reads every connection to EOF and keeps what it got. While ``gate`` is
     clear it does not read at all (a slow reader)."""
@@ -184,19 +145,6 @@ def connect(fwd: PortForward, rcvbuf: Optional[int] = None) -> socket.socket:
     return sock
 
 
-def recv_to_end(sock: socket.socket) -> Tuple[bytes, Optional[BaseException]]:
-    """Read until EOF or a reset; return the bytes and the error, if any."""
-    got = bytearray()
-    try:
-        while True:
-            data = sock.recv(1 << 20)
-            if not data:
-                return bytes(got), None
-            got += data
-    except ConnectionResetError as exc:
-        return bytes(got), exc
-
-
 def wait_stalled(counter: Callable[[], int], polls: int = 20, interval: float = 0.02) -> int:
     """Poll until ``counter()`` stayed unchanged for ``polls`` polls in a row
     (bounded by TIMEOUT); return its value."""
@@ -210,10 +158,6 @@ def wait_stalled(counter: Callable[[], int], polls: int = 20, interval: float = 
         same = same + 1 if value == last else 0
         last = value
     return last
-
-
-def payload(size: int, seed: int) -> bytes:
-    return random.Random(seed).randbytes(size)
 
 
 # ------------------------------------------------------------------ specs

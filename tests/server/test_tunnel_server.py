@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import http.client
 import http.server
 import logging
@@ -38,22 +36,14 @@ from testkit.support import (
     TIMEOUT,
     EchoServer,
     TunnelServer,
+    echo_round_trip,
     raw_upgrade,
     recv_exactly,
+    recv_until_eof,
     tunnel_id_authorizer,
     wait_for,
 )
-from ..transports.test_wsgi import client_frame, read_server_frame, read_to_eof
-
-
-def echo_round_trip(conn: Any, size: int) -> None:
-    """Send ``size`` random bytes through an echo and compare digests."""
-    payload = os.urandom(size)
-    sender = threading.Thread(target=conn.sendall, args=(payload,))
-    sender.start()
-    received = recv_exactly(conn, size)
-    sender.join(TIMEOUT)
-    assert hashlib.sha256(received).hexdigest() == hashlib.sha256(payload).hexdigest()
+from testkit.raw_websocket import client_frame, raw_get, read_server_frame, upgrade_headers
 
 
 def request_handler_threads() -> List[threading.Thread]:
@@ -257,26 +247,6 @@ def test_reverse_dial_refused_fails_only_that_connection(
 
 
 # -------------------------------------------------------- refusals (no upgrade)
-def upgrade_headers(**extra: str) -> dict:
-    headers = {
-        "Connection": "Upgrade",
-        "Upgrade": "websocket",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
-    }
-    headers.update(extra)
-    return headers
-
-
-def raw_get(port: int, headers: dict) -> Tuple[int, bytes, http.client.HTTPResponse]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
-    connection.request("GET", "/connect", headers=headers)
-    response = connection.getresponse()
-    body = response.read()
-    connection.close()
-    return response.status, body, response
-
-
 def test_unauthenticated_gets_401_before_upgrade(tunnel_server: TunnelServer) -> None:
     status, body, _ = raw_get(tunnel_server.port, upgrade_headers())
     assert (status, body) == (401, b"failed authentication")
@@ -443,7 +413,7 @@ def test_ping_keeps_the_session_alive_and_silence_ends_it(
     assert "keepalive" in session.close_reason
     opcode, _ = read_server_frame(sock)
     assert opcode == OP_CLOSE
-    assert read_to_eof(sock) == b""
+    assert recv_until_eof(sock) == b""
     sock.close()
     assert tunnel_server.server.has_session("pinger")  # the pinging one lived on
 
@@ -457,7 +427,7 @@ def test_no_stray_bytes_after_client_closes(
     wait_for(lambda: tunnel_server.server.has_session("raw"))
     sock.sendall(client_frame(OP_CLOSE, struct.pack("!H", 1000)))
     # exactly the close reply, then EOF: werkzeug wrote nothing after it
-    assert read_to_eof(sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
+    assert recv_until_eof(sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
     sock.close()
     wait_for(lambda: not tunnel_server.server.has_session("raw"))
     wait_for(lambda: not request_handler_threads())
@@ -469,7 +439,7 @@ def test_no_stray_bytes_after_server_ends_session(tunnel_server: TunnelServer) -
     sock = raw_upgrade(tunnel_server.port, "raw")
     wait_for(lambda: tunnel_server.server.has_session("raw"))
     tunnel_server.server.sessions("raw")[0].close("test ends it")
-    assert read_to_eof(sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
+    assert recv_until_eof(sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
     sock.close()
 
 
@@ -482,7 +452,7 @@ def test_text_message_ends_the_session(tunnel_server: TunnelServer) -> None:
     assert "text" in session.close_reason
     opcode, payload = read_server_frame(sock)
     assert opcode == OP_CLOSE and struct.unpack("!H", payload[:2])[0] == 1003
-    assert read_to_eof(sock) == b""
+    assert recv_until_eof(sock) == b""
     sock.close()
 
 

@@ -9,14 +9,13 @@ import os
 import socket
 import struct
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import pytest
 from urllib3.util.wait import wait_for_write
 
 from remotedialer.errors import ProtocolError
 from remotedialer.transports.base import TransportClosed
-from remotedialer import frames
 from remotedialer.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_frame
 from remotedialer.transports.wsgi import (
     IDLE_RECEIVE_BYTES,
@@ -28,61 +27,11 @@ from remotedialer.transports.wsgi import (
     socket_from_environ,
 )
 
-from testkit.support import TIMEOUT, wait_for
+from testkit.raw_websocket import client_frame, read_server_frame
+from testkit.support import TIMEOUT, recv_until_eof, wait_for
 
 
 # ----------------------------------------------------------------- helpers
-def client_frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0,
-                 mask: Optional[bytes] = None, masked: bool = True) -> bytes:
-    """A frame as a client sends it (masked unless told otherwise)."""
-    first = (0x80 if fin else 0) | rsv | opcode
-    n = len(payload)
-    mask_bit = 0x80 if masked else 0
-    if n < 126:
-        header = struct.pack("!BB", first, mask_bit | n)
-    elif n < 1 << 16:
-        header = struct.pack("!BBH", first, mask_bit | 126, n)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, n)
-    if not masked:
-        return header + payload
-    mask = mask if mask is not None else os.urandom(4)
-    if n < 4096:  # independent of the code under test
-        return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return header + mask + frames.mask(payload, mask)
-
-
-def read_server_frame(sock: socket.socket) -> Tuple[int, bytes]:
-    """Read one (unmasked) server frame from ``sock``: ``(opcode, payload)``."""
-    def exact(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise EOFError("closed while reading a frame")
-            data += chunk
-        return data
-
-    first, second = exact(2)
-    assert not second & 0x80, "server frames must not be masked"
-    length = second & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", exact(2))
-    elif length == 127:
-        (length,) = struct.unpack("!Q", exact(8))
-    assert first & 0x80, "expected FIN"
-    return first & 0x0F, exact(length)
-
-
-def read_to_eof(sock: socket.socket) -> bytes:
-    data = b""
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return data
-        data += chunk
-
-
 @pytest.fixture
 def pair() -> Any:
     """A connected ``(server_sock, client_sock)`` socket pair with timeouts."""
@@ -177,7 +126,7 @@ def test_client_close_is_answered_then_nothing_more(pair: Tuple[socket.socket, s
     ws.close()
     with pytest.raises(TransportClosed):
         ws.send(b"late")
-    rest = read_to_eof(client_sock)
+    rest = recv_until_eof(client_sock)
     assert rest == encode_frame(OP_CLOSE, struct.pack("!H", 1001))
     assert ws.close_code == 1001 and ws.close_reason == "going"
 
@@ -223,7 +172,7 @@ def test_close_from_another_thread_ends_blocked_receive(pair: Tuple[socket.socke
     assert not thread.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], TransportClosed)
     assert read_server_frame(client_sock) == (OP_CLOSE, struct.pack("!H", 1000))
-    assert read_to_eof(client_sock) == b""
+    assert recv_until_eof(client_sock) == b""
 
 
 def test_eof_ends_receive(pair: Tuple[socket.socket, socket.socket]) -> None:
@@ -400,7 +349,7 @@ def test_second_close_waits_until_the_close_frame_is_out(pair: Tuple[socket.sock
     ws._send_lock.release()
     assert second_done.wait(TIMEOUT)
     first.join(TIMEOUT)
-    assert read_to_eof(client_sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
+    assert recv_until_eof(client_sock) == encode_frame(OP_CLOSE, struct.pack("!H", 1000))
 
 
 class _RecordingSocket:
