@@ -70,3 +70,18 @@ def test_ci_builds_checks_and_installs_the_release_before_the_tests() -> None:
         first(".wheel-venv/bin/remotedialer --help"),
     ]
     assert steps == sorted(steps) and steps[-1] < tests
+
+
+def test_the_license_file_is_the_declared_license_and_ships() -> None:
+    """setup.cfg declares Apache-2.0 and ships LICENSE (``license_files``),
+    which holds that license's text; .ci/run checks that the sdist and the
+    wheel it builds carry it."""
+    setup = (ROOT / "setup.cfg").read_text(encoding="utf-8")
+    assert re.search(r"^license = Apache-2\.0$", setup, re.M)
+    assert re.search(r"^license_files = LICENSE$", setup, re.M)
+    words = (ROOT / "LICENSE").read_text(encoding="utf-8").split()
+    assert words[:5] == ["Apache", "License", "Version", "2.0,", "January"]
+    assert "END OF TERMS AND CONDITIONS" in " ".join(words)
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert 'n.endswith("/LICENSE") for n in tarfile.open(sdist)' in ci
+    assert 'n.endswith("/LICENSE") for n in zipfile.ZipFile(wheel)' in ci
