@@ -178,11 +178,15 @@ def make_tunnel_server(
     allow_client_connect: bool = False,
     observer: Any = None,
     credentials: Optional[CredentialStore] = None,
+    resume_window: float = 0.0,
 ) -> Any:
     """The :class:`remotedialer.server.Server` of the example (the connect
     endpoint and session manager). With ``credentials``, agents need a
     secret allowing their client key and dials obey its dial policy;
-    without, any ``X-Tunnel-ID`` is accepted and every dial allowed."""
+    without, any ``X-Tunnel-ID`` is accepted and every dial allowed.
+    ``resume_window`` above 0 lets its clients' sessions survive a lost
+    WebSocket that long."""
+    from .config import Limits
     from .server.tunnel_server import Server
 
     kwargs: Dict[str, Any] = {}
@@ -190,6 +194,8 @@ def make_tunnel_server(
         kwargs["observer"] = observer
     if credentials is not None:
         kwargs["dial_policy"] = credentials.dial_policy
+    if resume_window:
+        kwargs["limits"] = Limits(resume_window=resume_window)
     return Server(
         credentials.agent_authorizer if credentials is not None else tunnel_id_authorizer,
         client_connect_authorizer=allow_all if allow_client_connect else None,
@@ -324,6 +330,7 @@ def make_app(
     debug_endpoints: Optional[bool] = None,
     credentials: Optional[str] = None,
     announce: bool = True,
+    resume_window: Optional[float] = None,
 ) -> ServerApp:
     """Build the example server's WSGI app (the gunicorn app factory).
 
@@ -343,6 +350,9 @@ def make_app(
     Without it the server is open, as Go's example. ``announce`` logs
     which (:meth:`ServerApp.announce`; ``remotedialer server`` does so
     once it listens).
+    ``resume_window`` (``REMOTEDIALER_RESUME_WINDOW``, seconds, default 0:
+    off) keeps a client's session suspended that long after its WebSocket is
+    lost (the resumption extension, docs/protocol.rst).
     """
     if debug is None:
         debug = _env_flag("REMOTEDIALER_DEBUG")
@@ -358,6 +368,8 @@ def make_app(
         timeout = float(os.environ.get("REMOTEDIALER_TIMEOUT", DEFAULT_TIMEOUT))
     if allow_client_connect is None:
         allow_client_connect = _env_flag("REMOTEDIALER_ALLOW_CLIENT_CONNECT")
+    if resume_window is None:
+        resume_window = float(os.environ.get("REMOTEDIALER_RESUME_WINDOW", "0") or 0)
     scale = ScaleOut(peers_from_dns, peer_refresh, dns_server, token_file,
                               drain_seconds).from_environment()
     peer_token = scale.token(peer_token)
@@ -381,6 +393,7 @@ def make_app(
         allow_client_connect=allow_client_connect,
         observer=observer,
         credentials=store,
+        resume_window=resume_window,
     )
     if observer is not None and hasattr(observer, "dials_in_flight"):
         observer.dials_in_flight = server.dials_in_flight_by_key

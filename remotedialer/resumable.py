@@ -101,8 +101,9 @@ class ResumableSession(Session):
 
     @property
     def accepting_dials(self) -> bool:
-        """Whether new dials should use this session: open and attached."""
-        return not self.closed and self._state == ATTACHED
+        """Whether new dials should use this session: open and not suspended
+        (while resumed, a dial's CONNECT waits for the reattach to complete)."""
+        return not self.closed and self._state != SUSPENDED
 
     @property
     def suspended_for(self) -> float:

@@ -35,6 +35,8 @@ TOKEN_ENV = "REMOTEDIALER_TOKEN"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``remotedialer client`` options (the Go example's flags plus TLS)."""
+    from . import seconds
+
     parser.add_argument("--connect", default="ws://localhost:8123/connect", metavar="URL",
                         help="server URL, ws:// or wss:// (default ws://localhost:8123/connect)")
     parser.add_argument("--id", default="foo", help="client id sent as X-Tunnel-ID (default foo)")
@@ -53,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="proxy to reach the server through: http://, https://, socks5:// or "
                              "socks5h://[USER:PASSWORD@]HOST:PORT (default: HTTP_PROXY/HTTPS_PROXY/"
                              "NO_PROXY as Go reads them)")
+    parser.add_argument("--resume-window", type=seconds, default=0.0, metavar="SECONDS",
+                        help="offer resumption: keep the tunneled connections this long when the "
+                             "WebSocket is lost, reconnecting to resume them (default 0: off)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if secret and url.scheme == "ws" and url.hostname not in ("localhost", "127.0.0.1", "::1"):
         log.warning("sending the agent secret over plain ws:// to %s: use wss://", url.hostname)
     context = tls_context(args.cacert, args.insecure, args.cert, args.key)
-    client = make_client(args.connect, args.id, context, args.proxy, secret)
+    client = make_client(args.connect, args.id, context, args.proxy, secret, args.resume_window)
     log.info("connecting to %s as %r", args.connect, args.id)
     stop = install_stop_signals()
     client.start()

@@ -124,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print a new secret and its hash for the credentials file, and exit")
     parser.add_argument("--hash-secret", action="store_true",
                         help="read a secret from standard input, print its hash, and exit")
+    parser.add_argument("--resume-window", type=seconds, default=0.0, metavar="SECONDS",
+                        help="keep a client's connections this long after its WebSocket is lost, "
+                             "for it to resume them (default 0: off, as in Go)")
     parser.add_argument("--forward", action="append", default=[], metavar="LISTEN=CLIENT:PROTO:ADDRESS",
                         type=_forward_type,
                         help="forward a TCP port through a client, like ssh -R (repeatable), "
@@ -167,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
             handle_sigterm=False,
             credentials=args.credentials,
             announce=False,
+            resume_window=args.resume_window,
         )
         specs = list(args.forward)  # ForwardSpecs, checked by _forward_type
     except (ValueError, ImportError) as exc:

@@ -8,6 +8,7 @@ import ssl
 from typing import Optional
 
 from ..client import TunnelClient
+from ..config import Limits
 from ..errors import ConfigurationError, error_text
 
 __all__ = ["make_client", "allow_all", "tls_context"]
@@ -19,15 +20,18 @@ def allow_all(proto: str, address: str) -> bool:
 
 
 def make_client(url: str, client_id: str, ssl_context: Optional[ssl.SSLContext] = None,
-                proxy: Optional[str] = None, secret: Optional[str] = None) -> TunnelClient:
+                proxy: Optional[str] = None, secret: Optional[str] = None,
+                resume_window: float = 0.0) -> TunnelClient:
     """The example client: ``X-Tunnel-ID: client_id`` (and ``Authorization:
     Bearer secret`` with a ``secret``), every dial allowed; ``proxy`` as
-    :class:`~remotedialer.client.TunnelClient` takes it. Raises
+    :class:`~remotedialer.client.TunnelClient` takes it; ``resume_window``
+    above 0 offers resumption (docs/protocol.rst). Raises
     :class:`~remotedialer.errors.ConfigurationError` for settings that cannot work."""
     headers = {"X-Tunnel-ID": client_id}
     if secret:
         headers["Authorization"] = f"Bearer {secret}"
-    return TunnelClient(url, headers, allow_all, ssl_context=ssl_context, proxy=proxy)
+    return TunnelClient(url, headers, allow_all, ssl_context=ssl_context, proxy=proxy,
+                        limits=Limits(resume_window=resume_window))
 
 
 def tls_context(cacert: Optional[str], insecure: bool, cert: Optional[str] = None,

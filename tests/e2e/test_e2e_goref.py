@@ -98,7 +98,13 @@ def _fetch_all(base: str) -> None:
         assert http.get(base + "/missing", timeout=TIMEOUT).status_code == 404
 
 
-def test_python_client_behind_go_server(target: str, procs: List[Proc]) -> None:
+# Our side with resumption on: the Go side neither makes nor answers the offer,
+# so the session is today's (docs/protocol.rst, "Resumption extension").
+RESUME_WINDOWS = pytest.mark.parametrize("resume_window", ["0", "30"])
+
+
+@RESUME_WINDOWS
+def test_python_client_behind_go_server(target: str, procs: List[Proc], resume_window: str) -> None:
     server_binary = _go("server")
     for _attempt in range(3):  # the Go server cannot report a port it bound to 0
         port = _free_port()
@@ -107,13 +113,15 @@ def test_python_client_behind_go_server(target: str, procs: List[Proc]) -> None:
         wait_for(lambda: _accepts(port) or server.popen.poll() is not None)  # noqa: B023
         if server.popen.poll() is None:
             break
-    procs.append(Proc.cli("client", "--connect", f"ws://127.0.0.1:{port}/connect", "--id", "py"))
+    procs.append(Proc.cli("client", "--connect", f"ws://127.0.0.1:{port}/connect", "--id", "py",
+                          "--resume-window", resume_window))
     _fetch_all(f"http://127.0.0.1:{port}/client/py/http/{target}")
 
 
-def test_go_client_behind_python_server(target: str, procs: List[Proc]) -> None:
+@RESUME_WINDOWS
+def test_go_client_behind_python_server(target: str, procs: List[Proc], resume_window: str) -> None:
     client_binary = _go("client")
-    server = Proc.cli("server", "--listen", "127.0.0.1:0")
+    server = Proc.cli("server", "--listen", "127.0.0.1:0", "--resume-window", resume_window)
     procs.append(server)
     port = int(server.wait_for(LISTENING).group(1))
     procs.append(Proc([client_binary, "-connect", f"ws://127.0.0.1:{port}/connect", "-id", "go",

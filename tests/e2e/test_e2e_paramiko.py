@@ -247,3 +247,60 @@ def test_agent_going_away_mid_download(
     logged = [r.getMessage() for r in caplog.records if "Socket exception" in r.getMessage()]
     # (the SSH server's own transport, on the agent's side, may log its reset too)
     assert f"Socket exception: {error.strerror} ({errno.ECONNRESET})" in logged, logged
+
+
+def test_ssh_session_carries_on_across_resets(sshd: SSHServer, tmp_path: Path) -> None:
+    """With resumption (docs/protocol.rst) on both sides and a proxy that
+    resets the tunnel's TCP connection: an SFTP upload and download and a
+    command, each with a reset under it, in one SSH session."""
+    from remotedialer.client import Backoff, TunnelClient
+    from remotedialer.config import Limits
+
+    from testkit.cut_proxy import CutProxy
+    from testkit.support import allow_all
+
+    limits = Limits(resume_window=30.0, ping_interval=0.5)
+    tunnel = TunnelServer(limits=limits)
+    proxy = CutProxy(("127.0.0.1", tunnel.port))
+    agent = TunnelClient(f"ws://127.0.0.1:{proxy.port}/connect", {"X-Tunnel-ID": "foo"}, allow_all,
+                         limits=limits, backoff=Backoff(initial=0.05, maximum=0.2))
+    agent.start()
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    try:
+        agent.wait_connected(TIMEOUT)
+        wait_for(lambda: tunnel.server.has_session("foo"))
+        client.connect(
+            "127.0.0.1", username=USER, password=PASSWORD,
+            sock=tunnel.server.dial("foo", "tcp", sshd.address, timeout=TIMEOUT),  # type: ignore[arg-type]
+            timeout=TIMEOUT, banner_timeout=TIMEOUT, auth_timeout=TIMEOUT,
+            allow_agent=False, look_for_keys=False,
+        )
+        data = hashlib.sha256(b"ssh").digest() * (128 * 1024)  # 4 MiB
+        local = tmp_path / "local.bin"
+        local.write_bytes(data)
+        resets: List[int] = []
+
+        def reset_once_halfway(done: int, total: int) -> None:
+            if not resets and done >= total // 2:
+                resets.append(done)
+                proxy.reset()
+
+        sftp = client.open_sftp()
+        sftp.put(str(local), "up.bin", callback=reset_once_halfway)
+        assert (tmp_path / "up.bin").read_bytes() == data
+        resets.clear()
+        sftp.get("up.bin", str(tmp_path / "back.bin"), callback=reset_once_halfway)
+        assert (tmp_path / "back.bin").read_bytes() == data
+        sftp.close()
+        proxy.reset()
+        stdin, stdout, _stderr = client.exec_command("uptime", timeout=TIMEOUT)
+        stdin.write(b"still here\n")
+        stdin.flush()
+        assert stdout.read() == b"ran uptime: still here\n"
+        assert proxy.accepted >= 3  # a new WebSocket after each reset that hit one
+    finally:
+        close_ssh(client)
+        agent.stop(TIMEOUT)
+        proxy.close()
+        tunnel.close()
