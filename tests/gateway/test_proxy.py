@@ -33,9 +33,11 @@ class Env:
     """A real server with a real credential store and dial policy, an agent
     ``foo``, an echo server and the proxy front end."""
 
-    def __init__(self, limits: ProxyLimits = ProxyLimits(dial_confirm_wait=0.5)) -> None:
+    def __init__(
+        self, limits: ProxyLimits = ProxyLimits(dial_confirm_wait=0.5), credentials: str = CREDENTIALS
+    ) -> None:
         self.piper = Piper("test-proxy-piper")
-        self.store = CredentialStore(Credentials.parse(CREDENTIALS))
+        self.store = CredentialStore(Credentials.parse(credentials))
         self.tunnel = TunnelServer(piper=self.piper, dial_policy=self.store.dial_policy)
         self.tunnel.client("foo")
         self.echo = EchoServer()
@@ -157,6 +159,27 @@ def test_connect_policy_refusal_is_403(env: Env) -> None:
     sock, head = http_connect(env, DENIED)
     sock.close()
     assert head.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+
+
+def test_the_agents_connection_cap_is_503_and_socks_0x02() -> None:
+    env = Env(credentials=f"user alice {hash_secret(PASSWORD)} foo\npolicy foo allow=* max-connections=1\n")
+    try:
+        first, head = http_connect(env, env.echo_address)
+        with first:
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert_echoes(first)
+            second, head = http_connect(env, env.echo_address)
+            second.close()
+            assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), head
+            sock, reply = socks5(env, "127.0.0.1", env.echo.port, atyp=1)
+            sock.close()
+            assert reply[:2] == b"\x05\x02"
+        wait_for(lambda: env.proxy.active == 0)
+        again, head = http_connect(env, env.echo_address)  # the cap freed
+        again.close()
+        assert head.startswith(b"HTTP/1.1 200 ")
+    finally:
+        env.close()
 
 
 def test_connect_to_refused_target_is_502(env: Env) -> None:
