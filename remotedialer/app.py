@@ -179,13 +179,15 @@ def make_tunnel_server(
     observer: Any = None,
     credentials: Optional[CredentialStore] = None,
     resume_window: float = 0.0,
+    park_idle: bool = False,
 ) -> Any:
     """The :class:`remotedialer.server.Server` of the example (the connect
     endpoint and session manager). With ``credentials``, agents need a
     secret allowing their client key and dials obey its dial policy;
     without, any ``X-Tunnel-ID`` is accepted and every dial allowed.
     ``resume_window`` above 0 lets its clients' sessions survive a lost
-    WebSocket that long."""
+    WebSocket that long. ``park_idle``: idle tunnels park on the shared
+    poller (:attr:`Limits.park_idle <remotedialer.config.Limits.park_idle>`)."""
     from .config import Limits
     from .server.tunnel_server import Server
 
@@ -194,8 +196,8 @@ def make_tunnel_server(
         kwargs["observer"] = observer
     if credentials is not None:
         kwargs["dial_policy"] = credentials.dial_policy
-    if resume_window:
-        kwargs["limits"] = Limits(resume_window=resume_window)
+    if resume_window or park_idle:
+        kwargs["limits"] = Limits(resume_window=resume_window, park_idle=park_idle)
     return Server(
         credentials.agent_authorizer if credentials is not None else tunnel_id_authorizer,
         client_connect_authorizer=allow_all if allow_client_connect else None,
@@ -331,6 +333,7 @@ def make_app(
     credentials: Optional[str] = None,
     announce: bool = True,
     resume_window: Optional[float] = None,
+    park_idle: Optional[bool] = None,
 ) -> ServerApp:
     """Build the example server's WSGI app (the gunicorn app factory).
 
@@ -349,7 +352,8 @@ def make_app(
     raises :class:`~remotedialer.server.credentials.CredentialsError`.
     Without it the server is open, as Go's example. ``announce`` logs
     which (:meth:`ServerApp.announce`; ``remotedialer server`` does so
-    once it listens).
+    once it listens). ``park_idle`` (``REMOTEDIALER_PARK_IDLE``): idle
+    tunnels park on the shared poller (:mod:`remotedialer.poller`).
     ``resume_window`` (``REMOTEDIALER_RESUME_WINDOW``, seconds, default 0:
     off) keeps a client's session suspended that long after its WebSocket is
     lost (the resumption extension, docs/protocol.rst).
@@ -370,6 +374,8 @@ def make_app(
         allow_client_connect = _env_flag("REMOTEDIALER_ALLOW_CLIENT_CONNECT")
     if resume_window is None:
         resume_window = float(os.environ.get("REMOTEDIALER_RESUME_WINDOW", "0") or 0)
+    if park_idle is None:
+        park_idle = _env_flag("REMOTEDIALER_PARK_IDLE")
     scale = ScaleOut(peers_from_dns, peer_refresh, dns_server, token_file,
                               drain_seconds).from_environment()
     peer_token = scale.token(peer_token)
@@ -394,6 +400,7 @@ def make_app(
         observer=observer,
         credentials=store,
         resume_window=resume_window,
+        park_idle=park_idle,
     )
     if observer is not None and hasattr(observer, "dials_in_flight"):
         observer.dials_in_flight = server.dials_in_flight_by_key

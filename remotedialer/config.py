@@ -68,6 +68,10 @@ class Limits:
     #: With resumption: bytes kept for retransmission on one session, all
     #: connections together.
     resume_buffer_per_session: int = 64 * MiB
+    #: Server sessions with no connection open hand their socket to the
+    #: shared poller (:mod:`remotedialer.poller`), which answers their pings
+    #: without waking their reader thread (issue 24; off until measured).
+    park_idle: bool = False
 
     def replace(self, **changes: Any) -> "Limits":
         """A copy with some fields changed."""

@@ -6,15 +6,21 @@
 * ``POST /echo?key=K&address=HOST:PORT``: dials ``address`` through client
   ``K``, sends the request body, and answers with as many bytes read back;
 * ``/clients``: the connected client keys, one a line;
-* ``/kick?key=K``: ends the sessions of ``K`` from the server side.
+* ``/kick?key=K``: ends the sessions of ``K`` from the server side;
+* ``/parked``: how many tunnels the process's poller holds (with
+  ``TESTKIT_PARK_IDLE=1`` in the environment, idle tunnels park, see
+  :mod:`remotedialer.poller`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable, Iterable, List, Tuple
 from urllib.parse import parse_qs
 
+from remotedialer import poller
+from remotedialer.config import Limits
 from remotedialer.server import Server
 
 
@@ -24,7 +30,8 @@ def _authorizer(request: Any) -> Tuple[str, bool]:
 
 
 server = Server(
-    _authorizer, client_connect_authorizer=lambda proto, address: address.startswith("127.0.0.1:")
+    _authorizer, client_connect_authorizer=lambda proto, address: address.startswith("127.0.0.1:"),
+    limits=Limits(park_idle=os.environ.get("TESTKIT_PARK_IDLE") == "1"),
 )
 
 
@@ -65,6 +72,8 @@ def app(environ: Any, start_response: Callable[..., Any]) -> Iterable[bytes]:
         return _echo(environ, start_response)
     if path == "/clients":
         return _text(start_response, "200 OK", "".join(f"{key}\n" for key in server.list_clients()))
+    if path == "/parked":
+        return _text(start_response, "200 OK", str(len(poller.default())))
     if path == "/kick":
         key = parse_qs(environ.get("QUERY_STRING", ""))["key"][0]
         for session in server.sessions(key):

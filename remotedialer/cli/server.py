@@ -96,6 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default idle timeout of /client/ requests (default 15; ?timeout=N overrides)")
     parser.add_argument("--allow-client-connect", action="store_true",
                         help="let clients dial through this server (the Go example allows it)")
+    parser.add_argument("--park-idle", action="store_true",
+                        help="idle tunnels wait on one shared poller, which answers their pings "
+                             "(REMOTEDIALER_PARK_IDLE; experimental, off by default)")
     parser.add_argument("--max-threads", type=positive_int, default=None, metavar="N",
                         help="request threads at most: tunnels + requests in flight (default: the "
                              f"open-files limit, raised to its hard limit, minus {RESERVED_DESCRIPTORS})")
@@ -171,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
             credentials=args.credentials,
             announce=False,
             resume_window=args.resume_window,
+            park_idle=args.park_idle or None,
         )
         specs = list(args.forward)  # ForwardSpecs, checked by _forward_type
     except (ValueError, ImportError) as exc:

@@ -58,7 +58,7 @@ from typing import (
 
 from werkzeug.wrappers import Request
 
-from .. import plugins
+from .. import plugins, poller
 from ..addresses import join_host_port
 from ..config import DEFAULT_LIMITS, Limits
 from ..connection import TunnelConnection
@@ -504,6 +504,8 @@ class Server:
             return
         if offered:
             self.resume_tokens.issue(session, token)
+        if self.limits.park_idle and isinstance(transport, ServerWebSocket):
+            transport.park_when(lambda: session.connection_count() == 0, poller.default())
         log.info("%s session started for %s from %s", "peer" if is_peer else "client",
                  client_key, transport.describe())
         self._serve_until_detached(session, transport, "peer" if is_peer else "client")

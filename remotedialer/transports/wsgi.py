@@ -31,9 +31,10 @@ import errno
 import hashlib
 import logging
 import socket
+import ssl
 import threading
 import time
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 
 from ..addresses import join_host_port
@@ -56,6 +57,10 @@ from ..frames import (
 )
 from ..protocol import Bytes
 from .base import ReceiveSize, TransportClosed, next_event_from_socket, wait_for_write
+
+if TYPE_CHECKING:
+    from ..frames import WebSocketEvent
+    from ..poller import Poller
 
 __all__ = [
     "is_websocket_request",
@@ -83,6 +88,11 @@ IDLE_RECEIVE_BYTES = 256
 _JOIN_LIMIT = 64 * 1024
 #: How long :meth:`ServerWebSocket.close` waits to write its close frame.
 _CLOSE_WRITE_TIMEOUT = 1.0
+#: How long a parked reader waits for the poller at a time (it waits again
+#: unless the poller handed the socket back: this bounds each wait only).
+_PARK_WAIT = 60.0
+#: MSG_DONTWAIT where there is one: the poller's reads never block.
+_DONT_WAIT = getattr(socket, "MSG_DONTWAIT", 0)
 # Pongs owed but not written yet, at most this many (the oldest are dropped: a
 # pong for the latest ping is enough, RFC 6455 5.5.3).
 _MAX_PENDING_PONGS = 64
@@ -219,6 +229,16 @@ class ServerWebSocket:
         self._close_lock = threading.Lock()
         self._closed = False  # close() began: readers stop
         self._shut_down = False  # close() finished (guarded by _close_lock)
+        # Parking (park_when): while _may_park() holds, the reader hands the
+        # socket to the poller and waits on _gate; the poller owns _reader
+        # and _handed until it releases _gate (resume), then the reader does.
+        self._may_park: Optional[Callable[[], bool]] = None
+        self._poller: Optional["Poller"] = None
+        self._gate: Optional[threading.Lock] = None
+        self._handed: Optional[Tuple[Optional["WebSocketEvent"], Optional[BaseException]]] = None
+        #: Frames the reader thread read itself (pings included): parked
+        #: sessions' pings do not count here (tests watch it).
+        self.reader_frames = 0
         sock.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -350,15 +370,13 @@ class ServerWebSocket:
         :class:`~remotedialer.errors.ProtocolError` for a text message or a
         frame breaking RFC 6455 (after sending the matching close frame).
         """
-        def closing() -> bool:
-            return self._closed
-
         while True:
             try:
-                opcode, payload = next_event_from_socket(self._reader, self.sock, self._receive_size, closing)
+                opcode, payload = self._next_event()
             except WebSocketProtocolError as exc:
                 self._send_close(exc.close_code, str(exc)[:60], _CLOSE_WRITE_TIMEOUT)
                 raise
+            self.reader_frames += 1
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_PING:
@@ -374,6 +392,92 @@ class ServerWebSocket:
                 self._send_close(answer, "", _CLOSE_WRITE_TIMEOUT)
                 raise TransportClosed(f"websocket closed by the client ({self.close_code})")
             # a pong: nothing to do (the server does not ping on its own)
+
+    def _closing(self) -> bool:
+        return self._closed
+
+    def _next_event(self) -> "WebSocketEvent":
+        """Reader thread: the next frame, from the poller's hand-over, the
+        bytes already read, or the socket (parking first when idle)."""
+        while True:
+            handed, self._handed = self._handed, None
+            if handed is not None:
+                event, error = handed
+                if error is not None:
+                    if self._closed and isinstance(error, TransportClosed):
+                        raise TransportClosed("websocket closed") from error
+                    raise error
+                if event is not None:
+                    return event
+            if self._closed:
+                raise TransportClosed("websocket closed")
+            may_park = self._may_park
+            if may_park is None or not may_park():
+                return next_event_from_socket(self._reader, self.sock, self._receive_size, self._closing)
+            event = self._reader.next_event()  # a frame already read comes first
+            if event is not None:
+                return event
+            self._park()
+
+    # -- parking (see remotedialer.poller)
+    def park_when(self, may_park: Callable[[], bool], poller: "Poller") -> bool:
+        """From now on, whenever ``may_park()`` holds before the reader would
+        block (a session with no connection open), hand the socket to
+        ``poller``: it answers pings and hands back the first other frame,
+        close or EOF, with every byte it read. False (nothing changes) for a
+        TLS socket, whose readiness says nothing about whole records."""
+        if isinstance(self.sock, ssl.SSLSocket):
+            return False
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self._poller = poller
+        self._may_park = may_park
+        return True
+
+    def _park(self) -> None:
+        """Reader thread: wait until the poller hands the socket back."""
+        assert self._poller is not None and self._gate is not None
+        self._poller.park(self)
+        while not self._gate.acquire(timeout=_PARK_WAIT):
+            pass  # the poller hands back at the latest when close() shuts the socket
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def on_readable(self) -> bool:
+        """Poller thread (see :class:`~remotedialer.poller.Parked`): read what
+        arrived, answer pings, keep the first other frame, error or EOF for
+        the reader. Partial frames stay in the frame reader, for it."""
+        if self._closed:
+            return True
+        try:
+            data = self.sock.recv(self._receive_size.small, _DONT_WAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._handed = (None, TransportClosed(f"websocket read failed: {exc}"))
+            return True
+        if not data:
+            self._handed = (None, TransportClosed("websocket EOF"))
+            return True
+        self._reader.feed(data)
+        while True:
+            try:
+                event = self._reader.next_event()
+            except WebSocketProtocolError as exc:
+                self._handed = (None, exc)
+                return True
+            if event is None:
+                return False
+            if event[0] == OP_PING:
+                self._answer_ping(event[1])
+            elif event[0] != OP_PONG:
+                self._handed = (event, None)
+                return True
+
+    def resume(self) -> None:
+        assert self._gate is not None
+        self._gate.release()
 
     # -- closing
     def close(self) -> None:
