@@ -442,14 +442,19 @@ def start_proxy(app: ServerApp, listen: Tuple[str, int], header_timeout: float =
     """Serve the proxy front end (:class:`~remotedialer.gateway.proxy.ProxyFrontEnd`)
     on ``listen``, dialing through ``app``'s server (so its dial policy
     applies) and checking user secrets against ``app.credentials`` when it
-    has them (an open proxy otherwise, which it logs). ``header_timeout``
-    of 0 keeps the proxy's default. Raises ``OSError`` if it cannot bind."""
+    has them (an open proxy otherwise, which it logs); refusals are counted
+    by the server's observer (``remotedialer_proxy_refused_total`` on
+    ``/metrics``). ``header_timeout`` of 0 keeps the proxy's default.
+    Raises ``OSError`` if it cannot bind."""
     from .gateway.proxy import ProxyFrontEnd, ProxyLimits
 
     credentials = getattr(app, "credentials", None)
     authorize = credentials.authorize_user if credentials is not None else None
     limits = ProxyLimits(header_timeout=header_timeout) if header_timeout else ProxyLimits()
-    return ProxyFrontEnd(app.server.dial, listen, authorize=authorize, limits=limits)
+    observer = getattr(app.server, "observer", None)
+    if observer is None:
+        return ProxyFrontEnd(app.server.dial, listen, authorize=authorize, limits=limits)
+    return ProxyFrontEnd(app.server.dial, listen, authorize=authorize, limits=limits, observer=observer)
 
 
 def _reload_listener(observer: Any) -> Optional[Callable[[bool], None]]:

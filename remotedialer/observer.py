@@ -74,6 +74,11 @@ class Observer:
         """A server's dial policy refused a dial through ``client_key``;
         ``reason`` is a :class:`~remotedialer.errors.DialRefusedError` reason."""
 
+    def proxy_refused(self, status: int) -> None:
+        """The proxy front end refused a request; ``status`` is the HTTP
+        status it answered (or would have: SOCKS5 refusals count under the
+        same statuses, e.g. 407 a bad secret, 403 not allowed, 502 no agent)."""
+
     def credentials_reloaded(self, ok: bool) -> None:
         """A credentials file was read again: ``ok`` if it took effect."""
 

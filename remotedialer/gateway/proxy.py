@@ -55,6 +55,7 @@ from typing import TYPE_CHECKING, Callable, Deque, List, Optional, Set, Tuple
 
 from ..addresses import join_host_port
 from ..errors import NoSessionError, RemoteError, error_text
+from ..observer import NULL_OBSERVER, Observer
 from ..piping import Piper, Waker, default_piper
 from ..server.port_forward import accept_pending
 from .proxy_handshake import (
@@ -176,7 +177,8 @@ class ProxyFrontEnd:
 
     The constructor binds (raising ``OSError``) and starts the loop thread;
     :meth:`stop` ends it and closes every connection. ``authorize`` of ``None``
-    accepts any secret (an open proxy, logged at start).
+    accepts any secret (an open proxy, logged at start). Every refusal is
+    counted by ``observer.proxy_refused(status)``.
     """
 
     def __init__(
@@ -188,9 +190,11 @@ class ProxyFrontEnd:
         limits: ProxyLimits = ProxyLimits(),
         piper: Optional[Piper] = None,
         backlog: int = 1024,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self._dial = dial
         self._authorize = authorize
+        self._observer = observer
         self.limits = limits
         self.piper = piper or default_piper()
         self._listener = socket.create_server(listen, family=_family(listen[0]), backlog=backlog)
@@ -327,6 +331,7 @@ class ProxyFrontEnd:
             if client.deadline is not None and client.deadline <= now:
                 log.info("%s: %s sent no complete handshake within %gs; closing",
                          self.name, client.peer, self.limits.header_timeout)
+                self._observer.proxy_refused(Refusal.SLOW.status)
                 client.outbox += client.handshake.timed_out()
                 self._close_after_send(client)
             elif client.confirm_by is not None and client.confirm_by <= now:
@@ -376,6 +381,7 @@ class ProxyFrontEnd:
         if isinstance(event, Send):
             client.outbox += event.data
         elif isinstance(event, Close):
+            self._observer.proxy_refused(event.refusal.status)
             log.info("%s: %s: %s; closing", self.name, client.peer, event.reason)
             client.outbox += event.data
             self._close_after_send(client)
@@ -456,6 +462,7 @@ class ProxyFrontEnd:
         accepted = refusal is not Refusal.AUTH_REQUIRED and refusal is not Refusal.FAILURE
         client.outbox += client.handshake.credentials_checked(accepted)
         if not accepted:
+            self._observer.proxy_refused((refusal or Refusal.FAILURE).status)
             self._close_after_send(client)
             return
         client.reading = True
@@ -523,6 +530,7 @@ class ProxyFrontEnd:
             client.reading = False  # until the peer resumes us
 
     def _refuse(self, client: _Client, refusal: Refusal, reason: str) -> None:
+        self._observer.proxy_refused(refusal.status)
         if client not in self._clients:
             return
         client.outbox += client.handshake.refuse(refusal, reason)

@@ -117,10 +117,12 @@ class Send:
 
 @dataclass(frozen=True)
 class Close:
-    """Send ``data`` (maybe empty), then close: the handshake failed (``reason``)."""
+    """Send ``data`` (maybe empty), then close: the handshake failed
+    (``reason``; ``refusal`` says how it counts)."""
 
     data: bytes
     reason: str
+    refusal: Refusal = Refusal.BAD_REQUEST
 
 
 @dataclass(frozen=True)
@@ -265,7 +267,7 @@ class ProxyHandshake:
         if _USERNAME_PASSWORD not in message[2:]:
             # The username names the agent: without it there is nowhere to go.
             return Close(bytes((SOCKS_VERSION, _NO_ACCEPTABLE_METHOD)),
-                         "SOCKS5 client offers no username/password authentication")
+                         "SOCKS5 client offers no username/password authentication", Refusal.AUTH_REQUIRED)
         self._state = _State.SOCKS_AUTH
         return Send(bytes((SOCKS_VERSION, _USERNAME_PASSWORD)))
 
@@ -314,13 +316,14 @@ class ProxyHandshake:
             length = 4 + 1 + buffer[4] + 2
         else:
             return Close(_socks_reply(Refusal.UNSUPPORTED_ADDRESS.socks_code),
-                         f"SOCKS5 address type {address_type} is not supported")
+                         f"SOCKS5 address type {address_type} is not supported", Refusal.UNSUPPORTED_ADDRESS)
         message = self._take(length)
         if message is None:
             return None
         if command != _CMD_CONNECT:
             return Close(_socks_reply(Refusal.UNSUPPORTED_COMMAND.socks_code),
-                         f"SOCKS5 command {command} is not supported (only CONNECT)")
+                         f"SOCKS5 command {command} is not supported (only CONNECT)",
+                         Refusal.UNSUPPORTED_COMMAND)
         port = int.from_bytes(message[-2:], "big")
         if address_type == _ATYP_IPV4:
             host = str(ipaddress.IPv4Address(message[4:8]))
@@ -383,7 +386,7 @@ class ProxyHandshake:
         return self._decided(ProxyRequest(ProxyKind.FORWARD, host, port, username, password, out_head))
 
     def _http_close(self, refusal: Refusal, reason: str) -> Close:
-        return Close(http_refusal(refusal, reason), reason)
+        return Close(http_refusal(refusal, reason), reason, refusal)
 
     def timed_out(self) -> bytes:
         """The client took too long: the bytes to send before closing (an

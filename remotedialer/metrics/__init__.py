@@ -162,6 +162,12 @@ REFUSED_DIALS = MetricSpec(
     "remotedialer_refused_dials", "counter", ("clientkey", "reason"),
     "Dials refused by the dial policy, by reason (target, no-policy, max-connections)", False,
 )
+PROXY_REFUSED = MetricSpec(
+    "remotedialer_proxy_refused", "counter", ("status",),
+    "Proxy front end requests refused, by HTTP status (SOCKS5 refusals under the same: 407 bad "
+    "secret, 403 not allowed, 503 connection cap, 502/504 the dial failed, 400/408/431 bad or slow "
+    "clients)", False,
+)
 CREDENTIALS_RELOADS = MetricSpec(
     "remotedialer_credentials_reloads", "counter", ("result",),
     "Reloads of the credentials file: result=\"ok\" took effect, \"failed\" kept the last good one",
@@ -190,6 +196,7 @@ METRICS: Tuple[MetricSpec, ...] = (
     RESUMES_REFUSED,
     REFUSED_HANDSHAKES,
     REFUSED_DIALS,
+    PROXY_REFUSED,
     CREDENTIALS_RELOADS,
     SESSIONS,
     CONNECTIONS,
@@ -318,6 +325,9 @@ class PrometheusObserver(Observer):
 
     def dial_refused(self, client_key: str, reason: str) -> None:
         self._add(REFUSED_DIALS, (client_key, reason))
+
+    def proxy_refused(self, status: int) -> None:
+        self._add(PROXY_REFUSED, (str(status),))
 
     def credentials_reloaded(self, ok: bool) -> None:
         self._add(CREDENTIALS_RELOADS, ("ok" if ok else "failed",))

@@ -13,6 +13,7 @@ from typing import Dict, Iterator, List, Tuple
 import pytest
 
 from remotedialer.gateway.proxy import ProxyFrontEnd, ProxyLimits
+from remotedialer.observer import Observer
 from remotedialer.piping import Piper
 from remotedialer.server.credentials import Credentials, CredentialStore, hash_secret, new_secret
 from testkit.support import TIMEOUT, EchoServer, TunnelServer, recv_exactly, wait_for
@@ -375,3 +376,35 @@ def test_absolute_form_body_sent_after_the_head(env: Env) -> None:
                 accepted.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
             assert read_head(sock).startswith(b"HTTP/1.1 204 ")
             assert sock.recv(10) == b""
+
+
+class RefusalCounter(Observer):
+    def __init__(self) -> None:
+        self.statuses: List[int] = []
+
+    def proxy_refused(self, status: int) -> None:
+        self.statuses.append(status)
+
+
+def test_refusals_are_counted_by_the_observer() -> None:
+    env = Env()
+    counter = RefusalCounter()
+    env.proxy.stop()
+    env.proxy = ProxyFrontEnd(env.tunnel.server.dial, authorize=env.store.authorize_user,
+                              limits=ProxyLimits(header_timeout=0.5), piper=env.piper, observer=counter)
+    try:
+        for key, password in (("foo", "wrong"), ("bar", PASSWORD), ("missing", PASSWORD), ("foo", PASSWORD)):
+            sock, _ = http_connect(env, env.echo_address if key != "foo" or password != PASSWORD else DENIED,
+                                   key, password)
+            sock.close()
+        sock, reply = socks5(env, "127.0.0.1", env.echo.port, "foo", "wrong")
+        sock.close()
+        with env.connect() as silent:
+            assert silent.recv(10) == b""  # cut after the header timeout
+        with env.connect() as bad:
+            bad.sendall(b"\x04\x01")
+            bad.recv(10)
+        wait_for(lambda: len(counter.statuses) == 7)
+        assert counter.statuses == [407, 403, 502, 403, 407, 408, 400]
+    finally:
+        env.close()

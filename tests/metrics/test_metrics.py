@@ -381,6 +381,7 @@ def test_metrics_endpoint_over_http(pair: ObservedPair) -> None:
     suspend_resume_refuse(observer, pair.server)
     observer.handshake_refused(401)
     observer.dial_refused("foo", "target")
+    observer.proxy_refused(407)
     observer.credentials_reloaded(True)
 
     served = Served(with_metrics_endpoint(_not_found, pair.server_registry))
@@ -441,6 +442,7 @@ def test_metrics_scraped_from_a_running_server(echo_server: EchoServer) -> None:
         with pytest.raises(HandshakeError):
             TunnelClient(url, {}).connect_once()  # no X-Tunnel-ID: 401
         observer.credentials_reloaded(False)
+        observer.proxy_refused(403)  # the proxy front end's own test counts real refusals
         end_by_a_failed_write(observer, "gone")
         peer_link_up_and_down(observer, "peer-b")
         # resumption: foo's WebSocket dropped and resumed; a reattach with a bogus token
@@ -515,6 +517,8 @@ def test_access_counters_and_dials_in_flight() -> None:
     obs.dial_refused("edge-1", "target")
     obs.credentials_reloaded(True)
     obs.credentials_reloaded(False)
+    obs.proxy_refused(407)
+    assert obs.value(metrics.PROXY_REFUSED, status="407") == 1
     assert obs.value(metrics.REFUSED_HANDSHAKES, status="401") == 2
     assert obs.value(metrics.REFUSED_HANDSHAKES, status="403") == 1
     assert obs.value(metrics.REFUSED_DIALS, clientkey="edge-1", reason="target") == 1
