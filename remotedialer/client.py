@@ -57,7 +57,10 @@ class _ResumeAnswer:
 
     @classmethod
     def of(cls, ws: websocket.WebSocket) -> "_ResumeAnswer":
-        headers = ws.getheaders() or {}
+        # typed through a variable: websocket-client 1.9.0 (the newest for
+        # Python 3.9) leaves getheaders unannotated
+        getheaders: Callable[[], Optional[Dict[str, str]]] = ws.getheaders
+        headers = getheaders() or {}
         if headers.get(RESUME_HEADER.lower(), "").strip() != RESUME_VERSION:
             return cls()
         try:

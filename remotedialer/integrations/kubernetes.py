@@ -26,7 +26,7 @@ tunnel is the route.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..piping import Piper
 from .requests import Dial, TunnelPoolManager
@@ -52,7 +52,8 @@ def tunneled_api_client(
     try:
         route_through_tunnel(api, dial, piper=piper)
     except BaseException:
-        api.close()  # type: ignore[no-untyped-call]
+        close: Callable[[], None] = api.close  # unannotated in kubernetes' types, Any without them
+        close()
         raise
     return api
 
