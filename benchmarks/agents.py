@@ -1,8 +1,9 @@
 """The ``agents`` workload: many tunnels on one server process (issue 12).
 
-For each count ``N`` and each server (the Python example server, and the Go
-example server of rancher/remotedialer when it is built, see
-:mod:`benchmarks.goref`), in one run:
+For each count ``N`` and each server (the Python example server, the same
+with idle tunnels parked on the shared poller, ``--park-idle``, column
+``python-parked``, and the Go example server of rancher/remotedialer when it
+is built, see :mod:`benchmarks.goref`), in one run:
 
 1. start the server, ``remotedialer dummy`` and one real ``remotedialer
    client`` (key ``foo``), and measure the 1 KiB GET rate through that
@@ -55,6 +56,9 @@ class AgentsOptions:
     """How many agents, for how long."""
 
     counts: Sequence[int] = (1000, 3000, 10000)
+    #: Servers measured: ``python``, ``python-parked`` (``--park-idle``),
+    #: ``go`` (when built).
+    kinds: Sequence[str] = ("python", "python-parked", "go")
     #: Seconds the tunnels are held after all are open (the target is 5 minutes).
     seconds: float = 75.0
     #: Seconds of the idle CPU window (within ``seconds``).
@@ -100,7 +104,9 @@ class ServerUnderTest:
             self.procs["server"] = server
             wait_until(lambda: _port_open(self.port) or not server.alive(), 20, "the Go server to listen")
         else:
-            server = Proc.remotedialer("server-py", ["server", "--listen", "127.0.0.1:0"], log_dir)
+            park = ["--park-idle"] if kind == "python-parked" else []
+            args = ["server", "--listen", "127.0.0.1:0", *park]
+            server = Proc.remotedialer(f"server-{kind}", args, log_dir)
             self.procs["server"] = server
             self.port = int(server.wait_for_log(r"listening on http://[^\s]+:(\d+)")[0].group(1))
         client = Proc.remotedialer(f"client-{kind}", [
@@ -225,8 +231,8 @@ def _one(kind: str, count: int, options: AgentsOptions, runs: int, report: Repor
 def agents_workload(options: AgentsOptions, runs: int, report: Report,
                     progress: ProgressFn = lambda text: print(text, file=sys.stderr, flush=True)) -> None:
     """Run every count on the Python server and, when built, the Go server."""
-    kinds = ["python"] + (["go"] if go_binary("server") else [])
-    if "go" not in kinds:
+    kinds = [kind for kind in options.kinds if kind != "go" or go_binary("server")]
+    if "go" in options.kinds and "go" not in kinds:
         report.note(f"agents: Go column skipped ({GOREF_HINT})")
     report.note(f"agents: held {options.seconds:.0f}s after all open, idle CPU over "
                 f"{options.idle_window:.0f}s, GET rates {runs} run(s) of {options.request_seconds:.0f}s "

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-ssh", action="store_true", help="skip the ssh -R comparison")
     parser.add_argument("--agents", default=None, metavar="N,N,...",
                         help="agents workload: tunnel counts (default 1000,3000,10000)")
+    parser.add_argument("--agents-kinds", default=None, metavar="KIND,...",
+                        help="agents workload: servers (default python,python-parked,go)")
     parser.add_argument("--agents-seconds", type=float, default=None,
                         help="agents workload: seconds the tunnels are held (default 75)")
     parser.add_argument("--no-go", action="store_true",
@@ -78,6 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     options.use_wrk = not args.no_wrk
     if args.agents:
         options.agents.counts = [int(part) for part in args.agents.split(",") if part.strip()]
+    if args.agents_kinds:
+        options.agents.kinds = [part.strip() for part in args.agents_kinds.split(",") if part.strip()]
     if args.agents_seconds is not None:
         options.agents.seconds = args.agents_seconds
         options.agents.idle_window = min(options.agents.idle_window, args.agents_seconds / 2)

@@ -10,7 +10,10 @@ arrived, answers pings itself and says whether anything else came (a
 message, a close, EOF, an error). If so, the poller stops watching that
 socket and calls :meth:`Parked.resume`, which hands the socket (and every
 byte already read) back to the reader thread. Many sockets are served per
-wake-up of the one thread, and none of their readers wakes.
+wake-up of the one thread, and none of their readers wakes: once woken, the
+thread waits at least ``batch_window`` before it looks again, so that under
+many pings each wake-up serves all that arrived meanwhile (a pong, or the
+hand-over of a CONNECT to an idle tunnel, waits that long at most).
 """
 
 from __future__ import annotations
@@ -19,13 +22,18 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from typing import Dict, Optional, Protocol
 
 from .singleton import Singleton
 
-__all__ = ["Parked", "Poller", "default"]
+__all__ = ["BATCH_WINDOW", "Parked", "Poller", "default"]
 
 log = logging.getLogger(__name__)
+
+BATCH_WINDOW = 0.005
+"""Seconds the poller lets pass between two looks at its sockets, at least:
+at most 200 wake-ups a second, however many pings arrive."""
 
 _EDGE_READY_SELECTORS = tuple(
     getattr(selectors, name) for name in ("EpollSelector", "KqueueSelector", "DevpollSelector")
@@ -58,8 +66,9 @@ class Poller:
     never held while a transport's :meth:`~Parked.on_readable` runs.
     """
 
-    def __init__(self, name: str = "remotedialer-poller") -> None:
+    def __init__(self, name: str = "remotedialer-poller", batch_window: float = BATCH_WINDOW) -> None:
         self._name = name
+        self._batch_window = batch_window
         self._lock = threading.Lock()
         self._selector = selectors.DefaultSelector()
         self._wake_reader, self._wake_writer = socket.socketpair()
@@ -95,12 +104,17 @@ class Poller:
                 pass
 
     def _run(self) -> None:
+        woke = 0.0
         while True:
+            pause = woke + self._batch_window - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)  # let more arrive: one wake-up serves them all
             try:
                 events = self._selector.select()
             except OSError:  # pragma: no cover - a descriptor closed under us
                 log.exception("poller: select failed")
                 continue
+            woke = time.monotonic()
             self.wakeups += 1
             for key, _mask in events:
                 parked = key.data
