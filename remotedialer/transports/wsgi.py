@@ -236,6 +236,9 @@ class ServerWebSocket:
         self._poller: Optional["Poller"] = None
         self._gate: Optional[threading.Lock] = None
         self._handed: Optional[Tuple[Optional["WebSocketEvent"], Optional[BaseException]]] = None
+        # The last frame the reader read itself was a ping: the tunnel is
+        # idle, not between two requests (those never wait for a hand-over).
+        self._pinged = False
         #: Frames the reader thread read itself (pings included): parked
         #: sessions' pings do not count here (tests watch it).
         self.reader_frames = 0
@@ -377,6 +380,7 @@ class ServerWebSocket:
                 self._send_close(exc.close_code, str(exc)[:60], _CLOSE_WRITE_TIMEOUT)
                 raise
             self.reader_frames += 1
+            self._pinged = opcode == OP_PING
             if opcode == OP_BINARY:
                 return payload
             if opcode == OP_PING:
@@ -412,7 +416,7 @@ class ServerWebSocket:
             if self._closed:
                 raise TransportClosed("websocket closed")
             may_park = self._may_park
-            if may_park is None or not may_park():
+            if may_park is None or not self._pinged or not may_park():
                 return next_event_from_socket(self._reader, self.sock, self._receive_size, self._closing)
             event = self._reader.next_event()  # a frame already read comes first
             if event is not None:
@@ -421,11 +425,12 @@ class ServerWebSocket:
 
     # -- parking (see remotedialer.poller)
     def park_when(self, may_park: Callable[[], bool], poller: "Poller") -> bool:
-        """From now on, whenever ``may_park()`` holds before the reader would
-        block (a session with no connection open), hand the socket to
-        ``poller``: it answers pings and hands back the first other frame,
-        close or EOF, with every byte it read. False (nothing changes) for a
-        TLS socket, whose readiness says nothing about whole records."""
+        """From now on, whenever the reader has just answered a ping and
+        ``may_park()`` holds (a session with no connection open), hand the
+        socket to ``poller`` instead of blocking on it: it answers pings and
+        hands back the first other frame, close or EOF, with every byte it
+        read. False (nothing changes) for a TLS socket, whose readiness says
+        nothing about whole records."""
         if isinstance(self.sock, ssl.SSLSocket):
             return False
         self._gate = threading.Lock()
