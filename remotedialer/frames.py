@@ -14,7 +14,12 @@ Masking is the hottest loop of a tunnel (a 1 GiB download profile showed
 wsaccel's masker at about half of each side's CPU), so the fastest available
 implementation serves payloads of :data:`NUMPY_MIN_SIZE` bytes or more: numpy
 (the ``speedups`` extra, imported on first use so an idle process does not pay
-its ~12 MiB), then wsaccel, then pure Python (~700 MB/s).
+its ~12 MiB), then wsaccel, then pure Python (~700 MB/s). That first import
+runs on a thread of its own, never on the one masking: it takes 0.1 s idle and
+over a second on a loaded machine, and a client masks under its session's
+write lock, so an inline import held back every control message (PAUSE among
+them: the peer's transfers overran the receive buffer's hard limit meanwhile).
+Until it is done, the next implementation masks.
 
 No extensions (permessage-deflate) are supported, as with the Go server.
 """
@@ -25,6 +30,7 @@ import codecs
 import os
 import struct
 import sys
+import threading
 from typing import Any, Callable, List, Optional, Tuple
 
 from .errors import ProtocolError
@@ -85,6 +91,9 @@ _VALID_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1014), *range(3
 NUMPY_MIN_SIZE = 4096
 
 _numpy: Any = None  # the module once imported, False if unavailable
+# Guards _numpy_import_started: whether the background import was started.
+_numpy_import_lock = threading.Lock()
+_numpy_import_started = False
 
 try:  # optional C speedup
     from wsaccel.xormask import (  # type: ignore[import-not-found,import-untyped,unused-ignore]
@@ -108,6 +117,16 @@ def _load_numpy() -> Any:
     return _numpy
 
 
+def _load_numpy_in_background() -> None:
+    """Start importing numpy on a thread of its own (once per process)."""
+    global _numpy_import_started
+    with _numpy_import_lock:
+        if _numpy_import_started:
+            return
+        _numpy_import_started = True
+    threading.Thread(target=_load_numpy, name="remotedialer-numpy-import", daemon=True).start()
+
+
 def masking_implementation() -> str:
     """Which implementation masks large payloads: ``numpy``, ``wsaccel`` or ``python``."""
     if _load_numpy():
@@ -123,8 +142,10 @@ def mask_in_place(buffer: bytearray, key: bytes, start: int = 0) -> None:
     if length <= 0:
         return
     if length >= NUMPY_MIN_SIZE:
-        numpy = _numpy if _numpy is not None else _load_numpy()
-        if numpy:
+        numpy = _numpy
+        if numpy is None:
+            _load_numpy_in_background()  # never here: the caller may hold a session's write lock
+        elif numpy:
             words = length >> 2
             view = numpy.frombuffer(buffer, dtype=numpy.uint32, count=words, offset=start)
             view ^= numpy.uint32(int.from_bytes(key, sys.byteorder))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+import sys
 from typing import List, Tuple
 
 import pytest
@@ -75,6 +77,41 @@ def test_encode_masked_frame_decodes_with_websocket_client(implementation, size)
     expected = websocket.ABNF(1, 0, 0, 0, websocket.ABNF.OPCODE_BINARY, 1, payload)
     expected.get_mask_key = lambda _n: key
     assert frame == expected.format()
+
+
+FIRST_MASK_IN_A_FRESH_PROCESS = """
+import sys, threading
+importers = []
+class Spy:  # records the thread that imports numpy
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            importers.append(threading.current_thread().name)
+        return None
+sys.meta_path.insert(0, Spy())
+from remotedialer import frames
+assert "numpy" not in sys.modules, "importing remotedialer loaded numpy"
+data, key = bytes(range(256)) * 256, b"\\x01\\x02\\x03\\x04"
+masked = frames.mask(data, key)
+assert masked == bytes(b ^ key[i % 4] for i, b in enumerate(data))
+for thread in threading.enumerate():
+    if thread.name == "remotedialer-numpy-import":
+        thread.join(60)
+assert frames.masking_implementation() == "numpy"
+print(",".join(importers))
+"""
+
+
+def test_the_first_large_mask_imports_numpy_on_another_thread():
+    """A client masks under its session's write lock: an import there (0.1 s
+    idle, over a second under load) held back its PAUSE while the peer's
+    transfer overran the receive buffer's hard limit."""
+    if not frames._load_numpy():
+        pytest.skip("numpy not installed")
+    result = subprocess.run(
+        [sys.executable, "-c", FIRST_MASK_IN_A_FRESH_PROCESS], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["remotedialer-numpy-import"]
 
 
 def test_implementation_name():
