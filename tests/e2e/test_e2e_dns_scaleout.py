@@ -14,14 +14,13 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator
 
 import pytest
 import requests
 
 from testkit.dns import ZoneServer
 from remotedialer.client import Backoff, TunnelClient
-from remotedialer.session import Session
 
 from testkit.peering import (
     Processes,
@@ -119,15 +118,6 @@ def test_three_servers_discover_each_other_and_follow_the_records(
     assert TOKEN not in "".join(procs.log(name) for name in "abcd")
 
 
-class TunnelWatcher:
-    """A tunnel client that records each session it gets."""
-
-    def __init__(self, url: str) -> None:
-        self.sessions: List[Session] = []
-        self.client = TunnelClient(url, {"X-Tunnel-ID": "foo"}, allow_all, self.sessions.append,
-                                   backoff=Backoff(initial=0.05, maximum=0.2))
-
-
 def test_gunicorn_worker_drains_on_sigterm(procs: Processes) -> None:
     port = free_port()
     procs.start("g", [
@@ -136,15 +126,17 @@ def test_gunicorn_worker_drains_on_sigterm(procs: Processes) -> None:
         *gunicorn_control_socket(procs.tmp_path / "g.ctl"), "remotedialer.cli.server:make_app()",
     ], env={"REMOTEDIALER_DRAIN_SECONDS": "1"})
     wait_until(lambda: readyz(port).endswith("ok\n"), "gunicorn to be ready")
-    watcher = TunnelWatcher(f"ws://127.0.0.1:{port}/connect")
-    watcher.client.start()
+    client = TunnelClient(f"ws://127.0.0.1:{port}/connect", {"X-Tunnel-ID": "foo"}, allow_all,
+                          backoff=Backoff(initial=0.05, maximum=0.2))
+    client.start()
     try:
-        watcher.client.wait_connected(TIMEOUT)
+        # The session itself, not one recorded by on_connect: that runs on a
+        # thread of its own, which had not run yet when readyz failed.
+        first = client.wait_connected(TIMEOUT)
         proc = procs.procs["g"]
         proc.send_signal(signal.SIGTERM)
         wait_until(lambda: requests.get(f"http://127.0.0.1:{port}/readyz", timeout=TIMEOUT).status_code
                    == 503, "readyz to fail")
-        first = watcher.sessions[0]
         assert not first.closed  # still draining
         wait_until(lambda: first.closed, "the tunnel to close")
         assert first.close_reason == "websocket closed by the server"
@@ -153,6 +145,6 @@ def test_gunicorn_worker_drains_on_sigterm(procs: Processes) -> None:
         assert "shut down: 1 tunnel(s) closed" in log
         assert "SIGKILL" not in log
     finally:
-        stopper = threading.Thread(target=watcher.client.stop, args=(TIMEOUT,))
+        stopper = threading.Thread(target=client.stop, args=(TIMEOUT,))
         stopper.start()
         stopper.join(TIMEOUT)
