@@ -17,10 +17,17 @@ Locks: ``_reader_lock`` is held by the reader thread while it handles one
 message, and by :meth:`ResumableSession.reattach` while it swaps the
 WebSocket and counts what was received: no message of the old WebSocket is
 handled after that count. It is taken before ``_write_lock``.
-``_resume_cond`` guards the ledger, the state and the deferred messages. It
-nests inside the session's ``_write_lock`` (taken after it, never before it)
-and nothing is sent while it is held. Writers wait on it for room in the
-retransmit buffers and for the state to settle.
+``_resume_lock`` (``_resume_cond``'s lock; the per-message paths take it
+bare) guards the ledger, the state and the deferred messages. It nests
+inside the session's ``_write_lock`` (taken after it, never before it) and
+nothing is sent while it is held. Writers wait on ``_resume_cond`` for room
+in the retransmit buffers and for the state to settle.
+
+The per-message cost is kept low: a DATA write that finds the session
+attached and room in the caps takes the socket and the ledger once each
+(:meth:`ResumableSession.send_data`), and the ACKs the reader owes go out
+through one flusher thread that waits up to ``FLUSHER_LINGER`` seconds for
+the next one instead of a new thread per ACK.
 """
 
 from __future__ import annotations
@@ -68,6 +75,10 @@ RESUMED = "resumed"
 
 _LOST_TEXT = "connection lost while the tunnel was down"
 
+FLUSHER_LINGER = 1.0
+"""Seconds the control flusher of a resumable session waits for the next
+control message (an ACK, during a transfer) before its thread ends."""
+
 
 class ResumableSession(Session):
     """A :class:`~remotedialer.session.Session` with the resumption extension.
@@ -86,7 +97,10 @@ class ResumableSession(Session):
             self.limits.resume_buffer_per_connection, self.limits.resume_buffer_per_session
         )
         self._reader_lock = threading.Lock()
-        self._resume_cond = threading.Condition(threading.Lock())
+        self._resume_lock = threading.Lock()
+        self._resume_cond = threading.Condition(self._resume_lock)
+        # the flusher waits here for the next control message (see _flush_control)
+        self._control_ready = threading.Condition(self._control_lock)
         self._state = ATTACHED
         self._suspended_at = 0.0
         self._awaiting_reattach = False  # the peer's REATTACH is the next message
@@ -215,6 +229,8 @@ class ResumableSession(Session):
         super().close(reason)
         with self._resume_cond:
             self._resume_cond.notify_all()  # writers waiting for room see the end
+        with self._control_lock:
+            self._control_ready.notify_all()  # a lingering flusher ends
 
     # ---------------------------------------------------------------- writes
     def _wait_to_send(
@@ -276,15 +292,32 @@ class ResumableSession(Session):
         """Send one DATA message for ``conn`` and keep its payload until
         acknowledged. Blocks while the retransmit buffers are full (up to
         ``timeout``); while suspended the payload is only kept."""
-        header = encode_data_header(GLOBAL_MESSAGE_IDS.next(), conn.conn_id)
+        if self._closed:
+            raise TunnelClosedError(f"session ended: {self.close_reason}")
+        conn_id = conn.conn_id
+        header = encode_data_header(GLOBAL_MESSAGE_IDS.next(), conn_id)
         data = header + payload
         kept = memoryview(data)[len(header) :]
-        conn_id = conn.conn_id
+        size = len(kept)
+        # Fast path, the common case: attached, with room in the caps.
+        started = 0.0 if timeout is None else time.monotonic()
+        self._take_socket(timeout, MessageType.DATA, size, conn)
+        try:
+            with self._resume_lock:
+                transport = self.transport
+                fast = self._state == ATTACHED and self.ledger.record_if_room(conn_id, kept)
+            if fast:
+                self._transmit_locked(data, MessageType.DATA, size, transport)
+                return  # a failed write suspended the session: the reattach sends it
+        finally:
+            self._write_lock.release()
+        if timeout is not None:
+            timeout = max(timeout - (time.monotonic() - started), 0.0)
 
         def record() -> None:
             self.ledger.record_sent(conn_id, kept)
 
-        self._send_kept(data, MessageType.DATA, len(kept), timeout, conn, record)
+        self._send_kept(data, MessageType.DATA, size, timeout, conn, record)
 
     def _send_connect(self, conn: "TunnelConnection", payload: bytes, timeout: Optional[float]) -> None:
         data = encode_message(GLOBAL_MESSAGE_IDS.next(), conn.conn_id, MessageType.CONNECT, payload)
@@ -317,6 +350,29 @@ class ResumableSession(Session):
         if self._state == ATTACHED:
             super()._drain_control_locked()
 
+    def _start_flusher_if_needed(self) -> None:
+        with self._control_lock:
+            if self._flusher_running:
+                self._control_ready.notify()  # the lingering flusher sends it
+                return
+        super()._start_flusher_if_needed()
+
+    def _flush_control(self) -> None:
+        """Flusher thread: as :meth:`Session._flush_control`, but once the
+        queue is empty it waits up to ``FLUSHER_LINGER`` seconds for more
+        (the next ACK of a transfer) before it ends."""
+        while True:
+            with self._write_lock:
+                self._drain_control_locked()
+            with self._control_lock:
+                if not self._control_queue and not self._closed:
+                    self._control_ready.wait(FLUSHER_LINGER)
+                if self._closed:
+                    self._control_queue = None
+                if not self._control_queue:
+                    self._flusher_running = False
+                    return
+
     # ----------------------------------------------------------------- reads
     def _on_data_kept(self, message: Message) -> None:
         conn_id = message.conn_id
@@ -327,8 +383,10 @@ class ResumableSession(Session):
             if not tombstone:
                 Session._on_data(self, message)  # not found: answered with ERROR
             return
-        with self._resume_cond:
-            ack = self.ledger.record_received(conn_id, len(message.payload))
+        size = len(message.payload)
+        with self._resume_lock:
+            ack = self.ledger.record_received(conn_id, size)
+        self.bytes_received += size
         conn.deliver(message.payload)
         if ack is not None:
             self.send_control(ResumeMessageType.ACK, conn_id, encode_ack(ack))
@@ -350,7 +408,7 @@ class ResumableSession(Session):
 
     def _on_ack(self, message: Message) -> None:
         received = decode_ack(message.payload)
-        with self._resume_cond:
+        with self._resume_lock:
             if self.ledger.acknowledge(message.conn_id, received):
                 self._resume_cond.notify_all()
 

@@ -312,6 +312,24 @@ class ResumeLedger:
             entry.unacked + size <= self.connection_cap and self.retained + size <= self.session_cap
         )
 
+    def record_if_room(self, conn_id: int, payload: Bytes) -> bool:
+        """:meth:`has_room` and :meth:`record_sent` in one step (a writer's
+        per-message path): False, and nothing recorded, if there is no room."""
+        entry = self._entries.get(conn_id)
+        size = len(payload)
+        if entry is None:
+            return True
+        unacked = entry.sent - entry.acked
+        if unacked and (
+            unacked + size > self.connection_cap or self.retained + size > self.session_cap
+        ):
+            return False
+        if size:
+            entry.chunks.append((entry.sent, payload))
+            entry.sent += size
+            self.retained += size
+        return True
+
     def unacked(self, conn_id: int) -> int:
         """Bytes of ``conn_id`` sent and not yet acknowledged."""
         entry = self._entries.get(conn_id)

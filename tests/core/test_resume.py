@@ -144,6 +144,22 @@ def test_has_room_honours_both_caps() -> None:
     assert ledger.has_room(99, 1 << 30)  # not counted: no limit
 
 
+def test_record_if_room_checks_both_caps_then_records() -> None:
+    ledger = ResumeLedger(connection_cap=10, session_cap=15)
+    ledger.add(2, dialed_here=True)
+    ledger.add(4, dialed_here=True)
+    assert ledger.record_if_room(2, b"x" * 50)  # an empty buffer takes any size
+    ledger.acknowledge(2, 50)
+    assert ledger.record_if_room(2, b"x" * 8) and ledger.unacked(2) == 8
+    assert not ledger.record_if_room(2, b"x" * 3)  # per connection: 8 + 3 > 10
+    assert ledger.unacked(2) == 8 and ledger.sent(2) == 58  # nothing recorded
+    assert ledger.record_if_room(4, b"y" * 6)
+    assert not ledger.record_if_room(4, b"y" * 2)  # per session: 8 + 6 + 2 > 15
+    assert ledger.record_if_room(4, b"y") and ledger.retained == 15
+    assert ledger.record_if_room(99, b"z")  # not counted: no limit
+    assert ledger.retained == 15
+
+
 def test_ack_is_due_at_a_quarter_of_the_cap_and_at_ticks() -> None:
     ledger = ResumeLedger(connection_cap=40, session_cap=100)
     ledger.add(2, dialed_here=False)
