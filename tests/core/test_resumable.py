@@ -189,3 +189,53 @@ def test_window_passed_ends_connections_as_today() -> None:
         conn.recv(1)
     for thread in threads:
         thread.join(5)
+
+
+
+def test_one_flusher_thread_carries_a_transfers_acks(monkeypatch: pytest.MonkeyPatch) -> None:
+    flushers: List[threading.Thread] = []
+    start = threading.Thread.start
+
+    def counting_start(thread: threading.Thread) -> None:
+        if thread.name.startswith("remotedialer-flush-"):
+            flushers.append(thread)
+        start(thread)
+
+    total = 4 * 1024 * 1024
+    received = threading.Event()
+
+    def sink(conn: TunnelConnection) -> None:  # reads only: its ACKs go by the flusher
+        def run() -> None:
+            with conn:
+                conn.settimeout(TIMEOUT)
+                got = 0
+                while got < total:
+                    data = conn.recv(1 << 20)
+                    assert data
+                    got += len(data)
+                received.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    monkeypatch.setattr(threading.Thread, "start", counting_start)
+    client_end, server_end = memory_pair()
+    client = ResumableSession(client_end, resume_window=30.0, is_client=True, connect_handler=sink,
+                              limits=LIMITS)
+    server = ResumableSession(server_end, resume_window=30.0, is_client=False, limits=LIMITS)
+    threads = [client.start(), server.start()]
+    conn = server.dial("tcp", "127.0.0.1:1", timeout=TIMEOUT)
+    conn.settimeout(TIMEOUT)
+    block = b"z" * client.ledger.ack_threshold  # an ACK per block
+    for _ in range(total // len(block)):
+        conn.sendall(block)
+        with server._resume_cond:  # each ACK arrives before the next block goes
+            assert server._resume_cond.wait_for(lambda: not server.ledger.unacked(conn.conn_id), TIMEOUT)
+    assert received.wait(TIMEOUT)
+    # one flusher thread per ACK (64) before; now one, unless a stall on a
+    # loaded machine outlasted FLUSHER_LINGER
+    assert 1 <= len(flushers) <= 3, len(flushers)
+    client.close()
+    server.close()
+    for thread in threads + flushers:
+        thread.join(5)
+        assert not thread.is_alive()  # close() ends a lingering flusher
