@@ -323,15 +323,39 @@ class ServerWebSocket:
                 self._pending_pongs.clear()
                 return
             while self._pending_pongs:
-                # poll, not select: any descriptor number (select fails past 1023)
-                if not wait_for_write(self.sock, timeout=0):
+                if not self._send_pong_now(self._pending_pongs[0]):
                     return
-                self.sock.sendall(self._pending_pongs.pop(0))
+                self._pending_pongs.pop(0)
                 self.last_keepalive = time.monotonic()
         except (OSError, ValueError):
             pass
         finally:
             self._send_lock.release()
+
+    def _send_pong_now(self, frame: bytes) -> bool:
+        """With ``_send_lock`` held: write ``frame`` if the socket takes it at
+        once; False (nothing written) if it cannot. One ``send`` where
+        ``MSG_DONTWAIT`` exists (no ``poll`` first: the poller answers
+        thousands of pings a second). A frame taken in part is finished
+        within :data:`_CLOSE_WRITE_TIMEOUT`, or the socket is shut down (its
+        stream would be corrupt): the reader then ends the session."""
+        if not _DONT_WAIT:
+            # poll, not select: any descriptor number (select fails past 1023)
+            if not wait_for_write(self.sock, timeout=0):
+                return False
+            self.sock.sendall(frame)
+            return True
+        try:
+            sent = self.sock.send(frame, _DONT_WAIT)
+        except BlockingIOError:
+            return False
+        if sent < len(frame):
+            if not wait_for_write(self.sock, timeout=_CLOSE_WRITE_TIMEOUT):
+                self._close_sent = True  # nothing more may follow half a frame
+                self.sock.shutdown(socket.SHUT_RDWR)
+                raise TransportClosed("websocket stuck in the middle of a pong")
+            self.sock.sendall(frame[sent:])
+        return True
 
     def send(self, data: Bytes) -> None:
         """Send one binary message. Blocks until the socket took all of it;
