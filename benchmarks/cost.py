@@ -160,12 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{row.workload}: target direct {statistics.median(row.values['direct']):.0f} req/s",
                   file=sys.stderr)
     print(report.table())
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(report.to_json())
-    if args.rst:
-        with open(args.rst, "w") as handle:
-            handle.write(report.rst_table() + "\n")
+    report.save(args.json, args.rst)
     return 1 if failed else 0
 
 

@@ -104,12 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         failed = True
     report.meta["seconds"] = round(time.monotonic() - started, 1)
     print(report.table())
-    if args.json:
-        with open(args.json, "w") as handle:
-            handle.write(report.to_json())
-    if args.rst:
-        with open(args.rst, "w") as handle:
-            handle.write(report.rst_table() + "\n")
+    report.save(args.json, args.rst)
     if args.chart:
         try:
             report.chart(args.chart)

@@ -143,6 +143,15 @@ class Report:
             out.append("")
         return "\n".join(out).rstrip()
 
+    def save(self, json_path: Optional[str], rst_path: Optional[str]) -> None:
+        """Write the report as JSON and as an RST table, to whichever paths are given."""
+        if json_path:
+            with open(json_path, "w") as handle:
+                handle.write(self.to_json())
+        if rst_path:
+            with open(rst_path, "w") as handle:
+                handle.write(self.rst_table() + "\n")
+
     def to_json(self) -> str:
         return json.dumps(
             {
