@@ -40,6 +40,7 @@ with ``502`` and a log line.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import itertools
 import logging
@@ -126,13 +127,21 @@ def parse_target(path: str, prefix: str = "/client") -> ForwardTarget:
     parts = path[len(prefix) + 1 :].split("/", 3)
     if len(parts) < 3 or not parts[0] or not parts[2]:
         raise BadRequest(f"expected {prefix}/<id>/<scheme>/<host>/<path>")
-    client_key = _unquote(parts[0])
-    scheme = parts[1].lower()
-    host = _unquote(parts[2])
+    client_key, scheme, host, address = _parse_route(parts[0], parts[1], parts[2])
     rest = "/" + parts[3] if len(parts) == 4 else "/"
+    return ForwardTarget(client_key, scheme, host, address, rest)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_route(raw_key: str, raw_scheme: str, raw_host: str) -> Tuple[str, str, str, str]:
+    """``(client_key, scheme, host, address)`` of a path's first three
+    segments. Cached: a gateway sees the same few routes again and again
+    (a refusal raises and is not cached)."""
+    scheme = raw_scheme.lower()
+    host = _unquote(raw_host)
     default_port = _DEFAULT_PORTS.get(scheme)
     if default_port is None:
-        raise BadRequest(f"unsupported scheme {parts[1]!r} (http or https)")
+        raise BadRequest(f"unsupported scheme {raw_scheme!r} (http or https)")
     if _BAD_HOST.search(host):
         raise BadRequest(f"invalid host {host!r}")
     try:
@@ -140,7 +149,7 @@ def parse_target(path: str, prefix: str = "/client") -> ForwardTarget:
     except ValueError as exc:
         raise BadRequest(f"invalid host {host!r}: {exc}") from None
     address = join_host_port(hostname, default_port if port is None else port)
-    return ForwardTarget(client_key, scheme, host, address, rest)
+    return _unquote(raw_key), scheme, host, address
 
 
 def _split_query(query: str) -> Tuple[Optional[str], str]:
@@ -177,19 +186,30 @@ def requested_upgrade(environ: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=512)
+def _header_of(key: str) -> Optional[Tuple[str, str]]:
+    """``(name, lowered name)`` of the request header an environ key
+    carries, or None for a key that is no header or a header never sent on.
+    Cached: the same few dozen keys come with every request."""
+    if not key.startswith("HTTP_"):
+        return None
+    name = key[5:].replace("_", "-").title()
+    lowered = name.lower()
+    if lowered in _REQUEST_ONLY or lowered in HOP_BY_HOP:
+        return None
+    return name, lowered
+
+
 def _request_headers(environ: Dict[str, Any], host: str) -> Dict[str, str]:
     """End-to-end request headers to send on, with ``Host`` set to the
     target; an upgrade request keeps its ``Upgrade`` and ``Connection: Upgrade``."""
-    connection_tokens = set(header_tokens(environ.get("HTTP_CONNECTION", "")))
+    connection = environ.get("HTTP_CONNECTION", "")
+    connection_tokens = set(header_tokens(connection)) if connection else ()
     headers: Dict[str, str] = {"Host": host}
     for key, value in environ.items():
-        if not key.startswith("HTTP_"):
-            continue
-        name = key[5:].replace("_", "-").title()
-        lowered = name.lower()
-        if lowered in _REQUEST_ONLY or lowered in HOP_BY_HOP or lowered in connection_tokens:
-            continue
-        headers[name] = value
+        header = _header_of(key)
+        if header is not None and header[1] not in connection_tokens:
+            headers[header[0]] = value
     if environ.get("CONTENT_TYPE"):
         headers["Content-Type"] = environ["CONTENT_TYPE"]
     if environ.get("CONTENT_LENGTH"):
@@ -201,19 +221,25 @@ def _request_headers(environ: Dict[str, Any], host: str) -> Dict[str, str]:
     return headers
 
 
+#: Response headers never passed on: hop-by-hop ones and those the WSGI server sets.
+_NOT_PASSED_ON = HOP_BY_HOP | _SET_BY_WSGI_SERVER
+
+
 def _response_headers(headers: List[Tuple[str, str]]) -> List[Tuple[str, str]]:
     """The end-to-end response headers to pass on (hop-by-hop ones, those
     named in ``Connection`` and those the WSGI server sets itself dropped)."""
-    connection_tokens = set(
-        header_tokens(",".join(value for name, value in headers if name.lower() == "connection"))
-    )
-    return [
-        (name, value)
-        for name, value in headers
-        if name.lower() not in HOP_BY_HOP
-        and name.lower() not in connection_tokens
-        and name.lower() not in _SET_BY_WSGI_SERVER
-    ]
+    kept: List[Tuple[str, str]] = []
+    connection: List[str] = []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered not in _NOT_PASSED_ON:
+            kept.append((name, value))
+        elif lowered == "connection":
+            connection.append(value)
+    if not connection:
+        return kept
+    tokens = set(header_tokens(",".join(connection)))
+    return [(name, value) for name, value in kept if name.lower() not in tokens]
 
 
 def _pool_key(target: ForwardTarget) -> PoolKey:

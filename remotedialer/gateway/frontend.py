@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from http import HTTPStatus
 from typing import Any, BinaryIO, Dict, List, Optional, Tuple
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
@@ -203,9 +204,30 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         self._head_cut = False
         self._head_ticket = deadlines.arm(self.connection) if deadlines is not None else 0
         try:
-            super().handle_one_request()
+            self._serve_one()
         finally:
             self._head_read()
+
+    def _serve_one(self) -> None:
+        """``http.server``'s one request, calling :meth:`run_wsgi` directly
+        (werkzeug reaches it through ``__getattr__`` for any ``do_<method>``,
+        two failed attribute lookups per request)."""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            self.run_wsgi()
+            self.wfile.flush()
+        except socket.timeout as exc:  # a read or a write timed out: drop the connection
+            self.log_error("Request timed out: %r", exc)
+            self.close_connection = True
 
     def _head_read(self) -> None:
         """The request head was read (or failed): stop its clock, noting

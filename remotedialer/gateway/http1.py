@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 from ..server.wsgi import header_tokens
 
@@ -80,6 +80,21 @@ _HEX = re.compile(r"[0-9A-Fa-f]{1,16}")
 # header line than is_token() and valid_header_value(), which say the same).
 _token_match = _TOKEN.fullmatch
 _bad_value_search = _BAD_HEADER_VALUE.search
+
+#: Header names already found to be tokens: the same few dozen names come in
+#: every head, and a set lookup costs a tenth of the regex. Bounded; adding
+#: to a set is atomic under the GIL.
+_TOKEN_NAMES: Set[str] = set()
+_TOKEN_NAMES_MAX = 1024
+
+
+def _name_is_token(name: str) -> bool:
+    """:func:`is_token` for a header name, remembering the names that passed."""
+    if _token_match(name) is None:
+        return False
+    if len(_TOKEN_NAMES) < _TOKEN_NAMES_MAX:
+        _TOKEN_NAMES.add(name)
+    return True
 
 
 def is_token(text: str) -> bool:
@@ -162,7 +177,7 @@ def parse_request_header_line(line: bytes) -> Optional[Tuple[str, str]]:
     by CRLF, a CR or NUL in the value. The value is stripped of blanks."""
     name, colon, value = line.decode("iso-8859-1").partition(":")
     value = value[:-2] if value.endswith("\r\n") else "\r"  # a bare LF: refused below
-    if not colon or not _token_match(name) or _bad_value_search(value):
+    if not colon or (name not in _TOKEN_NAMES and not _name_is_token(name)) or _bad_value_search(value):
         return None
     return name, value.strip(" \t")
 
@@ -240,7 +255,6 @@ def encode_request_head(method: str, path: str, headers: Mapping[str, str], has_
 MAX_RESPONSE_HEAD = 64 * 1024
 #: Header lines a response head may have (as http.client).
 MAX_RESPONSE_HEADERS = 100
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
 _VERSIONS = {"HTTP/1.1": 11, "HTTP/1.0": 10}
 
 
@@ -253,8 +267,24 @@ def find_head_end(buffer: bytearray, searched: int) -> Optional[Tuple[int, int]]
     """``(start, end)`` of the empty line ending a response head in
     ``buffer`` (CRLF or LF line ends), or ``None`` yet; ``searched`` is how
     much of the buffer an earlier call already looked at."""
-    match = _HEAD_END.search(buffer, max(0, searched - 3))
-    return None if match is None else (match.start(), match.end())
+    # bytearray.find (memchr) for each LF, not a regex: a regex starting with
+    # an optional CR tries every position of the body that follows the head.
+    start = position = max(0, searched - 3)
+    size = len(buffer)
+    while True:
+        line_end = buffer.find(b"\n", position)
+        if line_end < 0:
+            return None
+        after = line_end + 1
+        if after < size and buffer[after] == 10:  # LF LF
+            end = after + 1
+        elif after + 1 < size and buffer[after] == 13 and buffer[after + 1] == 10:  # LF CR LF
+            end = after + 2
+        else:
+            position = after
+            continue
+        begin = line_end - 1 if line_end > start and buffer[line_end - 1] == 13 else line_end
+        return begin, end
 
 
 class ResponseHead:
@@ -297,7 +327,7 @@ def parse_response_head(head: bytes) -> ResponseHead:
             headers[-1] = (name, f"{value} {folded}" if value else folded)
             continue
         name, colon, value = line.partition(":")
-        if not colon or not _token_match(name):
+        if not colon or (name not in _TOKEN_NAMES and not _name_is_token(name)):
             raise BadResponse(f"invalid response header line {line[:100]!r}")
         if "\r" in value or "\x00" in value:  # the header value check; no LF after the split
             raise BadResponse(f"invalid value of response header {name}")

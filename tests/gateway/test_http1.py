@@ -5,6 +5,8 @@ sockets (request smuggling in both directions)."""
 from __future__ import annotations
 
 import io
+import itertools
+import re
 from typing import Any, Dict, Optional, Tuple
 
 import pytest
@@ -18,6 +20,7 @@ from remotedialer.gateway.http1 import (
     ChunkedError,
     RequestRefused,
     encode_request_head,
+    find_head_end,
     is_token,
     parse_request_header_line,
     parse_response_head,
@@ -251,6 +254,25 @@ def test_chunked_messages_name_the_direction() -> None:
 
 
 # ---------------------------------------------------------------- responses
+
+
+def test_find_head_end_matches_the_regex_it_replaced() -> None:
+    # The empty line ending a head (CRLF or LF line ends) is found with
+    # bytearray.find; the oracle is the regex used before, on every string
+    # of up to 6 pieces of CR, LF, CRLF and a letter, from every offset.
+    oracle = re.compile(rb"\r?\n\r?\n")
+    checked = 0
+    for size in range(7):
+        for pieces in itertools.product((b"\r", b"\n", b"\r\n", b"a"), repeat=size):
+            buffer = bytearray(b"".join(pieces))
+            for searched in range(len(buffer) + 2):
+                match = oracle.search(buffer, max(0, searched - 3))
+                expected = None if match is None else (match.start(), match.end())
+                assert find_head_end(buffer, searched) == expected, (bytes(buffer), searched)
+                checked += 1
+    assert checked > 30_000
+    body = bytearray(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n" + b"x\n" * 500)
+    assert find_head_end(body, 0) == (21, 25)
 
 
 def test_parse_response_head() -> None:
