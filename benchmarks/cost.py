@@ -75,9 +75,10 @@ def _run(args: argparse.Namespace, report: Report, progress: Callable[[str], Non
                 "tunnel": Route(f"http://127.0.0.1:{server_port}/client/foo/http/{target.address}/",
                                 server, client)}
             notes: List[str] = []
-            routes.update(start_stacks(work, server, server_port, target.address, not args.no_go,
-                                       not args.no_gunicorn, procs, notes.append,
-                                       want_worker=not args.no_worker))
+            if not args.forward_only:
+                routes.update(start_stacks(work, server, server_port, target.address, not args.no_go,
+                                           not args.no_gunicorn, procs, notes.append,
+                                           want_worker=not args.no_worker))
             if not args.pairings:
                 for path in ("go-srv+py-cli", "py-srv+go-cli"):
                     routes.pop(path, None)
@@ -92,7 +93,8 @@ def _run(args: argparse.Namespace, report: Report, progress: Callable[[str], Non
             tool = "wrk" if options.use_wrk and wrk_path() else "built-in Python load generator"
             report.note(f"request rates measured with {tool}; {options.runs} alternating runs "
                         f"of {options.request_seconds:g} s per cell")
-            request_rows(options, report, "1 KiB GET", routes, {}, {})
+            if not args.forward_only:
+                request_rows(options, report, "1 KiB GET", routes, {}, {})
             if args.forward:
                 forward_port = int(server.wait_for_log(
                     rf"forward 127\.0\.0\.1:(\d+)=\S*{target.address}\b")[0].group(1))
@@ -127,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one load run (default 5)")
     parser.add_argument("--concurrency", default="1,10,100", help="connections (default 1,10,100)")
     parser.add_argument("--forward", action="store_true", help="also the raw forward beside ssh -R")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="only the raw forward, ssh -R and the target (implies --forward)")
     parser.add_argument("--pairings", action="store_true", help="also Go server + Python client and back")
     parser.add_argument("--no-go", action="store_true", help="leave out the Go reference stack")
     parser.add_argument("--no-gunicorn", action="store_true", help="leave out gunicorn gthread")
@@ -141,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run; the tables on stdout, progress on stderr."""
     args = build_parser().parse_args(argv)
+    args.forward = args.forward or args.forward_only
     if args.runs < 1:
         print("--runs must be at least 1", file=sys.stderr)
         return 2

@@ -50,6 +50,9 @@ __all__ = ["TunnelConnection", "ConnectionOwner"]
 log = logging.getLogger(__name__)
 
 Listener = Callable[["TunnelConnection"], None]
+Sink = Callable[[Bytes], bool]
+"""``(payload) -> taken``: an event loop's offer to pass a DATA payload on at
+once instead of buffering it (see :meth:`TunnelConnection.set_sink`)."""
 
 
 class ConnectionOwner(Protocol):
@@ -119,6 +122,7 @@ class TunnelConnection:
         self._closed = False  # really closed: close() and no makefile objects left
         self._io_refs = 0  # open makefile() objects, as in socket.socket
         self._listener: Optional[Listener] = None
+        self._sink: Optional[Sink] = None
         self._signal: Optional[ReadinessSignal] = None
         self._sockopts: Dict[Tuple[int, int], Any] = {}
 
@@ -170,6 +174,14 @@ class TunnelConnection:
         about: data arrived, the peer resumed us, or the connection ended. The
         listener runs on the session's reader thread and must not block."""
         self._listener = listener
+
+    def set_sink(self, sink: Optional[Sink]) -> None:
+        """Offer each DATA payload that arrives while nothing is buffered to
+        ``sink(payload)`` first; when it returns True the payload was taken
+        (an event loop wrote it to its socket, or keeps it in order ahead of
+        anything buffered later) and is neither buffered nor announced to the
+        listener. Runs on the session's reader thread and must not block."""
+        self._sink = sink
 
     # --------------------------------------------------------- socket timeouts
     def settimeout(self, timeout: Optional[float]) -> None:
@@ -363,6 +375,12 @@ class TunnelConnection:
     # ------------------------------------ session-facing: events from the session
     def deliver(self, payload: Bytes) -> None:
         """Reader thread: a DATA payload arrived for this connection."""
+        sink = self._sink
+        if (
+            sink is not None and not self._buffer.buffered and self._read_error is None
+            and not self._closed and not self._read_shut and sink(payload)
+        ):
+            return  # passed on at once: nothing to buffer, nobody to wake
         pause = overflow = False
         with self._cond:
             if self._read_error is not None or self._closed or self._read_shut:

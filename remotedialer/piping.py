@@ -33,6 +33,7 @@ from .thread_pool import ThreadPool
 
 if TYPE_CHECKING:
     from .connection import TunnelConnection
+    from .protocol import Bytes
 
 __all__ = [
     "Piper",
@@ -191,6 +192,7 @@ class _SocketPipe(_Pipe):
         """Local socket -> tunnel. True if the turn's budget ran out."""
         moved = 0
         direction = self.to_tunnel
+        drained = False
         while moved < TURN_BUDGET:
             if self.conn.ended:
                 # The far side ended: stop reading here and let the other
@@ -199,7 +201,7 @@ class _SocketPipe(_Pipe):
                 return False
             if not _write_tunnel(self.conn, direction):
                 return False
-            if direction.eof:
+            if direction.eof or drained:
                 return False
             try:
                 data = self.sock.recv(CHUNK)
@@ -211,12 +213,21 @@ class _SocketPipe(_Pipe):
             direction.pending = memoryview(data)
             moved += len(data)
             self.last_active = time.monotonic()
+            # A short read drained the socket: send it and let the
+            # (level-triggered) selector say when more arrives, sparing a
+            # recv that would only fail with EAGAIN.
+            drained = len(data) < CHUNK
         return True
 
     def _tunnel_to_socket(self) -> bool:
         """Tunnel -> local socket. True if the turn's budget ran out."""
         moved = 0
         direction = self.to_socket
+        if direction.pending is None and not direction.eof and not self.conn.readable_now():
+            # Nothing to deliver: spare the lock. Only this thread takes
+            # pending bytes from the buffer, and the reader calls the
+            # listener after any change, so nothing is missed.
+            return False
         with self._to_socket_lock:
             while moved < TURN_BUDGET:
                 if direction.pending is None:
@@ -233,6 +244,46 @@ class _SocketPipe(_Pipe):
                 direction.pending = rest if len(rest) else None
             return True
 
+    def _claim_idle_socket(self) -> bool:
+        """Off the piper's turn: take ``_to_socket_lock`` without waiting if
+        the socket direction is idle (nothing pending, no EOF, not closing).
+        True: taken, the caller releases it."""
+        if not self._to_socket_lock.acquire(blocking=False):
+            return False
+        direction = self.to_socket
+        if self.closing or direction.pending is not None or direction.eof:
+            self._to_socket_lock.release()
+            return False
+        return True
+
+    def take_payload(self, payload: Bytes) -> bool:
+        """The connection's sink (session's reader thread): a DATA payload
+        arrived with nothing buffered before it; write it straight to the
+        socket, sparing the receive buffer, its lock and the listener. True
+        when taken: sent whole, or the rest kept as the pending bytes the
+        piper writes once the socket drains (at most one message, ahead of
+        anything buffered later). False leaves it to the buffer: the piper
+        holds the lock, bytes are pending, the pipe is closing, or the send
+        failed (the piper meets the error again and closes). Never blocks."""
+        if not self._claim_idle_socket():
+            return False
+        try:
+            direction = self.to_socket
+            try:
+                sent = self.sock.send(payload)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return False
+            self.last_active = time.monotonic()
+            if sent == len(payload):
+                return True
+            direction.pending = memoryview(payload)[sent:]
+        finally:
+            self._to_socket_lock.release()
+        self.piper._mark(self)  # the piper waits for the socket to drain
+        return True
+
     def deliver_now(self) -> bool:
         """Any thread (the session's reader, right after it fed ``conn``):
         write what ``conn`` has buffered straight to the socket, sparing the
@@ -241,12 +292,10 @@ class _SocketPipe(_Pipe):
         and the piper has nothing to do; False asks for a turn of the piper:
         nothing to deliver (a RESUME or the end arrived), EOF, an error, a full
         socket, more than one read's worth, or the piper holding the lock."""
-        if not self._to_socket_lock.acquire(blocking=False):
+        if not self._claim_idle_socket():
             return False
         try:
             direction = self.to_socket
-            if self.closing or direction.pending is not None or direction.eof:
-                return False
             try:
                 if not _read_tunnel(self.conn, direction) or direction.pending is None:
                     return False  # nothing buffered, or EOF (now recorded)
@@ -267,6 +316,7 @@ class _SocketPipe(_Pipe):
             self.closing = True
         self.piper._set_interest(self, self.sock, 0)
         self.conn.set_listener(None)
+        self.conn.set_sink(None)
         if error is None or self.conn.ended:
             self.conn.close()
         else:
@@ -440,6 +490,8 @@ class Piper:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
+        if isinstance(pipe, _SocketPipe):
+            pipe.conn.set_sink(pipe.take_payload)
         self._mark(pipe)
 
     def _mark(self, pipe: _Pipe) -> None:

@@ -13,6 +13,7 @@ from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
 from remotedialer.errors import DialError, RemoteError
 from remotedialer.piping import LocalDialer, Piper, dial_socket
+from remotedialer.receive_buffer import ReceiveBuffer
 
 from testkit.support import (
     TIMEOUT,
@@ -417,7 +418,10 @@ def test_reader_thread_delivers_to_the_socket_without_a_piper_turn(
     session_pair_factory: Callable[..., SessionPair], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Tunnel bytes for a socket that can take them go out on the session's
-    reader thread (``deliver_now``): the piper thread is not woken for them."""
+    reader thread: the piper thread is not woken for them, and a payload
+    that arrives with nothing buffered or pending is written by the
+    connection's sink, never buffered. The bytes arrive in order, also when
+    the socket fills and later payloads queue behind a rest the sink kept."""
     piper = Piper("deliver-piper")
     conn, far, left, right = _tunnel_and_socketpair(session_pair_factory)
     try:
@@ -435,12 +439,65 @@ def test_reader_thread_delivers_to_the_socket_without_a_piper_turn(
             original(pipe)  # type: ignore[arg-type]
 
         monkeypatch.setattr(piper, "_mark", counting_mark)
+        appended: List[int] = []
+        original_append = ReceiveBuffer.append
+
+        def counting_append(buffer: ReceiveBuffer, payload: Any) -> Any:
+            if buffer is far._buffer:
+                appended.append(len(payload))
+            return original_append(buffer, payload)
+
+        monkeypatch.setattr(ReceiveBuffer, "append", counting_append)
         for number in range(20):
             conn.sendall(b"%04d" % number)
             assert recv_exactly(right, 4) == b"%04d" % number
         assert marks == []
+        assert appended == []
         right.sendall(b"back")  # the other direction still goes through the piper
         assert recv_exactly(conn, 4) == b"back"
+        data = bytes(range(256)) * 4096  # 1 MiB, far more than the socketpair holds
+        sender = threading.Thread(target=conn.sendall, args=(data,), daemon=True)
+        sender.start()
+        wait_for(lambda: far.buffered > 0)  # unread, the socket filled up
+        assert recv_exactly(right, len(data)) == data
+        sender.join(TIMEOUT)
+    finally:
+        piper.stop()
+        right.close()
+
+
+class _CountingSocket(socket.socket):
+    """A socket that counts its ``recv`` calls."""
+
+    recv_calls = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.recv_calls += 1
+        return super().recv(bufsize, flags)
+
+
+def test_short_read_is_sent_without_a_second_recv(
+    session_pair_factory: Callable[..., SessionPair],
+) -> None:
+    """A read shorter than a chunk drained the socket: the pipe sends it and
+    waits for the selector, without a ``recv`` that would only fail with
+    EAGAIN; a later message and the EOF still come through."""
+    piper = Piper("short-read-piper")
+    conn, far, left, right = _tunnel_and_socketpair(session_pair_factory)
+    counting = _CountingSocket(fileno=left.detach())
+    try:
+        piper.pipe_socket(counting, far)
+        idle = _piper_idle(piper)
+        assert idle.wait(TIMEOUT)
+        before = counting.recv_calls
+        right.sendall(b"ping")
+        assert recv_exactly(conn, 4) == b"ping"
+        wait_for(idle.is_set)
+        assert counting.recv_calls - before == 1
+        right.sendall(b"pong")
+        assert recv_exactly(conn, 4) == b"pong"
+        right.shutdown(socket.SHUT_WR)
+        assert conn.recv(1) == b""
     finally:
         piper.stop()
         right.close()
