@@ -25,7 +25,7 @@ import importlib
 import logging
 import os
 import signal
-import subprocess
+import socket
 import sys
 import threading
 from typing import List, NoReturn, Optional, Sequence, Tuple
@@ -65,12 +65,41 @@ def install_stop_signals() -> threading.Event:
     return stop
 
 
+#: The longest the main thread sleeps in :func:`wait_for_stop` without
+#: looking at the event (a fallback: a signal wakes it at once).
+STOP_CHECK_SECONDS = 60.0
+
+
 def wait_for_stop(stop: threading.Event) -> None:
-    """Block the main thread until ``stop`` is set. Waits in slices: a signal
-    delivered to another thread only runs its Python handler once the main
-    thread wakes up."""
-    while not stop.wait(0.5):
-        pass
+    """Block the main thread until ``stop`` is set by a signal handler of
+    :func:`install_stop_signals`, asleep in between (an idle agent wakes for
+    its heartbeat only). A signal delivered to another thread only runs its
+    Python handler once the main thread wakes up, so the wait is on the
+    signals' wake-up descriptor (:func:`signal.set_wakeup_fd`, a socket pair:
+    portable to Windows), which every signal writes to, whichever thread
+    takes it. Off the main thread (no wake-up descriptor there) it looks at
+    the event twice a second."""
+    reader, writer = socket.socketpair()
+    try:
+        writer.setblocking(False)
+        try:
+            previous = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        except ValueError:  # not the main thread
+            while not stop.wait(0.5):
+                pass
+            return
+        try:
+            reader.settimeout(STOP_CHECK_SECONDS)
+            while not stop.is_set():  # the handler runs before this call, on this thread
+                try:
+                    reader.recv(64)
+                except socket.timeout:
+                    pass
+        finally:
+            signal.set_wakeup_fd(previous)
+    finally:
+        reader.close()
+        writer.close()
 
 
 def positive_int(text: str) -> int:
@@ -121,6 +150,8 @@ def _run_bench(bench_args: Sequence[str]) -> int:
     if not os.path.isfile(os.path.join("benchmarks", "__main__.py")):
         log.error("the benchmarks package was not found: run from a source checkout of remotedialer")
         return 2
+    import subprocess  # only here: the agent's CLI never starts a process
+
     return subprocess.call([sys.executable, "-m", "benchmarks", *bench_args])
 
 

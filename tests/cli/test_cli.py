@@ -149,3 +149,48 @@ def test_bench_subcommand_runs_the_benchmarks_command(
 # it (bytes another parser could have read as part of the first request
 # are never served as a request of their own).
 _SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+# ------------------------------------------------------------------ waiting for a stop signal
+# The main thread waits in wait_for_stop while a second thread counts its
+# sleeps (voluntary context switches) over two seconds, then has SIGTERM
+# delivered to itself, not to the main thread: only the signals' wake-up
+# descriptor can end the wait before STOP_CHECK_SECONDS (60 s) then.
+WAIT_FOR_STOP = """
+import os, signal, sys, threading, time
+from remotedialer.cli import install_stop_signals, wait_for_stop
+
+def sleeps(tid):
+    with open(f"/proc/self/task/{tid}/status") as status:
+        return int(next(line for line in status if line.startswith("voluntary_ctxt_switches:")).split()[1])
+
+stop = install_stop_signals()
+main_thread = threading.get_native_id()
+
+def count_then_signal():
+    time.sleep(0.5)  # the main thread is in its wait by then
+    before = sleeps(main_thread)
+    time.sleep(2.0)  # the window the main thread's sleeps are counted over
+    print(sleeps(main_thread) - before, flush=True)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+threading.Thread(target=count_then_signal, daemon=True).start()
+wait_for_stop(stop)
+print("stopped", flush=True)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/task")
+def test_wait_for_stop_sleeps_until_a_signal_on_another_thread() -> None:
+    """An idle ``remotedialer client`` does not wake its main thread twice a
+    second (the wait in slices of 0.5 s did: 4 sleeps in 2 s, where this
+    allows 1), and a SIGTERM taken by another thread still ends the wait at
+    once (within the test's timeout, far below the 60 s fallback slice)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", WAIT_FOR_STOP],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    sleeps, stopped = done.stdout.split()
+    assert stopped == "stopped"
+    assert int(sleeps) <= 1, done.stdout
