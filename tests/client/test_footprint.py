@@ -39,6 +39,38 @@ AGENT_MODULES: Dict[str, List[str]] = {
 }
 
 
+STDLIB_ADDED = {"bisect", "copy", "dataclasses", "heapq", "random", "secrets"}
+"""Standard-library packages ``TunnelClient`` may load beyond what ``ssl``
+and websocket-client load (the agent's floor; ``benchmarks/agent_footprint.py``
+measures it). Not all of them on every Python: 3.9 and the test extras load
+some earlier. Private (``_name``) extension modules are left out."""
+
+CLI_STDLIB_ADDED = STDLIB_ADDED | {"argparse", "gettext", "signal"}
+"""And the CLI: its argument parser and signal handlers (no ``subprocess``:
+``remotedialer bench`` imports it when run)."""
+
+STDLIB_ALLOWED = {
+    "from remotedialer.client import TunnelClient": STDLIB_ADDED,
+    "import remotedialer.cli.client": CLI_STDLIB_ADDED,
+}
+
+
+def added_beyond_websocket_client(statement: str) -> List[str]:
+    """Top-level public modules that ``statement`` adds to a fresh
+    interpreter that imported ``ssl`` and ``websocket`` first (the package's
+    own modules aside)."""
+    code = (
+        "import sys, json, ssl, websocket\nbefore = set(sys.modules)\n"
+        f"{statement}\n"
+        "added = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+        "print(json.dumps(sorted(m for m in added if not m.startswith(('_', 'remotedialer')))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=120, check=True)
+    added: List[str] = json.loads(done.stdout)
+    return added
+
+
 def loaded_after(statement: str) -> Dict[str, List[str]]:
     """The package's modules and the top-level packages in ``sys.modules``
     of a fresh interpreter after ``statement``."""
@@ -58,6 +90,22 @@ def test_the_agent_loads_only_what_it_needs(statement: str) -> None:
     loaded = loaded_after(statement)
     assert loaded["package"] == sorted(AGENT_MODULES[statement])
     assert sorted(set(FORBIDDEN) & set(loaded["top"])) == []
+
+
+@pytest.mark.parametrize("statement", sorted(STDLIB_ALLOWED))
+def test_the_agent_adds_little_to_websocket_client(statement: str) -> None:
+    """Beyond ``ssl`` and websocket-client (which the agent needs), the agent
+    loads only the few standard-library modules listed: ``subprocess``,
+    ``http.client``, ``email``, ``asyncio``, ``json`` or a third-party package
+    creeping in fails here."""
+    assert sorted(set(added_beyond_websocket_client(statement)) - STDLIB_ALLOWED[statement]) == []
+
+
+def test_the_stdlib_check_notices_a_heavy_import() -> None:
+    """The check can fail: ``subprocess`` (what the CLI loaded for
+    ``remotedialer bench`` before it imported it there) shows up."""
+    added = added_beyond_websocket_client("import remotedialer.cli.client\nimport subprocess")
+    assert "subprocess" in set(added) - CLI_STDLIB_ADDED
 
 
 def test_every_public_name_of_the_root_still_resolves() -> None:
