@@ -26,6 +26,7 @@ __all__ = [
     "ProtocolError",
     "TunnelClosedError",
     "TransportClosed",
+    "TransportEnded",
     "RemoteError",
     "RemoteRefusedError",
     "RemoteTimeoutError",
@@ -84,6 +85,13 @@ class TunnelClosedError(_SocketError, ConnectionResetError, ConnectionAbortedErr
 class TransportClosed(TunnelClosedError):
     """The WebSocket under a session closed or failed (raised by a
     :class:`~remotedialer.transports.base.Transport`)."""
+
+
+class TransportEnded(TransportClosed):
+    """The peer closed the WebSocket on purpose (a close frame with the
+    normal status, 1000, as :meth:`Transport.close
+    <remotedialer.transports.base.Transport.close>` sends): its session is
+    over. A resumable session ends instead of suspending."""
 
 
 class RemoteError(_SocketError, ConnectionResetError):

@@ -140,7 +140,7 @@ class ResumableSession(Session):
         with self._control_lock:
             self._control_queue = None  # ERRORs are in the ledger; the rest is restated
         try:
-            transport.close()
+            transport.abort()  # no close frame: the peer must suspend too, not end
         except Exception:  # pragma: no cover - closing must not fail the caller
             log.debug("closing transport failed", exc_info=True)
         log.info("%s suspended for up to %.0fs: %s", self, self.resume_window, reason)
@@ -185,7 +185,7 @@ class ResumableSession(Session):
                 self._control_queue = None
             if old is not transport:
                 try:
-                    old.close()  # its reader sees the transport replaced and leaves
+                    old.abort()  # its reader sees the transport replaced and leaves
                 except Exception:  # pragma: no cover
                     log.debug("closing the replaced transport failed", exc_info=True)
             message = encode_message(
@@ -209,7 +209,9 @@ class ResumableSession(Session):
                     name="remotedialer-expire", daemon=True,
                 ).start()
                 return self.limits.ping_interval
-            return left
+            # not the whole window: a reattach does not reschedule the tick,
+            # and the resumed session must ping (and watch for pongs) at once
+            return min(left, self.limits.ping_interval)
         if self._state == ATTACHED:
             with self._resume_cond:
                 due = self.ledger.due_acks()

@@ -41,6 +41,7 @@ from .errors import (
     ProtocolError,
     TunnelClosedError,
     TransportClosed,
+    TransportEnded,
     TunnelTimeoutError,
     error_text,
 )
@@ -211,7 +212,9 @@ class Session:
                     break
         except TransportClosed as exc:
             reason = error_text(exc) or "websocket closed"
-            kept = self._transport_lost(transport, reason)
+            # the peer ending the session on purpose ends it here too
+            ended = isinstance(exc, TransportEnded) and transport is self.transport
+            kept = not ended and self._transport_lost(transport, reason)
         except ProtocolError as exc:
             reason = f"protocol error: {exc}"
             log.warning("%s: %s", self, reason)

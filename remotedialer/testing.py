@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Deque, Optional, Tuple, Union
 
-from .errors import ProtocolError, TransportClosed
+from .errors import ProtocolError, TransportClosed, TransportEnded
 
 __all__ = ["MemoryTransport", "memory_pair"]
 
@@ -42,6 +42,7 @@ class MemoryTransport:
         self._inbox: Deque[_Item] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._ended = False  # the peer closed on purpose (close, not abort or cut)
         self.sent_messages = 0
         self.pings_received = 0
 
@@ -80,7 +81,7 @@ class MemoryTransport:
                     if self.peer is not None:
                         self.peer.last_keepalive = time.monotonic()
                 if self._closed:
-                    raise TransportClosed("websocket closed")
+                    raise (TransportEnded if self._ended else TransportClosed)("websocket closed")
                 if deadline is None:
                     self._cond.wait()
                 else:
@@ -95,6 +96,17 @@ class MemoryTransport:
         self.peer._deliver(_PING)
 
     def close(self) -> None:
+        """Close on purpose: the peer's :meth:`receive` raises
+        :class:`~remotedialer.errors.TransportEnded` once it has read what
+        was sent before."""
+        if self.peer is not None and not self._closed:
+            self.peer._ended = True
+        self.abort()
+
+    def abort(self) -> None:
+        """Close without telling the peer why: its :meth:`receive` raises
+        :class:`~remotedialer.errors.TransportClosed` once it has read what
+        was sent before."""
         for end in (self, self.peer):
             if end is not None:
                 with end._cond:

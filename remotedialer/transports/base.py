@@ -23,12 +23,15 @@ import socket
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
-from ..errors import TransportClosed
+from ..errors import TransportClosed, TransportEnded
 
 if TYPE_CHECKING:
     from ..frames import FrameReader, WebSocketEvent
 
-__all__ = ["Transport", "TransportClosed", "ReceiveSize", "next_event_from_socket", "wait_for_write"]
+__all__ = [
+    "Transport", "TransportClosed", "TransportEnded", "ReceiveSize", "next_event_from_socket",
+    "wait_for_write",
+]
 
 
 def wait_for_write(sock: Any, timeout: Optional[float]) -> bool:
@@ -110,7 +113,15 @@ class Transport(Protocol):
         """Send a WebSocket ping."""
 
     def close(self) -> None:
-        """Close the WebSocket; idempotent and callable from any thread."""
+        """Close the WebSocket on purpose: a close frame with the normal
+        status (the peer's :meth:`receive` raises :class:`TransportEnded`),
+        then shut it down. Idempotent and callable from any thread."""
+
+    def abort(self) -> None:
+        """Drop the WebSocket without a close frame, as a network failure
+        would (a resumable session suspending: its peer must see a lost
+        WebSocket, not an ended session). Idempotent, callable from any
+        thread; a later :meth:`close` does nothing."""
 
     def describe(self) -> str:
         """A short human-readable description of the far end, for logs."""

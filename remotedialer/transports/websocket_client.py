@@ -19,13 +19,27 @@ import websocket
 
 from ..config import Limits
 from ..errors import ConfigurationError, HandshakeError, ProtocolError
-from ..frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, FrameReader, encode_masked_frame
-from .base import ReceiveSize, TransportClosed, next_event_from_socket, wait_for_write
+from ..frames import (
+    CLOSE_NORMAL,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    FrameReader,
+    close_payload,
+    encode_masked_frame,
+    parse_close,
+)
+from .base import ReceiveSize, TransportClosed, TransportEnded, next_event_from_socket, wait_for_write
 from .proxy import ProxyURL, connect_through_proxy
 
 __all__ = ["RECEIVE_BYTES", "WebSocketClientTransport", "open_websocket", "server_address"]
 
 log = logging.getLogger(__name__)
+
+_CLOSE_WRITE_TIMEOUT = 1.0
+"""Seconds :meth:`WebSocketClientTransport.close` waits to write its close frame."""
 
 RECEIVE_BYTES = 64 * 1024
 """Bytes the client's reader asks the socket for at a time (one DATA message
@@ -81,7 +95,9 @@ class WebSocketClientTransport:
             elif opcode == OP_PING:
                 self._answer_ping(payload)
             elif opcode == OP_CLOSE:
-                raise TransportClosed("websocket closed by the server")
+                code, _reason = parse_close(payload)
+                ended = TransportEnded if code == CLOSE_NORMAL else TransportClosed
+                raise ended("websocket closed by the server")
 
     def _answer_ping(self, payload: bytes) -> None:
         try:
@@ -109,6 +125,24 @@ class WebSocketClientTransport:
             raise TransportClosed(f"websocket ping failed: {exc}") from exc
 
     def close(self) -> None:
+        """Send a close frame (if the socket takes it within
+        ``_CLOSE_WRITE_TIMEOUT``), then :meth:`abort`."""
+        if self._closed:
+            return
+        frame = encode_masked_frame(OP_CLOSE, close_payload(CLOSE_NORMAL))
+        lock = self.ws.lock  # a threading.Lock (the WebSocket is opened multithreaded)
+        if lock.acquire(timeout=_CLOSE_WRITE_TIMEOUT):
+            try:
+                sock = self.ws.sock
+                if sock is not None and wait_for_write(sock, timeout=_CLOSE_WRITE_TIMEOUT):
+                    sock.sendall(frame)
+            except (OSError, ValueError):
+                pass
+            finally:
+                lock.release()
+        self.abort()
+
+    def abort(self) -> None:
         if self._closed:
             return
         self._closed = True

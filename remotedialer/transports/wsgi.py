@@ -56,7 +56,7 @@ from ..frames import (
     parse_close,
 )
 from ..protocol import Bytes
-from .base import ReceiveSize, TransportClosed, next_event_from_socket, wait_for_write
+from .base import ReceiveSize, TransportClosed, TransportEnded, next_event_from_socket, wait_for_write
 
 if TYPE_CHECKING:
     from ..frames import WebSocketEvent
@@ -418,7 +418,8 @@ class ServerWebSocket:
                 self.close_code, self.close_reason = parse_close(payload)
                 answer = CLOSE_NORMAL if self.close_code == CLOSE_NO_STATUS else self.close_code
                 self._send_close(answer, "", _CLOSE_WRITE_TIMEOUT)
-                raise TransportClosed(f"websocket closed by the client ({self.close_code})")
+                ended = TransportEnded if self.close_code == CLOSE_NORMAL else TransportClosed
+                raise ended(f"websocket closed by the client ({self.close_code})")
             # a pong: nothing to do (the server does not ping on its own)
 
     def _closing(self) -> bool:
@@ -521,11 +522,22 @@ class ServerWebSocket:
             if self._shut_down:
                 return
             self._send_close(CLOSE_NORMAL, "", _CLOSE_WRITE_TIMEOUT)
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError):
-                pass
-            self._shut_down = True
+            self._shut_down_locked()
+
+    def abort(self) -> None:
+        """Shut the socket down without a close frame (see
+        :meth:`Transport.abort <remotedialer.transports.base.Transport.abort>`)."""
+        self._closed = True
+        with self._close_lock:
+            if not self._shut_down:
+                self._shut_down_locked()
+
+    def _shut_down_locked(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+        self._shut_down = True
 
     def describe(self) -> str:
         return self._description
@@ -670,6 +682,10 @@ class SimpleWebSocketTransport:
                 pass
             self._locked.close()
             self._shut_down = True
+
+    def abort(self) -> None:
+        """As :meth:`close` (resumption is never offered over simple-websocket)."""
+        self.close()
 
     def describe(self) -> str:
         return self._description

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from typing import List, Tuple
 
 import pytest
@@ -170,6 +171,40 @@ def test_writes_while_suspended_are_kept_until_the_cap(pair: Pair) -> None:
     while len(got) < 100_000:
         got += conn.recv(1 << 20)
     assert got[:100_000] == b"a" * 100_000
+
+
+def test_a_suspended_session_is_ticked_every_ping_interval(pair: Pair) -> None:
+    """While suspended, the heartbeat comes back after a ping interval, not
+    at the end of the window: a reattach does not reschedule it, and the
+    resumed session must ping again at once (it waited out the window)."""
+    pair.cut()
+    _wait_suspended(pair.client)
+    assert pair.client.heartbeat(time.monotonic()) <= LIMITS.ping_interval
+    pair.reattach()
+    pair.observer.resumed_event.wait(TIMEOUT)
+    conn = pair.server.dial("tcp", "127.0.0.1:1", timeout=TIMEOUT)
+    conn.sendall(b"x")
+    assert conn.recv(1) == b"x"
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+def test_closing_on_purpose_ends_the_peer_too(closer: str) -> None:
+    """A session closed on purpose (a client stopping, a server shutting
+    down) tells its peer with the WebSocket's normal close: the peer ends
+    too, with no suspension; a cut suspends (the tests above)."""
+    made = Pair()
+    try:
+        conn = made.server.dial("tcp", "127.0.0.1:1", timeout=TIMEOUT)
+        conn.sendall(b"x")
+        assert conn.recv(1) == b"x"
+        ending, peer = (made.client, made.server) if closer == "client" else (made.server, made.client)
+        ending.close("stopping")
+        assert peer.wait_closed(TIMEOUT)
+        assert made.observer.suspended == []
+        with pytest.raises(TunnelClosedError):
+            conn.recv(1)
+    finally:
+        made.close()
 
 
 def test_window_passed_ends_connections_as_today() -> None:
