@@ -24,6 +24,7 @@ from remotedialer.client import Backoff, TunnelClient
 from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
 from remotedialer.heartbeat import Heartbeat
+from remotedialer.observer import Observer
 from remotedialer.piping import LocalDialer, Piper
 from remotedialer.protocol import Message, MessageType, decode_message, encode_message
 from remotedialer.session import ConnectHandler, Session
@@ -594,3 +595,22 @@ def dial_pair(pair: SessionPair, handler: AcceptingHandler, address: str = "127.
     client_conn = handler.next()
     client_conn.settimeout(TIMEOUT)
     return server_conn, client_conn
+
+
+class ResumeEvents(Observer):
+    """Records what resumption did: each suspension's reason, each resume's
+    re-sent bytes, each refused resume's reason."""
+
+    def __init__(self) -> None:
+        self.suspended: List[str] = []
+        self.resumed: List[int] = []
+        self.refused: List[str] = []
+
+    def session_suspended(self, session: Session, reason: str) -> None:
+        self.suspended.append(reason)
+
+    def session_resumed(self, session: Session, resent_bytes: int) -> None:
+        self.resumed.append(resent_bytes)
+
+    def resume_refused(self, reason: str) -> None:
+        self.refused.append(reason)

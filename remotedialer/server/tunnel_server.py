@@ -504,8 +504,7 @@ class Server:
             return
         if offered:
             self.resume_tokens.issue(session, token)
-        if self.limits.park_idle and isinstance(transport, ServerWebSocket):
-            transport.park_when(lambda: session.connection_count() == 0, poller.default())
+        self._park_when_idle(session, transport)
         log.info("%s session started for %s from %s", "peer" if is_peer else "client",
                  client_key, transport.describe())
         self._serve_until_detached(session, transport, "peer" if is_peer else "client")
@@ -520,8 +519,16 @@ class Server:
             transport.close()
             return
         self.resume_tokens.issue(session, token)
+        self._park_when_idle(session, transport)
         log.info("client session for %s reattached from %s", session.client_key, transport.describe())
         self._serve_until_detached(session, transport, "client")
+
+    def _park_when_idle(self, session: Session, transport: Any) -> None:
+        """With ``park_idle``: ``transport`` (a session's first WebSocket or
+        the one it reattached over) parks on the shared poller whenever the
+        session has no connection open."""
+        if self.limits.park_idle and isinstance(transport, ServerWebSocket):
+            transport.park_when(lambda: session.connection_count() == 0, poller.default())
 
     @staticmethod
     def _serve_until_detached(session: Session, transport: Any, kind: str) -> None:

@@ -19,12 +19,10 @@ import pytest
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
-from remotedialer.observer import Observer
 from remotedialer.resumable import ResumableSession
 from remotedialer.server.sessions import ResumeTokens
-from remotedialer.session import Session
 from testkit.cut_proxy import CutProxy
-from testkit.support import EchoServer, LoopbackListener, TunnelServer, allow_all, wait_for
+from testkit.support import EchoServer, LoopbackListener, ResumeEvents, TunnelServer, allow_all, wait_for
 
 MiB = 1024 * 1024
 TIMEOUT = 60.0
@@ -61,26 +59,10 @@ class DownloadServer(LoopbackListener):
         return digest.hexdigest()
 
 
-class Events(Observer):
-    def __init__(self) -> None:
-        self.suspended: List[str] = []
-        self.resumed: List[int] = []
-        self.refused: List[str] = []
-
-    def session_suspended(self, session: Session, reason: str) -> None:
-        self.suspended.append(reason)
-
-    def session_resumed(self, session: Session, resent_bytes: int) -> None:
-        self.resumed.append(resent_bytes)
-
-    def resume_refused(self, reason: str) -> None:
-        self.refused.append(reason)
-
-
 class Setup:
     def __init__(self, limits: Limits = LIMITS) -> None:
-        self.server_events = Events()
-        self.client_events = Events()
+        self.server_events = ResumeEvents()
+        self.client_events = ResumeEvents()
         self.tunnel = TunnelServer(limits=limits, observer=self.server_events)
         self.proxy = CutProxy(("127.0.0.1", self.tunnel.port))
         self.client = TunnelClient(
