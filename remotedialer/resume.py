@@ -302,15 +302,20 @@ class ResumeLedger:
 
     # --------------------------------------------------------------- sending
     def has_room(self, conn_id: int, size: int) -> bool:
-        """Whether ``size`` more bytes may be sent on ``conn_id`` now. A write
-        into an empty buffer is always allowed, so one message larger than
-        the cap cannot wait for ever."""
+        """Whether ``size`` more bytes may be sent on ``conn_id`` now: within
+        the connection's cap and the session's. A buffer that keeps nothing
+        takes one message of any size, so that it cannot wait for ever (an
+        empty connection buffer, as to the connection cap; an empty session,
+        as to the session cap)."""
         entry = self._entries.get(conn_id)
-        if entry is None or not entry.unacked:
+        if entry is None:
             return True
-        return (
-            entry.unacked + size <= self.connection_cap and self.retained + size <= self.session_cap
-        )
+        return self._fits(entry.sent - entry.acked, size)
+
+    def _fits(self, unacked: int, size: int) -> bool:
+        if unacked and unacked + size > self.connection_cap:
+            return False
+        return not self.retained or self.retained + size <= self.session_cap
 
     def record_if_room(self, conn_id: int, payload: Bytes) -> bool:
         """:meth:`has_room` and :meth:`record_sent` in one step (a writer's
@@ -319,10 +324,10 @@ class ResumeLedger:
         size = len(payload)
         if entry is None:
             return True
-        unacked = entry.sent - entry.acked
-        if unacked and (
-            unacked + size > self.connection_cap or self.retained + size > self.session_cap
-        ):
+        unacked, retained = entry.sent - entry.acked, self.retained
+        if (unacked and unacked + size > self.connection_cap) or (
+            retained and retained + size > self.session_cap
+        ):  # not _fits(): a call less on the per-message path
             return False
         if size:
             entry.chunks.append((entry.sent, payload))
