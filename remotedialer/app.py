@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from werkzeug.wrappers import Request
 
+from .config import DEFAULT_LIMITS
 from .examples.agent import allow_all
 from .examples.logs import setup_logging
 from .gateway.admin import AdminAPI
@@ -178,7 +179,7 @@ def make_tunnel_server(
     allow_client_connect: bool = False,
     observer: Any = None,
     credentials: Optional[CredentialStore] = None,
-    resume_window: float = 0.0,
+    resume_window: Optional[float] = None,
     park_idle: bool = False,
 ) -> Any:
     """The :class:`remotedialer.server.Server` of the example (the connect
@@ -186,9 +187,9 @@ def make_tunnel_server(
     secret allowing their client key and dials obey its dial policy;
     without, any ``X-Tunnel-ID`` is accepted and every dial allowed.
     ``resume_window`` above 0 lets its clients' sessions survive a lost
-    WebSocket that long. ``park_idle``: idle tunnels park on the shared
+    WebSocket that long (``None``: :attr:`Limits.resume_window
+    <remotedialer.config.Limits.resume_window>`; 0: off). ``park_idle``: idle tunnels park on the shared
     poller (:attr:`Limits.park_idle <remotedialer.config.Limits.park_idle>`)."""
-    from .config import Limits
     from .server.tunnel_server import Server
 
     kwargs: Dict[str, Any] = {}
@@ -196,8 +197,9 @@ def make_tunnel_server(
         kwargs["observer"] = observer
     if credentials is not None:
         kwargs["dial_policy"] = credentials.dial_policy
-    if resume_window or park_idle:
-        kwargs["limits"] = Limits(resume_window=resume_window, park_idle=park_idle)
+    if resume_window is None:
+        resume_window = DEFAULT_LIMITS.resume_window
+    kwargs["limits"] = DEFAULT_LIMITS.replace(resume_window=resume_window, park_idle=park_idle)
     return Server(
         credentials.agent_authorizer if credentials is not None else tunnel_id_authorizer,
         client_connect_authorizer=allow_all if allow_client_connect else None,
@@ -354,8 +356,9 @@ def make_app(
     which (:meth:`ServerApp.announce`; ``remotedialer server`` does so
     once it listens). ``park_idle`` (``REMOTEDIALER_PARK_IDLE``): idle
     tunnels park on the shared poller (:mod:`remotedialer.poller`).
-    ``resume_window`` (``REMOTEDIALER_RESUME_WINDOW``, seconds, default 0:
-    off) keeps a client's session suspended that long after its WebSocket is
+    ``resume_window`` (``REMOTEDIALER_RESUME_WINDOW``, seconds, default
+    :attr:`Limits.resume_window <remotedialer.config.Limits.resume_window>`;
+    0: off) keeps a client's session suspended that long after its WebSocket is
     lost (the resumption extension, docs/protocol.rst).
     """
     if debug is None:
@@ -373,7 +376,8 @@ def make_app(
     if allow_client_connect is None:
         allow_client_connect = _env_flag("REMOTEDIALER_ALLOW_CLIENT_CONNECT")
     if resume_window is None:
-        resume_window = float(os.environ.get("REMOTEDIALER_RESUME_WINDOW", "0") or 0)
+        window = os.environ.get("REMOTEDIALER_RESUME_WINDOW", "")
+        resume_window = float(window) if window else DEFAULT_LIMITS.resume_window
     if park_idle is None:
         park_idle = _env_flag("REMOTEDIALER_PARK_IDLE")
     scale = ScaleOut(peers_from_dns, peer_refresh, dns_server, token_file,

@@ -20,6 +20,7 @@ import argparse
 import logging
 import urllib.parse
 
+from ..config import DEFAULT_LIMITS
 from ..errors import ConfigurationError, error_text
 from ..examples.agent import make_client, tls_context
 from ..transports.proxy import parse_proxy_url
@@ -55,9 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="proxy to reach the server through: http://, https://, socks5:// or "
                              "socks5h://[USER:PASSWORD@]HOST:PORT (default: HTTP_PROXY/HTTPS_PROXY/"
                              "NO_PROXY as Go reads them)")
-    parser.add_argument("--resume-window", type=seconds, default=0.0, metavar="SECONDS",
+    parser.add_argument("--resume-window", type=seconds, default=DEFAULT_LIMITS.resume_window,
+                        metavar="SECONDS",
                         help="offer resumption: keep the tunneled connections this long when the "
-                             "WebSocket is lost, reconnecting to resume them (default 0: off)")
+                             "WebSocket is lost, reconnecting to resume them (default "
+                             f"{DEFAULT_LIMITS.resume_window:g}; 0: off, as in Go)")
 
 
 def run(args: argparse.Namespace) -> int:

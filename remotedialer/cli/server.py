@@ -29,6 +29,7 @@ from ..app import (
     tunnel_id_authorizer,
     wire_peers,
 )
+from ..config import DEFAULT_LIMITS
 from ..gateway.forwarder_app import DEFAULT_TIMEOUT
 from ..gateway.frontend import (
     DEFAULT_HEADER_TIMEOUT,
@@ -127,9 +128,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print a new secret and its hash for the credentials file, and exit")
     parser.add_argument("--hash-secret", action="store_true",
                         help="read a secret from standard input, print its hash, and exit")
-    parser.add_argument("--resume-window", type=seconds, default=0.0, metavar="SECONDS",
+    parser.add_argument("--resume-window", type=seconds, default=DEFAULT_LIMITS.resume_window,
+                        metavar="SECONDS",
                         help="keep a client's connections this long after its WebSocket is lost, "
-                             "for it to resume them (default 0: off, as in Go)")
+                             f"for it to resume them (default {DEFAULT_LIMITS.resume_window:g}; "
+                             "0: off, as in Go)")
     parser.add_argument("--forward", action="append", default=[], metavar="LISTEN=CLIENT:PROTO:ADDRESS",
                         type=_forward_type,
                         help="forward a TCP port through a client, like ssh -R (repeatable), "

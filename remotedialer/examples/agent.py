@@ -8,7 +8,7 @@ import ssl
 from typing import Optional
 
 from ..client import TunnelClient
-from ..config import Limits
+from ..config import DEFAULT_LIMITS
 from ..errors import ConfigurationError, error_text
 
 __all__ = ["make_client", "allow_all", "tls_context"]
@@ -21,17 +21,18 @@ def allow_all(proto: str, address: str) -> bool:
 
 def make_client(url: str, client_id: str, ssl_context: Optional[ssl.SSLContext] = None,
                 proxy: Optional[str] = None, secret: Optional[str] = None,
-                resume_window: float = 0.0) -> TunnelClient:
+                resume_window: float = DEFAULT_LIMITS.resume_window) -> TunnelClient:
     """The example client: ``X-Tunnel-ID: client_id`` (and ``Authorization:
     Bearer secret`` with a ``secret``), every dial allowed; ``proxy`` as
     :class:`~remotedialer.client.TunnelClient` takes it; ``resume_window``
-    above 0 offers resumption (docs/protocol.rst). Raises
+    above 0 offers resumption (docs/protocol.rst; default
+    :attr:`Limits.resume_window <remotedialer.config.Limits.resume_window>`, 0: off). Raises
     :class:`~remotedialer.errors.ConfigurationError` for settings that cannot work."""
     headers = {"X-Tunnel-ID": client_id}
     if secret:
         headers["Authorization"] = f"Bearer {secret}"
     return TunnelClient(url, headers, allow_all, ssl_context=ssl_context, proxy=proxy,
-                        limits=Limits(resume_window=resume_window))
+                        limits=DEFAULT_LIMITS.replace(resume_window=resume_window))
 
 
 def tls_context(cacert: Optional[str], insecure: bool, cert: Optional[str] = None,

@@ -11,6 +11,10 @@ client comes back by itself with its backoff; the recovery time (fault to the
 first good request through the new tunnel) is printed. Threads
 (``/proc/PID/task``) and descriptors (``/proc/PID/fd``) of the surviving
 process are counted across repeated faults.
+
+Both run without resumption (``--resume-window 0``, Go's behaviour): these
+are the faults that end a session. With resumption a cut tunnel suspends
+and carries on instead (test_e2e_resume.py).
 """
 
 from __future__ import annotations
@@ -98,7 +102,8 @@ def start_server(port: int = 0, *extra: str) -> Tuple[Proc, int]:
     just freed by a killed server is retried for a moment."""
     deadline = time.monotonic() + TIMEOUT
     while True:
-        proc = Proc("server", "--listen", f"127.0.0.1:{port}", "--timeout", "5", *extra)
+        proc = Proc("server", "--listen", f"127.0.0.1:{port}", "--timeout", "5", "--resume-window", "0",
+                    *extra)
         try:
             match = proc.wait_log(r"listening on http://127\.0\.0\.1:(\d+)|(Address already in use)")
         except AssertionError:
@@ -112,7 +117,7 @@ def start_server(port: int = 0, *extra: str) -> Tuple[Proc, int]:
 
 
 def start_client(url: str) -> Proc:
-    client = Proc("client", "--connect", url, "--id", "foo")
+    client = Proc("client", "--connect", url, "--id", "foo", "--resume-window", "0")
     try:
         client.wait_log(r"connected to ")
     except AssertionError:

@@ -244,12 +244,14 @@ def _thread_count(pid: int) -> Optional[int]:
 
 class Processes:
     """``remotedialer server`` with two forwards (to an echo server and to an
-    endless source), and ``remotedialer client`` started on demand."""
+    endless source), and ``remotedialer client`` started on demand. Without
+    resumption: a lost client ends its forwarded connections at once (with
+    it they would wait out the window, see test_e2e_resume.py)."""
 
     def __init__(self, echo_address: str, source_address: str) -> None:
         self.procs: List["subprocess.Popen[str]"] = []
         self.server = _cli(
-            "server", "--listen", "127.0.0.1:0",
+            "server", "--listen", "127.0.0.1:0", "--resume-window", "0",
             "--forward", f"127.0.0.1:0=foo:tcp:{echo_address}",
             "--forward", f"0=foo:tcp:{source_address}",
         )

@@ -221,8 +221,8 @@ def test_unknown_token_fails_connections_as_today() -> None:
         setup.close()
 
 
-def test_resumption_off_by_default_is_todays_behaviour() -> None:
-    made = Setup(Limits())
+def test_resumption_off_is_todays_behaviour() -> None:
+    made = Setup(Limits(resume_window=0))
     echo = EchoServer()
     try:
         conn = made.dial(echo.address)

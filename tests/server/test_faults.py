@@ -13,6 +13,8 @@ backoff (the recovery time, fault to first good request through the new
 tunnel, is printed), and repeated faults leak no thread and no descriptor.
 
 Real processes (kill -9, SIGTERM, restarts, peers) are in test_e2e_faults.py.
+These are the faults without resumption (``resume_window=0``, Go's
+behaviour); with it, a cut tunnel suspends instead (test_e2e_resume.py).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from testkit.support import TIMEOUT, EchoServer, LoopbackListener, TunnelServer,
 KiB = 1024
 MiB = 1024 * KiB
 
-#: Fast keepalive so that a black-holed tunnel is declared dead in about two seconds.
+#: Fast keepalive so that a black-holed tunnel is declared dead in about two
+#: seconds; no resumption (a cut tunnel ends, as without it).
 FAULT_LIMITS = Limits(
+    resume_window=0,
     ping_interval=0.1,
     read_deadline=2.0,
     pause_threshold=64 * KiB,
