@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.parse
 from http import HTTPStatus
-from typing import Any, BinaryIO, Dict, List, Optional, Tuple
+from typing import Any, BinaryIO, Dict, List, Optional, Tuple, cast
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from werkzeug.wsgi import LimitedStream
@@ -154,6 +154,41 @@ _LARGE_CHUNK = 64 * 1024
 
 
 
+#: ``socket.MSG_DONTWAIT`` where the platform has it (0: not available).
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class _ProbingReader(io.RawIOBase):
+    """The raw reader under a plain-socket connection's ``rfile``: the
+    socket's own reader, except that while ``probing`` a read of a blocking
+    socket (no timeout) never blocks (``recv_into`` with ``MSG_DONTWAIT``;
+    ``None`` when nothing is there),
+    so the keep-alive wait can look for a next request without switching
+    the socket to non-blocking and back."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self._raw = sock.makefile("rb", buffering=0)
+        self.probing = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> Optional[int]:
+        if not self.probing:
+            return self._raw.readinto(buffer)
+        try:
+            return self._sock.recv_into(buffer, 0, _MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
 class KeepAliveRequestHandler(WSGIRequestHandler):
     """werkzeug's request handler with HTTP/1.1 keep-alive.
 
@@ -186,6 +221,8 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
     _head_cut = False
     #: The request's header lines (fast path), and the message built from them on first use.
     _fields: Optional[List[Tuple[str, str]]] = None
+    #: rfile's raw reader on a plain socket (None on TLS: no MSG_DONTWAIT there).
+    _probe: Optional["_ProbingReader"] = None
     _message: Optional[http.client.HTTPMessage] = None
 
     def handle(self) -> None:
@@ -246,22 +283,44 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
             return
         super().send_error(code, message, explain)
 
+    def setup(self) -> None:
+        super().setup()
+        if _MSG_DONTWAIT and not isinstance(self.connection, ssl.SSLSocket):
+            # rfile over a raw reader that can look without blocking (see _wait_for_request)
+            self._probe = _ProbingReader(self.connection)
+            self.rfile.close()
+            self.rfile = io.BufferedReader(self._probe, max(self.rbufsize, 1))
+
     def _wait_for_request(self) -> bool:
         """Block until the next request starts arriving (True), or until the
         keep-alive timeout passes or the server stops (False)."""
         sock = self.connection
-        try:
-            sock.setblocking(False)
+        probe = self._probe
+        if probe is not None and sock.gettimeout() is None:  # (with a timeout, recv polls first)
+            # Pipelined bytes may sit in rfile's buffer: peek, reading the
+            # socket with MSG_DONTWAIT if the buffer is empty (one system
+            # call; switching the socket to non-blocking and back costs two more).
+            probe.probing = True
             try:
-                rfile: Any = self.rfile
-                if rfile.peek(1):  # already buffered (pipelined)
+                if cast(io.BufferedReader, self.rfile).peek(1):
                     return True
-            except ssl.SSLWantReadError:
-                pass
+            except OSError:
+                return False
             finally:
-                sock.setblocking(True)
-        except OSError:
-            return False
+                probe.probing = False
+        else:
+            try:
+                sock.setblocking(False)
+                try:
+                    rfile: Any = self.rfile
+                    if rfile.peek(1):  # already buffered (pipelined)
+                        return True
+                except ssl.SSLWantReadError:
+                    pass
+                finally:
+                    sock.setblocking(True)
+            except OSError:
+                return False
         deadline = time.monotonic() + float(getattr(self.server, "keepalive_timeout", 0.0))
         stopping = getattr(self.server, "stopping", None)
         give_up_slot = getattr(self.server, "give_up_idle_slot", None)

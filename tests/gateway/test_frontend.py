@@ -188,3 +188,41 @@ def test_environ_from_the_header_list_is_werkzeugs(head: bytes) -> None:
     for environ in (built, expected):
         environ.pop("wsgi.input")  # werkzeug wraps a chunked body here; run_wsgi replaces it anyway
     assert built == expected
+
+
+def test_pipelined_requests_are_answered_from_the_read_buffer(
+    keepalive_server: BoundedThreadedWSGIServer,
+) -> None:
+    # Three requests in one send: after the first, the next ones sit in the
+    # handler's read buffer, not in the socket. The keep-alive wait must find
+    # them there (a wait on the socket alone would last the keep-alive timeout).
+    keepalive_server.keepalive_timeout = 60.0
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", keepalive_server.port), timeout=TIMEOUT) as sock:
+        sock.sendall(b"".join(b"GET /p%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(3)))
+        received = b""
+        while received.count(b"GET /p") < 3:
+            data = sock.recv(4096)
+            assert data, received
+            received += data
+    assert [f"GET /p{i}".encode() in received for i in range(3)] == [True] * 3
+    assert time.monotonic() - started < TIMEOUT
+
+
+def test_probing_reader_never_blocks_while_probing() -> None:
+    from remotedialer.gateway.frontend import _ProbingReader
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        reader = _ProbingReader(ours)  # on a blocking socket, as the front end's
+        buffer = bytearray(16)
+        reader.probing = True
+        assert reader.readinto(buffer) is None  # nothing there: no wait
+        assert ours.gettimeout() is None  # the socket's mode is untouched
+        theirs.sendall(b"abc")
+        wait_for(lambda: reader.readinto(buffer) == 3)
+        reader.probing = False
+        theirs.sendall(b"de")
+        assert reader.readinto(buffer) == 2 and buffer[:2] == b"de"  # a plain read again
+        reader.close()
+        assert reader.closed
