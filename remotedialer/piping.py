@@ -18,12 +18,15 @@ result to a :class:`Piper`.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import select
 import selectors
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Set
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
 
 from .addresses import split_host_port
 from .config import DEFAULT_LIMITS, Limits
@@ -79,6 +82,63 @@ def dial_socket(proto: str, address: str, timeout: Optional[float]) -> socket.so
     sock = socket.create_connection((host, port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
+
+
+_CONNECT_PENDING = {
+    errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EALREADY, getattr(errno, "WSAEWOULDBLOCK", errno.EWOULDBLOCK),
+}
+
+
+def start_ip_connect(proto: str, address: str) -> Optional[Tuple[socket.socket, bool]]:
+    """Begin a TCP connect to an IP-literal ``host:port`` without blocking (no
+    name lookup, no wait): ``(socket, connected)``, the socket non-blocking
+    with ``TCP_NODELAY``, connected at once or still connecting. ``None`` when
+    the address needs :func:`dial_socket` (not TCP, a host name, a bad form).
+    Raises ``OSError`` when the connect failed at once (e.g. refused)."""
+    if proto not in ("tcp", "tcp4", "tcp6"):
+        return None
+    try:
+        host, port = split_host_port(address)
+        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+    except (ValueError, OSError, UnicodeError):
+        return None
+    family, _type, _proto, _name, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        status = sock.connect_ex(sockaddr)
+        if status and status not in _CONNECT_PENDING:
+            raise OSError(status, os.strerror(status))
+        if status:
+            try:  # a loopback handshake is over by now: look, without waiting
+                finish_connect(sock, 0)
+            except socket.timeout:
+                pass
+            else:
+                status = 0
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, not status
+
+
+def finish_connect(sock: socket.socket, timeout: Optional[float]) -> None:
+    """Wait at most ``timeout`` (0: only look) for a connect
+    :func:`start_ip_connect` began to complete. Raises ``socket.timeout``
+    or the ``OSError`` the connect failed with."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT)  # errors and hang-ups come anyway
+        ready = bool(poller.poll(None if timeout is None else timeout * 1000))
+    else:  # Windows: a failed connect shows in the exception set, not the write set
+        _r, writable, failed = select.select([], [sock], [sock], timeout)
+        ready = bool(writable or failed)
+    if not ready:
+        raise socket.timeout("timed out")
+    status = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if status:
+        raise OSError(status, os.strerror(status))
 
 
 class _Direction:
@@ -639,6 +699,22 @@ class LocalDialer:
         if not allowed:
             log.info("connect not allowed: %s/%s", conn.proto, conn.address)
             raise ConnectNotAllowedError("connect not allowed")
+        if self.dialer is dial_socket:
+            # An IP literal needs no name lookup: the connect starts here, on
+            # the reader thread, without blocking; only one still under way
+            # goes to the pool to wait.
+            try:
+                started = start_ip_connect(conn.proto, conn.address)
+            except OSError as exc:
+                self._abort(conn, exc)
+                return
+            if started is not None:
+                sock, connected = started
+                if connected:
+                    self._pipe(sock, conn)
+                else:
+                    self._pool.submit(self._finish_and_pipe, sock, conn)
+                return
         self._pool.submit(self._dial_and_pipe, conn)
 
     def shutdown(self) -> None:
@@ -650,14 +726,37 @@ class LocalDialer:
             return  # ended before the dial with nothing to deliver
         try:
             sock = self.dialer(conn.proto, conn.address, self.limits.local_dial_timeout)
-        except DialError as exc:
-            conn.abort(exc)
-            return
         except OSError as exc:
-            reason = error_text(exc) or type(exc).__name__
-            conn.abort(DialError(f"dial {conn.proto} {conn.address}: {reason}", exc))
+            self._abort(conn, exc)
             return
+        self._pipe(sock, conn)
+
+    def _finish_and_pipe(self, sock: socket.socket, conn: TunnelConnection) -> None:
+        """Pool thread: wait for a connect begun on the reader thread."""
+        try:
+            finish_connect(sock, self.limits.local_dial_timeout)
+        except OSError as exc:
+            sock.close()
+            self._abort(conn, exc)
+            return
+        self._pipe(sock, conn)
+
+    def _pipe(self, sock: socket.socket, conn: TunnelConnection) -> None:
         # Even if the far side already ended, what it sent while we dialed is
         # delivered first: the pipe writes the buffer, then closes both.
-        self.piper.pipe_socket(sock, conn)
+        try:
+            self.piper.pipe_socket(sock, conn)
+        except RuntimeError:  # the piper was stopped
+            sock.close()
+            conn.close()
+            raise
+
+    @staticmethod
+    def _abort(conn: TunnelConnection, exc: OSError) -> None:
+        """The dial failed: end ``conn`` with a :class:`DialError` naming the
+        target and the reason (sent to the far side as ERROR)."""
+        if not isinstance(exc, DialError):
+            reason = error_text(exc) or type(exc).__name__
+            exc = DialError(f"dial {conn.proto} {conn.address}: {reason}", exc)
+        conn.abort(exc)
 

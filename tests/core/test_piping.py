@@ -12,6 +12,7 @@ import pytest
 from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
 from remotedialer.errors import DialError, RemoteError
+from remotedialer import piping
 from remotedialer.piping import LocalDialer, Piper, dial_socket
 from remotedialer.receive_buffer import ReceiveBuffer
 
@@ -106,9 +107,7 @@ def test_authorizer_crash_refuses(setup_factory: Callable[..., LocalDialTunnel])
 
 
 def test_refused_local_dial_answers_error_with_its_text(setup: LocalDialTunnel) -> None:
-    closed = socket.create_server(("127.0.0.1", 0))
-    address = f"127.0.0.1:{closed.getsockname()[1]}"
-    closed.close()  # nothing listens there now
+    address = _unused_address()
     conn = setup.dial(address)
     with pytest.raises(RemoteError) as info:
         conn.recv(1)
@@ -116,6 +115,78 @@ def test_refused_local_dial_answers_error_with_its_text(setup: LocalDialTunnel) 
     assert "refused" in info.value.remote_message.lower()
     assert not setup.pair.client.closed
     wait_for(lambda: setup.pair.client.connection_ids() == [])
+
+
+def _unused_address() -> str:
+    """A loopback ``host:port`` nothing listens on."""
+    closed = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    return address
+
+
+def _echo_once(setup: LocalDialTunnel, address: str, data: bytes) -> None:
+    """Dial the echo server at ``address`` through the tunnel and see ``data`` come back."""
+    conn = setup.dial(address)
+    conn.sendall(data)
+    assert recv_exactly(conn, len(data)) == data
+
+
+def _count_pool_tasks(setup: LocalDialTunnel, monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    """The names of the tasks the dialer hands to its thread pool, from now on."""
+    tasks: List[str] = []
+    submit = setup.local._pool.submit
+
+    def counting_submit(task: Callable[..., Any], *args: Any) -> None:
+        tasks.append(task.__name__)
+        submit(task, *args)
+
+    monkeypatch.setattr(setup.local._pool, "submit", counting_submit)
+    return tasks
+
+
+def test_ip_literal_target_is_connected_without_a_pool_thread(
+    setup: LocalDialTunnel, echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An IP-literal target needs no name lookup: its connect starts on the
+    reader thread without blocking, and a loopback connect completes there,
+    so no dial thread is involved; a host name still goes to the pool, and a
+    refused IP literal is answered with the same text as before."""
+    tasks = _count_pool_tasks(setup, monkeypatch)
+    _echo_once(setup, echo_server.address, b"literal")
+    assert tasks == []
+    _echo_once(setup, f"localhost:{echo_server.address.rpartition(':')[2]}", b"named")
+    assert tasks == ["_dial_and_pipe"]
+    address = _unused_address()
+    with pytest.raises(RemoteError) as info:
+        setup.dial(address).recv(1)
+    assert info.value.remote_message == f"dial tcp {address}: Connection refused"
+    assert tasks == ["_dial_and_pipe"]
+
+
+def test_connect_still_under_way_is_finished_on_the_pool(
+    setup: LocalDialTunnel, echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connect that did not complete at once is waited for on a pool thread
+    (bounded by the local dial timeout), then piped as usual."""
+    tasks = _count_pool_tasks(setup, monkeypatch)
+    real_start = piping.start_ip_connect
+
+    def pending_start(proto: str, address: str) -> Optional[Tuple[socket.socket, bool]]:
+        started = real_start(proto, address)
+        assert started is not None
+        return started[0], False  # as if it were still connecting
+
+    monkeypatch.setattr(piping, "start_ip_connect", pending_start)
+    _echo_once(setup, echo_server.address, b"pending")
+    assert tasks == ["_finish_and_pipe"]
+    address = _unused_address()
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.connect_ex(("127.0.0.1", int(address.rpartition(":")[2])))
+    with pytest.raises(ConnectionRefusedError):
+        piping.finish_connect(sock, TIMEOUT)
+    sock.close()
 
 
 def test_custom_dialer_and_timeout(
