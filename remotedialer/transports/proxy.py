@@ -20,8 +20,8 @@ every host, loopback included, like Go's ``http.ProxyURL``.
 
 Proxy kinds: ``http://`` (HTTP ``CONNECT`` over TCP), ``https://`` (the same
 over TLS to the proxy, verified against the system store), ``socks5://`` and
-``socks5h://`` (the proxy resolves the server's name in both, as Go's SOCKS5
-dialer has it; needs the ``python-socks`` package, the ``socks`` extra).
+``socks5h://`` (RFC 1928, written here: the proxy resolves the server's name
+in both, as Go's SOCKS5 dialer has it).
 Credentials come from the URL (``http://user:secret@proxy:3128``; percent-escape
 special characters) and go as ``Proxy-Authorization: Basic`` or the SOCKS5
 username/password method.
@@ -100,23 +100,10 @@ def parse_proxy_url(text: str, source: str = "proxy") -> ProxyURL:
         )
     if not parts.hostname:
         raise ConfigurationError(f"{source}: no host in proxy URL {value!r}")
-    if scheme in ("socks5", "socks5h") and not _has_python_socks():
-        raise ConfigurationError(
-            f"{source}: a {scheme} proxy needs the python-socks package "
-            "(the socks extra: pip install python-socks)"
-        )
     return ProxyURL(
         scheme, parts.hostname, port if port is not None else _DEFAULT_PORTS[scheme],
         unquote(parts.username or ""), unquote(parts.password or ""),
     )
-
-
-def _has_python_socks() -> bool:
-    try:
-        import python_socks.sync  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 _Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -233,16 +220,17 @@ def connect_through_proxy(proxy: ProxyURL, host: str, port: int, timeout: Option
     for at most ``timeout`` seconds. Raises
     :class:`~remotedialer.errors.ProxyError` (an ``OSError``) saying what
     failed: reaching the proxy, its credentials, its refusal."""
-    if proxy.is_socks:
-        return _connect_socks(proxy, host, port, timeout)
     try:
         sock: socket.socket = socket.create_connection((proxy.host, proxy.port), timeout)
     except OSError as exc:
         raise ProxyError(f"cannot reach proxy {proxy}: {_reason(exc)}") from exc
     try:
-        if proxy.scheme == "https":
-            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=proxy.host)
-        _http_connect(sock, proxy, join_host_port(host, port))
+        if proxy.is_socks:
+            _socks5_connect(sock, proxy, host, port)
+        else:
+            if proxy.scheme == "https":
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=proxy.host)
+            _http_connect(sock, proxy, join_host_port(host, port))
     except BaseException as exc:
         sock.close()
         if isinstance(exc, OSError) and not isinstance(exc, ProxyError):
@@ -288,20 +276,70 @@ def _http_connect(sock: socket.socket, proxy: ProxyURL, authority: str) -> None:
         raise ProxyError(f"proxy {proxy}: {len(extra)} unexpected bytes after its answer to CONNECT")
 
 
-def _connect_socks(proxy: ProxyURL, host: str, port: int, timeout: Optional[float]) -> socket.socket:
-    from python_socks import ProxyError as SocksError
-    from python_socks import ProxyType
-    from python_socks import ProxyTimeoutError as SocksTimeout
-    from python_socks.sync import Proxy
+_SOCKS_REPLIES = {
+    1: "general SOCKS server failure", 2: "connection not allowed by ruleset",
+    3: "network unreachable", 4: "host unreachable", 5: "connection refused",
+    6: "TTL expired", 7: "command not supported", 8: "address type not supported",
+}
+"""RFC 1928 §6: the reply codes a SOCKS5 server refuses a request with."""
 
-    client = Proxy(ProxyType.SOCKS5, proxy.host, proxy.port, proxy.username or None,
-                   proxy.password or None, rdns=True)
+
+def _recv_exactly(sock: socket.socket, size: int, proxy: ProxyURL) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ProxyError(f"proxy {proxy} closed the connection during the SOCKS5 handshake")
+        data += chunk
+    return data
+
+
+def _socks5_address(host: str) -> bytes:
+    """The address of a CONNECT request: an IP literal as such, a name for
+    the proxy to resolve."""
     try:
-        sock: socket.socket = client.connect(dest_host=host, dest_port=port, timeout=timeout)
-    except SocksTimeout as exc:
-        raise ProxyError(f"proxy {proxy}: timed out") from exc
-    except SocksError as exc:
-        raise ProxyError(f"proxy {proxy} refused {join_host_port(host, port)}: {exc}") from exc
-    except OSError as exc:  # python-socks' ProxyConnectionError is an OSError
-        raise ProxyError(f"cannot reach proxy {proxy}: {_reason(exc)}") from exc
-    return sock
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.encode("idna")
+        if not 0 < len(name) < 256:
+            raise ProxyError(f"host name too long for SOCKS5: {host!r}") from None
+        return bytes([3, len(name)]) + name
+    return (b"\x01" if address.version == 4 else b"\x04") + address.packed
+
+
+def _socks5_connect(sock: socket.socket, proxy: ProxyURL, host: str, port: int) -> None:
+    """Ask a SOCKS5 server (RFC 1928, with RFC 1929's username/password
+    method when the URL has credentials) to connect to ``host:port``;
+    return once it has."""
+    authority = join_host_port(host, port)
+    method = 0x02 if proxy.username or proxy.password else 0x00
+    sock.sendall(bytes([5, 1, method]))
+    version, chosen = _recv_exactly(sock, 2, proxy)
+    if version != 5:
+        raise ProxyError(f"proxy {proxy}: not a SOCKS5 server (version {version})")
+    if chosen != method:
+        wanted = "wants authentication (no credentials in the proxy URL)" if method == 0 else \
+            "did not accept username/password authentication"
+        raise ProxyError(f"proxy {proxy} {wanted}")
+    if method == 0x02:
+        user, password = proxy.username.encode(), proxy.password.encode()
+        if len(user) > 255 or len(password) > 255:
+            raise ProxyError(f"proxy {proxy}: username or password longer than SOCKS5 allows (255 bytes)")
+        sock.sendall(bytes([1, len(user)]) + user + bytes([len(password)]) + password)
+        if _recv_exactly(sock, 2, proxy)[1] != 0:
+            raise ProxyError(f"proxy {proxy}: authentication failure (username/password rejected)")
+    sock.sendall(b"\x05\x01\x00" + _socks5_address(host) + port.to_bytes(2, "big"))
+    version, reply, _reserved, kind = _recv_exactly(sock, 4, proxy)
+    if version != 5:
+        raise ProxyError(f"proxy {proxy}: not a SOCKS5 reply (version {version})")
+    if reply != 0:
+        reason = _SOCKS_REPLIES.get(reply, f"reply {reply}")
+        raise ProxyError(f"proxy {proxy} refused {authority}: {reason}")
+    if kind == 1:
+        _recv_exactly(sock, 4 + 2, proxy)  # the bound address and port, unused
+    elif kind == 4:
+        _recv_exactly(sock, 16 + 2, proxy)
+    elif kind == 3:
+        _recv_exactly(sock, _recv_exactly(sock, 1, proxy)[0] + 2, proxy)
+    else:
+        raise ProxyError(f"proxy {proxy}: unknown address type {kind} in its reply")

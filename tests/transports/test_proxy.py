@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import sys
 import threading
 from pathlib import Path
 from typing import Dict, Iterator
@@ -211,6 +212,22 @@ def test_a_refusing_proxy(upper_echo: int, scheme: str) -> None:
     assert "refused" in str(refused.value)
     if scheme == "http":
         assert refused.value.status == 403
+
+
+def test_socks5_needs_no_extra_package(upper_echo: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent speaks SOCKS5 itself (RFC 1928/1929): with ``python-socks``
+    unimportable, names, IP literals, credentials and a refusal's
+    reply code all work (the code before this took python-socks, and its
+    proxy URL was refused at parse time without it)."""
+    monkeypatch.setitem(sys.modules, "python_socks", None)
+    monkeypatch.setitem(sys.modules, "python_socks.sync", None)
+    with ConnectProxy(credentials=("agent", "pw"), names={"server.internal": "127.0.0.1"}) as proxy:
+        for host in ("server.internal", "127.0.0.1"):
+            assert round_trip(f"socks5://agent:pw@127.0.0.1:{proxy.port}", upper_echo, host) == b"THROUGH"
+        assert proxy.tunnels == [f"server.internal:{upper_echo}", f"127.0.0.1:{upper_echo}"]
+    with ConnectProxy(refuse=True) as proxy:
+        with pytest.raises(ProxyError, match="refused 127.0.0.1:.*connection not allowed by ruleset"):
+            round_trip(f"socks5h://127.0.0.1:{proxy.port}", upper_echo)
 
 
 def test_no_proxy_listening() -> None:
