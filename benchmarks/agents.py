@@ -14,7 +14,8 @@ is built, see :mod:`benchmarks.goref`), in one run:
    all are open gives the tunnels accepted per second;
 3. once they are open: the server's CPU over an idle window (the agents
    pinging and nothing else happening) as a percentage of one core, its RSS
-   growth per tunnel, the GET rate again with the ``N`` tunnels idle, and a
+   growth per tunnel (and for the Python servers, what it is made of:
+   :mod:`benchmarks.memory_map`), the GET rate again with the ``N`` tunnels idle, and a
    GET routed to ``agent-0`` through the server's forwarder;
 4. hold the tunnels for the rest of ``seconds`` and count what dropped:
    tunnels closed by the server (the fleet's ``dropped``), handshakes
@@ -35,6 +36,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .goref import GOREF_HINT, go_binary
 from .loadgen import run_load
+from .memory_map import memory_map
 from .procs import BenchError, FleetProc, Proc, ProcStats, free_port, wait_until
 from .report import Report
 
@@ -172,6 +174,7 @@ def _one(kind: str, count: int, options: AgentsOptions, runs: int, report: Repor
         progress(f"[{workload}] {kind}: 1 KiB GET with no agents "
                  + ", ".join(f"{rate:.0f}" for rate in base_rates) + " req/s")
         before = server.server_stats()
+        map_before = memory_map(server.procs["server"].pid) if kind != "go" else None
         fleet = FleetProc(server.port, count, log_dir, f"fleet-{kind}-{count}")
         open_seconds = fleet.wait_opened(timeout=60 + count / 50)
         opened_at = time.monotonic()
@@ -185,6 +188,7 @@ def _one(kind: str, count: int, options: AgentsOptions, runs: int, report: Repor
         fleet_cpu = (fleet.proc.stats().cpu_seconds - fleet_cpu_start) / window * 100
         after = server.server_stats()
         rss_per = (after.rss_bytes - before.rss_bytes) / count / KiB
+        map_after = memory_map(server.procs["server"].pid) if map_before is not None else None
         loaded_rates = _request_rate(server.get_url(), options, runs)
         routed = _get(server.agent_url(0)) == b"ok"
         rest = options.seconds - (time.monotonic() - opened_at)
@@ -209,6 +213,9 @@ def _one(kind: str, count: int, options: AgentsOptions, runs: int, report: Repor
     report.row(workload, "server CPU, agents pinging", "% core", "<= Go", False).add(kind, idle_cpu)
     report.row(workload, "fleet CPU (agents' process)", "% core", "", False).add(kind, fleet_cpu)
     report.row(workload, "server RSS per tunnel", "KiB", "<= Go (26)", False).add(kind, rss_per)
+    if map_before is not None and map_after is not None:
+        for part, kib in map_after.per(map_before, count).items():
+            report.row(workload, f"server RSS per tunnel: {part}", "KiB", "", False).add(kind, kib)
     report.row(workload, "server RSS with all open", "MiB", "", False).add(kind, after.rss_bytes / (1 << 20))
     report.row(workload, "server threads with all open", "count", "", False).add(kind, float(after.threads))
     report.row(workload, "tunnels accepted", "per s", ">= 1000").add(kind, count / open_seconds)

@@ -16,6 +16,7 @@ from typing import Callable, List
 
 from .fast_target import mark_target_limited
 from .loadgen import parse_wrk
+from .memory_map import FRAME_STACKS, REST, THREAD_STACKS, memory_map, parse_smaps
 from .report import Report
 from .soak import Sample, SoakResult
 from .soak import main as soak_main
@@ -115,7 +116,57 @@ def check_rows_limited_by_the_target_are_marked() -> None:
     assert marked[0] in report.table()
 
 
+SMAPS = """\
+7f0000000000-7f0000100000 rw-p 00000000 00:00 0
+Size:               1024 kB
+Rss:                  12 kB
+7f0000100000-7f0000104000 rw-p 00000000 00:00 0
+Rss:                   8 kB
+7f0000200000-7f0000204000 rw-p 00000000 00:00 0 \x20
+Rss:                   4 kB
+55e000000000-55e000100000 rw-p 00000000 00:00 0                          [heap]
+Rss:                 100 kB
+7f0000300000-7f0000400000 r--p 00000000 08:01 42                         /usr/lib/libc.so.6
+Rss:                1024 kB
+"""
+
+
+def check_memory_map_kinds() -> None:
+    found = parse_smaps(SMAPS.splitlines(True), stack_size=1024 * 1024)
+    assert found.rss_bytes == {THREAD_STACKS: 12 * 1024, FRAME_STACKS: 12 * 1024, REST: 1124 * 1024}, found
+    assert found.mappings == {THREAD_STACKS: 1, FRAME_STACKS: 2, REST: 2}, found
+    before = parse_smaps([], stack_size=1024 * 1024)
+    assert found.per(before, 2)[THREAD_STACKS] == 6.0
+
+
+def check_memory_map_of_live_threads() -> None:
+    """Threads started with the server's stack size show as thread stacks."""
+    import os
+    import threading
+
+    from remotedialer.server.process import THREAD_STACK_SIZE
+
+    if memory_map(os.getpid()) is None:
+        return  # no /proc (not Linux): nothing to check
+    previous = threading.stack_size(THREAD_STACK_SIZE)
+    done = threading.Event()
+    threads = [threading.Thread(target=done.wait, args=(30,)) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        found = memory_map(os.getpid())
+    finally:
+        done.set()
+        threading.stack_size(previous)
+        for thread in threads:
+            thread.join(30)
+    assert found is not None and found.mappings[THREAD_STACKS] >= 4, found
+    assert found.rss_bytes[THREAD_STACKS] >= 4 * 4096, found
+
+
 CHECKS: List[Callable[[], None]] = [
+    check_memory_map_kinds,
+    check_memory_map_of_live_threads,
     check_parse_wrk,
     check_rows_limited_by_the_target_are_marked,
     check_report_table_medians_and_run_counts,
