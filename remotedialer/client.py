@@ -204,18 +204,24 @@ class TunnelClient:
         ws = open_websocket(
             self.url, headers, limits, self.ssl_context, self.websocket_options, self.proxy
         )
-        answer = _ResumeAnswer.of(ws)
         transport = WebSocketClientTransport(ws, self.limits.max_message_size, self.url)
-        reattached = self._reattach(suspended, transport, answer) if suspended is not None else None
-        self._resume_token = answer.token
-        resumed = reattached is not None
-        session = reattached if reattached is not None else self._new_session(transport, answer)
-        with self._lock:
-            if self._stop.is_set():
-                session.close("client stopped")
-                transport.close()
-                return "stopped"
-            self._session = session
+        try:
+            answer = _ResumeAnswer.of(ws)
+            reattached = self._reattach(suspended, transport, answer) if suspended is not None else None
+            self._resume_token = answer.token
+            resumed = reattached is not None
+            session = reattached if reattached is not None else self._new_session(transport, answer)
+            with self._lock:
+                if self._stop.is_set():
+                    session.close("client stopped")
+                    transport.close()
+                    return "stopped"
+                self._session = session
+        except BaseException:
+            # e.g. Ctrl-C before stop() can see the session: close on purpose,
+            # so that the server ends its side instead of suspending it
+            transport.close()
+            raise
         self._connected.set()
         log.info("%s to %s", "resumed the tunnel" if resumed else "connected", self.url)
         if self.on_connect is not None and not resumed:

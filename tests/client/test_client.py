@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 
@@ -452,3 +452,24 @@ def test_a_wrong_path_gets_a_hint_naming_connect(caplog: pytest.LogCaptureFixtur
 
 def allow_all_dials(proto: str, address: str) -> bool:
     return True
+
+
+def test_an_interrupt_while_connecting_closes_the_websocket_on_purpose(
+    make_tunnel_server: Callable[..., TunnelServer], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C after the server accepted the WebSocket but before the client
+    holds its session (so ``stop()`` cannot close it): the WebSocket is
+    closed on purpose, and a resuming server ends its session at once
+    instead of keeping it suspended for the window."""
+    limits = Limits(resume_window=30.0)
+    server = make_tunnel_server(limits=limits)
+    client = TunnelClient(server.url, {"X-Tunnel-ID": "foo"}, limits=limits)
+
+    def interrupted(*args: object) -> None:
+        wait_for(lambda: server.server.has_session("foo"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client, "_new_session", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        client.connect_once()
+    wait_for(lambda: not server.server.has_session("foo"))
