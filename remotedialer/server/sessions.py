@@ -69,6 +69,7 @@ class SessionManager:
         self._lock = threading.Lock()
         self._notify_lock = threading.RLock()
         self._sessions: Dict[str, List[Session]] = {}  # guarded by _lock
+        self._count = 0  # sessions in _sessions, guarded by _lock
         self._listeners: List[SessionListener] = []  # guarded by _notify_lock
 
     def __repr__(self) -> str:
@@ -91,6 +92,7 @@ class SessionManager:
                     f"client {client_key!r} already holds {len(sessions)} sessions"
                 )
             sessions.append(session)
+            self._count += 1
         log.debug("session added: %s", session)
         self._notify(True, client_key, session)
         def on_close(ended: Session) -> None:
@@ -105,6 +107,7 @@ class SessionManager:
             if not sessions or session not in sessions:
                 return False
             sessions.remove(session)
+            self._count -= 1
             if not sessions:
                 del self._sessions[client_key]
         log.debug("session removed: %s", session)
@@ -139,8 +142,11 @@ class SessionManager:
             return [s for sessions in self._sessions.values() for s in sessions]
 
     def __len__(self) -> int:
+        """Sessions registered, all keys together (kept as a count: the
+        graceful shutdown asks after every removal, and a sum over the keys
+        made closing 10,000 tunnels quadratic)."""
         with self._lock:
-            return sum(len(sessions) for sessions in self._sessions.values())
+            return self._count
 
     # -------------------------------------------------------------- listeners
     def add_listener(self, listener: SessionListener, replay: bool = False) -> None:

@@ -378,6 +378,30 @@ def test_session_manager_limits_and_order() -> None:
     sessions[2].close("test")
     for a, b in pairs:
         a.close()
+
+
+def test_session_manager_counts_sessions_across_keys() -> None:
+    manager = SessionManager(max_sessions_per_key=2)
+    pairs = [socket.socketpair() for _ in range(4)]
+    sessions = [Session(ServerWebSocket(a, 100), is_client=False) for a, _ in pairs]
+    try:
+        for key, session in zip(("a", "a", "b"), sessions):
+            manager.add(key, session)
+        with pytest.raises(ConnectionResetError):  # LimitExceededError: not counted
+            manager.add("a", sessions[3])
+        assert len(manager) == 3
+        assert not manager.remove("b", sessions[0])  # not under that key: not counted
+        assert manager.remove("a", sessions[0])
+        assert not manager.remove("a", sessions[0])  # twice: counted once
+        assert len(manager) == 2
+        sessions[2].close("test")  # leaves the table through its close callback
+        assert len(manager) == 1 and manager.client_keys() == ["a"]
+    finally:
+        for session in sessions:
+            session.close("test")
+        for a, b in pairs:
+            a.close()
+            b.close()
         b.close()
 
 
