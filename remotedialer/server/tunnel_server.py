@@ -383,18 +383,19 @@ class Server:
             and request.headers.get(RESUME_HEADER, "").strip() == RESUME_VERSION
         )
         resumed: Optional[ResumableSession] = None
-        token = request.headers.get(TOKEN_HEADER, "").strip()
-        if offered and token:
+        token = request.headers.get(TOKEN_HEADER, "").strip() if offered else ""
+        if token:
             resumed = self.resume_tokens.take(client_key, token)
             if resumed is None:
                 log.info("%s: no session to resume for %s (unknown or used token)",
                          describe_remote(environ), client_key)
                 self._observer().resume_refused("unknown token")
-        if resumed is None and len(manager.sessions(client_key)) >= self.limits.max_sessions_per_key:
+        held = len(manager.sessions(client_key))
+        if resumed is None and held >= self.limits.max_sessions_per_key:
             return self.error_writer(
                 environ, start_response, 429, f"too many sessions for client {client_key}"
             )
-        if len(manager.sessions(client_key)) >= self.limits.max_sessions_per_key:
+        if held >= self.limits.max_sessions_per_key:
             return self._refuse(environ, start_response, 429, f"too many sessions for client {client_key}")
         try:
             _sock, server_kind = socket_from_environ(environ)

@@ -106,8 +106,12 @@ def header_tokens(value: str) -> List[str]:
     return [token for token in (item.strip().lower() for item in value.split(",")) if token]
 
 
-def _header_tokens(environ: Mapping[str, Any], name: str) -> List[str]:
-    return header_tokens(str(environ.get(name, "")))
+def _has_token(environ: Mapping[str, Any], name: str, token: str) -> bool:
+    """Whether the header ``name`` of ``environ`` lists ``token`` (lower
+    case); a value that is the token alone, as every agent sends, is taken
+    without splitting."""
+    value = str(environ.get(name, ""))
+    return value.lower() == token or token in header_tokens(value)
 
 
 def is_websocket_request(environ: Mapping[str, Any]) -> Optional[str]:
@@ -115,15 +119,15 @@ def is_websocket_request(environ: Mapping[str, Any]) -> Optional[str]:
     §4.2.1), or ``None`` if it is one."""
     if environ.get("REQUEST_METHOD", "GET") != "GET":
         return "websocket: the request method is not GET"
-    if "websocket" not in _header_tokens(environ, "HTTP_UPGRADE"):
+    if not _has_token(environ, "HTTP_UPGRADE", "websocket"):
         return "websocket: the client is not using the websocket protocol: 'upgrade' token not found"
-    if "upgrade" not in _header_tokens(environ, "HTTP_CONNECTION"):
+    if not _has_token(environ, "HTTP_CONNECTION", "upgrade"):
         return "websocket: the client is not using the websocket protocol: 'Connection: Upgrade' missing"
-    if "13" not in _header_tokens(environ, "HTTP_SEC_WEBSOCKET_VERSION"):
+    if not _has_token(environ, "HTTP_SEC_WEBSOCKET_VERSION", "13"):
         return "websocket: unsupported version: 13 not found in 'Sec-Websocket-Version' header"
     key = str(environ.get("HTTP_SEC_WEBSOCKET_KEY", "")).strip()
     try:
-        valid_key = len(base64.b64decode(key, validate=True)) == 16
+        valid_key = len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
     except ValueError:
         valid_key = False
     if not valid_key:
@@ -242,7 +246,8 @@ class ServerWebSocket:
         #: Frames the reader thread read itself (pings included): parked
         #: sessions' pings do not count here (tests watch it).
         self.reader_frames = 0
-        sock.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
+        if sock.gettimeout() is not None:  # settimeout(None) is a system call even when it is None
+            sock.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except (OSError, AttributeError):  # not TCP

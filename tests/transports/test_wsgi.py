@@ -72,6 +72,26 @@ def test_is_websocket_request() -> None:
     assert is_websocket_request(plain) is not None
 
 
+@pytest.mark.parametrize("name, value, valid", [
+    ("HTTP_CONNECTION", "keep-alive, Upgrade", True),
+    ("HTTP_CONNECTION", "UPGRADE", True),
+    ("HTTP_CONNECTION", "upgrades", False),
+    ("HTTP_CONNECTION", "no-upgrade", False),
+    ("HTTP_UPGRADE", "h2c, websocket", True),
+    ("HTTP_UPGRADE", "websockets", False),
+    ("HTTP_SEC_WEBSOCKET_VERSION", "8, 13", True),
+    ("HTTP_SEC_WEBSOCKET_VERSION", "130", False),
+    ("HTTP_SEC_WEBSOCKET_VERSION", "1, 3", False),
+    ("HTTP_SEC_WEBSOCKET_KEY", " dGhlIHNhbXBsZSBub25jZQ== ", True),
+    ("HTTP_SEC_WEBSOCKET_KEY", "dGhlIHNhbXBsZSBub25jZQ", False),  # unpadded
+    ("HTTP_SEC_WEBSOCKET_KEY", "dGhlIHNhbXBsZSBub25jZQ==dGhl", False),
+])
+def test_is_websocket_request_takes_tokens_not_substrings(name: str, value: str, valid: bool) -> None:
+    """The header checks match whole comma-separated tokens (any case), a
+    value holding only the token as well as a list."""
+    assert (is_websocket_request(upgrade_environ(**{name: value})) is None) is valid
+
+
 def test_socket_from_environ() -> None:
     marker = object()
     assert socket_from_environ({"werkzeug.socket": marker}) == (marker, "werkzeug")
