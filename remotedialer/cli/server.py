@@ -30,6 +30,7 @@ from ..app import (
     wire_peers,
 )
 from ..config import DEFAULT_LIMITS
+from ..examples.logs import lean_log_records
 from ..gateway.forwarder_app import DEFAULT_TIMEOUT
 from ..gateway.frontend import (
     DEFAULT_HEADER_TIMEOUT,
@@ -198,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     open_files = raise_open_files_limit()
     tune_interpreter_for_many_threads()
+    lean_log_records()  # a line per tunnel: see docs/benchmarks.rst, "Accept rate"
     max_threads = args.max_threads or default_max_threads(open_files)
     threading.stack_size(THREAD_STACK_SIZE)  # threads started from here on
     httpd = BoundedThreadedWSGIServer(host, port, app, max_threads=max_threads,

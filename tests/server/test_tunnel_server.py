@@ -378,6 +378,7 @@ def test_session_manager_limits_and_order() -> None:
     sessions[2].close("test")
     for a, b in pairs:
         a.close()
+        b.close()
 
 
 def test_session_manager_counts_sessions_across_keys() -> None:
