@@ -30,8 +30,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Transport", "TransportClosed", "TransportEnded", "ReceiveSize", "next_event_from_socket",
-    "wait_for_write",
+    "wait_for_write", "connect_tcp",
 ]
+
+
+def connect_tcp(host: str, port: int, timeout: Optional[float]) -> socket.socket:
+    """``socket.create_connection((host, port), timeout)``, with an ASCII
+    ``host`` handed to the resolver as bytes: ``getaddrinfo`` encodes every
+    ``str`` host with the ``idna`` codec, whose import (``encodings.idna``,
+    ``stringprep``, ``unicodedata``) was 0.35 MiB of an idle agent. Other
+    hosts go as they are (the codec then does its job). Raises ``OSError``."""
+    lookup: Any = host.encode("ascii") if host.isascii() else host
+    return socket.create_connection((lookup, port), timeout)
 
 
 def wait_for_write(sock: Any, timeout: Optional[float]) -> bool:

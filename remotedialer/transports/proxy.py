@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..addresses import join_host_port
 from ..errors import ConfigurationError, ProxyError
+from .base import connect_tcp
 
 __all__ = [
     "PROXY_SCHEMES",
@@ -221,7 +222,7 @@ def connect_through_proxy(proxy: ProxyURL, host: str, port: int, timeout: Option
     :class:`~remotedialer.errors.ProxyError` (an ``OSError``) saying what
     failed: reaching the proxy, its credentials, its refusal."""
     try:
-        sock: socket.socket = socket.create_connection((proxy.host, proxy.port), timeout)
+        sock = connect_tcp(proxy.host, proxy.port, timeout)
     except OSError as exc:
         raise ProxyError(f"cannot reach proxy {proxy}: {_reason(exc)}") from exc
     try:
@@ -300,7 +301,7 @@ def _socks5_address(host: str) -> bytes:
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        name = host.encode("idna")
+        name = host.encode("ascii") if host.isascii() else host.encode("idna")  # see connect_tcp
         if not 0 < len(name) < 256:
             raise ProxyError(f"host name too long for SOCKS5: {host!r}") from None
         return bytes([3, len(name)]) + name

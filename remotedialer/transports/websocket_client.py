@@ -31,7 +31,9 @@ from ..frames import (
     encode_masked_frame,
     parse_close,
 )
-from .base import ReceiveSize, TransportClosed, TransportEnded, next_event_from_socket, wait_for_write
+from .base import (
+    ReceiveSize, TransportClosed, TransportEnded, connect_tcp, next_event_from_socket, wait_for_write,
+)
 from .proxy import ProxyURL, connect_through_proxy
 
 __all__ = ["RECEIVE_BYTES", "WebSocketClientTransport", "open_websocket", "server_address"]
@@ -203,7 +205,7 @@ def _connect(
     name checked). Each step is bounded by ``timeout``."""
     secure, host, port = server_address(url)
     if proxy is None:
-        sock = socket.create_connection((host, port), timeout)
+        sock = connect_tcp(host, port, timeout)
     else:
         sock = connect_through_proxy(proxy, host, port, timeout)
     try:

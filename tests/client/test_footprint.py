@@ -130,3 +130,25 @@ def test_the_check_notices_an_eager_server_import() -> None:
     loaded = loaded_after("import remotedialer.cli.client\nimport remotedialer.server")
     assert loaded["package"] != AGENT_MODULES["import remotedialer.cli.client"]
     assert "werkzeug" in loaded["top"]
+
+
+CONNECT_BY_NAME = """
+import socket, sys
+from remotedialer.transports.base import connect_tcp
+with socket.create_server(("127.0.0.1", 0)) as server:
+    port = server.getsockname()[1]
+    connect_tcp("localhost", port, 10).close()
+    print("encodings.idna" in sys.modules)
+    socket.create_connection(("localhost", port), 10).close()
+    print("encodings.idna" in sys.modules)
+"""
+
+
+def test_connecting_loads_no_idna_codec() -> None:
+    """The agent's connection to its server (or proxy) does not import the
+    ``idna`` codec for an ASCII host name (0.35 MiB with ``stringprep`` and
+    ``unicodedata``), where ``socket.create_connection`` with the same name
+    does (second line: the check can fail)."""
+    done = subprocess.run([sys.executable, "-c", CONNECT_BY_NAME],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["False", "True"]
