@@ -52,6 +52,9 @@ CLI_STDLIB_ADDED = STDLIB_ADDED | {"argparse", "gettext", "signal"}
 STDLIB_ALLOWED = {
     "from remotedialer.client import TunnelClient": STDLIB_ADDED,
     "import remotedialer.cli.client": CLI_STDLIB_ADDED,
+    # the parser built and used as `remotedialer client` does: no shutil for the help's width
+    "from remotedialer.cli import build_parser\nbuild_parser('client').parse_args(['client'])":
+        CLI_STDLIB_ADDED | {"locale"},  # gettext's lookup of the language, from argparse
 }
 
 
