@@ -10,7 +10,7 @@ and the rest (Python objects, buffers, the interpreter itself).
 * **the rest**: everything else resident.
 
 Measured on a parked 10,000-agent server, a tunnel held 12.6 KiB of C stack,
-8.0 KiB of frame stack and about 11 KiB of the rest (docs/benchmarks.rst,
+8.0 KiB of frame stack and about 15 KiB of the rest (docs/benchmarks.rst,
 "What a parked tunnel holds"). ``python -m benchmarks.memory_map PID``
 prints one process's figures.
 """
