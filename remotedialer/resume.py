@@ -176,7 +176,13 @@ class _Entry:
     ack_sent: int = 0  # the count in our last ACK (or REATTACH)
     peer_knows: bool = False  # the peer has shown it has the connection
     final: Optional[str] = None  # our ERROR text, once we closed it
-    chunks: Deque[Tuple[int, Bytes]] = field(default_factory=collections.deque)  # (offset, bytes)
+    # What is kept for retransmission, oldest first: (end, message) per DATA
+    # write, where ``end`` is the stream offset just past its payload and the
+    # payload is the last ``end - start`` bytes of ``message`` (``start``:
+    # the previous item's end; for the first, what is owed starts at
+    # ``acked``). Messages are kept whole (the header too), as they were
+    # sent: no slice per write.
+    chunks: Deque[Tuple[int, Bytes]] = field(default_factory=collections.deque)
 
     @property
     def unacked(self) -> int:
@@ -317,21 +323,24 @@ class ResumeLedger:
             return False
         return not self.retained or self.retained + size <= self.session_cap
 
-    def record_if_room(self, conn_id: int, payload: Bytes) -> bool:
+    def record_if_room(self, conn_id: int, message: Bytes, size: Optional[int] = None) -> bool:
         """:meth:`has_room` and :meth:`record_sent` in one step (a writer's
         per-message path): False, and nothing recorded, if there is no room."""
         entry = self._entries.get(conn_id)
-        size = len(payload)
         if entry is None:
             return True
-        unacked, retained = entry.sent - entry.acked, self.retained
+        if size is None:
+            size = len(message)
+        sent, retained = entry.sent, self.retained
+        unacked = sent - entry.acked
         if (unacked and unacked + size > self.connection_cap) or (
             retained and retained + size > self.session_cap
         ):  # not _fits(): a call less on the per-message path
             return False
         if size:
-            entry.chunks.append((entry.sent, payload))
-            entry.sent += size
+            sent += size
+            entry.sent = sent
+            entry.chunks.append((sent, message))
             self.retained += size
         return True
 
@@ -340,22 +349,28 @@ class ResumeLedger:
         entry = self._entries.get(conn_id)
         return 0 if entry is None else entry.unacked
 
-    def record_sent(self, conn_id: int, payload: Bytes) -> None:
-        """A DATA payload went out on ``conn_id`` (``payload`` must not change
-        afterwards: pass ``bytes`` or a view of an immutable buffer)."""
+    def record_sent(self, conn_id: int, message: Bytes, size: Optional[int] = None) -> None:
+        """A DATA payload went out on ``conn_id``: ``message`` is the payload,
+        or with ``size`` a buffer whose last ``size`` bytes are (the encoded
+        DATA message). It is kept as it is: it must not change afterwards
+        (pass ``bytes`` or a view of an immutable buffer)."""
         entry = self._entries.get(conn_id)
-        if entry is None or not len(payload):
+        if size is None:
+            size = len(message)
+        if entry is None or not size:
             return
-        entry.chunks.append((entry.sent, payload))
-        entry.sent += len(payload)
-        self.retained += len(payload)
+        entry.sent += size
+        entry.chunks.append((entry.sent, message))
+        self.retained += size
 
     def acknowledge(self, conn_id: int, received: int, exact: bool = False) -> int:
         """The peer has ``received`` bytes of ``conn_id``: free them; return
         how many bytes were freed. Raises :class:`ProtocolError` for a count
         beyond what was sent. A count below an earlier one is a late ACK and
         is ignored, unless ``exact`` (a REATTACH count, which must not go
-        backwards)."""
+        backwards). Whole kept messages are dropped; one the count ends
+        inside stays until a later count covers it (the resend starts at
+        the count)."""
         entry = self._entries.get(conn_id)
         if entry is None:
             return 0
@@ -372,14 +387,11 @@ class ResumeLedger:
         entry.acked = received
         self.retained -= freed
         chunks = entry.chunks
-        while chunks:
-            start, payload = chunks[0]
-            if start + len(payload) <= received:
+        if received == entry.sent:
+            chunks.clear()  # all of it: the common case, in one step
+        else:
+            while chunks and chunks[0][0] <= received:
                 chunks.popleft()
-            else:
-                if start < received:
-                    chunks[0] = (received, memoryview(payload)[received - start :])
-                break
         return freed
 
     # ------------------------------------------------------------- receiving
@@ -469,7 +481,13 @@ class ResumeLedger:
 
     @staticmethod
     def _unacked_chunks(conn_id: int, entry: _Entry) -> List[Tuple[int, Bytes]]:
-        return [(conn_id, payload) for _start, payload in entry.chunks]
+        """The payloads not acknowledged, from ``entry.acked`` on."""
+        payloads: List[Tuple[int, Bytes]] = []
+        start = entry.acked  # the first one may be acknowledged in part
+        for end, message in entry.chunks:
+            payloads.append((conn_id, memoryview(message)[len(message) - (end - start) :]))
+            start = end
+        return payloads
 
     def sent(self, conn_id: int) -> int:
         """DATA payload bytes sent on ``conn_id`` so far (0 if unknown)."""

@@ -114,6 +114,25 @@ def test_acknowledge_frees_whole_and_partial_chunks() -> None:
     assert ledger.retained == 3
 
 
+def test_kept_messages_resend_only_their_payload_from_the_acknowledged_offset() -> None:
+    # A session keeps each DATA message whole: header and payload; the ledger
+    # knows the payload is its last ``size`` bytes.
+    ledger = ResumeLedger(connection_cap=100, session_cap=1000)
+    ledger.add(2, dialed_here=True)
+    for header, payload in ((b"H1", b"abcd"), (b"HDR2", b"efgh"), (b"H", b"ij")):
+        assert ledger.record_if_room(2, header + payload, len(payload))
+    assert ledger.unacked(2) == 10 and ledger.retained == 10
+    assert ledger.acknowledge(2, 3) == 3  # inside the first message: nothing dropped
+    assert ledger.acknowledge(2, 5) == 2  # inside the second: the first dropped
+    plan = ledger.plan_reattach([ReattachEntry(2, 6)])
+    assert [bytes(p) for _c, p in plan.resend] == [b"gh", b"ij"]
+    assert ledger.retained == 4
+    assert ledger.acknowledge(2, 10) == 4 and ledger.retained == 0  # all of it at once
+    ledger.record_sent(2, b"HEAD" + b"klm", 3)
+    plan = ledger.plan_reattach([ReattachEntry(2, 11)])
+    assert [bytes(p) for _c, p in plan.resend] == [b"lm"]
+
+
 def test_acknowledging_more_than_sent_or_backwards_is_a_protocol_error() -> None:
     ledger = ResumeLedger(connection_cap=100, session_cap=1000)
     ledger.add(2, dialed_here=True)
@@ -265,7 +284,10 @@ def _send(side: Side, conn_id: int, size: int) -> None:
         return  # a real writer would block here
     payload = _pattern(conn_id, len(side.written[conn_id]), size)
     side.written[conn_id] += payload
-    side.ledger.record_sent(conn_id, payload)
+    # kept as a session keeps it: the whole DATA message, a header of varying
+    # length before the payload (a wrong offset resends header bytes)
+    header = b"\xff" * (1 + (conn_id + len(side.written[conn_id])) % 4)
+    side.ledger.record_sent(conn_id, header + payload, size)
     side.wire.append(("DATA", conn_id, payload))
 
 
