@@ -32,6 +32,7 @@ from werkzeug.wsgi import LimitedStream
 from ..errors import ListenError
 from ..server.process import DEFAULT_MAX_THREADS, LISTEN_BACKLOG
 from ..server.wsgi import WSGIApp, header_tokens
+from ..transports.wsgi import NODELAY_SET
 from .http1 import (
     MAX_CHUNK_LINE,
     ChunkedDecoder,
@@ -415,7 +416,9 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
         path = self.path
         if (fields is None or not path.startswith("/") or "#" in path
                 or isinstance(self.connection, ssl.SSLSocket)):
-            return dict(super().make_environ())
+            built: Dict[str, Any] = dict(super().make_environ())
+            built[NODELAY_SET] = self.disable_nagle_algorithm
+            return built
         raw_path, _, query = path.partition("?")
         path_info = urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path
         # PEP 3333 strings: werkzeug's UTF-8 bytes read as latin-1
@@ -434,6 +437,7 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
             "wsgi.multiprocess": server.multiprocess,
             "wsgi.run_once": False,
             "werkzeug.socket": self.connection,
+            NODELAY_SET: self.disable_nagle_algorithm,  # set by socketserver's setup()
             "SERVER_SOFTWARE": self.server_version,
             "REQUEST_METHOD": self.command,
             "SCRIPT_NAME": "",

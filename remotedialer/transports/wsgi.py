@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from ..poller import Poller
 
 __all__ = [
+    "NODELAY_SET",
     "is_websocket_request",
     "ServerWebSocket",
     "SimpleWebSocketTransport",
@@ -91,6 +92,10 @@ _CLOSE_WRITE_TIMEOUT = 1.0
 #: How long a parked reader waits for the poller at a time (it waits again
 #: unless the poller handed the socket back: this bounds each wait only).
 _PARK_WAIT = 60.0
+#: WSGI environ key a front end sets to True when the request's socket has
+#: ``TCP_NODELAY`` already (the project's front end and worker): the
+#: upgrade then spares that system call, one per tunnel accepted.
+NODELAY_SET = "remotedialer.tcp_nodelay"
 #: MSG_DONTWAIT where there is one: the poller's reads never block.
 _DONT_WAIT = getattr(socket, "MSG_DONTWAIT", 0)
 # Pongs owed but not written yet, at most this many (the oldest are dropped: a
@@ -203,6 +208,7 @@ class ServerWebSocket:
         max_message_size: int,
         description: str = "",
         receive_bytes: int = RECEIVE_BYTES,
+        set_nodelay: bool = True,
     ) -> None:
         self.sock = sock
         self.receive_bytes = receive_bytes
@@ -248,10 +254,11 @@ class ServerWebSocket:
         self.reader_frames = 0
         if sock.gettimeout() is not None:  # settimeout(None) is a system call even when it is None
             sock.settimeout(None)  # liveness is the heartbeat's job, not a socket timeout
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):  # not TCP
-            pass
+        if set_nodelay:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (OSError, AttributeError):  # not TCP
+                pass
 
     @classmethod
     def accept(
@@ -279,7 +286,8 @@ class ServerWebSocket:
             "\r\n"
         ).encode("ascii")
         sock.sendall(response)
-        return cls(sock, max_message_size, describe_remote(environ), receive_bytes)
+        return cls(sock, max_message_size, describe_remote(environ), receive_bytes,
+                   set_nodelay=environ.get(NODELAY_SET) is not True)
 
     # -- writes
     def _write(self, data: Bytes, payload: Optional[Bytes] = None) -> None:

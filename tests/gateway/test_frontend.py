@@ -172,6 +172,7 @@ def test_environ_from_the_header_list_is_werkzeugs(head: bytes) -> None:
     from werkzeug.serving import WSGIRequestHandler
 
     from remotedialer.gateway.frontend import KeepAliveRequestHandler
+    from remotedialer.transports.wsgi import NODELAY_SET
 
     ours, _theirs = socket.socketpair()
     with ours, _theirs:
@@ -185,6 +186,7 @@ def test_environ_from_the_header_list_is_werkzeugs(head: bytes) -> None:
         assert handler.parse_request()
         built = handler.make_environ()
         expected = WSGIRequestHandler.make_environ(handler)  # from handler.headers, werkzeug's way
+    assert built.pop(NODELAY_SET) is True  # socketserver's setup() sets TCP_NODELAY (ours only)
     for environ in (built, expected):
         environ.pop("wsgi.input")  # werkzeug wraps a chunked body here; run_wsgi replaces it anyway
     assert built == expected
@@ -226,3 +228,24 @@ def test_probing_reader_never_blocks_while_probing() -> None:
         assert reader.readinto(buffer) == 2 and buffer[:2] == b"de"  # a plain read again
         reader.close()
         assert reader.closed
+
+
+def test_a_tunnel_through_the_front_end_has_tcp_nodelay(caplog: pytest.LogCaptureFixture) -> None:
+    """The front end sets TCP_NODELAY and says so in the environ; the
+    tunnel's socket has it (set once, by the front end)."""
+    import socket
+
+    from testkit.front import ExampleServer, start_agent
+
+    front = ExampleServer(caplog)
+    agent = None
+    try:
+        agent = start_agent(front.port, "nodelay")
+        sessions = front.app.server.sessions("nodelay")
+        assert len(sessions) == 1
+        sock = sessions[0].transport.sock
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        if agent is not None:
+            agent.stop()
+        front.stop()

@@ -18,6 +18,7 @@ from remotedialer.errors import ProtocolError
 from remotedialer.transports.base import TransportClosed
 from remotedialer.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_frame
 from remotedialer.transports.wsgi import (
+    NODELAY_SET,
     IDLE_RECEIVE_BYTES,
     RECEIVE_BYTES,
     ServerWebSocket,
@@ -113,6 +114,24 @@ def test_accept_writes_101_response(pair: Tuple[socket.socket, socket.socket]) -
     assert "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in lines
     assert "Upgrade: websocket" in lines and "Connection: Upgrade" in lines
     ws.close()
+
+
+@pytest.mark.parametrize("front_end_set_it", [False, True])
+def test_accept_sets_tcp_nodelay_unless_the_front_end_did(front_end_set_it: bool) -> None:
+    """TCP_NODELAY is on for the tunnel, set once: the upgrade leaves it to
+    a front end that says (``NODELAY_SET``) it set it already."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_sock = socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT)
+        server_sock, _ = listener.accept()
+    with client_sock, server_sock:
+        environ = upgrade_environ()
+        environ["werkzeug.socket"] = server_sock
+        if front_end_set_it:
+            environ[NODELAY_SET] = True
+        ws = ServerWebSocket.accept(environ, 1 << 20)
+        nodelay = server_sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert bool(nodelay) is not front_end_set_it  # left alone: still off here
+        ws.close()
 
 
 # ---------------------------------------------------------- ServerWebSocket
