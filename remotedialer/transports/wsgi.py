@@ -111,12 +111,12 @@ def header_tokens(value: str) -> List[str]:
     return [token for token in (item.strip().lower() for item in value.split(",")) if token]
 
 
-def _has_token(environ: Mapping[str, Any], name: str, token: str) -> bool:
-    """Whether the header ``name`` of ``environ`` lists ``token`` (lower
-    case); a value that is the token alone, as every agent sends, is taken
-    without splitting."""
+def _has_token(environ: Mapping[str, Any], name: str, wanted: str) -> bool:
+    """Whether the header ``name`` of ``environ`` lists the token ``wanted``
+    (lower case); a value that is that token alone, as every agent sends, is
+    taken without splitting."""
     value = str(environ.get(name, ""))
-    return value.lower() == token or token in header_tokens(value)
+    return value.lower() == wanted or wanted in header_tokens(value)
 
 
 def is_websocket_request(environ: Mapping[str, Any]) -> Optional[str]:
