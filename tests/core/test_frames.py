@@ -114,6 +114,39 @@ def test_the_first_large_mask_imports_numpy_on_another_thread():
     assert result.stdout.split() == ["remotedialer-numpy-import"]
 
 
+UNMASK_LENGTHS = [*range(71), 1200, 4095, 4096, 4097, 16384, 65536, 65539]
+
+
+def unmasking_errors(unmask, lengths=UNMASK_LENGTHS) -> List[Tuple[int, int, int]]:
+    """``(length, offset, rotation)`` for which ``unmask(payload view, key)``
+    differs from the byte-wise reference; the payload is a view at every
+    offset 0..3 into a larger buffer (as the reader passes it), under every
+    rotation of the key."""
+    errors = []
+    base_key = b"\x01\x80\xff\x37"
+    for length in lengths:
+        data = os.urandom(length + 3)
+        for offset in range(4):
+            for rotation in range(4):
+                key = base_key[rotation:] + base_key[:rotation]
+                view = memoryview(bytearray(data))[offset:offset + length]
+                if unmask(view, key) != reference(bytes(view), key):
+                    errors.append((length, offset, rotation))
+    return errors
+
+
+def test_unmasking_is_byte_exact_at_every_length_offset_and_rotation(implementation):
+    assert unmasking_errors(frames.mask) == []
+
+
+def test_the_unmasking_check_catches_a_wrong_key_rotation():
+    def rotated_by_one(data, key):
+        return frames.mask(data, key[1:] + key[:1])
+
+    errors = unmasking_errors(rotated_by_one, lengths=[0, 1, 5, 70, 1200])
+    assert {length for length, _, _ in errors} == {1, 5, 70, 1200}
+
+
 def test_implementation_name():
     assert frames.masking_implementation() in ("numpy", "wsaccel", "python")
 
