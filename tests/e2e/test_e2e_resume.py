@@ -90,14 +90,15 @@ def setup() -> Iterator[Setup]:
 
 
 def download(
-    conn: TunnelConnection, size: int, cut_at: List[int], cut: Callable[[], None]
+    read: Callable[[int], bytes], size: int, cut_at: List[int], cut: Callable[[], None]
 ) -> Tuple[int, str]:
-    """Read ``size`` bytes, calling ``cut()`` as the count passes each of ``cut_at``."""
+    """Read with ``read(n)`` until ``size`` bytes or EOF, calling ``cut()`` as
+    the count passes each of ``cut_at``; the count and the sha256 read."""
     digest = hashlib.sha256()
     got = 0
     pending = sorted(cut_at)
     while got < size:
-        data = conn.recv(1 << 20)
+        data = read(1 << 20)
         if not data:
             break
         digest.update(data)
@@ -113,7 +114,7 @@ def test_download_survives_resets(setup: Setup) -> None:
     target = DownloadServer(size)
     try:
         conn = setup.dial(target.address)
-        got, digest = download(conn, size, [8 * MiB, 24 * MiB, 40 * MiB], setup.proxy.reset)
+        got, digest = download(conn.recv, size, [8 * MiB, 24 * MiB, 40 * MiB], setup.proxy.reset)
         assert got == size
         assert digest == target.digest()
         assert conn.recv(1) == b""  # then the target's clean close
@@ -144,7 +145,7 @@ def test_one_gib_download_survives_a_reset_every_few_seconds(setup: Setup) -> No
     try:
         conn = setup.dial(target.address)
         thread.start()
-        got, digest = download(conn, size, [], lambda: None)
+        got, digest = download(conn.recv, size, [], lambda: None)
     finally:
         stop.set()
         thread.join(TIMEOUT)
@@ -169,7 +170,7 @@ def test_download_survives_a_silent_drop(setup: Setup) -> None:
 
     try:
         conn = setup.dial(target.address)
-        got, digest = download(conn, size, [8 * MiB], drop)
+        got, digest = download(conn.recv, size, [8 * MiB], drop)
         assert got == size and digest == target.digest()
     finally:
         target.close()
@@ -264,21 +265,11 @@ def test_cli_download_through_the_client_route_survives_resets() -> None:
         http_conn.request("GET", f"/client/foo/http/127.0.0.1:{web.port}/bytes/{size}")
         response = http_conn.getresponse()
         assert response.status == 200
-        digest = hashlib.sha256()
-        got = 0
-        cuts = [8 * MiB, 24 * MiB]
-        while True:
-            chunk = response.read(1 << 20)
-            if not chunk:
-                break
-            digest.update(chunk)
-            got += len(chunk)
-            if cuts and got >= cuts[0]:
-                cuts.pop(0)
-                proxy.reset()
+        got, digest = download(response.read, size, [8 * MiB, 24 * MiB], proxy.reset)
+        assert response.read() == b""  # nothing after the body
         http_conn.close()
         assert got == size
-        assert digest.hexdigest() == hashlib.sha256(generated_bytes(size)).hexdigest()
+        assert digest == hashlib.sha256(generated_bytes(size)).hexdigest()
         wait_for(lambda: client.output.count("resumed the tunnel") >= 2, TIMEOUT)
         assert server.output.count("reattached from") >= 2
     finally:
