@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import select
 import selectors
 import socket
 import threading
@@ -33,6 +32,7 @@ from .config import DEFAULT_LIMITS, Limits
 from .errors import ConnectNotAllowedError, DialError, RemoteError, TunnelTimeoutError, error_text
 from .singleton import Singleton
 from .thread_pool import ThreadPool
+from .wait import wait_for_write
 
 if TYPE_CHECKING:
     from .connection import TunnelConnection
@@ -127,14 +127,7 @@ def finish_connect(sock: socket.socket, timeout: Optional[float]) -> None:
     """Wait at most ``timeout`` (0: only look) for a connect
     :func:`start_ip_connect` began to complete. Raises ``socket.timeout``
     or the ``OSError`` the connect failed with."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)  # errors and hang-ups come anyway
-        ready = bool(poller.poll(None if timeout is None else timeout * 1000))
-    else:  # Windows: a failed connect shows in the exception set, not the write set
-        _r, writable, failed = select.select([], [sock], [sock], timeout)
-        ready = bool(writable or failed)
-    if not ready:
+    if not wait_for_write(sock, timeout):
         raise socket.timeout("timed out")
     status = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if status:

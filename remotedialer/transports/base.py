@@ -18,12 +18,12 @@ Contract:
 
 from __future__ import annotations
 
-import select
 import socket
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
 
 from ..errors import TransportClosed, TransportEnded
+from ..wait import wait_for_write  # re-exported: the transports' writes use it
 
 if TYPE_CHECKING:
     from ..frames import FrameReader, WebSocketEvent
@@ -42,20 +42,6 @@ def connect_tcp(host: str, port: int, timeout: Optional[float]) -> socket.socket
     hosts go as they are (the codec then does its job). Raises ``OSError``."""
     lookup: Any = host.encode("ascii") if host.isascii() else host
     return socket.create_connection((lookup, port), timeout)
-
-
-def wait_for_write(sock: Any, timeout: Optional[float]) -> bool:
-    """Whether ``sock`` (a socket or anything with ``fileno()``) becomes
-    writable within ``timeout`` seconds (0: now; ``None``: block). ``poll``
-    where there is one (``select`` fails for descriptors past 1023),
-    ``select`` elsewhere (Windows). Raises ``OSError`` or ``ValueError`` for a
-    closed socket."""
-    if hasattr(select, "poll"):
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT)
-        return bool(poller.poll(None if timeout is None else max(0.0, timeout) * 1000))
-    _, writable, _ = select.select([], [sock], [], timeout)
-    return bool(writable)
 
 
 class ReceiveSize:

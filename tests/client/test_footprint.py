@@ -26,7 +26,7 @@ CORE = [
     "remotedialer.receive_buffer", "remotedialer.resumable", "remotedialer.resume",
     "remotedialer.session", "remotedialer.singleton", "remotedialer.thread_pool",
     "remotedialer.transports", "remotedialer.transports.base", "remotedialer.transports.proxy",
-    "remotedialer.transports.websocket_client",
+    "remotedialer.transports.websocket_client", "remotedialer.wait",
 ]
 """The package modules of ``TunnelClient``: the core, the agent's transport."""
 
