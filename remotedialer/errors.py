@@ -27,6 +27,7 @@ __all__ = [
     "TunnelClosedError",
     "TransportClosed",
     "TransportEnded",
+    "ReaderReleased",
     "RemoteError",
     "RemoteRefusedError",
     "RemoteTimeoutError",
@@ -92,6 +93,14 @@ class TransportEnded(TransportClosed):
     normal status, 1000, as :meth:`Transport.close
     <remotedialer.transports.base.Transport.close>` sends): its session is
     over. A resumable session ends instead of suspending."""
+
+
+class ReaderReleased(RemotedialerError):
+    """Not a failure: raised out of ``Transport.receive()`` when the
+    transport parked (:mod:`remotedialer.poller`) and lets its reader thread
+    go. :meth:`Session.serve <remotedialer.session.Session.serve>` then
+    returns :data:`~remotedialer.session.RELEASED`; the transport has a new
+    reader call ``serve(transport)`` when anything but a ping arrives."""
 
 
 class RemoteError(_SocketError, ConnectionResetError):

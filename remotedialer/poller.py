@@ -9,11 +9,13 @@ is readable, calls its :meth:`Parked.on_readable`: the transport reads what
 arrived, answers pings itself and says whether anything else came (a
 message, a close, EOF, an error). If so, the poller stops watching that
 socket and calls :meth:`Parked.resume`, which hands the socket (and every
-byte already read) back to the reader thread. Many sockets are served per
-wake-up of the one thread, and none of their readers wakes: once woken, the
-thread waits at least ``batch_window`` before it looks again, so that under
-many pings each wake-up serves all that arrived meanwhile (a pong, or the
-hand-over of a CONNECT to an idle tunnel, waits that long at most).
+byte already read) back: the transport starts a reader thread for it (a
+parked transport holds none). :meth:`Poller.unpark` hands one back at once,
+for a dial through the idle tunnel. Many sockets are served per wake-up of
+the one thread, and no reader wakes: once woken, the thread waits at least
+``batch_window`` before it looks again, so that under many pings each
+wake-up serves all that arrived meanwhile (a pong, or the hand-over of a
+CONNECT to an idle tunnel, waits that long at most).
 """
 
 from __future__ import annotations
@@ -54,16 +56,19 @@ class Parked(Protocol):
         what can be answered; True if the reader thread must take over."""
 
     def resume(self) -> None:
-        """Poller thread, after the socket was dropped from the watch list:
-        wake the reader thread."""
+        """After the socket was dropped from the watch list (on the poller's
+        thread, or on the thread calling :meth:`Poller.unpark`): have a
+        reader take the socket over."""
 
 
 class Poller:
     """Watches parked transports on one daemon thread (started with the
     first :meth:`park`; it lives as long as the process).
 
-    ``_lock`` guards ``_parked`` and the selector's registrations; it is
-    never held while a transport's :meth:`~Parked.on_readable` runs.
+    ``_lock`` guards ``_parked``, the selector's registrations, ``_reading``
+    (the transport whose :meth:`~Parked.on_readable` runs now, outside the
+    lock), ``_unpark_wanted`` (:meth:`unpark` asked for that one meanwhile)
+    and ``resumed``. It is never held while a transport's methods run.
     """
 
     def __init__(self, name: str = "remotedialer-poller", batch_window: float = BATCH_WINDOW) -> None:
@@ -76,10 +81,12 @@ class Poller:
         self._selector.register(self._wake_reader, selectors.EVENT_READ, None)
         self._needs_wake = not isinstance(self._selector, _EDGE_READY_SELECTORS)
         self._parked: Dict[int, Parked] = {}
+        self._reading: Optional[Parked] = None
+        self._unpark_wanted = False
         self._thread: Optional[threading.Thread] = None
         #: Times the poller's thread woke up (for tests and benchmarks).
         self.wakeups = 0
-        #: Transports handed back to their reader so far.
+        #: Transports handed back so far.
         self.resumed = 0
 
     def __len__(self) -> int:
@@ -103,6 +110,26 @@ class Poller:
             except BlockingIOError:  # pragma: no cover - a wake-up is pending anyway
                 pass
 
+    def unpark(self, parked: Parked) -> bool:
+        """Hand ``parked`` back now (its :meth:`~Parked.resume` is called
+        on this thread, or on the poller's right after a read under way);
+        False if it is not parked (handed back already, or on its way)."""
+        with self._lock:
+            if self._parked.get(parked.fileno()) is not parked:
+                return False
+            if self._reading is parked:
+                self._unpark_wanted = True
+                return True
+            self._drop_locked(parked)
+        parked.resume()
+        return True
+
+    def _drop_locked(self, parked: Parked) -> None:
+        fd = parked.fileno()
+        self._selector.unregister(fd)
+        del self._parked[fd]
+        self.resumed += 1
+
     def _run(self) -> None:
         woke = 0.0
         while True:
@@ -117,21 +144,30 @@ class Poller:
             woke = time.monotonic()
             self.wakeups += 1
             for key, _mask in events:
-                parked = key.data
+                parked: Optional[Parked] = key.data
                 if parked is None:
                     self._drain_wake()
                     continue
+                with self._lock:
+                    if self._parked.get(key.fd) is not parked:
+                        continue  # unparked since select() returned
+                    self._reading = parked
                 try:
                     done = parked.on_readable()
                 except Exception:
                     log.exception("poller: %r failed", parked)
                     done = True
+                with self._lock:
+                    self._reading = None
+                    done = done or self._unpark_wanted
+                    self._unpark_wanted = False
+                    if done:
+                        self._drop_locked(parked)
                 if done:
-                    with self._lock:
-                        self._selector.unregister(key.fd)
-                        del self._parked[key.fd]
-                    self.resumed += 1
-                    parked.resume()
+                    try:
+                        parked.resume()
+                    except Exception:  # the poller serves every other socket on
+                        log.exception("poller: resuming %r failed", parked)
 
     def _drain_wake(self) -> None:
         try:

@@ -39,6 +39,7 @@ from .errors import (
     ConnectNotAllowedError,
     LimitExceededError,
     ProtocolError,
+    ReaderReleased,
     TunnelClosedError,
     TransportClosed,
     TransportEnded,
@@ -63,7 +64,7 @@ from .protocol import (
 if TYPE_CHECKING:
     from .transports.base import Transport
 
-__all__ = ["Session", "ConnectHandler", "ClientListener"]
+__all__ = ["Session", "ConnectHandler", "ClientListener", "RELEASED"]
 
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger("remotedialer.trace")
@@ -86,6 +87,11 @@ MAX_QUEUED_CONTROL_MESSAGES = 65536
 """Control messages waiting for the socket; more means the peer stopped
 reading while still sending to us, and the session is closed."""
 _CLIENT_DIAL_ID_START = 1 << 32
+
+RELEASED = "reader released"
+"""What :meth:`Session.serve` returns when its transport let the reader
+thread go (:class:`~remotedialer.errors.ReaderReleased`): the session lives
+on, and the transport starts a new reader when it must."""
 
 
 def tracing_enabled() -> bool:
@@ -192,17 +198,23 @@ class Session:
                 return
         callback(self)
 
-    def serve(self) -> str:
+    def serve(self, transport: Optional["Transport"] = None) -> str:
         """Read and handle messages on the calling thread until the session
         ends; return the reason it ended. Never raises for network or protocol
-        trouble: those end the session."""
+        trouble: those end the session.
+
+        Returns :data:`RELEASED` instead when the transport lets the reader
+        go (a parked server WebSocket, :mod:`remotedialer.poller`); the
+        session lives on, and the next reader calls ``serve(transport)``
+        with that transport (default: the session's current one)."""
         self._reader_thread = threading.current_thread()
         if not self._serving:
             self._serving = True
             self.observer.session_started(self)
             self._heartbeat.register(self)
         reason = "closed"
-        transport = self.transport
+        if transport is None:
+            transport = self.transport
         kept = False  # the session lives on without this transport (resumption)
         try:
             while not self._closed:
@@ -210,6 +222,9 @@ class Session:
                 if not self._handle_from(transport, data):
                     kept = True  # the session moved to another transport
                     break
+        except ReaderReleased:
+            kept = True
+            reason = RELEASED
         except TransportClosed as exc:
             reason = error_text(exc) or "websocket closed"
             # the peer ending the session on purpose ends it here too
@@ -225,7 +240,7 @@ class Session:
             if not kept:
                 self.close(reason)
         if kept:
-            return f"suspended: {reason}"
+            return RELEASED if reason is RELEASED else f"suspended: {reason}"
         return self._close_reason
 
     def start(self, name: Optional[str] = None) -> threading.Thread:

@@ -9,7 +9,8 @@
 * ``/kick?key=K``: ends the sessions of ``K`` from the server side;
 * ``/parked``: how many tunnels the process's poller holds (with
   ``TESTKIT_PARK_IDLE=1`` in the environment, idle tunnels park, see
-  :mod:`remotedialer.poller`).
+  :mod:`remotedialer.poller`);
+* ``/readers``: how many threads read for a tunnel now (a parked one has none).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from urllib.parse import parse_qs
 from remotedialer import poller
 from remotedialer.config import Limits
 from remotedialer.server import Server
+from testkit.support import server_readers
 
 
 def _authorizer(request: Any) -> Tuple[str, bool]:
@@ -74,6 +76,8 @@ def app(environ: Any, start_response: Callable[..., Any]) -> Iterable[bytes]:
         return _text(start_response, "200 OK", "".join(f"{key}\n" for key in server.list_clients()))
     if path == "/parked":
         return _text(start_response, "200 OK", str(len(poller.default())))
+    if path == "/readers":
+        return _text(start_response, "200 OK", str(server_readers()))
     if path == "/kick":
         key = parse_qs(environ.get("QUERY_STRING", ""))["key"][0]
         for session in server.sessions(key):

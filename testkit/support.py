@@ -62,6 +62,24 @@ def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT, interval
         time.sleep(interval)
 
 
+def server_readers() -> int:
+    """Threads of this process reading for a server session now (inside
+    :meth:`Session.serve <remotedialer.session.Session.serve>` of a session
+    that is not a client's): a parked session holds none."""
+    import sys
+
+    serve = Session.serve.__code__
+    count = 0
+    for frame in sys._current_frames().values():
+        walking: Any = frame
+        while walking is not None:
+            if walking.f_code is serve and not walking.f_locals["self"].is_client:
+                count += 1
+                break
+            walking = walking.f_back
+    return count
+
+
 def recv_exactly(sock: Any, size: int) -> bytes:
     """Read exactly ``size`` bytes from a socket-like object (blocks on its
     timeout); an EOF before that fails the test."""

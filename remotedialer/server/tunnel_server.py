@@ -7,7 +7,10 @@ otherwise takes the socket over and serves a
 tunnel ends. That thread is the session's only reader; no other thread is
 started per tunnel. It runs under werkzeug's threaded server and gunicorn's
 ``gthread`` worker (one thread per tunnel: give gunicorn ``--threads`` of at
-least the number of tunnels plus concurrent ordinary requests).
+least the number of tunnels plus concurrent ordinary requests). With
+``Limits.park_idle``, an idle tunnel parks on the shared poller
+(:mod:`remotedialer.poller`) and its thread returns to the WSGI server; a
+thread of our own serves it again once anything but a ping arrives.
 
 Dialing through a client::
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -86,7 +90,7 @@ from ..resume import (
     WINDOW_HEADER,
     new_token,
 )
-from ..session import ClientListener, ConnectHandler, Session
+from ..session import RELEASED, ClientListener, ConnectHandler, Session
 from .sessions import ResumeTokens, SessionListener, SessionManager, dial_first
 from ..transports.wsgi import (
     RECEIVE_BYTES,
@@ -352,7 +356,8 @@ class Server:
     # ------------------------------------------------------------------ WSGI
     def __call__(self, environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
         """Serve one request to the connect endpoint. For a tunnel this blocks
-        the calling (WSGI handler) thread until the tunnel ends."""
+        the calling (WSGI handler) thread until the tunnel ends (or, with
+        ``park_idle``, first parks)."""
         request = Request(environ)
         peer_id = self.peering.authenticate(request.headers)
         if peer_id is not None:
@@ -505,10 +510,10 @@ class Server:
             return
         if offered:
             self.resume_tokens.issue(session, token)
-        self._park_when_idle(session, transport)
-        log.info("%s session started for %s from %s", "peer" if is_peer else "client",
-                 client_key, transport.describe())
-        self._serve_until_detached(session, transport, "peer" if is_peer else "client")
+        kind = "peer" if is_peer else "client"
+        self._park_when_idle(session, transport, kind)
+        log.info("%s session started for %s from %s", kind, client_key, transport.describe())
+        self._serve_until_detached(session, transport, kind)
 
     def _serve_reattached(self, session: ResumableSession, transport: Any, token: str) -> None:
         """Serve a suspended session over the new WebSocket of its client."""
@@ -520,28 +525,50 @@ class Server:
             transport.close()
             return
         self.resume_tokens.issue(session, token)
-        self._park_when_idle(session, transport)
+        self._park_when_idle(session, transport, "client")
         log.info("client session for %s reattached from %s", session.client_key, transport.describe())
         self._serve_until_detached(session, transport, "client")
 
-    def _park_when_idle(self, session: Session, transport: Any) -> None:
+    def _park_when_idle(self, session: Session, transport: Any, kind: str) -> None:
         """With ``park_idle``: ``transport`` (a session's first WebSocket or
         the one it reattached over) parks on the shared poller whenever the
-        session has no connection open."""
+        session has no connection open, and its reader thread (the WSGI
+        handler's, at first) leaves; a new one serves when the poller hands
+        the socket back."""
         if self.limits.park_idle and isinstance(transport, ServerWebSocket):
-            transport.park_when(lambda: session.connection_count() == 0, poller.default())
+            transport.park_when(lambda: session.connection_count() == 0, poller.default(),
+                                lambda: self._serve_on_new_thread(session, transport, kind))
+
+    @classmethod
+    def _serve_on_new_thread(cls, session: Session, transport: ServerWebSocket, kind: str) -> None:
+        """Serve ``transport`` again after a park, on a new thread."""
+        try:
+            threading.Thread(target=cls._serve_until_detached, args=(session, transport, kind),
+                             name=f"remotedialer-session-{session.session_key}", daemon=True).start()
+        except RuntimeError as exc:  # can't start new thread: nothing else would read
+            log.error("%s: no thread to serve it: %s", session, exc)
+            if not isinstance(session, ResumableSession) or not session.suspend(str(exc)):
+                session.close(f"no thread to serve it: {exc}")
+            transport.close()
+            transport.close_taken_socket()
 
     @staticmethod
     def _serve_until_detached(session: Session, transport: Any, kind: str) -> None:
+        released = False
         try:
-            reason = session.serve()
+            reason = session.serve(transport)
+            released = reason is RELEASED
         finally:
-            if not isinstance(session, ResumableSession):
-                session.close("handler ended")
-            # If another thread is closing the session, wait until its close
-            # frame is out: the WSGI server closes the socket once we return.
-            transport.close()
-        log.info("%s session for %s ended: %s", kind, session.client_key, reason)
+            if not released:  # released: the session lives on, parked
+                if not isinstance(session, ResumableSession):
+                    session.close("handler ended")
+                # If another thread is closing the session, wait until its close
+                # frame is out: the WSGI server closes the socket once we return.
+                transport.close()
+                if isinstance(transport, ServerWebSocket):
+                    transport.close_taken_socket()
+        if not released:
+            log.info("%s session for %s ended: %s", kind, session.client_key, reason)
 
     # ------------------------------------------------------------ peering hooks
     def handle_peer_connect(self, conn: TunnelConnection) -> None:

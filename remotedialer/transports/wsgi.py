@@ -30,6 +30,7 @@ import base64
 import errno
 import hashlib
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, NoReturn, 
 
 
 from ..addresses import join_host_port
-from ..errors import ProtocolError
+from ..errors import ProtocolError, ReaderReleased
 from ..frames import (
     CLOSE_NO_STATUS,
     CLOSE_NORMAL,
@@ -56,6 +57,7 @@ from ..frames import (
     parse_close,
 )
 from ..protocol import Bytes
+from ..singleton import Singleton
 from .base import ReceiveSize, TransportClosed, TransportEnded, next_event_from_socket, wait_for_write
 
 if TYPE_CHECKING:
@@ -89,9 +91,6 @@ IDLE_RECEIVE_BYTES = 256
 _JOIN_LIMIT = 64 * 1024
 #: How long :meth:`ServerWebSocket.close` waits to write its close frame.
 _CLOSE_WRITE_TIMEOUT = 1.0
-#: How long a parked reader waits for the poller at a time (it waits again
-#: unless the poller handed the socket back: this bounds each wait only).
-_PARK_WAIT = 60.0
 #: WSGI environ key a front end sets to True when the request's socket has
 #: ``TCP_NODELAY`` already (the project's front end and worker): the
 #: upgrade then spares that system call, one per tunnel accepted.
@@ -190,6 +189,18 @@ def finish_taken_over_response(server_kind: str) -> NoReturn:
     raise _TakenOver(errno.ECONNRESET, "websocket session ended")
 
 
+def _ended_socket() -> socket.socket:
+    """A socket whose peer has gone: reads see EOF, writes fail, shutdown
+    and close do nothing to anyone (see :meth:`ServerWebSocket._take_socket_over`)."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    ours.shutdown(socket.SHUT_RDWR)
+    return ours
+
+
+_ENDED_SOCKET = Singleton(_ended_socket)
+
+
 # ------------------------------------------------------------------ transport
 class ServerWebSocket:
     """The server side of an upgraded WebSocket, as a
@@ -240,12 +251,18 @@ class ServerWebSocket:
         self._closed = False  # close() began: readers stop
         self._shut_down = False  # close() finished (guarded by _close_lock)
         # Parking (park_when): while _may_park() holds, the reader hands the
-        # socket to the poller and waits on _gate; the poller owns _reader
-        # and _handed until it releases _gate (resume), then the reader does.
+        # socket to the poller and its thread leaves (ReaderReleased); the
+        # poller owns _reader and _handed until it hands the socket back
+        # (resume), which calls _serve_again() for a new reader, the owner
+        # of both from then on. _on_poller: parked now (a hint for send()).
         self._may_park: Optional[Callable[[], bool]] = None
         self._poller: Optional["Poller"] = None
-        self._gate: Optional[threading.Lock] = None
+        self._serve_again: Optional[Callable[[], None]] = None
+        self._on_poller = False
         self._handed: Optional[Tuple[Optional["WebSocketEvent"], Optional[BaseException]]] = None
+        # The socket was taken from the WSGI server (the first release): we
+        # close it (close_taken_socket), not the server.
+        self._owns_socket = False
         # The last frame the reader read itself was a ping: the tunnel is
         # idle, not between two requests (those never wait for a hand-over).
         self._pinged = False
@@ -372,7 +389,12 @@ class ServerWebSocket:
 
     def send(self, data: Bytes) -> None:
         """Send one binary message. Blocks until the socket took all of it;
-        raises :class:`TransportClosed` if the WebSocket is closed or fails."""
+        raises :class:`TransportClosed` if the WebSocket is closed or fails.
+        A parked transport is handed back first (a dial through an idle
+        tunnel: its reader is ready for the answer)."""
+        if self._on_poller:
+            assert self._poller is not None
+            self._poller.unpark(self)
         header = encode_frame_header(OP_BINARY, len(data))
         if len(data) <= _JOIN_LIMIT:
             self._write(header + bytes(data))
@@ -459,30 +481,70 @@ class ServerWebSocket:
             event = self._reader.next_event()  # a frame already read comes first
             if event is not None:
                 return event
-            self._park()
+            self._release()
 
     # -- parking (see remotedialer.poller)
-    def park_when(self, may_park: Callable[[], bool], poller: "Poller") -> bool:
+    def park_when(
+        self, may_park: Callable[[], bool], poller: "Poller", serve_again: Callable[[], None]
+    ) -> bool:
         """From now on, whenever the reader has just answered a ping and
         ``may_park()`` holds (a session with no connection open), hand the
-        socket to ``poller`` instead of blocking on it: it answers pings and
-        hands back the first other frame, close or EOF, with every byte it
-        read. False (nothing changes) for a TLS socket, whose readiness says
-        nothing about whole records."""
-        if isinstance(self.sock, ssl.SSLSocket):
+        socket to ``poller`` and let the reader go (:meth:`receive` raises
+        :class:`~remotedialer.errors.ReaderReleased`; no thread waits on a
+        parked tunnel). The poller answers pings; when the first other
+        frame, close or EOF arrives (with every byte it read kept), or a
+        message is sent (:meth:`send`: a dial), ``serve_again()`` is called
+        to start a new reader. The first release takes the socket from the
+        WSGI server (:meth:`close_taken_socket` closes it then). False
+        (nothing changes) for a TLS socket, whose readiness says nothing
+        about whole records, and on Windows."""
+        if isinstance(self.sock, ssl.SSLSocket) or os.name == "nt":
             return False
-        self._gate = threading.Lock()
-        self._gate.acquire()
         self._poller = poller
+        self._serve_again = serve_again
         self._may_park = may_park
         return True
 
-    def _park(self) -> None:
-        """Reader thread: wait until the poller hands the socket back."""
-        assert self._poller is not None and self._gate is not None
+    def _release(self) -> NoReturn:
+        """Reader thread: park the socket and leave (raises ReaderReleased)."""
+        assert self._poller is not None
+        self._take_socket_over()
+        if self._closed:  # close() may have shut down the server's object instead of ours
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            raise TransportClosed("websocket closed")
+        self._on_poller = True
         self._poller.park(self)
-        while not self._gate.acquire(timeout=_PARK_WAIT):
-            pass  # the poller hands back at the latest when close() shuts the socket
+        # From here on the poller may start the next reader at any moment:
+        # this thread touches nothing of the transport any more.
+        raise ReaderReleased("parked")
+
+    def _take_socket_over(self) -> None:
+        """Reader thread: make the connection ours before this thread leaves
+        the WSGI server, which shuts down and closes its socket object when
+        the handler returns: we keep a duplicate of the descriptor, and the
+        server's object gets an ended socket in its place (``dup2``), on
+        which its shutdown and close are harmless."""
+        if self._owns_socket:
+            return
+        with self._send_lock:
+            served = self.sock
+            ours = socket.socket(served.family, served.type, served.proto, os.dup(served.fileno()))
+            os.dup2(_ENDED_SOCKET.get().fileno(), served.fileno(), inheritable=False)
+            self.sock = ours
+            self._owns_socket = True
+
+    def close_taken_socket(self) -> None:
+        """Close the socket if :meth:`park_when` took it from the WSGI server
+        (otherwise the server closes it when the handler returns). For the
+        last reader, once :meth:`close` returned: nothing writes afterwards."""
+        if not self._owns_socket:
+            return
+        with self._send_lock:
+            self._close_sent = True
+            self.sock.close()
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -519,8 +581,10 @@ class ServerWebSocket:
                 return True
 
     def resume(self) -> None:
-        assert self._gate is not None
-        self._gate.release()
+        """Start the next reader (see :meth:`park_when`)."""
+        assert self._serve_again is not None
+        self._on_poller = False
+        self._serve_again()
 
     # -- closing
     def close(self) -> None:

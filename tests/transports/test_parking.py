@@ -1,8 +1,8 @@
-"""Idle server WebSockets parked on the shared poller (issue 24): pings are
-answered without the reader thread, anything else is handed back to it with
-every byte already read, and the read deadline still ends a dead peer. Real
-sockets over loopback; a real :class:`~remotedialer.session.Session` where a
-session is involved."""
+"""Idle server WebSockets parked on the shared poller (issue 24): the reader
+thread leaves when its transport parks, pings are answered without one,
+anything else (or a dial) starts a new reader with every byte already read,
+and the read deadline still ends a dead peer. Real sockets over loopback; a
+real :class:`~remotedialer.session.Session` where a session is involved."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ import pytest
 
 from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
-from remotedialer.errors import TransportClosed
-from remotedialer.frames import OP_BINARY, OP_PING, OP_PONG, FrameReader, encode_masked_frame
+from remotedialer.errors import ReaderReleased, TransportClosed
+from remotedialer.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, FrameReader, encode_masked_frame
 from remotedialer.heartbeat import Heartbeat
 from remotedialer.poller import Poller
-from remotedialer.protocol import MessageType, encode_message
-from remotedialer.session import Session
+from remotedialer.protocol import MessageType, decode_message, encode_message
+from remotedialer.session import RELEASED, Session
 from remotedialer.transports.wsgi import ServerWebSocket
-from testkit.support import TIMEOUT, wait_for
+from testkit.support import TIMEOUT, recv_exactly, wait_for
 
 MAX_MESSAGE = 1 << 20
 
@@ -78,6 +78,7 @@ def connected() -> Iterator[Tuple[ServerWebSocket, Peer]]:
     ws = ServerWebSocket(server_sock, MAX_MESSAGE, "test")
     yield ws, Peer(client_sock)
     ws.close()
+    ws.close_taken_socket()
     server_sock.close()
     client_sock.close()
 
@@ -88,18 +89,41 @@ def park(peer: Peer, poller: Poller) -> None:
     wait_for(lambda: len(poller) == 1)
 
 
-def start_receiving(ws: ServerWebSocket) -> "queue.Queue[Any]":
-    """Call ``ws.receive()`` on a thread; its result (or exception) lands in the queue."""
-    results: "queue.Queue[Any]" = queue.Queue()
+class Receiver:
+    """Calls ``ws.receive()`` on a thread; its result (or exception) lands in
+    ``results``. A released reader's thread ends; :meth:`again` (the
+    transport's ``serve_again``) starts the next one."""
 
-    def run() -> None:
+    def __init__(self, ws: ServerWebSocket) -> None:
+        self.ws = ws
+        self.results: "queue.Queue[Any]" = queue.Queue()
+        self.threads: List[threading.Thread] = []
+        self.released = 0
+
+    def again(self) -> None:
+        thread = threading.Thread(target=self._run, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _run(self) -> None:
         try:
-            results.put(ws.receive())
+            self.results.put(self.ws.receive())
+        except ReaderReleased:
+            self.released += 1
         except Exception as exc:
-            results.put(exc)
+            self.results.put(exc)
 
-    threading.Thread(target=run, daemon=True).start()
-    return results
+    def park_when_idle(self, poller: Poller) -> None:
+        assert self.ws.park_when(lambda: True, poller, self.again)
+
+
+def start_receiving(ws: ServerWebSocket, poller: Optional[Poller] = None) -> "queue.Queue[Any]":
+    """A :class:`Receiver` for ``ws`` (parking on ``poller`` if given) started; its results."""
+    receiver = Receiver(ws)
+    if poller is not None:
+        receiver.park_when_idle(poller)
+    receiver.again()
+    return receiver.results
 
 
 @pytest.mark.parametrize("parked", [True, False])
@@ -107,19 +131,25 @@ def test_a_parked_reader_does_not_wake_for_pings(
     connected: Tuple[ServerWebSocket, Peer], poller: Poller, parked: bool
 ) -> None:
     ws, peer = connected
+    receiver = Receiver(ws)
     if parked:
-        assert ws.park_when(lambda: True, poller)
-    results = start_receiving(ws)
+        receiver.park_when_idle(poller)
+    receiver.again()
     peer.ping_pong(1)  # the reader answers the first ping itself, then parks
     wait_for(lambda: len(poller) == (1 if parked else 0))
+    if parked:  # and its thread is gone
+        receiver.threads[0].join(TIMEOUT)
+        assert not receiver.threads[0].is_alive() and receiver.released == 1
     peer.ping_pong(20)
-    # the reader thread read none of the pings itself when parked, each when not
+    # no reader read any of the pings when parked; the one reader read each when not
     assert ws.reader_frames == (1 if parked else 21)
     assert len(poller) == (1 if parked else 0)
+    assert len(receiver.threads) == 1
     peer.send(OP_BINARY, b"hello")
-    assert results.get(timeout=TIMEOUT) == b"hello"
+    assert receiver.results.get(timeout=TIMEOUT) == b"hello"
     assert ws.reader_frames == (2 if parked else 22)
     assert poller.resumed == (1 if parked else 0)
+    assert len(receiver.threads) == (2 if parked else 1)  # a new reader took the message
 
 
 @pytest.mark.parametrize("cut", [1, 2, 5, 9])
@@ -129,8 +159,7 @@ def test_a_frame_split_across_the_hand_over_arrives_whole(
     """A ping and the first ``cut`` bytes of a message reach the poller
     together; the pong proves it read them; the rest reaches the reader."""
     ws, peer = connected
-    ws.park_when(lambda: True, poller)
-    results = start_receiving(ws)
+    results = start_receiving(ws, poller)
     park(peer, poller)
     message = encode_masked_frame(OP_BINARY, b"x" * 300 + b"end")
     peer.sock.sendall(encode_masked_frame(OP_PING, b"p") + message[:cut])
@@ -144,8 +173,7 @@ def test_frames_behind_the_handed_one_stay_in_order(
     connected: Tuple[ServerWebSocket, Peer], poller: Poller
 ) -> None:
     ws, peer = connected
-    ws.park_when(lambda: True, poller)
-    results = start_receiving(ws)
+    results = start_receiving(ws, poller)
     park(peer, poller)
     peer.sock.sendall(b"".join(encode_masked_frame(OP_BINARY, b"%d" % i) for i in range(5)))
     received = [results.get(timeout=TIMEOUT)]
@@ -160,8 +188,7 @@ def test_an_end_reaches_a_parked_reader(
     """The peer's EOF, or close() from another thread (the read deadline's
     way), wakes the parked reader with TransportClosed."""
     ws, peer = connected
-    ws.park_when(lambda: True, poller)
-    results = start_receiving(ws)
+    results = start_receiving(ws, poller)
     park(peer, poller)
     if ending == "peer EOF":
         peer.sock.shutdown(socket.SHUT_WR)
@@ -189,12 +216,36 @@ class ServedSession:
         self.heartbeat = heartbeat or Heartbeat("test-heartbeat")
         self.session = Session(self.ws, is_client=False, client_key="agent",
                                connect_handler=self.connects.put, limits=limits, heartbeat=self.heartbeat)
-        self.ws.park_when(lambda: self.session.connection_count() == 0, poller)
-        self.thread = self.session.start()
+        self.ws.park_when(lambda: self.session.connection_count() == 0, poller, self.serve_again)
+        self.threads: List[threading.Thread] = []
+        self.ended: "queue.Queue[str]" = queue.Queue()  # why the session ended
+        self.serve_again()
+
+    def serve_again(self) -> None:
+        """Serve on a new thread (the first reader, and each after a park),
+        as the server does."""
+        thread = threading.Thread(target=self._serve, daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _serve(self) -> None:
+        reason = self.session.serve(self.ws)
+        if reason is not RELEASED:
+            self.ws.close()
+            self.ws.close_taken_socket()
+            self.ended.put(reason)
+
+    def live_threads(self) -> List[threading.Thread]:
+        return [thread for thread in self.threads if thread.is_alive()]
+
+    def parked(self, poller: Poller) -> None:
+        """Wait until the session is parked and no reader thread is left."""
+        wait_for(lambda: len(poller) == 1 and not self.live_threads())
 
     def close(self) -> None:
         self.session.close("test over")
-        self.thread.join(TIMEOUT)
+        for thread in self.threads:
+            thread.join(TIMEOUT)
         for sock in self.socks:
             sock.close()
 
@@ -203,7 +254,7 @@ def test_a_connect_on_a_parked_session_is_served(poller: Poller) -> None:
     served = ServedSession(poller)
     try:
         served.peer.ping_pong(3)
-        wait_for(lambda: len(poller) == 1)
+        served.parked(poller)
         message = encode_message(1, 7, MessageType.CONNECT, b"tcp/127.0.0.1:9")
         served.peer.send(OP_BINARY, message)
         conn = served.connects.get(timeout=TIMEOUT)
@@ -213,6 +264,7 @@ def test_a_connect_on_a_parked_session_is_served(poller: Poller) -> None:
         served.peer.ping_pong(2)
         assert served.ws.reader_frames == before + 2
         assert len(poller) == 0
+        assert len(served.threads) == 2 and len(served.live_threads()) == 1
     finally:
         served.close()
 
@@ -221,12 +273,13 @@ def test_a_dead_peer_of_a_parked_session_is_cut_by_the_read_deadline(poller: Pol
     served = ServedSession(poller, Limits(read_deadline=0.3, ping_interval=0.1))
     try:
         served.peer.ping_pong(1)
-        wait_for(lambda: len(poller) == 1)
+        served.parked(poller)
         assert served.session.wait_closed(TIMEOUT)  # no more pings: the deadline ends it
-        assert "no keepalive" in served.session.close_reason
-        served.thread.join(TIMEOUT)
-        assert not served.thread.is_alive()
+        assert "no keepalive" in served.ended.get(timeout=TIMEOUT)
+        assert not served.live_threads()
         assert len(poller) == 0
+        assert served.ws.sock.fileno() == -1  # the socket taken from the "server" is closed
+        assert served.peer.sock.recv(100)  # the close frame came
     finally:
         served.close()
 
@@ -261,3 +314,102 @@ def test_many_parked_sessions_share_one_poller() -> None:
     finally:
         for served in sessions:
             served.close()
+
+
+def test_a_dial_through_a_parked_session_starts_its_reader_at_once(poller: Poller) -> None:
+    """The server's CONNECT takes the socket off the poller before it goes
+    out: a reader waits for the answer instead of the poller's next look."""
+    served = ServedSession(poller)
+    try:
+        served.peer.ping_pong(1)
+        served.parked(poller)
+        conn = served.session.dial("tcp", "127.0.0.1:9", timeout=TIMEOUT)
+        assert len(poller) == 0 and poller.resumed == 1  # handed back by the dial itself
+        assert len(served.threads) == 2
+        opcode, payload = served.peer.read()
+        connect = decode_message(payload)
+        assert (opcode, connect.type, connect.conn_id) == (OP_BINARY, MessageType.CONNECT, conn.conn_id)
+        served.peer.send(OP_BINARY, encode_message(2, conn.conn_id, MessageType.DATA, b"answer"))
+        assert conn.recv(100) == b"answer"
+        assert served.ws.reader_frames == 2  # the first ping, the answer: read by readers
+        conn.close()
+        opcode, payload = served.peer.read()
+        assert (opcode, decode_message(payload).type) == (OP_BINARY, MessageType.ERROR)  # its EOF
+        # closed and idle again: the next ping parks it, and its reader leaves
+        wait_for(lambda: served.session.connection_count() == 0)
+        served.peer.ping_pong(1)
+        served.parked(poller)
+    finally:
+        served.close()
+
+
+class ParkHook(Poller):
+    """A poller that runs ``hook`` on the releasing reader's thread right
+    after that reader parked, before it leaves: the window of a release."""
+
+    hook: Optional[Any] = None
+
+    def park(self, parked: Any) -> None:
+        super().park(parked)
+        hook, self.hook = self.hook, None
+        if hook is not None:
+            hook()
+
+
+def test_a_connect_arriving_while_the_reader_is_released_is_served_in_order() -> None:
+    """A CONNECT and two DATA messages arrive while the releasing reader is
+    still on its way out: the next reader serves them, in order, while the
+    old one is held there; the old one then leaves without touching them."""
+    poller = ParkHook("test-poller")
+    served = ServedSession(poller)
+    try:
+        released = threading.Event()
+
+        def send_while_releasing() -> None:
+            served.peer.sock.sendall(b"".join(
+                encode_masked_frame(OP_BINARY, message) for message in (
+                    encode_message(1, 7, MessageType.CONNECT, b"tcp/127.0.0.1:9"),
+                    encode_message(2, 7, MessageType.DATA, b"first "),
+                    encode_message(3, 7, MessageType.DATA, b"second"),
+                )
+            ))
+            conn = served.connects.get(timeout=TIMEOUT)  # served by the next reader meanwhile
+            assert recv_exactly(conn, 12) == b"first second"
+            assert served.threads[0].is_alive()  # this thread: still inside the release
+            released.set()
+
+        poller.hook = send_while_releasing
+        served.peer.ping_pong(1)
+        assert released.wait(TIMEOUT)
+        served.threads[0].join(TIMEOUT)
+        assert not served.threads[0].is_alive()
+        assert len(served.live_threads()) == 1  # the reader of the open connection
+        assert served.session.connection_count() == 1 and not served.session.closed
+        before = served.ws.reader_frames
+        served.peer.ping_pong(2)  # a connection is open: the reader reads the pings
+        assert served.ws.reader_frames == before + 2 and len(poller) == 0
+    finally:
+        served.close()
+
+
+def test_closing_a_parked_session_ends_it_on_a_reader(poller: Poller) -> None:
+    """close() from another thread (Server.disconnect, a shutdown) while
+    parked: the poller hands the socket back, a reader ends the session and
+    closes the socket taken from the server; no thread is left."""
+    served = ServedSession(poller)
+    try:
+        served.peer.ping_pong(1)
+        served.parked(poller)
+        served.session.close("disconnected")
+        assert served.ended.get(timeout=TIMEOUT) == "disconnected"
+        assert len(served.threads) == 2
+        for thread in served.threads:
+            thread.join(TIMEOUT)
+        assert not served.live_threads() and len(poller) == 0
+        assert served.ws.sock.fileno() == -1
+        served.peer.sock.settimeout(TIMEOUT)
+        assert served.peer.read()[0] == OP_CLOSE
+        with pytest.raises(EOFError):
+            served.peer.read()
+    finally:
+        served.close()
