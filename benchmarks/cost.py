@@ -1,7 +1,7 @@
 """Cost per request against a fast target: ``python -m benchmarks.cost``.
 
 Every stack runs in the same run, to the same target (:mod:`benchmarks.fast_target`:
-the Go reference's file server, or nginx): the target directly, the Python
+nginx, else the Go reference's file server): the target directly, the Python
 example server + client (``tunnel``), the Go reference's server + client
 (``go``) and their pairings, the Python server under gunicorn gthread as the
 fallback recipe (``gunicorn``) and under our worker (``worker``:
@@ -123,8 +123,8 @@ def _run(args: argparse.Namespace, report: Report, progress: Callable[[str], Non
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", choices=TARGET_KINDS, default="auto",
-                        help="the target behind the tunnels (default: Go's file server when built, "
-                             "else nginx)")
+                        help="the target behind the tunnels (default: nginx when installed, "
+                             "else Go's file server)")
     parser.add_argument("--runs", type=int, default=3, help="alternating runs per cell (default 3)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one load run (default 5)")
     parser.add_argument("--concurrency", default="1,10,100", help="connections (default 1,10,100)")

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-worker", action="store_true",
                         help="skip gunicorn with the project's worker class (remotedialer.workers)")
     parser.add_argument("--target", choices=TARGET_KINDS, default="auto",
-                        help="the HTTP server behind the tunnels: Go's example file server when built, "
-                             "else nginx (auto, the default); python is remotedialer dummy, slower than "
+                        help="the HTTP server behind the tunnels: nginx when installed, else Go's example "
+                             "file server (auto, the default); python is remotedialer dummy, slower than "
                              "the tunnels")
     return parser
 
