@@ -4,29 +4,40 @@
 session until it ends; :class:`TunnelClient` (and the :func:`client_connect`
 shorthand) keeps one up with exponential backoff and jitter, and can be
 stopped from another thread.
+
+What only a connection needs loads with the first attempt, not at import
+(issue 24: ``import`` of the agent's side, and ``remotedialer client
+--help``, stay fast): websocket-client and ``ssl``
+(:mod:`~remotedialer.transports.websocket_client`), and resumption
+(:mod:`~remotedialer.resume`, :mod:`~remotedialer.resumable`) only when
+:attr:`Limits.resume_window <remotedialer.config.Limits.resume_window>`
+offers it.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import ssl
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional
-
-import websocket
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 
 from .config import DEFAULT_LIMITS, Limits
 from .errors import HandshakeError, TunnelClosedError, TunnelTimeoutError, error_text
 from .observer import NULL_OBSERVER, Observer
 from .piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
-from .resumable import ResumableSession
-from .resume import RESUME_HEADER, RESUME_VERSION, RESUMED_HEADER, TOKEN_HEADER, WINDOW_HEADER
 from .session import ConnectHandler, Session
+from .transports.base import server_address
 from .transports.proxy import parse_proxy_url, proxy_from_environment
-from .transports.websocket_client import WebSocketClientTransport, open_websocket, server_address
+
+if TYPE_CHECKING:
+    import ssl
+
+    import websocket
+
+    from .resumable import ResumableSession
+    from .transports.websocket_client import WebSocketClientTransport
 
 __all__ = [
     "Backoff",
@@ -47,16 +58,22 @@ RESUME_HANDSHAKE_TIMEOUT = 2.0
 """Handshake timeout of an attempt to reattach (at most)."""
 
 
-@dataclass(frozen=True)
 class _ResumeAnswer:
-    """What the ``101`` said about resumption."""
+    """What the ``101`` said about resumption (a plain class: a dataclass
+    costs 0.7 ms of import)."""
 
-    token: str = ""
-    window: float = 0.0
-    resumed: bool = False
+    __slots__ = ("token", "window", "resumed")
+
+    def __init__(self, token: str = "", window: float = 0.0, resumed: bool = False) -> None:
+        self.token = token
+        self.window = window
+        self.resumed = resumed
 
     @classmethod
     def of(cls, ws: websocket.WebSocket) -> "_ResumeAnswer":
+        """Read from the handshake's response headers (resumption offered only)."""
+        from .resume import RESUME_HEADER, RESUME_VERSION, RESUMED_HEADER, TOKEN_HEADER, WINDOW_HEADER
+
         # typed through a variable: websocket-client 1.9.0 (the newest for
         # Python 3.9) leaves getheaders unannotated
         getheaders: Callable[[], Optional[Dict[str, str]]] = ws.getheaders
@@ -189,12 +206,17 @@ class TunnelClient:
         """Open one WebSocket, serve its session until it ends, return why it
         ended. Raises :class:`HandshakeError` or ``OSError`` if it could not
         connect."""
+        from .transports.websocket_client import WebSocketClientTransport, open_websocket
+
         limits = self.limits
         headers = dict(self.headers)
         suspended = self._suspended
         if suspended is not None and suspended.closed:
             suspended = self._suspended = None
-        if limits.resume_window > 0:
+        offered = limits.resume_window > 0
+        if offered:
+            from .resume import RESUME_HEADER, RESUME_VERSION, TOKEN_HEADER
+
             headers[RESUME_HEADER] = RESUME_VERSION
             if suspended is not None:
                 headers[TOKEN_HEADER] = self._resume_token
@@ -206,7 +228,7 @@ class TunnelClient:
         )
         transport = WebSocketClientTransport(ws, self.limits.max_message_size, self.url)
         try:
-            answer = _ResumeAnswer.of(ws)
+            answer = _ResumeAnswer.of(ws) if offered else _ResumeAnswer()
             reattached = self._reattach(suspended, transport, answer) if suspended is not None else None
             self._resume_token = answer.token
             resumed = reattached is not None
@@ -235,8 +257,11 @@ class TunnelClient:
             self._connected.clear()
             with self._lock:
                 self._session = None
-                if isinstance(session, ResumableSession) and not session.closed:
-                    self._suspended = session
+                if answer.token:  # a resumable session, new or reattached
+                    from .resumable import ResumableSession
+
+                    if isinstance(session, ResumableSession) and not session.closed:
+                        self._suspended = session
 
     def _new_session(self, transport: WebSocketClientTransport, answer: _ResumeAnswer) -> Session:
         options: Dict[str, Any] = dict(
@@ -244,12 +269,15 @@ class TunnelClient:
             limits=self.limits, observer=self.observer,
         )
         if answer.token:
+            from .resumable import ResumableSession
+
             window = min(self.limits.resume_window, answer.window)
             return ResumableSession(transport, resume_window=window, **options)
         return Session(transport, **options)
 
     def _reattach(
-        self, suspended: ResumableSession, transport: WebSocketClientTransport, answer: _ResumeAnswer
+        self, suspended: ResumableSession, transport: WebSocketClientTransport,
+        answer: _ResumeAnswer,
     ) -> Optional[ResumableSession]:
         """Carry ``suspended`` on over ``transport`` if the server found it;
         otherwise end it (its connections fail as they would have without
@@ -283,11 +311,15 @@ class TunnelClient:
     def describe_failure(self, error: BaseException) -> str:
         """The text of the log line for an attempt that failed with ``error``
         (one line; a subclass may say more about its kind of link)."""
-        if isinstance(error, (OSError, websocket.WebSocketException)):
+        from websocket import WebSocketException  # loaded by the attempt that failed
+
+        if isinstance(error, (OSError, WebSocketException)):
             return error_text(error)
         return f"{type(error).__name__}: {error_text(error)}"
 
     def _reconnect_loop(self) -> None:
+        from websocket import WebSocketException  # with the first attempt, not at import
+
         failures = 0
         if self.proxy is not None:
             log.info("connecting to %s through proxy %s", self.url, self.proxy)
@@ -301,7 +333,7 @@ class TunnelClient:
                 lived = time.monotonic() - started
                 failures = 0 if lived > self.backoff.initial else failures + 1
                 lost = True
-            except (HandshakeError, OSError, websocket.WebSocketException) as exc:
+            except (HandshakeError, OSError, WebSocketException) as exc:
                 self.last_error = exc
                 log.warning("failed to connect to %s: %s", self.url, self.describe_failure(exc))
                 failures += 1

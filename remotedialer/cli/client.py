@@ -23,8 +23,8 @@ import urllib.parse
 from ..config import DEFAULT_LIMITS
 from ..errors import ConfigurationError, error_text
 from ..examples.agent import make_client, tls_context
+from ..transports.base import server_address
 from ..transports.proxy import parse_proxy_url
-from ..transports.websocket_client import server_address
 
 __all__ = ["add_arguments", "run", "make_client", "TOKEN_ENV"]
 

@@ -4,12 +4,14 @@ example's client does."""
 
 from __future__ import annotations
 
-import ssl
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..client import TunnelClient
 from ..config import DEFAULT_LIMITS
 from ..errors import ConfigurationError, error_text
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["make_client", "allow_all", "tls_context"]
 
@@ -44,6 +46,8 @@ def tls_context(cacert: Optional[str], insecure: bool, cert: Optional[str] = Non
     missing or holds no PEM certificate, or a certificate that cannot be used."""
     if not cacert and not insecure and not cert:
         return None
+    import ssl  # only here: a ws:// agent's CLI need not load it
+
     try:
         context = ssl.create_default_context(cafile=cacert)
     except FileNotFoundError:

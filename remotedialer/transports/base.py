@@ -4,7 +4,9 @@ A transport sends and receives whole binary messages, pings, and closes:
 ``transports.websocket_client.WebSocketClientTransport`` adapts websocket-client,
 ``transports.wsgi.ServerWebSocket`` is the server's own, and
 ``transports.wsgi.SimpleWebSocketTransport`` adapts simple-websocket; tests use
-the in-memory :func:`remotedialer.testing.memory_pair`.
+the in-memory :func:`remotedialer.testing.memory_pair`. The agent's way to
+its server starts here too: :func:`server_address` reads its URL,
+:func:`connect_tcp` connects.
 
 Contract:
 
@@ -20,9 +22,10 @@ from __future__ import annotations
 
 import socket
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Tuple
+from urllib.parse import urlsplit
 
-from ..errors import TransportClosed, TransportEnded
+from ..errors import ConfigurationError, TransportClosed, TransportEnded
 from ..wait import wait_for_write  # re-exported: the transports' writes use it
 
 if TYPE_CHECKING:
@@ -30,8 +33,31 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Transport", "TransportClosed", "TransportEnded", "ReceiveSize", "next_event_from_socket",
-    "wait_for_write", "connect_tcp",
+    "wait_for_write", "connect_tcp", "server_address",
 ]
+
+
+def server_address(url: str) -> Tuple[bool, str, int]:
+    """``(secure, host, port)`` of a ``ws://`` or ``wss://`` server URL.
+    Raises :class:`~remotedialer.errors.ConfigurationError` (a ``ValueError``)
+    saying what is wrong: scheme, host, port, IPv6 literal."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
+        raise ConfigurationError(f"invalid server URL {url!r}: {exc} (unclosed IPv6 literal?)") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("ws", "wss"):
+        raise ConfigurationError(f"invalid server URL {url!r}: want ws://HOST[:PORT]/PATH or wss://...")
+    if not parts.hostname:
+        raise ConfigurationError(f"invalid server URL {url!r}: no host")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (port is None and parts.netloc.endswith(":")):
+        text = parts.netloc.rpartition(":")[2]
+        raise ConfigurationError(f"invalid server URL {url!r}: port {text!r} is not a number in 1-65535")
+    return scheme == "wss", parts.hostname, port or (443 if scheme == "wss" else 80)
 
 
 def connect_tcp(host: str, port: int, timeout: Optional[float]) -> socket.socket:

@@ -34,7 +34,6 @@ import ipaddress
 import logging
 import os
 import socket
-import ssl
 from dataclasses import dataclass
 from typing import List, Mapping, Optional, Tuple, Union
 from urllib.parse import unquote, urlsplit
@@ -230,6 +229,8 @@ def connect_through_proxy(proxy: ProxyURL, host: str, port: int, timeout: Option
             _socks5_connect(sock, proxy, host, port)
         else:
             if proxy.scheme == "https":
+                import ssl  # only here: an agent that uses no TLS need not load it
+
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=proxy.host)
             _http_connect(sock, proxy, join_host_port(host, port))
     except BaseException as exc:

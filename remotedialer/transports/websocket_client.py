@@ -13,12 +13,11 @@ import socket
 import ssl
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
-from urllib.parse import urlsplit
 
 import websocket
 
 from ..config import Limits
-from ..errors import ConfigurationError, HandshakeError, ProtocolError
+from ..errors import HandshakeError, ProtocolError
 from ..frames import (
     CLOSE_NORMAL,
     OP_BINARY,
@@ -31,8 +30,9 @@ from ..frames import (
     encode_masked_frame,
     parse_close,
 )
-from .base import (
-    ReceiveSize, TransportClosed, TransportEnded, connect_tcp, next_event_from_socket, wait_for_write,
+from .base import (  # server_address re-exported: it was defined here
+    ReceiveSize, TransportClosed, TransportEnded, connect_tcp, next_event_from_socket, server_address,
+    wait_for_write,
 )
 from .proxy import ProxyURL, connect_through_proxy
 
@@ -170,29 +170,6 @@ def _status_message(exc: websocket.WebSocketBadStatusException) -> str:
     else."""
     match = _HANDSHAKE_STATUS.match(str(exc))
     return match.group(1) if match else ""
-
-
-def server_address(url: str) -> Tuple[bool, str, int]:
-    """``(secure, host, port)`` of a ``ws://`` or ``wss://`` server URL.
-    Raises :class:`~remotedialer.errors.ConfigurationError` (a ``ValueError``)
-    saying what is wrong: scheme, host, port, IPv6 literal."""
-    try:
-        parts = urlsplit(url)
-    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [
-        raise ConfigurationError(f"invalid server URL {url!r}: {exc} (unclosed IPv6 literal?)") from None
-    scheme = parts.scheme.lower()
-    if scheme not in ("ws", "wss"):
-        raise ConfigurationError(f"invalid server URL {url!r}: want ws://HOST[:PORT]/PATH or wss://...")
-    if not parts.hostname:
-        raise ConfigurationError(f"invalid server URL {url!r}: no host")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0 or (port is None and parts.netloc.endswith(":")):
-        text = parts.netloc.rpartition(":")[2]
-        raise ConfigurationError(f"invalid server URL {url!r}: port {text!r} is not a number in 1-65535")
-    return scheme == "wss", parts.hostname, port or (443 if scheme == "wss" else 80)
 
 
 def _connect(

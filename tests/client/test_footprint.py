@@ -21,14 +21,28 @@ FORBIDDEN = [
 
 CORE = [
     "remotedialer", "remotedialer.addresses", "remotedialer.client", "remotedialer.config",
-    "remotedialer.connection", "remotedialer.errors", "remotedialer.frames", "remotedialer.heartbeat",
+    "remotedialer.connection", "remotedialer.errors", "remotedialer.heartbeat",
     "remotedialer.observer", "remotedialer.piping", "remotedialer.plugins", "remotedialer.protocol",
-    "remotedialer.receive_buffer", "remotedialer.resumable", "remotedialer.resume",
-    "remotedialer.session", "remotedialer.singleton", "remotedialer.thread_pool",
-    "remotedialer.transports", "remotedialer.transports.base", "remotedialer.transports.proxy",
-    "remotedialer.transports.websocket_client", "remotedialer.wait",
+    "remotedialer.receive_buffer", "remotedialer.session", "remotedialer.singleton",
+    "remotedialer.thread_pool", "remotedialer.transports", "remotedialer.transports.base",
+    "remotedialer.transports.proxy", "remotedialer.wait",
 ]
-"""The package modules of ``TunnelClient``: the core, the agent's transport."""
+"""The package modules ``import`` of ``TunnelClient`` loads: the core and
+the proxy support, not yet the WebSocket (see :data:`CONNECTING`)."""
+
+CONNECTING = [
+    "remotedialer.frames", "remotedialer.transports.websocket_client",
+]
+"""What the first connection attempt adds (with websocket-client and
+``ssl``); resumption's modules only load when it is offered."""
+
+ATTEMPT = (
+    "import socket\nfrom remotedialer.client import TunnelClient\n"
+    "with socket.socket() as probe:\n    probe.bind(('127.0.0.1', 0))\n    port = probe.getsockname()[1]\n"
+    "try:\n    TunnelClient(f'ws://127.0.0.1:{port}/connect', proxy='').connect_once()\n"
+    "except ConnectionRefusedError:\n    pass"
+)
+"""A connection attempt (refused: nothing listens on the port)."""
 
 AGENT_MODULES: Dict[str, List[str]] = {
     "from remotedialer.client import TunnelClient": CORE,
@@ -36,10 +50,16 @@ AGENT_MODULES: Dict[str, List[str]] = {
         "remotedialer.cli", "remotedialer.cli.client", "remotedialer.examples",
         "remotedialer.examples.agent", "remotedialer.examples.logs",
     ]),
+    ATTEMPT: sorted(CORE + CONNECTING),
 }
 
+NOT_BEFORE_CONNECTING = ["ssl", "websocket"]
+"""Loaded by the first connection attempt, not by ``import`` (nor by
+``remotedialer client --help``): websocket-client and ``ssl`` are about half
+of the agent's import time."""
 
-STDLIB_ADDED = {"bisect", "copy", "dataclasses", "heapq", "random", "secrets"}
+
+STDLIB_ADDED = {"bisect", "copy", "dataclasses", "heapq", "random"}
 """Standard-library packages ``TunnelClient`` may load beyond what ``ssl``
 and websocket-client load (the agent's floor; ``benchmarks/agent_footprint.py``
 measures it). Not all of them on every Python: 3.9 and the test extras load
@@ -52,6 +72,7 @@ CLI_STDLIB_ADDED = STDLIB_ADDED | {"argparse", "gettext", "signal"}
 STDLIB_ALLOWED = {
     "from remotedialer.client import TunnelClient": STDLIB_ADDED,
     "import remotedialer.cli.client": CLI_STDLIB_ADDED,
+    ATTEMPT: STDLIB_ADDED,
     # the parser built and used as `remotedialer client` does: no shutil for the help's width
     "from remotedialer.cli import build_parser\nbuild_parser('client').parse_args(['client'])":
         CLI_STDLIB_ADDED | {"locale"},  # gettext's lookup of the language, from argparse
@@ -102,6 +123,20 @@ def test_the_agent_adds_little_to_websocket_client(statement: str) -> None:
     ``http.client``, ``email``, ``asyncio``, ``json`` or a third-party package
     creeping in fails here."""
     assert sorted(set(added_beyond_websocket_client(statement)) - STDLIB_ALLOWED[statement]) == []
+
+
+@pytest.mark.parametrize("statement", [
+    "from remotedialer.client import TunnelClient", "import remotedialer.cli.client",
+    "from remotedialer.cli import build_parser\nbuild_parser('client').parse_args(['client'])",
+])
+def test_importing_the_agent_loads_no_websocket_client_or_tls(statement: str) -> None:
+    assert sorted(set(NOT_BEFORE_CONNECTING) & set(loaded_after(statement)["top"])) == []
+
+
+def test_a_connection_attempt_loads_websocket_client() -> None:
+    """The check above can fail: an attempt loads both (and only what
+    :data:`CONNECTING` lists of the package, as the first test holds)."""
+    assert sorted(set(NOT_BEFORE_CONNECTING) & set(loaded_after(ATTEMPT)["top"])) == NOT_BEFORE_CONNECTING
 
 
 def test_the_stdlib_check_notices_a_heavy_import() -> None:
