@@ -4,14 +4,16 @@ and the rest (Python objects, buffers, the interpreter itself).
 
 * **thread stacks**: anonymous mappings of exactly the stack size
   ``remotedialer server`` gives its threads
-  (:data:`remotedialer.server.process.THREAD_STACK_SIZE`);
+  (:data:`remotedialer.server.process.THREAD_STACK_SIZE`) right above their
+  guard page (an adjacent ``---p`` mapping): CPython's object arenas are
+  1 MiB anonymous mappings too (3.10 and later), without a guard;
 * **frame stacks**: anonymous 16 KiB mappings, the first chunk of the stack
   CPython (3.11 and later) keeps each thread's Python frames on;
 * **the rest**: everything else resident.
 
 Measured on a parked 10,000-agent server, a tunnel held 12.6 KiB of C stack,
 8.0 KiB of frame stack and about 15 KiB of the rest (docs/benchmarks.rst,
-"What a parked tunnel holds"). ``python -m benchmarks.memory_map PID``
+"What a parked tunnel holds"; object arenas were still counted as stacks). ``python -m benchmarks.memory_map PID``
 prints one process's figures.
 """
 
@@ -33,7 +35,7 @@ THREAD_STACKS, FRAME_STACKS, REST = "thread stacks", "frame stacks", "the rest"
 #: The kinds of resident memory told apart, in table order.
 KINDS = (THREAD_STACKS, FRAME_STACKS, REST)
 
-_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ \S+\s*(.*)$")
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
 
 
 @dataclass(frozen=True)
@@ -49,10 +51,10 @@ class MemoryMap:
         return {kind: (self.rss_bytes[kind] - other.rss_bytes[kind]) / max(count, 1) / 1024 for kind in KINDS}
 
 
-def _kind(size: int, name: str, stack_size: int) -> str:
+def _kind(size: int, name: str, stack_size: int, guarded: bool) -> str:
     if name:
         return REST
-    if size == stack_size:
+    if size == stack_size and guarded:
         return THREAD_STACKS
     if size == FRAME_STACK_CHUNK:
         return FRAME_STACKS
@@ -64,11 +66,14 @@ def parse_smaps(lines: Iterable[str], stack_size: int = THREAD_STACK_SIZE) -> Me
     rss = dict.fromkeys(KINDS, 0)
     mappings = dict.fromkeys(KINDS, 0)
     kind: Optional[str] = None
+    guard_end = -1  # where the last anonymous no-access mapping (a guard page) ends
     for line in lines:
         match = _MAPPING.match(line)
         if match:
-            size = int(match.group(2), 16) - int(match.group(1), 16)
-            kind = _kind(size, match.group(3).strip(), stack_size)
+            start, end = int(match.group(1), 16), int(match.group(2), 16)
+            name = match.group(4).strip()
+            kind = _kind(end - start, name, stack_size, guarded=start == guard_end)
+            guard_end = end if match.group(3) == "---p" and not name else -1
             mappings[kind] += 1
         elif line.startswith("Rss:") and kind is not None:
             rss[kind] += int(line.split()[1]) * 1024
