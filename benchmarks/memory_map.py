@@ -13,8 +13,8 @@ and the rest (Python objects, buffers, the interpreter itself).
 
 Measured on a parked 10,000-agent server, a tunnel held 12.6 KiB of C stack,
 8.0 KiB of frame stack and about 15 KiB of the rest (docs/benchmarks.rst,
-"What a parked tunnel holds"; object arenas were still counted as stacks). ``python -m benchmarks.memory_map PID``
-prints one process's figures.
+"What a parked tunnel holds"; object arenas were still counted as stacks).
+``python -m benchmarks.memory_map PID`` prints one process's figures.
 """
 
 from __future__ import annotations
