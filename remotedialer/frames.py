@@ -188,6 +188,7 @@ def mask(data: Bytes, key: bytes) -> bytes:
 
 
 # ----------------------------------------------------------------- encoding
+_EMPTY = bytearray()  # never changed: its join builds a new bytearray
 def encode_frame_header(opcode: int, length: int, fin: bool = True, masked: bool = False) -> bytes:
     """The header of a frame carrying ``length`` payload bytes, without the
     masking key that follows it when ``masked``."""
@@ -205,17 +206,19 @@ def encode_frame(opcode: int, payload: Bytes = b"", fin: bool = True) -> bytes:
     return encode_frame_header(opcode, len(payload), fin) + bytes(payload)
 
 
-def encode_masked_frame(opcode: int, payload: Bytes, key: Optional[bytes] = None) -> bytearray:
+def encode_masked_frame(
+    opcode: int, payload: Bytes, key: Optional[bytes] = None, tail: Bytes = b""
+) -> bytearray:
     """One whole client-to-server frame (FIN set): header, ``key`` (random if
-    not given) and the masked payload, built in one buffer with one copy of
-    ``payload``."""
+    not given) and the masked payload ``payload`` + ``tail``, built in one
+    buffer with one copy of each (a DATA message's header and its payload
+    are never joined first)."""
     if key is None:
         key = os.urandom(4)
-    frame = bytearray(encode_frame_header(opcode, len(payload), masked=True))
-    frame += key
-    start = len(frame)
-    frame += payload
-    mask_in_place(frame, key, start)
+    header = encode_frame_header(opcode, len(payload) + len(tail), masked=True)
+    # join: one allocation of the frame's size (appending grew it in steps)
+    frame = _EMPTY.join((header, key, payload, tail))
+    mask_in_place(frame, key, len(header) + 4)
     return frame
 
 

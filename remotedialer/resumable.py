@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from .connection import TunnelConnection
     from .transports.base import Transport
 
-__all__ = ["ResumableSession", "ATTACHED", "SUSPENDED", "RESUMED"]
+__all__ = ["ResumableSession", "ATTACHED", "SUSPENDED", "RESUMED", "keepable"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,14 @@ class ResumableSession(Session):
         """Whether new dials should use this session: open and not suspended
         (while resumed, a dial's CONNECT waits for the reattach to complete)."""
         return not self.closed and self._state != SUSPENDED
+
+    def wait_accepting_dials(self, timeout: Optional[float]) -> bool:
+        """Block while suspended: until a reattach, the end of the session
+        (the resume window passed) or ``timeout``; return
+        :attr:`accepting_dials`."""
+        with self._resume_cond:
+            self._resume_cond.wait_for(lambda: self.closed or self._state != SUSPENDED, timeout)
+        return self.accepting_dials
 
     @property
     def suspended_for(self) -> float:
@@ -265,10 +273,12 @@ class ResumableSession(Session):
         timeout: Optional[float],
         conn: Optional["TunnelConnection"],
         record: Callable[[], None],
+        tail: Bytes = b"",
     ) -> None:
-        """Send ``data`` if attached, after ``record`` (under the resume lock)
-        put it in the ledger; while suspended only record it: the reattach
-        sends it. A write that fails suspends the session and returns."""
+        """Send ``data`` (then ``tail``, the message's second part) if
+        attached, after ``record`` (under the resume lock) put it in the
+        ledger; while suspended only record it: the reattach sends it. A
+        write that fails suspends the session and returns."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._resume_cond:
@@ -284,7 +294,7 @@ class ResumableSession(Session):
                     if state == ATTACHED:
                         record()
                 if state == ATTACHED:
-                    self._transmit_locked(data, message_type, payload_size, transport)
+                    self._transmit_locked(data, message_type, payload_size, transport, tail)
                     return
             finally:
                 self._write_lock.release()
@@ -297,10 +307,9 @@ class ResumableSession(Session):
         if self._closed:
             raise TunnelClosedError(f"session ended: {self.close_reason}")
         conn_id = conn.conn_id
-        # Kept whole, header and all (the ledger knows the payload is its
-        # last ``size`` bytes): a slice per write would cost more than the rest.
-        data = encode_data_header(GLOBAL_MESSAGE_IDS.next(), conn_id) + payload
-        size = len(payload)
+        header = encode_data_header(GLOBAL_MESSAGE_IDS.next(), conn_id)
+        kept = keepable(payload, self.limits.max_data_message)
+        size = len(kept)
         # Fast path, the common case: attached, with room in the caps. The
         # locks are taken with acquire/release: half the cost of ``with``.
         started = 0.0 if timeout is None else time.monotonic()
@@ -310,11 +319,11 @@ class ResumableSession(Session):
             resume_lock.acquire()
             try:
                 transport = self.transport
-                fast = self._state == ATTACHED and self.ledger.record_if_room(conn_id, data, size)
+                fast = self._state == ATTACHED and self.ledger.record_if_room(conn_id, kept, size)
             finally:
                 resume_lock.release()
             if fast:
-                self._transmit_locked(data, MessageType.DATA, size, transport)
+                self._transmit_locked(header, MessageType.DATA, size, transport, kept)
                 return  # a failed write suspended the session: the reattach sends it
         finally:
             self._write_lock.release()
@@ -322,9 +331,9 @@ class ResumableSession(Session):
             timeout = max(timeout - (time.monotonic() - started), 0.0)
 
         def record() -> None:
-            self.ledger.record_sent(conn_id, data, size)
+            self.ledger.record_sent(conn_id, kept, size)
 
-        self._send_kept(data, MessageType.DATA, size, timeout, conn, record)
+        self._send_kept(header, MessageType.DATA, size, timeout, conn, record, kept)
 
     def _send_connect(self, conn: "TunnelConnection", payload: bytes, timeout: Optional[float]) -> None:
         data = encode_message(GLOBAL_MESSAGE_IDS.next(), conn.conn_id, MessageType.CONNECT, payload)
@@ -394,13 +403,18 @@ class ResumableSession(Session):
         resume_lock = self._resume_lock
         resume_lock.acquire()
         try:
-            ack = self.ledger.record_received(conn_id, size)
+            ledger = self.ledger
+            ack = ledger.record_received(conn_id, size)
+            due = ledger.due_acks() if ack is None and ledger.acks_due else None
         finally:
             resume_lock.release()
         self.bytes_received += size
         conn.deliver(message.payload)
         if ack is not None:
             self.send_control(ResumeMessageType.ACK, conn_id, encode_ack(ack))
+        elif due:
+            for owed_id, received in due:  # the session's share passed its threshold
+                self.send_control(ResumeMessageType.ACK, owed_id, encode_ack(received))
 
     def _on_connect_kept(self, message: Message) -> None:
         # Counted first: a refusal's ERROR then leaves a tombstone like any close.
@@ -492,6 +506,22 @@ class ResumableSession(Session):
         ResumeMessageType.ACK: _on_ack,  # type: ignore[dict-item]
         ResumeMessageType.REATTACH: _on_reattach,  # type: ignore[dict-item]
     }
+
+
+def keepable(payload: Bytes, limit: int) -> Bytes:
+    """``payload`` as the ledger may keep it until acknowledged: the same
+    object when nothing can change it (``bytes``, or a view of a ``bytes``
+    object of at most ``limit`` bytes, such as the agent's pipes read:
+    kept by reference, no copy), else a copy. A view of a larger object is
+    copied, so that a small kept slice never holds a large buffer alive
+    beyond what the caps count."""
+    if type(payload) is memoryview:
+        base = payload.obj
+        if type(base) is bytes and len(base) <= limit:
+            return payload
+    elif type(payload) is bytes:
+        return payload
+    return bytes(payload)
 
 
 def _plan_messages(plan: ReattachPlan) -> List[Tuple[int, int, Bytes]]:

@@ -60,6 +60,12 @@ RESUMED_HEADER = "X-Remotedialer-Resumed"
 RESUME_VERSION = "1"
 """The version of the extension this module speaks."""
 
+ACK_FRACTION = 8
+"""A connection is acknowledged once an eighth of its cap arrived since its
+last ACK (the sender then never waits at the cap while the loopback's
+socket buffers hold a few MiB in flight), a session once an eighth of the
+session cap arrived across its connections."""
+
 RESET_TEXT = "connection reset"
 """ERROR text for a connection the peer has and we lost across a reattach."""
 
@@ -238,8 +244,15 @@ class ResumeLedger:
         self.connection_cap = connection_cap
         self.session_cap = session_cap
         self.max_tombstones = max_tombstones
-        #: Received bytes after which an ACK is sent without waiting for a tick.
-        self.ack_threshold = max(1, connection_cap // 4)
+        #: Received bytes of one connection after which it is acknowledged
+        #: without waiting for a tick.
+        self.ack_threshold = max(1, connection_cap // ACK_FRACTION)
+        #: Received bytes of the whole session, not yet acknowledged, after
+        #: which every connection is (:meth:`acks_due`): many connections
+        #: that each stay under ``ack_threshold`` do not fill the peer's
+        #: session cap waiting for a tick.
+        self.session_ack_threshold = max(1, session_cap // ACK_FRACTION)
+        self._received_unacked = 0  # all connections, since the last ACK of each
         self._entries: Dict[int, _Entry] = {}  # open or tombstoned connections
         self._tombstones: "collections.OrderedDict[int, None]" = collections.OrderedDict()
         # connections the peer closed: id -> (bytes received, dialed here)
@@ -403,15 +416,27 @@ class ResumeLedger:
         if entry is None:
             return None
         entry.peer_knows = True
-        entry.received += size
-        if entry.received - entry.ack_sent >= self.ack_threshold:
-            entry.ack_sent = entry.received
-            return entry.received
+        received = entry.received + size
+        entry.received = received
+        owed = received - entry.ack_sent
+        if owed >= self.ack_threshold:
+            entry.ack_sent = received
+            self._received_unacked -= owed - size
+            return received
+        self._received_unacked += size
         return None
+
+    @property
+    def acks_due(self) -> bool:
+        """Whether the session's received bytes not yet acknowledged passed
+        ``session_ack_threshold``: :meth:`due_acks` should go out now."""
+        return self._received_unacked >= self.session_ack_threshold
 
     def due_acks(self) -> List[Tuple[int, int]]:
         """``(conn id, received)`` for every connection with bytes not yet
-        acknowledged, marked as acknowledged (a keepalive tick sends them)."""
+        acknowledged, marked as acknowledged (a keepalive tick sends them,
+        and the reader once :attr:`acks_due`)."""
+        self._received_unacked = 0
         due = []
         for conn_id, entry in self._entries.items():
             if entry.received > entry.ack_sent and entry.final is None:
@@ -425,6 +450,7 @@ class ResumeLedger:
         which we have asked the peer to pause. Marks every received byte as
         acknowledged (the REATTACH tells the peer)."""
         pausing = set(pausing)
+        self._received_unacked = 0
         state = []
         for conn_id, entry in self._entries.items():
             entry.ack_sent = entry.received

@@ -178,6 +178,13 @@ class Session:
         that lost its WebSocket still holds its connections, but is skipped)."""
         return not self._closed
 
+    def wait_accepting_dials(self, timeout: Optional[float]) -> bool:
+        """Block until :attr:`accepting_dials` (a suspended resumable session
+        resumes) or the session ends, at most ``timeout`` seconds (``None``:
+        no limit); return :attr:`accepting_dials`. A plain session never
+        waits."""
+        return self.accepting_dials
+
     @property
     def close_reason(self) -> str:
         """Why the session ended ("" while open)."""
@@ -416,10 +423,11 @@ class Session:
 
     def send_data(self, conn: TunnelConnection, payload: memoryview, timeout: Optional[float]) -> None:
         """Send one DATA message for ``conn``. Raises ``BrokenPipeError`` if the
-        connection's ERROR already went out: data never follows a close."""
-        message_id = GLOBAL_MESSAGE_IDS.next()
-        data = encode_data_header(message_id, conn.conn_id) + payload
-        self._send_bytes(data, MessageType.DATA, len(payload), timeout, conn)
+        connection's ERROR already went out: data never follows a close.
+        The header and ``payload`` go to the transport as two parts (never
+        joined: a copy of the payload less per message)."""
+        header = encode_data_header(GLOBAL_MESSAGE_IDS.next(), conn.conn_id)
+        self._send_bytes(header, MessageType.DATA, len(payload), timeout, conn, payload)
 
     def send_control(
         self, message_type: int, conn_id: int, payload: bytes = b"", timeout: Optional[float] = None
@@ -463,17 +471,22 @@ class Session:
                 return
 
     def _transmit_locked(
-        self, data: bytes, message_type: int, payload_size: int, transport: Optional["Transport"] = None
+        self, data: Bytes, message_type: int, payload_size: int, transport: Optional["Transport"] = None,
+        tail: Bytes = b"",
     ) -> Optional[BaseException]:
-        """With ``_write_lock`` held: send one encoded message on ``transport``
-        (default: the current one) and tell the observer. A failed write ends
-        the session (or suspends it); the failure is returned."""
+        """With ``_write_lock`` held: send one encoded message, ``data``
+        followed by ``tail``, on ``transport`` (default: the current one)
+        and tell the observer. A failed write ends the session (or suspends
+        it); the failure is returned."""
         if transport is None:
             transport = self.transport
         try:
             if self._trace:
-                trace_log.debug("%s send %r", self, decode_message(data))
-            transport.send(data)
+                trace_log.debug("%s send %r", self, decode_message(b"".join((data, tail))))
+            if tail:
+                transport.send(data, tail)
+            else:
+                transport.send(data)
         except (TransportClosed, OSError) as exc:
             self.observer.message_send_failed(self, message_type, payload_size)
             with self._control_lock:
@@ -514,12 +527,13 @@ class Session:
         payload_size: int,
         timeout: Optional[float],
         conn: Optional[TunnelConnection] = None,
+        tail: Bytes = b"",
     ) -> None:
         if self._closed:
             raise TunnelClosedError(f"session ended: {self._close_reason}")
         self._take_socket(timeout, message_type, payload_size, conn)
         try:
-            failure = self._transmit_locked(data, message_type, payload_size)
+            failure = self._transmit_locked(data, message_type, payload_size, None, tail)
         finally:
             self._write_lock.release()
         if failure is not None:

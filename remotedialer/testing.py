@@ -17,6 +17,7 @@ import time
 from typing import Deque, Optional, Tuple, Union
 
 from .errors import ProtocolError, TransportClosed, TransportEnded
+from .protocol import Bytes
 
 __all__ = ["MemoryTransport", "memory_pair"]
 
@@ -46,11 +47,11 @@ class MemoryTransport:
         self.sent_messages = 0
         self.pings_received = 0
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Bytes, tail: Bytes = b"") -> None:
         self._check_open()
         assert self.peer is not None
         self.sent_messages += 1
-        self.peer._deliver(bytes(data))
+        self.peer._deliver(b"".join((data, tail)))
         # A real socket write is a system call that lets other threads run;
         # do the same so the far side's reader is not starved of the GIL.
         time.sleep(0)

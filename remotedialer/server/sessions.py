@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
 
 from ..connection import TunnelConnection
@@ -25,7 +26,7 @@ from ..resumable import ResumableSession
 from ..resume import token_digest
 from ..session import Session
 
-__all__ = ["SessionManager", "SessionListener", "ResumeTokens"]
+__all__ = ["SessionManager", "SessionListener", "ResumeTokens", "dial_first"]
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +43,26 @@ def dial_first(
     address: str,
     timeout: Optional[float],
     skip: Tuple[Type[BaseException], ...] = (TunnelClosedError,),
+    resumed: bool = False,
 ) -> Optional[TunnelConnection]:
     """Dial through the first of ``sessions`` that takes the CONNECT, in
-    order. A closed session, or one whose dial raises one of ``skip`` (it died
-    under us), is passed over; ``None`` when none took it."""
+    order. A closed or suspended session, or one whose dial raises one of
+    ``skip`` (it died under us), is passed over; ``None`` when none took it.
+
+    With ``resumed``, the suspended ones only (resumable sessions that lost
+    their WebSocket, which a dial tries last): wait for each in turn to
+    resume, within ``timeout`` in all (``None``: until it resumes or its
+    resume window passes), and dial through the first that does; the
+    connection's timeout starts as ``timeout`` all the same."""
+    deadline = None if timeout is None or not resumed else time.monotonic() + timeout
     for session in sessions:
-        if not session.accepting_dials:
+        if resumed:
+            if session.accepting_dials or session.closed:
+                continue  # tried before, or ended
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            if not session.wait_accepting_dials(remaining):
+                continue
+        elif not session.accepting_dials:
             continue
         try:
             return session.dial(proto, address, timeout)

@@ -620,27 +620,39 @@ class Server:
         tunnel to take the CONNECT (the connection's timeout starts as
         ``timeout``), never for the far side: a refused target shows up as
         the first read raising :class:`~remotedialer.errors.RemoteError`.
-        Raises :class:`~remotedialer.errors.NoSessionError` at once when no
-        open session holds the key, and
+        A session of the key that lost its WebSocket and waits to resume
+        (resumption) is waited for, at most ``timeout`` (``None``: until it
+        resumes or its resume window passes), when no other session and no
+        peer took the dial.
+        Raises :class:`~remotedialer.errors.NoSessionError` when no open
+        session holds the key (at once, unless one is suspended), and
         :class:`~remotedialer.errors.DialRefusedError` (a ``PermissionError``)
         when the dial policy refuses (the target, or the key's connection
         cap); the policy may also lower ``timeout`` to its ``dial-timeout``.
         """
         gate = self.dial_gate
         if gate is None:
-            conn = dial_first(self.session_manager.sessions(client_key), proto, address, timeout)
-            if conn is None:
-                conn = self.dial_via_peer(client_key, proto, address, timeout)
+            conn = self._dial_any(client_key, proto, address, timeout)
         else:
             with gate.admit(client_key, proto, address, timeout,
                             lambda: self.open_connections(client_key)) as allowed_timeout:
-                conn = dial_first(self.session_manager.sessions(client_key), proto, address,
-                                  allowed_timeout)
-                if conn is None:
-                    conn = self.dial_via_peer(client_key, proto, address, allowed_timeout)
+                conn = self._dial_any(client_key, proto, address, allowed_timeout)
         if conn is not None:
             return conn
         raise NoSessionError(f"failed to find Session for client {client_key}")
+
+    def _dial_any(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float]
+    ) -> Optional[TunnelConnection]:
+        """Our open sessions of ``client_key``, then a peer's, then our
+        suspended ones once they resume (within ``timeout``)."""
+        conn = dial_first(self.session_manager.sessions(client_key), proto, address, timeout)
+        if conn is None:
+            conn = self.dial_via_peer(client_key, proto, address, timeout)
+        if conn is None:
+            sessions = self.session_manager.sessions(client_key)
+            conn = dial_first(sessions, proto, address, timeout, resumed=True)
+        return conn
 
     def dial_local(
         self, client_key: str, proto: str, address: str, timeout: Optional[float],
@@ -653,11 +665,22 @@ class Server:
         :class:`~remotedialer.errors.DialRefusedError` when the policy refuses."""
         gate = self.dial_gate
         if gate is None:
-            return dial_first(self.session_manager.sessions(client_key), proto, address, timeout, skip)
+            return self._dial_own(client_key, proto, address, timeout, skip)
         with gate.admit(client_key, proto, address, timeout,
                         lambda: self.open_connections(client_key)) as allowed_timeout:
-            return dial_first(self.session_manager.sessions(client_key), proto, address,
-                              allowed_timeout, skip)
+            return self._dial_own(client_key, proto, address, allowed_timeout, skip)
+
+    def _dial_own(
+        self, client_key: str, proto: str, address: str, timeout: Optional[float],
+        skip: Tuple[Type[BaseException], ...],
+    ) -> Optional[TunnelConnection]:
+        """Our open sessions of ``client_key``, then our suspended ones once
+        they resume (within ``timeout``)."""
+        sessions = self.session_manager.sessions(client_key)
+        conn = dial_first(sessions, proto, address, timeout, skip)
+        if conn is None:
+            conn = dial_first(sessions, proto, address, timeout, skip, resumed=True)
+        return conn
 
     def open_connections(self, client_key: str) -> int:
         """Connections open on this server's sessions of ``client_key``."""

@@ -11,6 +11,9 @@ its server starts here too: :func:`server_address` reads its URL,
 Contract:
 
 * ``send`` is only ever called by one thread at a time (the session serializes).
+  A message may come in two parts (``send(header, payload)``: a DATA
+  message's header and the caller's payload, so that the payload is never
+  copied to join them); the transport writes them as one message.
 * ``receive`` is only ever called by the session's reader thread.
 * ``close`` may be called from any thread, any number of times, and makes a
   blocked ``receive`` or ``send`` in another thread return or raise promptly.
@@ -30,10 +33,11 @@ from ..wait import wait_for_write  # re-exported: the transports' writes use it
 
 if TYPE_CHECKING:
     from ..frames import FrameReader, WebSocketEvent
+    from ..protocol import Bytes
 
 __all__ = [
     "Transport", "TransportClosed", "TransportEnded", "ReceiveSize", "next_event_from_socket",
-    "wait_for_write", "connect_tcp", "server_address",
+    "wait_for_write", "connect_tcp", "server_address", "sendall_parts",
 ]
 
 
@@ -68,6 +72,29 @@ def connect_tcp(host: str, port: int, timeout: Optional[float]) -> socket.socket
     hosts go as they are (the codec then does its job). Raises ``OSError``."""
     lookup: Any = host.encode("ascii") if host.isascii() else host
     return socket.create_connection((lookup, port), timeout)
+
+
+def sendall_parts(sock: Any, head: "Bytes", tail: "Bytes") -> None:
+    """Write ``head`` then ``tail`` completely on the blocking ``sock``, as
+    one ``sendmsg`` where the socket has one (no copy to join them, one
+    system call, no small segment for ``head`` alone under ``TCP_NODELAY``);
+    else (Windows, TLS) ``sendall`` each. Raises ``OSError``."""
+    sendmsg = getattr(sock, "sendmsg", None)
+    if sendmsg is not None and tail:
+        try:
+            sent = sendmsg((head, tail))
+        except NotImplementedError:  # an SSLSocket has the method, not the call
+            pass
+        else:
+            if sent < len(head):
+                sock.sendall(memoryview(head)[sent:])
+                sock.sendall(tail)
+            elif sent - len(head) < len(tail):
+                sock.sendall(memoryview(tail)[sent - len(head) :])
+            return
+    sock.sendall(head)
+    if tail:
+        sock.sendall(tail)
 
 
 class ReceiveSize:
@@ -121,8 +148,10 @@ class Transport(Protocol):
 
     last_keepalive: float
 
-    def send(self, data: bytes) -> None:
-        """Send one binary message; raise :class:`TransportClosed` if closed."""
+    def send(self, data: "Bytes", tail: "Bytes" = b"") -> None:
+        """Send one binary message, ``data`` followed by ``tail``; raise
+        :class:`TransportClosed` if closed. ``tail`` is not copied where
+        the transport can avoid it; neither may change until this returns."""
 
     def receive(self) -> bytes:
         """Block for the next binary message.

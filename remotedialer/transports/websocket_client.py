@@ -30,6 +30,7 @@ from ..frames import (
     encode_masked_frame,
     parse_close,
 )
+from ..protocol import Bytes
 from .base import (  # server_address re-exported: it was defined here
     ReceiveSize, TransportClosed, TransportEnded, connect_tcp, next_event_from_socket, server_address,
     wait_for_write,
@@ -59,12 +60,14 @@ class WebSocketClientTransport:
         self._frames = FrameReader(max_message_size, from_client=False)  # reader thread only
         self._receive_size = ReceiveSize(RECEIVE_BYTES)  # reader thread only
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: Bytes, tail: Bytes = b"") -> None:
         # Frames are built and masked here (numpy when available, see
         # frames.py: websocket-client's masker was half the client's CPU) and
         # written under websocket-client's own write lock, which its pongs
-        # and close frames take too.
-        frame = encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data)
+        # and close frames take too. Masking needs a copy anyway: ``data``
+        # and ``tail`` are copied once each, into the frame (portable: no
+        # sendmsg needed on the agent's side).
+        frame = encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data, tail=tail)
         try:
             with self.ws.lock:
                 sock = self.ws.sock

@@ -58,7 +58,9 @@ from ..frames import (
 )
 from ..protocol import Bytes
 from ..singleton import Singleton
-from .base import ReceiveSize, TransportClosed, TransportEnded, next_event_from_socket, wait_for_write
+from .base import (
+    ReceiveSize, TransportClosed, TransportEnded, next_event_from_socket, sendall_parts, wait_for_write,
+)
 
 if TYPE_CHECKING:
     from ..frames import WebSocketEvent
@@ -87,8 +89,9 @@ RECEIVE_BYTES = 64 * 1024
 #: malloc, where thousands of idle readers' 64 KiB buffers fragmented the
 #: heap (server RSS grew ~27 KiB per idle tunnel over its first pings).
 IDLE_RECEIVE_BYTES = 256
-#: Payloads up to this size are joined with their header into one write.
-_JOIN_LIMIT = 64 * 1024
+#: Messages up to this size are joined with their frame header into one
+#: write; larger ones go as two parts of one ``sendmsg`` (no copy).
+_JOIN_LIMIT = 2 * 1024
 #: How long :meth:`ServerWebSocket.close` waits to write its close frame.
 _CLOSE_WRITE_TIMEOUT = 1.0
 #: WSGI environ key a front end sets to True when the request's socket has
@@ -317,9 +320,10 @@ class ServerWebSocket:
                 if self._close_sent:
                     raise TransportClosed("websocket closed")
                 try:
-                    self.sock.sendall(data)
-                    if payload is not None:
-                        self.sock.sendall(payload)
+                    if payload is None:
+                        self.sock.sendall(data)
+                    else:
+                        sendall_parts(self.sock, data, payload)
                     while self._pending_pongs:
                         self.sock.sendall(self._pending_pongs.pop(0))
                         self.last_keepalive = time.monotonic()
@@ -387,19 +391,27 @@ class ServerWebSocket:
             self.sock.sendall(frame[sent:])
         return True
 
-    def send(self, data: Bytes) -> None:
-        """Send one binary message. Blocks until the socket took all of it;
-        raises :class:`TransportClosed` if the WebSocket is closed or fails.
-        A parked transport is handed back first (a dial through an idle
-        tunnel: its reader is ready for the answer)."""
+    def send(self, data: Bytes, tail: Bytes = b"") -> None:
+        """Send one binary message, ``data`` then ``tail``. Blocks until the
+        socket took all of it; raises :class:`TransportClosed` if the
+        WebSocket is closed or fails. A large message is written as two
+        parts (frame header and ``data``, then ``tail``) of one ``sendmsg``:
+        its payload is never copied. A parked transport is handed back
+        first (a dial through an idle tunnel: its reader is ready for the
+        answer)."""
         if self._on_poller:
             assert self._poller is not None
             self._poller.unpark(self)
-        header = encode_frame_header(OP_BINARY, len(data))
-        if len(data) <= _JOIN_LIMIT:
-            self._write(header + bytes(data))
-        else:
+        size = len(data) + len(tail)
+        header = encode_frame_header(OP_BINARY, size)
+        if size <= _JOIN_LIMIT:
+            self._write(b"".join((header, data, tail)))
+        elif not tail:
             self._write(header, data)
+        elif len(data) <= _JOIN_LIMIT:
+            self._write(header + bytes(data), tail)
+        else:  # pragma: no cover - the session's parts are a header and a payload
+            self._write(header, b"".join((data, tail)))
 
     def ping(self) -> None:
         """Send a ping frame (the client pings; the server need not)."""
@@ -725,9 +737,9 @@ class SimpleWebSocketTransport:
     def last_keepalive(self, value: float) -> None:
         self._last_keepalive = value
 
-    def send(self, data: Bytes) -> None:
+    def send(self, data: Bytes, tail: Bytes = b"") -> None:
         try:
-            self.ws.send(bytes(data))
+            self.ws.send(b"".join((data, tail)))
         except (self._closed_error, OSError) as exc:
             raise TransportClosed(f"websocket write failed: {exc}") from exc
 

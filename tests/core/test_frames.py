@@ -79,6 +79,15 @@ def test_encode_masked_frame_decodes_with_websocket_client(implementation, size)
     assert frame == expected.format()
 
 
+@pytest.mark.parametrize("head,tail", [(6, 65536), (0, 70000), (7, 0), (3, 1)])
+def test_encode_masked_frame_of_two_parts_is_the_frame_of_the_joined_message(head, tail):
+    """A DATA header and its payload, masked as one message without joining
+    them first (the agent's write path)."""
+    first, second, key = os.urandom(head), memoryview(os.urandom(tail)), b"\x05\x06\x07\x08"
+    joined = frames.encode_masked_frame(websocket.ABNF.OPCODE_BINARY, first + bytes(second), key)
+    assert frames.encode_masked_frame(websocket.ABNF.OPCODE_BINARY, first, key, tail=second) == joined
+
+
 FIRST_MASK_IN_A_FRESH_PROCESS = """
 import sys, threading
 importers = []

@@ -14,7 +14,7 @@ from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
 from remotedialer.errors import TunnelClosedError
 from remotedialer.observer import Observer
-from remotedialer.resumable import ATTACHED, SUSPENDED, ResumableSession
+from remotedialer.resumable import ATTACHED, SUSPENDED, ResumableSession, keepable
 from remotedialer.session import Session
 from remotedialer.testing import MemoryTransport, memory_pair
 
@@ -274,3 +274,41 @@ def test_one_flusher_thread_carries_a_transfers_acks(monkeypatch: pytest.MonkeyP
     for thread in threads + flushers:
         thread.join(5)
         assert not thread.is_alive()  # close() ends a lingering flusher
+
+
+def test_the_ledger_keeps_immutable_payloads_by_reference_and_copies_the_rest() -> None:
+    """What the agent's pipes send (views of the ``bytes`` a ``recv``
+    returned) is kept as it is; a view of a mutable or oversized buffer is
+    copied, so that a later change or a large base never reaches the ledger."""
+    chunk = bytes(range(256)) * 4
+    view = memoryview(chunk)[10:]
+    assert keepable(view, 4096) is view
+    assert keepable(chunk, 4096) is chunk
+    assert keepable(memoryview(chunk)[:8], 512) == chunk[:8]  # the base is over the limit
+    assert type(keepable(memoryview(chunk)[:8], 512)) is bytes
+    mutable = bytearray(b"abc")
+    kept = keepable(memoryview(mutable), 4096)
+    mutable[0:1] = b"z"
+    assert kept == b"abc"
+
+
+def test_a_resumable_session_sends_a_data_payload_uncopied(pair: Pair) -> None:
+    """The payload reaches the transport as the second part of the message,
+    a view of the caller's ``bytes`` (no join, no copy)."""
+    server = pair.server
+    conn = server.dial("tcp", "echo:1", timeout=TIMEOUT)
+    conn.settimeout(TIMEOUT)
+    seen: List[object] = []
+    real_send = server.transport.send
+
+    def spy(data: bytes, tail: bytes = b"") -> None:
+        seen.append(tail)
+        real_send(data, tail)
+
+    server.transport.send = spy  # type: ignore[method-assign]
+    chunk = bytes(range(256)) * 4
+    conn.sendall(chunk)
+    assert conn.recv(len(chunk)) == chunk  # echoed
+    (payload,) = [tail for tail in seen if len(tail)]  # type: ignore[arg-type]
+    assert isinstance(payload, memoryview) and payload.obj is chunk
+    conn.close()

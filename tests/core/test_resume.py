@@ -179,14 +179,36 @@ def test_record_if_room_checks_both_caps_then_records() -> None:
     assert ledger.retained == 15
 
 
-def test_ack_is_due_at_a_quarter_of_the_cap_and_at_ticks() -> None:
-    ledger = ResumeLedger(connection_cap=40, session_cap=100)
+def test_ack_is_due_at_an_eighth_of_the_cap_and_at_ticks() -> None:
+    ledger = ResumeLedger(connection_cap=80, session_cap=800)
     ledger.add(2, dialed_here=False)
     assert ledger.record_received(2, 9) is None
     assert ledger.record_received(2, 1) == 10
     assert ledger.record_received(2, 3) is None
+    assert not ledger.acks_due
     assert ledger.due_acks() == [(2, 13)]
     assert ledger.due_acks() == []
+
+
+def test_acks_are_due_once_the_session_received_an_eighth_of_its_cap() -> None:
+    """Many connections, each under its own threshold: the session's share
+    makes every connection's ACK due (else they wait for a tick while the
+    peer's session cap fills)."""
+    ledger = ResumeLedger(connection_cap=80, session_cap=160)  # thresholds 10 and 20
+    for conn_id in (2, 3, 4):
+        ledger.add(conn_id, dialed_here=False)
+    assert ledger.record_received(2, 9) is None
+    assert ledger.record_received(3, 9) is None
+    assert not ledger.acks_due
+    assert ledger.record_received(4, 2) is None
+    assert ledger.acks_due
+    assert ledger.due_acks() == [(2, 9), (3, 9), (4, 2)]
+    assert not ledger.acks_due
+    # a connection's own ACK takes its bytes out of the session's share
+    assert ledger.record_received(2, 9) is None
+    assert ledger.record_received(2, 1) == 19
+    assert ledger.record_received(3, 9) is None
+    assert not ledger.acks_due  # 9 owed, not 19
 
 
 def test_tombstones_are_bounded() -> None:

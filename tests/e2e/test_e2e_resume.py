@@ -19,6 +19,7 @@ import pytest
 from remotedialer.client import Backoff, TunnelClient
 from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
+from remotedialer.errors import NoSessionError
 from remotedialer.resumable import ResumableSession
 from remotedialer.server.sessions import ResumeTokens
 from testkit.cut_proxy import CutProxy
@@ -195,6 +196,64 @@ def test_echo_stream_carries_on(setup: Setup) -> None:
     finally:
         echo.close()
     assert len(setup.server_events.resumed) >= 3
+
+
+def _suspend_both_ends(setup: Setup) -> ResumableSession:
+    """Cut the tunnel and refuse reconnects; the server's session, suspended."""
+    (session,) = setup.tunnel.server.sessions("foo")
+    assert isinstance(session, ResumableSession)
+    setup.proxy.blackhole()  # no reconnect until restore()
+    setup.proxy.reset()
+    wait_for(lambda: session.resume_state == "suspended", TIMEOUT)
+    return session
+
+
+def test_dial_during_a_suspension_waits_for_the_resume(setup: Setup) -> None:
+    """A dial while the key's only session is suspended waits for it to
+    resume (the code before failed at once with NoSessionError)."""
+    echo = EchoServer()
+    try:
+        session = _suspend_both_ends(setup)
+        outcome: List[object] = []
+        dialer = threading.Thread(target=lambda: outcome.append(_dial_or_error(setup, echo.address)))
+        dialer.start()
+        dialer.join(0.5)
+        assert dialer.is_alive() and not outcome, outcome  # waiting, not failed
+        setup.proxy.restore()
+        dialer.join(TIMEOUT)
+        (conn,) = outcome
+        assert isinstance(conn, TunnelConnection), conn
+        conn.settimeout(TIMEOUT)
+        conn.sendall(b"hello")
+        assert conn.recv(5) == b"hello"
+        assert setup.tunnel.server.sessions("foo") == [session]  # the same session, resumed
+        conn.close()
+    finally:
+        echo.close()
+
+
+def test_dial_during_a_suspension_fails_when_its_timeout_passes(setup: Setup) -> None:
+    echo = EchoServer()
+    try:
+        _suspend_both_ends(setup)
+        started = time.monotonic()
+        with pytest.raises(NoSessionError):
+            setup.tunnel.server.dial("foo", "tcp", echo.address, timeout=0.5)
+        assert time.monotonic() - started >= 0.5  # it waited for the resume
+        setup.proxy.restore()
+        wait_for(lambda: setup.server_events.resumed, TIMEOUT)
+        conn = setup.dial(echo.address)  # the resumed session takes dials again
+        conn.sendall(b"x")
+        assert conn.recv(1) == b"x"
+    finally:
+        echo.close()
+
+
+def _dial_or_error(setup: Setup, address: str) -> object:
+    try:
+        return setup.dial(address)
+    except Exception as exc:  # the test reports it
+        return exc
 
 
 def test_unknown_token_fails_connections_as_today() -> None:

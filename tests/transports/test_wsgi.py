@@ -15,7 +15,7 @@ import pytest
 from urllib3.util.wait import wait_for_write
 
 from remotedialer.errors import ProtocolError
-from remotedialer.transports.base import TransportClosed
+from remotedialer.transports.base import TransportClosed, sendall_parts
 from remotedialer.frames import OP_BINARY, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT, encode_frame
 from remotedialer.transports.wsgi import (
     NODELAY_SET,
@@ -429,3 +429,49 @@ def test_idle_reads_ask_for_small_buffers(pair: Tuple[socket.socket, socket.sock
     assert recording.sizes[-1] == IDLE_RECEIVE_BYTES  # after the small read of b"b"
     assert max(recording.sizes) == RECEIVE_BYTES  # the large message
     ws.close()
+
+
+class _NoSendmsg:
+    """A socket without ``sendmsg`` (as on Windows): ``sendall`` only."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def sendall(self, data: Any) -> None:
+        self.sock.sendall(data)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["sendmsg", "sendall"])
+def test_sendall_parts_writes_both_parts_whole_through_partial_writes(wrap: bool) -> None:
+    """A 4 MiB tail through a socket pair with small buffers: ``sendmsg``
+    takes part of it at a time and the rest is finished in order."""
+    writer, reader = socket.socketpair()
+    writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    head, tail = b"header", memoryview(os.urandom(4 << 20))
+    received: List[bytes] = []
+    thread = threading.Thread(target=lambda: received.append(recv_until_eof(reader)))
+    thread.start()
+    try:
+        sendall_parts(_NoSendmsg(writer) if wrap else writer, head, tail)
+        writer.shutdown(socket.SHUT_WR)
+        thread.join(TIMEOUT)
+        assert received == [head + bytes(tail)]
+    finally:
+        writer.close()
+        reader.close()
+
+
+def test_a_large_message_in_two_parts_reaches_the_client_as_one_frame() -> None:
+    server, client = socket.socketpair()
+    try:
+        ws = ServerWebSocket(server, 1 << 22)
+        header, payload = b"\x01\x02\x03", memoryview(os.urandom(2 << 20))
+        frames: List[Tuple[int, bytes]] = []
+        thread = threading.Thread(target=lambda: frames.append(read_server_frame(client)))
+        thread.start()
+        ws.send(header, payload)
+        thread.join(TIMEOUT)
+        assert frames == [(OP_BINARY, header + bytes(payload))]
+    finally:
+        server.close()
+        client.close()
