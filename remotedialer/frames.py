@@ -80,9 +80,14 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_NO_STATUS = 1005
 CLOSE_INVALID_PAYLOAD = 1007
 CLOSE_TOO_BIG = 1009
-#: Close codes a peer may send (RFC 6455 §7.4: the defined ones that are not
-#: local-only, and the ranges for libraries and applications).
-_VALID_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1007, 1014), *range(3000, 5000)))
+
+
+def _valid_close_code(code: int) -> bool:
+    """Whether a peer may send close ``code`` (RFC 6455 §7.4: the defined
+    ones that are not local-only, and the ranges for libraries and
+    applications). Compared, not looked up: a set of the 2,011 codes held
+    0.2 MiB in every process."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1013 or 3000 <= code <= 4999
 
 
 # ------------------------------------------------------------------ masking
@@ -236,7 +241,7 @@ def _check_close(payload: bytes) -> None:
     if len(payload) == 1:
         raise _error("close frame with a one-byte payload")
     (code,) = struct.unpack_from("!H", payload)
-    if code not in _VALID_CLOSE_CODES:
+    if not _valid_close_code(code):
         raise _error(f"close frame with the invalid code {code}")
     try:
         payload[2:].decode("utf-8")

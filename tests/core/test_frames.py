@@ -266,3 +266,19 @@ def test_reader_of_server_frames() -> None:
     assert feed_all(FrameReader(1 << 20, from_client=False), stream, step=7) == expected
     with pytest.raises(WebSocketProtocolError, match="server frame masked"):
         feed_all(FrameReader(1 << 20, from_client=False), client_frame(OP_BINARY, b"x"))
+
+
+@pytest.mark.parametrize("code, valid", [
+    (0, False), (999, False), (1000, True), (1003, True), (1004, False), (1005, False),
+    (1006, False), (1007, True), (1013, True), (1014, False), (1015, False), (2999, False),
+    (3000, True), (4999, True), (5000, False), (65535, False),
+])
+def test_reader_takes_only_the_close_codes_a_peer_may_send(code: int, valid: bool) -> None:
+    """RFC 6455 §7.4: 1000-1003, 1007-1013 and 3000-4999, at each edge
+    (tests/core/test_wsproto_differential.py compares with wsproto)."""
+    frame = client_frame(OP_CLOSE, struct.pack("!H", code) + b"bye")
+    if valid:
+        assert feed_all(FrameReader(1 << 20), frame) == [(OP_CLOSE, struct.pack("!H", code) + b"bye")]
+    else:
+        with pytest.raises(WebSocketProtocolError, match=f"invalid code {code}"):
+            feed_all(FrameReader(1 << 20), frame)
