@@ -19,8 +19,10 @@ connected to a server, with Go's client beside it.
   an agent (``remotedialer client``, then Go's client when built, see
   :mod:`benchmarks.goref`) connects, waits ``--settle`` seconds after the
   server logged its session, and ``VmRSS`` is read from
-  ``/proc/PID/status``, with its thread count and its wake-ups per second
-  (voluntary context switches of all its threads over ``--idle`` seconds).
+  ``/proc/PID/status``, with its thread count, the CPU time it took to get
+  there (start, imports, connection, ``--settle`` idle seconds; clock ticks
+  of ``/proc/PID/stat``) and its wake-ups per second (voluntary context
+  switches of all its threads over ``--idle`` seconds).
 
 The package's bytecode is compiled first (``compileall``), as ``pip
 install`` does: without it (``PYTHONDONTWRITEBYTECODE`` set, a read-only
@@ -212,11 +214,13 @@ def _vm_rss(pid: int) -> int:
 
 
 class IdleAgent(NamedTuple):
-    """An idle agent: RSS bytes, threads, wake-ups per second."""
+    """An idle agent: RSS bytes, threads, wake-ups per second, CPU seconds
+    spent until idle."""
 
     rss: int
     threads: int
     wakeups: float
+    cpu: float
 
 
 def idle_agent(argv: Sequence[str], server: Proc, name: str, log_dir: str, settle: float,
@@ -235,7 +239,7 @@ def idle_agent(argv: Sequence[str], server: Proc, name: str, log_dir: str, settl
         start = usage(agent.pid)
         time.sleep(idle)  # the window the wake-ups are counted over
         wakeups = (usage(agent.pid) - start).sleeps / idle
-        return IdleAgent(rss, agent.stats().threads, wakeups)
+        return IdleAgent(rss, agent.stats().threads, wakeups, start.cpu_seconds)
     finally:
         agent.stop()
 
@@ -250,6 +254,7 @@ def _print_agents(name: str, agents: Sequence[IdleAgent]) -> None:
     print(f"idle {name}, VmRSS: {_summary([a.rss / MiB for a in agents], 'MiB')}")
     print(f"{'':6}threads {sorted({a.threads for a in agents})}, wake-ups per second: "
           f"{_summary([a.wakeups for a in agents], '/s')}")
+    print(f"{'':6}CPU until idle: {_summary([a.cpu * 1000 for a in agents], 'ms', 0)}")
 
 
 def _print_imports(args: argparse.Namespace) -> None:
