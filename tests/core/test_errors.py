@@ -92,6 +92,7 @@ def test_messages_and_attributes_are_kept() -> None:
         # this library's client (the OS text)
         ("dial tcp 127.0.0.1:1: Connection refused", RemoteRefusedError),
         ("dial tcp 10.0.0.1:80: timed out", RemoteTimeoutError),
+        ("DIAL TCP 10.0.0.1:80: I/O TIMEOUT", RemoteTimeoutError),  # in any case
         ("dial tcp 127.0.0.1:1: No connection could be made because the target machine "
          "actively refused it", RemoteRefusedError),
         # anything else: the far side reset the connection with a reason
