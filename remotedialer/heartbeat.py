@@ -61,16 +61,22 @@ class Heartbeat:
         with self._lock:
             return len(self._entry_ids)
 
-    def register(self, session: "Session") -> None:
-        """Visit ``session`` at once, then whenever it asks to be."""
+    def register(self, session: "Session", delay: float = 0.0) -> None:
+        """Visit ``session`` in ``delay`` seconds (at once by default), then
+        whenever it asks to be. The thread is woken only when the visit is
+        due before the one it sleeps until (a server accepting many
+        sessions, each first due a read deadline later, wakes it for none)."""
+        due = time.monotonic() + delay if delay > 0 else 0.0
         with self._lock:
             entry_id = next(self._counter)
             self._entry_ids[session] = entry_id
-            heapq.heappush(self._heap, (0.0, entry_id, session))
+            wake = not self._heap or due < self._heap[0][0]
+            heapq.heappush(self._heap, (due, entry_id, session))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def unregister(self, session: "Session") -> None:
         """Stop visiting ``session`` (a call running now still finishes)."""

@@ -218,7 +218,7 @@ class Session:
         if not self._serving:
             self._serving = True
             self.observer.session_started(self)
-            self._heartbeat.register(self)
+            self._heartbeat.register(self, self._first_heartbeat())
         reason = "closed"
         if transport is None:
             transport = self.transport
@@ -355,6 +355,16 @@ class Session:
         )
 
     # -------------------------------------------------------------- heartbeat
+    def _first_heartbeat(self) -> float:
+        """Seconds until the heartbeat's first visit: at once on the client
+        side (it pings), else when the read deadline could first pass (at
+        most a ping interval away): nothing is due before, so a server
+        accepting a storm of tunnels does not wake the heartbeat per tunnel."""
+        if self.is_client:
+            return 0.0
+        silent = time.monotonic() - self.transport.last_keepalive
+        return max(0.0, min(self.limits.read_deadline - silent, self.limits.ping_interval))
+
     def heartbeat(self, now: float) -> float:
         """Called periodically by the heartbeat thread: end a session whose
         peer went silent, ping and sync on the client side. Returns the

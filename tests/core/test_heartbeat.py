@@ -104,3 +104,35 @@ def test_register_wakes_a_long_wait() -> None:
     finally:
         _unregister(heartbeat, far)
         _unregister(heartbeat, newcomer)
+
+
+def test_a_registration_due_later_does_not_wake_the_thread() -> None:
+    """A server accepting a storm of tunnels registers each for a visit a
+    read deadline away: none of them wakes the heartbeat thread, while a
+    visit due sooner than the one it sleeps until does (and happens)."""
+    heartbeat = Heartbeat("test-heartbeat-wake")
+    first = FakeSession(20.0)  # then sleeps until its next visit, 20 s on
+    heartbeat.register(first)
+    assert first.called.wait(TIMEOUT)
+    wakes: List[int] = []
+    wake = heartbeat._wake
+    original_set = wake.set
+
+    def counting_set() -> None:
+        wakes.append(1)
+        original_set()
+
+    wake.set = counting_set  # type: ignore[method-assign]
+    later = [FakeSession(60.0) for _ in range(100)]
+    early = FakeSession(60.0)
+    try:
+        for session in later:
+            heartbeat.register(session, delay=30.0)
+        assert wakes == []
+        heartbeat.register(early, delay=0.0)
+        assert wakes == [1]
+        assert early.called.wait(TIMEOUT)
+        assert not any(session.calls for session in later)
+    finally:
+        for session in [first, early, *later]:
+            heartbeat.unregister(session)
