@@ -19,7 +19,11 @@ see :mod:`benchmarks.goref`). The Go column also shows what the agents'
 process can open at most (its CPU per tunnel against Go's is the
 generator's own capacity): a Python figure near it would measure the fleet.
 
-``python -m benchmarks.accept [--agents 10000] [--runs 3] [--kinds python,worker,go]``
+``--baseline PATH`` adds a ``python-baseline`` kind: ``remotedialer server``
+of the checkout at ``PATH`` (imported from there through ``PYTHONPATH``),
+for before/after comparisons in the same run.
+
+``python -m benchmarks.accept [--agents 10000] [--runs 3] [--kinds python,worker,go] [--baseline PATH]``
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from .procs import BenchError, FleetProc, Proc, free_port, usage, wait_listening
 
 __all__ = ["Opening", "KINDS", "open_fleet", "main"]
 
-KINDS = ("python", "python-parked", "worker", "go")
+KINDS = ("python", "python-parked", "worker", "go", "python-baseline")
 
 #: The gunicorn worker class measured (README.rst's deployment).
 WORKER_CLASS = "remotedialer.workers.RemotedialerWorker"
@@ -71,7 +75,7 @@ class Opening:
         return self.fleet_cpu / self.agents * 1e6
 
 
-def _server(kind: str, log_dir: str, agents: int) -> Tuple[Proc, int, bool]:
+def _server(kind: str, log_dir: str, agents: int, baseline: str = "") -> Tuple[Proc, int, bool]:
     """Start the server of ``kind``; ``(process, port, whether to count its children)``."""
     port = free_port()
     if kind == "go":
@@ -86,6 +90,12 @@ def _server(kind: str, log_dir: str, agents: int) -> Tuple[Proc, int, bool]:
             "--worker-connections", str(agents + 256), "--backlog", "4096",
             "-b", f"127.0.0.1:{port}", "remotedialer.cli.server:make_app()"], log_dir)
         tree = True
+    elif kind == "python-baseline":
+        if not baseline:
+            raise BenchError("python-baseline needs --baseline PATH")
+        proc = Proc(f"server-{kind}", [sys.executable, "-m", "remotedialer.cli", "server", "--listen",
+                                       f"127.0.0.1:{port}"], log_dir, env={"PYTHONPATH": baseline})
+        tree = False
     else:
         park = ["--park-idle"] if kind == "python-parked" else []
         proc = Proc.remotedialer(f"server-{kind}", ["server", "--listen", f"127.0.0.1:{port}", *park],
@@ -99,10 +109,11 @@ def _server(kind: str, log_dir: str, agents: int) -> Tuple[Proc, int, bool]:
     return proc, port, tree
 
 
-def open_fleet(kind: str, agents: int, log_dir: str, run: int = 1) -> Opening:
+def open_fleet(kind: str, agents: int, log_dir: str, run: int = 1, baseline: str = "") -> Opening:
     """Open ``agents`` tunnels at once on a fresh server of ``kind``; blocks
-    until all are open (or raises :class:`BenchError`)."""
-    server, port, tree = _server(kind, log_dir, agents)
+    until all are open (or raises :class:`BenchError`). ``baseline``: the
+    checkout the ``python-baseline`` kind runs."""
+    server, port, tree = _server(kind, log_dir, agents, baseline)
     fleet: Optional[FleetProc] = None
     try:
         server_before = usage(server.pid, tree)
@@ -151,8 +162,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--kinds", default="python,worker,go",
                         help=f"comma-separated, from {', '.join(KINDS)} (default: python,worker,go)")
+    parser.add_argument("--baseline", default="", metavar="PATH",
+                        help="a checkout whose remotedialer server runs as the python-baseline kind")
     args = parser.parse_args(argv)
     kinds = [kind for kind in args.kinds.split(",") if kind]
+    if args.baseline and "python-baseline" not in kinds:
+        kinds.insert(0, "python-baseline")
     unknown = set(kinds) - set(KINDS)
     if unknown:
         parser.error(f"unknown kinds: {', '.join(sorted(unknown))}")
@@ -165,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for run in range(1, args.runs + 1):
             for kind in kinds:
                 print(f"load {_load()}", flush=True)
-                opening = open_fleet(kind, args.agents, log_dir, run)
+                opening = open_fleet(kind, args.agents, log_dir, run, args.baseline)
                 openings.append(opening)
                 print(f"run {run} {kind}: {args.agents} open in {opening.seconds:.2f}s, "
                       f"{opening.rate:,.0f}/s, server CPU {opening.server_us:.0f} us/tunnel, "

@@ -59,7 +59,7 @@ from .ha.lifecycle import DEFAULT_DRAIN_SECONDS, GracefulShutdown, chain_sigterm
 from .ha.peering import PeerSpec as Peer
 from .ha.peering import parse_peers
 from .server.credentials import CredentialStore
-from .server.wsgi import WSGIApp, plain_text_response
+from .server.wsgi import Handshake, WSGIApp, plain_text_response
 
 __all__ = [
     "ServerApp",
@@ -232,6 +232,9 @@ class ServerApp:
         self.server = server
         self.forwarder = forwarder
         self.connect_app: WSGIApp = server
+        # connect_app as built here or by make_app (the server, or the server
+        # behind the shutdown guard): only then does handshake() stand for it.
+        self._connect_default: WSGIApp = server
         #: Serves ``/client/...``: the forwarder, behind :meth:`secure`'s user check.
         self.client_app: WSGIApp = forwarder
         self.shutdown: Optional[GracefulShutdown] = None
@@ -283,6 +286,23 @@ class ServerApp:
         if mounted is not None:
             return mounted(environ, start_response)
         return plain_text_response(start_response, 404, "not found\n")
+
+    def handshake(self, environ: Dict[str, Any], start_response: Callable[..., Any]) -> Optional[Handshake]:
+        """An upgrade request the front end read itself (see
+        :meth:`Server.handshake <remotedialer.server.Server.handshake>`):
+        ``/connect`` is answered on the calling thread (through the
+        shutdown guard, if any); ``None`` for any other path (serve it as a
+        WSGI request)."""
+        if (environ.get("PATH_INFO") or "/") != "/connect":
+            return None
+        handshake = getattr(self.server, "handshake", None)
+        if handshake is None or self.connect_app is not self._connect_default:
+            return None  # the connect endpoint was replaced: WSGI only
+        if self.shutdown is not None and self.shutdown.refuses(environ):
+            refusal = self.server.error_writer(environ, start_response, 503, "server shutting down")
+            return Handshake(refusal, None)
+        result: Handshake = handshake(environ, start_response)
+        return result
 
     def drain(self, interrupt: threading.Event) -> None:
         """Run the graceful shutdown (if any) while the HTTP server keeps
@@ -427,7 +447,7 @@ def make_app(
         app.close()
         raise
     app.shutdown = scale.shutdown_for(server, app.discovery)
-    app.connect_app = app.shutdown.guard(server)
+    app.connect_app = app._connect_default = app.shutdown.guard(server)
     app.mount("/healthz", app.shutdown.healthz)
     app.mount("/readyz", app.shutdown.readyz)
     if debug_endpoints is None:

@@ -7,6 +7,13 @@ listen backlog; :class:`KeepAliveRequestHandler` keeps HTTP/1.1 connections
 open between requests, parses request heads itself (the rules are
 :mod:`remotedialer.gateway.http1`'s) and frames responses;
 :class:`ChunkedRequestBody` reads a chunked request body strictly.
+
+For an app with a ``handshake`` method (the example server's
+:class:`~remotedialer.app.ServerApp`) on plain sockets, the listener's own
+thread reads each connection's first request head
+(:mod:`remotedialer.gateway.head_reader`) and answers a tunnel's upgrade
+there: a tunnel gets one thread, its session's reader, and no request
+thread; other requests get theirs once their head is in.
 """
 
 from __future__ import annotations
@@ -17,14 +24,13 @@ import http.client
 import io
 import itertools
 import logging
+import selectors
 import socket
 import ssl
-import sys
 import threading
 import time
-import urllib.parse
 from http import HTTPStatus
-from typing import Any, BinaryIO, Dict, List, Optional, Tuple, cast
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, cast
 
 from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
 from werkzeug.wsgi import LimitedStream
@@ -32,7 +38,9 @@ from werkzeug.wsgi import LimitedStream
 from ..errors import ListenError
 from ..server.process import DEFAULT_MAX_THREADS, LISTEN_BACKLOG
 from ..server.wsgi import WSGIApp, header_tokens
-from ..transports.wsgi import NODELAY_SET
+from ..server.wsgi import Handshake
+from ..transports.wsgi import NODELAY_SET, TAKEN_SOCKET
+from .head_reader import HeadReader, environ_from_head, parse_upgrade
 from .http1 import (
     MAX_CHUNK_LINE,
     ChunkedDecoder,
@@ -167,16 +175,22 @@ class _ProbingReader(io.RawIOBase):
     so the keep-alive wait can look for a next request without switching
     the socket to non-blocking and back."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, prefix: bytes = b"") -> None:
         super().__init__()
         self._sock = sock
         self._raw = sock.makefile("rb", buffering=0)
+        self._prefix = prefix  # read from the socket already (by the listener's head reader)
         self.probing = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> Optional[int]:
+        if self._prefix:
+            size = min(len(buffer), len(self._prefix))
+            buffer[:size] = self._prefix[:size]
+            self._prefix = self._prefix[size:]
+            return size
         if not self.probing:
             return self._raw.readinto(buffer)
         try:
@@ -188,6 +202,19 @@ class _ProbingReader(io.RawIOBase):
         if not self.closed:
             self._raw.close()
         super().close()
+
+
+_date_cache: Tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The ``Date`` header value of a response sent now (formatted once a second)."""
+    global _date_cache
+    now = int(time.time())
+    cached = _date_cache
+    if cached[0] != now:
+        cached = _date_cache = (now, email.utils.formatdate(now, usegmt=True))
+    return cached[1]
 
 
 class KeepAliveRequestHandler(WSGIRequestHandler):
@@ -214,8 +241,6 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
     rbufsize = 512
-    #: ``(second, Date header value)`` of the last response: formatted once a second.
-    _date_cache: Tuple[int, str] = (0, "")
     # The current request head's clock (see handle_one_request).
     _head_deadlines: Optional["HeadDeadlines"] = None
     _head_ticket = 0
@@ -287,8 +312,11 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
     def setup(self) -> None:
         super().setup()
         if _MSG_DONTWAIT and not isinstance(self.connection, ssl.SSLSocket):
-            # rfile over a raw reader that can look without blocking (see _wait_for_request)
-            self._probe = _ProbingReader(self.connection)
+            # rfile over a raw reader that can look without blocking (see
+            # _wait_for_request), first serving what the listener read of the head
+            take_prefix = getattr(self.server, "take_prefix", None)
+            prefix = take_prefix(self.connection) if take_prefix is not None else b""
+            self._probe = _ProbingReader(self.connection, prefix)
             self.rfile.close()
             self.rfile = io.BufferedReader(self._probe, max(self.rbufsize, 1))
 
@@ -419,62 +447,15 @@ class KeepAliveRequestHandler(WSGIRequestHandler):
             built: Dict[str, Any] = dict(super().make_environ())
             built[NODELAY_SET] = self.disable_nagle_algorithm
             return built
-        raw_path, _, query = path.partition("?")
-        path_info = urllib.parse.unquote(raw_path) if "%" in raw_path else raw_path
-        # PEP 3333 strings: werkzeug's UTF-8 bytes read as latin-1
-        if not path.isascii():
-            path, query = path.encode().decode("latin-1"), query.encode().decode("latin-1")
-        if not path_info.isascii():
-            path_info = path_info.encode().decode("latin-1")
-        server = self.server
-        address = self.client_address
-        environ: Dict[str, Any] = {
-            "wsgi.version": (1, 0),
-            "wsgi.url_scheme": "http",
-            "wsgi.input": self.rfile,
-            "wsgi.errors": sys.stderr,
-            "wsgi.multithread": server.multithread,
-            "wsgi.multiprocess": server.multiprocess,
-            "wsgi.run_once": False,
-            "werkzeug.socket": self.connection,
-            NODELAY_SET: self.disable_nagle_algorithm,  # set by socketserver's setup()
-            "SERVER_SOFTWARE": self.server_version,
-            "REQUEST_METHOD": self.command,
-            "SCRIPT_NAME": "",
-            "PATH_INFO": path_info,
-            "QUERY_STRING": query,
-            "REQUEST_URI": path,
-            "RAW_URI": path,
-            "REMOTE_ADDR": address[0] if address else "<local>",
-            "REMOTE_PORT": address[1] if address else 0,
-            "SERVER_NAME": server.server_address[0],
-            "SERVER_PORT": str(server.server_address[1]),
-            "SERVER_PROTOCOL": self.request_version,
-        }
-        for name, value in fields:
-            if "_" in name:  # as werkzeug: such a name could pass for another header
-                continue
-            key = name.upper().replace("-", "_")
-            if key != "CONTENT_TYPE" and key != "CONTENT_LENGTH":
-                key = "HTTP_" + key
-                if key in environ:
-                    value = f"{environ[key]},{value}"
-            environ[key] = value
-        encoding = environ.get("HTTP_TRANSFER_ENCODING")
-        if encoding and "chunked" in header_tokens(encoding):
-            environ["wsgi.input_terminated"] = True  # run_wsgi reads the chunked body
-        return environ
+        return environ_from_head(self.command, path, self.request_version, fields, self.connection,
+                                 self.client_address, self.server, self.server_version, "werkzeug.socket",
+                                 nodelay=self.disable_nagle_algorithm, rfile=self.rfile)
 
     def date_time_string(self, timestamp: Optional[float] = None) -> str:
         """The ``Date`` header value; the current one is formatted once a second."""
         if timestamp is not None:
             return str(super().date_time_string(timestamp))
-        now = int(time.time())
-        cached = KeepAliveRequestHandler._date_cache
-        if cached[0] != now:
-            cached = (now, email.utils.formatdate(now, usegmt=True))
-            KeepAliveRequestHandler._date_cache = cached
-        return cached[1]
+        return http_date()
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -720,6 +701,20 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
         self._slots_freeing = 0
         kwargs.setdefault("handler", KeepAliveRequestHandler)
         super().__init__(host, port, app, **kwargs)
+        # First heads read on the listener's thread (serve_forever's own
+        # loop) for an app that answers upgrades itself (handshake()); TLS
+        # connections shake hands on their own threads instead.
+        self._app_handshake: Callable[..., Optional[Handshake]] = getattr(app, "handshake", None) or _none
+        self.reads_heads = tls_context is None and bool(_MSG_DONTWAIT) and hasattr(app, "handshake")
+        self._header_timeout = header_timeout
+        self._heads: Optional[HeadReader] = None  # while serve_forever's loop runs
+        self._loop_done = threading.Event()
+        self._loop_done.set()
+        # What the head reader read of a connection handed to a request
+        # thread, by socket (set on the listener's thread, taken on the request's).
+        self._prefixes: Dict[int, bytes] = {}
+        #: Tunnels whose upgrade was answered on the listener's thread.
+        self.handshakes = 0
         if tls_context is not None:
             # The handshake happens on each connection's own thread (werkzeug
             # would make it on the accepting thread, where one silent client
@@ -746,7 +741,150 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
                 return True
         return False
 
+    @property
+    def heads_cut(self) -> int:
+        """Connections the listener cut because their first head was late."""
+        return self._heads_cut + (self._heads.cut if self._heads is not None else 0)
+
+    _heads_cut = 0
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept and serve until :meth:`shutdown`. With :attr:`reads_heads`,
+        one selector on this thread watches the listener and the accepted
+        connections whose first head has not arrived (:class:`~remotedialer.
+        gateway.head_reader.HeadReader`): a tunnel's upgrade is answered
+        here and only its session's reader gets a thread; other requests
+        get their request thread once their head is in."""
+        if not self.reads_heads:
+            super().serve_forever(poll_interval)
+            return
+        self._loop_done.clear()
+        try:
+            with selectors.DefaultSelector() as selector:
+                heads = self._heads = HeadReader(selector, self._header_timeout, self._head_arrived)
+                try:
+                    # Non-blocking: one wake-up accepts every connection waiting
+                    # (up to _ACCEPTS_PER_WAKE). Accepted sockets are blocking
+                    # all the same (accept4 without SOCK_NONBLOCK, no timeout).
+                    self.socket.setblocking(False)
+                    selector.register(self, selectors.EVENT_READ, None)
+                    while not self._stopping.is_set():
+                        wait = heads.expire()
+                        timeout = poll_interval if wait is None else min(wait, poll_interval)
+                        for key, _events in selector.select(timeout):
+                            if key.data is None:
+                                for _ in range(_ACCEPTS_PER_WAKE):
+                                    if not self._accept_one():
+                                        break
+                            else:
+                                heads.readable(key.data)
+                        self.service_actions()
+                finally:
+                    self._heads = None
+                    self._heads_cut += heads.cut
+                    heads.close()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.server_close()
+            self._loop_done.set()
+
+    def _accept_one(self) -> bool:
+        """Accept, verify and process one waiting connection (socketserver's
+        ``_handle_request_noblock``); False when none is waiting."""
+        try:
+            request, client_address = self.get_request()
+        except OSError:  # none waiting (BlockingIOError), or it went away
+            return False
+        if not self.verify_request(request, client_address):
+            self.shutdown_request(request)
+            return True
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+        return True
+
+    def take_prefix(self, sock: socket.socket) -> bytes:
+        """For a request thread: what the listener read of ``sock`` already."""
+        return self._prefixes.pop(id(sock), b"")
+
+    def _head_arrived(self, sock: socket.socket, address: Any, data: bytes) -> None:
+        """Listener thread: ``sock``'s first head is in ``data`` (or it ended
+        or grew too long first). A WebSocket upgrade with nothing after its
+        head goes to the app's handshake here; anything else (or when every
+        thread is busy) to a request thread, with ``data``."""
+        end = data.find(b"\r\n\r\n") + 4
+        parsed = parse_upgrade(data) if end == len(data) else None
+        if parsed is not None and self._slots.acquire(blocking=False):
+            if self._handshake(sock, address, parsed):
+                return
+            self._slots.release()
+        if data:
+            self._prefixes[id(sock)] = data
+        try:
+            self._dispatch(sock, address)
+        except Exception:
+            self._prefixes.pop(id(sock), None)
+            self.handle_error(sock, address)
+            self.shutdown_request(sock)
+
+    def _handshake(self, sock: socket.socket, address: Any,
+                   parsed: Tuple[str, str, List[Tuple[str, str]]]) -> bool:
+        """Listener thread, holding a slot: let the app answer the upgrade.
+        False if the app leaves it to a WSGI request (the slot is the
+        caller's again); otherwise the slot goes with the tunnel's thread,
+        or is released here once a refusal is written."""
+        path, version, fields = parsed
+        software = self._server_version
+        environ = environ_from_head("GET", path, version, fields, sock, address, self, software,
+                                    TAKEN_SOCKET, nodelay=False)
+        answer = _DirectAnswer()
+        try:
+            result = self._app_handshake(environ, answer.start_response)
+        except Exception:
+            log.exception("error answering the upgrade of %s", address[0] if address else "?")
+            result = Handshake(answer.internal_error(), None)
+        if result is None:
+            return False
+        if result.serve is None:
+            self._slots.release()
+            answer.send(sock, result.body, software)
+            self.shutdown_request(sock)
+            return True
+        self.handshakes += 1
+        try:
+            threading.Thread(target=self._run_tunnel, args=(result.serve, sock),
+                             name="remotedialer-tunnel", daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had: the tunnel cannot be served
+            log.error("no thread for the tunnel of %s: %s", address[0] if address else "?", exc)
+            self._slots.release()
+            self.shutdown_request(sock)
+        return True
+
+    def _run_tunnel(self, serve: Callable[[], None], sock: socket.socket) -> None:
+        """A tunnel's thread: its session's reader, until the tunnel ends."""
+        try:
+            serve()
+        except Exception:
+            log.exception("tunnel ended with an error")
+        finally:
+            self.shutdown_request(sock)
+            self._slots.release()
+
     def process_request(self, request: Any, client_address: Any) -> None:
+        heads = self._heads
+        if heads is not None:  # serve_forever's own loop: read the head here first
+            heads.add(request, client_address)
+            return
+        self._dispatch(request, client_address)
+
+    def _dispatch(self, request: Any, client_address: Any) -> None:
+        """Serve ``request`` on a request thread, waiting for a slot."""
         if not self._slots.acquire(blocking=False):
             with self._claims_lock:
                 self._slots_wanted += 1
@@ -791,9 +929,64 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
 
     def shutdown(self) -> None:
         self._stopping.set()
-        super().shutdown()
+        if self.reads_heads:
+            self._loop_done.wait()
+        else:
+            super().shutdown()
         if self.head_deadlines is not None:
             self.head_deadlines.stop()
+
+
+def _none(*args: Any) -> None:
+    return None
+
+
+class _DirectAnswer:
+    """``start_response`` of an app's handshake answered on the listener's
+    thread, and the refusal written from it (``Connection: close``)."""
+
+    def __init__(self) -> None:
+        self.status = "500 Internal Server Error"
+        self.headers: List[Tuple[str, str]] = []
+
+    def start_response(self, status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Any:
+        self.status = status
+        self.headers = list(headers)
+        return self._no_write
+
+    @staticmethod
+    def _no_write(data: bytes) -> None:
+        raise AssertionError("a handshake's answer has no write()")
+
+    def internal_error(self) -> List[bytes]:
+        body = b"Internal Server Error\n"
+        self.start_response("500 Internal Server Error", [
+            ("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+        return [body]
+
+    def send(self, sock: socket.socket, body: Any, software: str) -> None:
+        """Write the answer and its body (best effort: the connection closes after it)."""
+        try:
+            data = b"".join(body)
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        lines = [f"HTTP/1.1 {self.status}\r\nServer: {software}\r\nDate: {http_date()}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in self.headers if name.lower() != "connection")
+        lines.append("Connection: close\r\n\r\n")
+        try:
+            sock.settimeout(_ANSWER_TIMEOUT)
+            sock.sendall("".join(lines).encode("latin-1") + data)
+        except (OSError, UnicodeError) as exc:
+            log.debug("could not answer a refused upgrade: %s", exc)
+
+
+#: Connections the listener accepts per wake-up at most, before it looks at
+#: the heads it waits for again.
+_ACCEPTS_PER_WAKE = 64
+#: Seconds a refusal written on the listener's thread may take.
+_ANSWER_TIMEOUT = 1.0
 
 
 class BadChunkedBody(OSError):

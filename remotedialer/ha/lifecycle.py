@@ -219,11 +219,16 @@ class GracefulShutdown:
         503 once shutdown began; authenticated peers still get through."""
 
         def guarded(environ: WSGIEnviron, start_response: StartResponse) -> Iterable[bytes]:
-            if self._state != SERVING and self.server.peering.authenticate(Request(environ).headers) is None:
+            if self.refuses(environ):
                 return self.server.error_writer(environ, start_response, 503, "server shutting down")
             return app(environ, start_response)
 
         return guarded
+
+    def refuses(self, environ: WSGIEnviron) -> bool:
+        """Whether the connect request in ``environ`` is refused (503): a
+        new client tunnel once shutdown began (authenticated peers pass)."""
+        return self._state != SERVING and self.server.peering.authenticate(Request(environ).headers) is None
 
     # ------------------------------------------------------------- shutdown
     def add_stopped_callback(self, callback: Callable[[], None]) -> None:

@@ -12,6 +12,13 @@ least the number of tunnels plus concurrent ordinary requests). With
 (:mod:`remotedialer.poller`) and its thread returns to the WSGI server; a
 thread of our own serves it again once anything but a ping arrives.
 
+A front end that owns its listener and reads request heads itself (the
+example server's, :mod:`remotedialer.gateway.head_reader`) calls
+:meth:`Server.handshake` instead, on its listener's thread: the same checks
+and answers, and the tunnel's ``serve`` handed back to run on a thread of
+its own, the only one the tunnel gets. Either way the session is registered
+before its client sees the ``101``.
+
 Dialing through a client::
 
     server = Server(authorizer)
@@ -53,6 +60,7 @@ from typing import (
     Iterable,
     List,
     Mapping,
+    NamedTuple,
     Optional,
     Protocol,
     Tuple,
@@ -78,7 +86,7 @@ from ..errors import (
 )
 from .policy import DialGate, PolicySource
 from .port_forward import ForwardSpec, PortForward, start_forward
-from .wsgi import StartResponse, WSGIEnviron, plain_text_response
+from .wsgi import Handshake, StartResponse, WSGIEnviron, plain_text_response
 from ..observer import NULL_OBSERVER, Observer
 from ..piping import ConnectAuthorizer, LocalDialer, Piper, SocketDialer
 from ..resumable import ResumableSession
@@ -92,6 +100,7 @@ from ..resume import (
 )
 from ..session import RELEASED, ClientListener, ConnectHandler, Session
 from .sessions import ResumeTokens, SessionListener, SessionManager, dial_first
+from ..transports.base import TransportClosed
 from ..transports.wsgi import (
     RECEIVE_BYTES,
     ServerWebSocket,
@@ -181,6 +190,15 @@ class PeeringLayer(PeerRouter, Protocol):
 
     def close(self) -> None:
         """Stop every link."""
+
+
+class _Admission(NamedTuple):
+    """A connect request that passed every check: whose tunnel it opens."""
+
+    client_key: str
+    is_peer: bool
+    offered: bool  # the client offered resumption
+    resumed: Optional[ResumableSession]  # the suspended session its token reattaches
 
 
 PeeringFactory = Callable[["Server"], PeeringLayer]
@@ -358,6 +376,45 @@ class Server:
         """Serve one request to the connect endpoint. For a tunnel this blocks
         the calling (WSGI handler) thread until the tunnel ends (or, with
         ``park_idle``, first parks)."""
+        admitted = self._admit(environ, start_response)
+        if not isinstance(admitted, _Admission):
+            return admitted
+        try:
+            _sock, server_kind = socket_from_environ(environ)
+        except UnsupportedServerError as exc:
+            log.error("%s", exc)
+            return self.error_writer(environ, start_response, 500, str(exc))
+        if not environ.get("wsgi.multithread", True) and not self._warned_single_threaded:
+            self._warned_single_threaded = True
+            log.warning(
+                "serving a tunnel on a single-threaded WSGI server blocks it for the tunnel's "
+                "lifetime; use werkzeug's threaded server or gunicorn -k gthread"
+            )
+        serve = self._open_session(environ, admitted)
+        if serve is not None:
+            serve()
+        finish_taken_over_response(server_kind)  # raises: the server must write nothing more
+        return []  # pragma: no cover
+
+    def handshake(self, environ: WSGIEnviron, start_response: StartResponse) -> Handshake:
+        """Answer the upgrade request in ``environ`` on the calling thread
+        without serving the tunnel: for a front end that owns the listener
+        and reads request heads itself (``environ`` carries the socket under
+        ``remotedialer.socket``). Refusals are answered through
+        ``start_response`` and returned as the :class:`Handshake`'s body;
+        an accepted tunnel is registered and its ``serve`` (run it on a
+        thread of its own; it blocks until the tunnel ends) is returned.
+        Enforces everything :meth:`__call__` does. Blocks on the socket
+        write of the ``101`` answer only."""
+        admitted = self._admit(environ, start_response)
+        if not isinstance(admitted, _Admission):
+            return Handshake(admitted, None)
+        return Handshake((), self._open_session(environ, admitted))
+
+    def _admit(self, environ: WSGIEnviron,
+               start_response: StartResponse) -> Union["_Admission", Iterable[bytes]]:
+        """Authorize and check one connect request: an :class:`_Admission`,
+        or the refusal's body (answered through ``start_response``)."""
         request = Request(environ)
         peer_id = self.peering.authenticate(request.headers)
         if peer_id is not None:
@@ -402,21 +459,7 @@ class Server:
             )
         if held >= self.limits.max_sessions_per_key:
             return self._refuse(environ, start_response, 429, f"too many sessions for client {client_key}")
-        try:
-            _sock, server_kind = socket_from_environ(environ)
-        except UnsupportedServerError as exc:
-            log.error("%s", exc)
-            return self.error_writer(environ, start_response, 500, str(exc))
-        if not environ.get("wsgi.multithread", True) and not self._warned_single_threaded:
-            self._warned_single_threaded = True
-            log.warning(
-                "serving a tunnel on a single-threaded WSGI server blocks it for the tunnel's "
-                "lifetime; use werkzeug's threaded server or gunicorn -k gthread"
-            )
-        del request  # not kept for the tunnel's lifetime
-        self._serve_websocket(environ, client_key, is_peer, offered, resumed)
-        finish_taken_over_response(server_kind)  # raises: the server must write nothing more
-        return []  # pragma: no cover
+        return _Admission(client_key, is_peer, offered, resumed)
 
     def _refuse(
         self, environ: WSGIEnviron, start_response: StartResponse, status: int, message: str
@@ -438,18 +481,12 @@ class Server:
     def _observer(self) -> Observer:
         return self.observer or NULL_OBSERVER
 
-    def _serve_websocket(
-        self,
-        environ: WSGIEnviron,
-        client_key: str,
-        is_peer: bool,
-        offered: bool = False,
-        resumed: Optional[ResumableSession] = None,
-    ) -> None:
-        """Upgrade, register and serve one session until it ends (or, with
-        resumption, until it loses this WebSocket); the socket is shut down
-        when this returns. ``offered``: the client offered resumption;
-        ``resumed``: the suspended session its token reattaches."""
+    def _open_session(self, environ: WSGIEnviron, admitted: "_Admission") -> Optional[Callable[[], None]]:
+        """Upgrade and register one admitted session; returns what serves it
+        until it ends (or, with resumption, until it loses this WebSocket),
+        after which the socket is shut down. ``None`` if the upgrade failed
+        or the session was refused (the socket is shut down already)."""
+        client_key, is_peer, offered, resumed = admitted
         transport: Any
         token = new_token() if offered else ""
         headers = []
@@ -469,7 +506,7 @@ class Server:
                 )
             else:
                 transport = ServerWebSocket.accept(
-                    environ, self.limits.max_message_size, self.receive_bytes, headers
+                    environ, self.limits.max_message_size, self.receive_bytes, headers, deferred=True
                 )
         except Exception as exc:
             log.info("websocket upgrade of %s failed: %s", describe_remote(environ), exc)
@@ -478,10 +515,12 @@ class Server:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            return
+            return None
         if resumed is not None:
-            self._serve_reattached(resumed, transport, token)
-            return
+            reattach: ResumableSession = resumed
+            if not self._open(transport, environ):
+                return None
+            return lambda: self._serve_reattached(reattach, transport, token)
         # A peer's session relays dials and reports its clients; a client's
         # session dials locally (if allowed) and reports nothing.
         if is_peer:
@@ -506,14 +545,32 @@ class Server:
         try:
             manager.add(client_key, session)
         except LimitExceededError as exc:
-            session.close(error_text(exc))
-            return
+            if self._open(transport, environ):
+                session.close(error_text(exc))
+            return None
         if offered:
             self.resume_tokens.issue(session, token)
+        if not self._open(transport, environ):
+            session.close("websocket upgrade failed")
+            return None
         kind = "peer" if is_peer else "client"
         self._park_when_idle(session, transport, kind)
         log.info("%s session started for %s from %s", kind, client_key, transport.describe())
-        self._serve_until_detached(session, transport, kind)
+        return lambda: self._serve_until_detached(session, transport, kind)
+
+    @staticmethod
+    def _open(transport: Any, environ: WSGIEnviron) -> bool:
+        """Write the ``101`` answer a built-in transport deferred (the session
+        is registered by now); False (socket shut down) if that failed."""
+        if not isinstance(transport, ServerWebSocket):
+            return True
+        try:
+            transport.open()
+        except TransportClosed as exc:
+            log.info("websocket upgrade of %s failed: %s", describe_remote(environ), exc)
+            transport.abort()
+            return False
+        return True
 
     def _serve_reattached(self, session: ResumableSession, transport: Any, token: str) -> None:
         """Serve a suspended session over the new WebSocket of its client."""

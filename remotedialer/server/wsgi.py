@@ -7,11 +7,14 @@ and answering a WSGI request with a plain-text body."""
 from __future__ import annotations
 
 import http
-from typing import Any, Callable, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
-from ..transports.wsgi import header_tokens
+from ..transports.wsgi import TAKEN_SOCKET, header_tokens
 
-__all__ = ["WSGIEnviron", "StartResponse", "WSGIApp", "header_tokens", "plain_text_response"]
+__all__ = [
+    "WSGIEnviron", "StartResponse", "WSGIApp", "Handshake", "TAKEN_SOCKET", "header_tokens",
+    "plain_text_response",
+]
 
 WSGIEnviron = Dict[str, Any]
 """The ``environ`` of a WSGI call."""
@@ -19,6 +22,18 @@ StartResponse = Callable[..., Any]
 """The ``start_response`` of a WSGI call."""
 WSGIApp = Callable[[WSGIEnviron, StartResponse], Iterable[bytes]]
 """A WSGI application."""
+
+
+class Handshake(NamedTuple):
+    """What an app's ``handshake(environ, start_response)`` did with an
+    upgrade request read by the front end itself (no WSGI call, no request
+    thread): ``serve`` is set when a tunnel is up (the front end runs it on
+    a thread of its own; it blocks until the tunnel ends and leaves the
+    socket shut down); otherwise the request was answered through
+    ``start_response`` and ``body`` is the answer's body."""
+
+    body: Iterable[bytes]
+    serve: Optional[Callable[[], None]]
 
 
 def plain_text_response(

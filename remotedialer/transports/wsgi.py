@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NODELAY_SET",
+    "TAKEN_SOCKET",
     "is_websocket_request",
     "ServerWebSocket",
     "SimpleWebSocketTransport",
@@ -98,6 +99,10 @@ _CLOSE_WRITE_TIMEOUT = 1.0
 #: ``TCP_NODELAY`` already (the project's front end and worker): the
 #: upgrade then spares that system call, one per tunnel accepted.
 NODELAY_SET = "remotedialer.tcp_nodelay"
+#: The environ key under which a front end that reads request heads itself
+#: (no WSGI server, no request thread) hands an app's
+#: ``handshake(environ, start_response)`` the client socket.
+TAKEN_SOCKET = "remotedialer.socket"
 #: MSG_DONTWAIT where there is one: the poller's reads never block.
 _DONT_WAIT = getattr(socket, "MSG_DONTWAIT", 0)
 # Pongs owed but not written yet, at most this many (the oldest are dropped: a
@@ -158,14 +163,18 @@ class UnsupportedServerError(RuntimeError):
 
 
 def socket_from_environ(environ: Mapping[str, Any]) -> Tuple[socket.socket, str]:
-    """The client socket of the request and the server kind (``"werkzeug"``
-    or ``"gunicorn"``). Raises :class:`UnsupportedServerError` otherwise."""
+    """The client socket of the request and the server kind (``"werkzeug"``,
+    ``"gunicorn"``, or ``"remotedialer"`` for a front end's own handshake).
+    Raises :class:`UnsupportedServerError` otherwise."""
     sock = environ.get("werkzeug.socket")
     if sock is not None:
         return sock, "werkzeug"
     sock = environ.get("gunicorn.socket")
     if sock is not None:
         return sock, "gunicorn"
+    sock = environ.get(TAKEN_SOCKET)
+    if sock is not None:
+        return sock, "remotedialer"
     raise UnsupportedServerError(
         "this WSGI server does not expose the client socket; "
         "use werkzeug's server or gunicorn with the gthread worker"
@@ -234,6 +243,9 @@ class ServerWebSocket:
         self._description = description or "websocket"
         self._send_lock = threading.Lock()
         self._close_sent = False  # guarded by _send_lock
+        # The 101 answer accept() deferred until open() or the first write
+        # (guarded by _send_lock once the transport is shared).
+        self._answer: Optional[bytes] = None
         # Pongs: the reader must never block on the socket (a bulk send stuck
         # on a peer that is itself stuck writing to us would deadlock both
         # sides), so it queues its pong in _pending_pongs; writers send what
@@ -287,13 +299,16 @@ class ServerWebSocket:
         max_message_size: int,
         receive_bytes: int = RECEIVE_BYTES,
         extra_headers: Sequence[Tuple[str, str]] = (),
+        deferred: bool = False,
     ) -> "ServerWebSocket":
         """Answer the upgrade request in ``environ`` with ``101 Switching
         Protocols`` (plus ``extra_headers``, ASCII), written straight to the
         socket. Check the request with :func:`is_websocket_request` first.
         Blocks on the socket write; raises ``OSError`` if it fails and
         :class:`UnsupportedServerError` if the server does not expose its
-        socket."""
+        socket. ``deferred``: the answer waits for :meth:`open` or the first
+        write, whichever comes first (register the session in between, so
+        that a client that sees the answer finds its session registered)."""
         sock, _kind = socket_from_environ(environ)
         key = str(environ["HTTP_SEC_WEBSOCKET_KEY"])
         extra = "".join(f"{name}: {value}\r\n" for name, value in extra_headers)
@@ -305,9 +320,33 @@ class ServerWebSocket:
             f"{extra}"
             "\r\n"
         ).encode("ascii")
-        sock.sendall(response)
-        return cls(sock, max_message_size, describe_remote(environ), receive_bytes,
-                   set_nodelay=environ.get(NODELAY_SET) is not True)
+        if not deferred:
+            sock.sendall(response)
+        transport = cls(sock, max_message_size, describe_remote(environ), receive_bytes,
+                        set_nodelay=environ.get(NODELAY_SET) is not True)
+        if deferred:
+            transport._answer = response
+        return transport
+
+    def open(self) -> None:
+        """Write the ``101`` answer :meth:`accept` deferred, unless a write
+        sent it already. Raises :class:`TransportClosed` if it fails
+        (nothing more is written)."""
+        if self._answer is None:
+            return
+        with self._send_lock:
+            self._send_answer()
+
+    def _send_answer(self) -> None:
+        """Under ``_send_lock``: the deferred ``101`` answer, if still owed."""
+        answer, self._answer = self._answer, None
+        if answer is None:
+            return
+        try:
+            self.sock.sendall(answer)
+        except OSError as exc:
+            self._close_sent = True
+            raise TransportClosed(f"websocket upgrade failed: {exc}") from exc
 
     # -- writes
     def _write(self, data: Bytes, payload: Optional[Bytes] = None) -> None:
@@ -319,6 +358,8 @@ class ServerWebSocket:
             with self._send_lock:
                 if self._close_sent:
                     raise TransportClosed("websocket closed")
+                if self._answer is not None:
+                    self._send_answer()
                 try:
                     if payload is None:
                         self.sock.sendall(data)
@@ -427,6 +468,8 @@ class ServerWebSocket:
                 return
             self._close_sent = True
             frame = encode_frame(OP_CLOSE, close_payload(code, reason))
+            if self._answer is not None:  # the deferred 101 answer first
+                frame, self._answer = self._answer + frame, None
             if timeout is not None and not wait_for_write(self.sock, timeout=timeout):
                 return
             self.sock.sendall(frame)
