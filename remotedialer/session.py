@@ -9,8 +9,8 @@ Locks, in the order they may nest:
 
 * ``_lock`` guards the connection table, the id counter and ``_closed``;
 * ``_write_lock`` serializes ``transport.send``;
-* ``_control_lock`` guards the queue of control messages; taken last, and
-  only for a moment.
+* ``_control_lock`` guards the queue of outgoing messages and
+  ``_queued_bytes``; taken last, and only for a moment.
 
 A connection's own ``_cond`` is never held while any of them is taken.
 
@@ -20,6 +20,13 @@ neither would read again: a classic stall. Control messages (PAUSE, RESUME,
 ERROR, ...) therefore go through a queue; the reader only enqueues them, and
 other threads send them inline when the socket is free, else a short-lived
 flusher thread waits for the write lock and sends them in order.
+
+A DATA writer that finds the socket busy does not wait for it
+either, while little is queued: it queues its message behind the control
+messages and returns, and whoever holds ``_write_lock`` sends it before
+releasing the lock (:meth:`Session._release_socket`). Ten request threads
+writing through one WebSocket would otherwise take turns on the lock, each
+turn a sleep and a wake-up and a hand-off of the GIL.
 """
 
 from __future__ import annotations
@@ -133,9 +140,11 @@ class Session:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._control_lock = threading.Lock()
-        # (message, type, payload size); created by the first control message
-        # (a deque allocates a 528-byte block at once, for each idle session)
-        self._control_queue: Optional[Deque[Tuple[bytes, int, int]]] = None
+        # (message, type, payload size, bytes counted in _queued_bytes);
+        # created by the first message queued (a deque allocates a 528-byte
+        # block at once, for each idle session)
+        self._control_queue: Optional[Deque[Tuple[bytes, int, int, int]]] = None
+        self._queued_bytes = 0  # of messages writers queued behind the socket's holder
         self._flusher_running = False
         self._reader_thread: Optional[threading.Thread] = None
         self._connections: Dict[int, TunnelConnection] = {}
@@ -420,7 +429,7 @@ class Session:
         else:
             failure = None
         finally:
-            self._write_lock.release()
+            self._release_socket()
         if failure is not None:
             self._lose_transport(self.transport, f"ping failed: {failure}")
 
@@ -454,7 +463,7 @@ class Session:
                 self._control_queue = deque()
             overflow = len(self._control_queue) >= MAX_QUEUED_CONTROL_MESSAGES
             if not overflow:
-                self._control_queue.append((data, message_type, len(payload)))
+                self._control_queue.append((data, message_type, len(payload), 0))
         if overflow:
             self.close("too many control messages queued: the peer is not reading")
             return False
@@ -465,20 +474,60 @@ class Session:
                 try:
                     self._drain_control_locked()
                 finally:
-                    self._write_lock.release()
+                    self._release_socket()
         self._start_flusher_if_needed()
         return not self._closed
 
     def _drain_control_locked(self) -> None:
-        """With ``_write_lock`` held: send every queued control message."""
+        """With ``_write_lock`` held: send every queued message, in order;
+        several at once in one write where the transport offers
+        ``send_many(messages)`` (a writer holding the socket often finds a
+        dozen others queued behind it)."""
         while True:
             with self._control_lock:
                 queue = self._control_queue
                 if not queue:
                     return
-                data, message_type, payload_size = queue.popleft()
-            if self._transmit_locked(data, message_type, payload_size) is not None:
+                if len(queue) == 1:
+                    data, message_type, payload_size, queued = queue.popleft()
+                    self._queued_bytes -= queued
+                    batch = None
+                else:
+                    batch = list(queue)
+                    queue.clear()
+                    self._queued_bytes = 0
+            if batch is None:
+                failure = self._transmit_locked(data, message_type, payload_size)
+            else:
+                failure = self._transmit_batch_locked(batch)
+            if failure is not None:
                 return
+
+    def _transmit_batch_locked(self, batch: List[Tuple[bytes, int, int, int]]) -> Optional[BaseException]:
+        """With ``_write_lock`` held: as :meth:`_transmit_locked` for several
+        queued messages, in one ``send_many`` if the transport has it."""
+        transport = self.transport
+        send_many: Optional[Callable[[List[bytes]], None]] = getattr(transport, "send_many", None)
+        if send_many is None:
+            for data, message_type, payload_size, _ in batch:
+                failure = self._transmit_locked(data, message_type, payload_size, transport)
+                if failure is not None:
+                    return failure
+            return None
+        try:
+            if self._trace:
+                for data, _, _, _ in batch:
+                    trace_log.debug("%s send %r", self, decode_message(data))
+            send_many([data for data, _, _, _ in batch])
+        except (TransportClosed, OSError) as exc:
+            for _, message_type, payload_size, _ in batch:
+                self.observer.message_send_failed(self, message_type, payload_size)
+            return self._write_failed(transport, exc)
+        for _, message_type, payload_size, _ in batch:
+            if message_type == MessageType.DATA:
+                self.bytes_sent += payload_size
+            self.observer.message_sent(self, message_type, payload_size)
+        return None
 
     def _transmit_locked(
         self, data: Bytes, message_type: int, payload_size: int, transport: Optional["Transport"] = None,
@@ -499,14 +548,20 @@ class Session:
                 transport.send(data)
         except (TransportClosed, OSError) as exc:
             self.observer.message_send_failed(self, message_type, payload_size)
-            with self._control_lock:
-                self._control_queue = None
-            self._lose_transport(transport, f"write failed: {exc}")
-            return exc
+            return self._write_failed(transport, exc)
         if message_type == MessageType.DATA:
             self.bytes_sent += payload_size
         self.observer.message_sent(self, message_type, payload_size)
         return None
+
+    def _write_failed(self, transport: "Transport", exc: BaseException) -> BaseException:
+        """A write on ``transport`` failed: drop what is queued and end (or
+        suspend) the session; return ``exc``."""
+        with self._control_lock:
+            self._control_queue = None
+            self._queued_bytes = 0
+        self._lose_transport(transport, f"write failed: {exc}")
+        return exc
 
     def _start_flusher_if_needed(self) -> None:
         with self._control_lock:
@@ -521,11 +576,15 @@ class Session:
         """Flusher thread: wait for the socket and send what is queued; exits
         once the queue is empty (or the session ended, which frees the lock)."""
         while True:
-            with self._write_lock:
+            self._write_lock.acquire()
+            try:
                 self._drain_control_locked()
+            finally:
+                self._release_socket()
             with self._control_lock:
                 if self._closed:
                     self._control_queue = None
+                    self._queued_bytes = 0
                 if not self._control_queue:
                     self._flusher_running = False
                     return
@@ -541,13 +600,58 @@ class Session:
     ) -> None:
         if self._closed:
             raise TunnelClosedError(f"session ended: {self._close_reason}")
-        self._take_socket(timeout, message_type, payload_size, conn)
+        if self._write_lock.acquire(False):
+            self._prepare_locked(conn)
+        elif conn is not None and self._queue_behind_holder(data + tail, message_type, payload_size, conn):
+            return  # queued joined: the caller's payload may change once this returns
+        else:
+            self._take_socket(timeout, message_type, payload_size, conn)
         try:
             failure = self._transmit_locked(data, message_type, payload_size, None, tail)
         finally:
-            self._write_lock.release()
+            self._release_socket()
         if failure is not None:
             raise TunnelClosedError(f"session ended: {failure}") from failure
+
+    def _queue_behind_holder(
+        self, data: bytes, message_type: int, payload_size: int, conn: TunnelConnection
+    ) -> bool:
+        """The socket is busy: queue ``conn``'s DATA for the lock's holder to send,
+        unless the queue holds a message's worth already; True if queued.
+        Raises like :meth:`TunnelConnection.check_can_send
+        <remotedialer.connection.TunnelConnection.check_can_send>`. The
+        check and the append are one step under ``_control_lock``, so the
+        connection's ERROR (queued under it after ``conn`` was marked closed)
+        is never overtaken."""
+        size = len(data)
+        with self._control_lock:
+            queued = self._queued_bytes
+            if self._closed or (queued and queued + size > self.limits.max_data_message):
+                return False
+            conn.check_can_send()
+            if self._control_queue is None:
+                self._control_queue = deque()
+            self._control_queue.append((data, message_type, payload_size, size))
+            self._queued_bytes = queued + size
+        # The holder may have let go before the append: then nobody would send it.
+        if self._write_lock.acquire(False):
+            try:
+                self._drain_control_locked()
+            finally:
+                self._release_socket()
+        return True
+
+    def _release_socket(self) -> None:
+        """Release ``_write_lock``, then send what writers queued behind its
+        holder meanwhile (each writer that queued tries the lock once after
+        queueing; whoever releases it checks again, so nothing is stranded)."""
+        lock = self._write_lock
+        lock.release()
+        while self._queued_bytes and lock.acquire(False):
+            try:
+                self._drain_control_locked()
+            finally:
+                lock.release()
 
     def _take_socket(
         self, timeout: Optional[float], message_type: int, payload_size: int,
@@ -559,13 +663,18 @@ class Session:
         if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
             self.observer.message_send_failed(self, message_type, payload_size)
             raise TunnelTimeoutError("timed out waiting to write to the tunnel")
+        self._prepare_locked(conn)
+
+    def _prepare_locked(self, conn: Optional[TunnelConnection]) -> None:
+        """With ``_write_lock`` just taken: send what is queued, and check
+        that ``conn`` may still send; releases the lock if either raises."""
         try:
             if self._control_queue:
                 self._drain_control_locked()  # control messages first, in order
             if conn is not None:
                 conn.check_can_send()
         except BaseException:
-            self._write_lock.release()
+            self._release_socket()
             raise
 
     # ------------------------------------------------------------------- reads

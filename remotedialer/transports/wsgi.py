@@ -454,6 +454,20 @@ class ServerWebSocket:
         else:  # pragma: no cover - the session's parts are a header and a payload
             self._write(header, b"".join((data, tail)))
 
+    def send_many(self, messages: Sequence[Bytes]) -> None:
+        """Send several binary messages, in order, in one write (the session
+        sends what writers queued behind a busy socket this way). Raises
+        like :meth:`send`."""
+        if self._on_poller:  # parked: send() hands it back first
+            for data in messages:
+                self.send(data)
+            return
+        frames: List[Bytes] = []
+        for data in messages:
+            frames.append(encode_frame_header(OP_BINARY, len(data)))
+            frames.append(data)
+        self._write(b"".join(frames))
+
     def ping(self) -> None:
         """Send a ping frame (the client pings; the server need not)."""
         self._write(encode_frame(OP_PING))

@@ -27,7 +27,7 @@ from remotedialer.protocol import (
     encode_sync_payload,
 )
 from remotedialer.session import Session
-from remotedialer.testing import memory_pair
+from remotedialer.testing import MemoryTransport, memory_pair
 
 from testkit.support import (
     KiB,
@@ -391,9 +391,79 @@ def test_write_lock_timeout_is_a_timeout(raw: Raw) -> None:
     conn = raw.session.dial("tcp", "a:1")
     conn.settimeout(0.05)
     with raw.session._write_lock:  # a stuck WebSocket write elsewhere
-        with pytest.raises(socket.timeout):
-            conn.sendall(b"x")
+        conn.sendall(b"x")  # queued behind it
+        with pytest.raises(socket.timeout):  # a message's worth is queued: wait
+            conn.sendall(b"y" * raw.session.limits.max_data_message)
     assert not raw.session.closed
+
+
+class BatchingTransport(MemoryTransport):
+    """A memory transport that also offers ``send_many`` and counts its calls."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.batches: List[int] = []
+
+    def send_many(self, messages: List[bytes]) -> None:
+        self.batches.append(len(messages))
+        for message in messages:
+            self.send(message)
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["send", "send_many"])
+def test_writers_behind_a_busy_socket_queue_and_the_holder_sends_in_order(batching: bool) -> None:
+    """A writer that finds the WebSocket busy queues its message and returns
+    at once; the thread writing sends it before letting go of the socket,
+    in the order written, and a connection's ERROR after its data. What
+    queued goes in one ``send_many`` where the transport has one."""
+    if batching:
+        far, near = MemoryTransport("memory-client"), BatchingTransport("memory-server")
+        far.peer, near.peer = near, far
+    else:
+        far, near = memory_pair()
+    session = Session(near, is_client=False, limits=Limits(), heartbeat=Heartbeat("queue-test"))
+    thread = session.start()
+    try:
+        first, second = session.dial("tcp", "a:1"), session.dial("tcp", "b:2")
+        first.sendall(b"one")
+        far.capacity = 1  # what the far end holds unread blocks the next write
+        stuck = threading.Thread(target=first.sendall, args=(b"two",), daemon=True)
+        stuck.start()  # blocks in the transport with the socket taken
+        wait_for(session._write_lock.locked)
+        second.settimeout(TIMEOUT / 4)
+        payload = bytearray(b"three")
+        second.sendall(payload)  # before the change: waited, and timed out
+        payload[:] = b"xxxxx"  # the caller's buffer is its own again: a copy was queued
+        second.sendall(b"four")
+        seen: List[Tuple[int, int, bytes]] = []
+
+        def read_far() -> None:
+            while len(seen) < 7:
+                message = decode_message(far.receive(timeout=TIMEOUT))
+                seen.append((message.type, message.conn_id, bytes(message.payload)))
+
+        reader = threading.Thread(target=read_far, daemon=True)
+        reader.start()
+        second.close()  # its ERROR goes after its queued data
+        for each in (reader, stuck):
+            each.join(TIMEOUT)
+            assert not each.is_alive()
+        assert seen == [
+            (MessageType.CONNECT, first.conn_id, b"tcp/a:1"),
+            (MessageType.CONNECT, second.conn_id, b"tcp/b:2"),
+            (MessageType.DATA, first.conn_id, b"one"),
+            (MessageType.DATA, first.conn_id, b"two"),
+            (MessageType.DATA, second.conn_id, b"three"),
+            (MessageType.DATA, second.conn_id, b"four"),
+            (MessageType.ERROR, second.conn_id, b"EOF"),
+        ]
+        assert session._queued_bytes == 0
+        assert not session.closed
+        if isinstance(near, BatchingTransport):
+            assert max(near.batches) >= 2  # "three" and "four" at least went together
+    finally:
+        session.close("test over")
+        thread.join(TIMEOUT)
 
 
 # --------------------------------------------------------------- heartbeat

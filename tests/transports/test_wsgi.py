@@ -156,6 +156,16 @@ def test_messages_both_ways_and_ping_keepalive(pair: Tuple[socket.socket, socket
     ws.close()
 
 
+def test_send_many_writes_each_message_as_its_own_frame(pair: Tuple[socket.socket, socket.socket]) -> None:
+    server_sock, client_sock = pair
+    ws = ServerWebSocket(server_sock, 1 << 22)
+    messages = [b"first", b"", b"y" * 70000, memoryview(b"last")]
+    ws.send_many(messages)
+    for message in messages:
+        assert read_server_frame(client_sock) == (OP_BINARY, bytes(message))
+    ws.close()
+
+
 def test_client_close_is_answered_then_nothing_more(pair: Tuple[socket.socket, socket.socket]) -> None:
     server_sock, client_sock = pair
     ws = ServerWebSocket(server_sock, 1 << 20)
