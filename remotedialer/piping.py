@@ -32,6 +32,7 @@ from .config import DEFAULT_LIMITS, Limits
 from .errors import ConnectNotAllowedError, DialError, RemoteError, TunnelTimeoutError, error_text
 from .singleton import Singleton
 from .thread_pool import ThreadPool
+from .write_batch import batch_writes, flush_writes
 from .wait import wait_for_write
 
 if TYPE_CHECKING:
@@ -620,9 +621,14 @@ class Piper:
                             self._dirty.add(key.data)
                 with self._lock:
                     dirty, self._dirty = self._dirty, set()
-                for pipe in dirty:
-                    if not pipe.done:
-                        pipe.service()
+                # The turn's small DATA messages leave in one write per session.
+                batch_writes()
+                try:
+                    for pipe in dirty:
+                        if not pipe.done:
+                            pipe.service()
+                finally:
+                    flush_writes()
         except Exception:  # pragma: no cover - a bug here must be loud
             log.exception("piper thread failed")
         finally:
