@@ -24,7 +24,6 @@ import argparse
 import importlib
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -54,6 +53,8 @@ def read_secret(token_file: Optional[str], env_name: str) -> Optional[str]:
 def install_stop_signals() -> threading.Event:
     """An event set by SIGINT (Ctrl-C) or SIGTERM; call from the main thread.
     The command then waits on it and shuts down cleanly."""
+    import signal  # when a command runs: 11 M instructions, not for --help
+
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
@@ -79,6 +80,8 @@ def wait_for_stop(stop: threading.Event) -> None:
     portable to Windows), which every signal writes to, whichever thread
     takes it. Off the main thread (no wake-up descriptor there) it looks at
     the event twice a second."""
+    import signal  # see install_stop_signals
+
     reader, writer = socket.socketpair()
     try:
         writer.setblocking(False)
