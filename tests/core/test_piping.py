@@ -650,3 +650,46 @@ def test_replay_go_servers_refused_dial_into_our_client() -> None:
         thread.join(TIMEOUT)
         piper.stop()
         local.shutdown()
+
+
+def test_a_piper_turn_sends_its_reads_in_one_write(session_pair_factory: Callable[..., SessionPair]) -> None:
+    """What one turn of the piper reads from several sockets leaves in one
+    write of their session (send_many), in order, at the turn's end."""
+    handler = AcceptingHandler()
+    pair = session_pair_factory(connect_handler=handler)
+    batches: List[int] = []
+    transport = pair.server_end
+
+    def send_many(messages: List[bytes]) -> None:
+        batches.append(len(messages))
+        for message in messages:
+            transport.send(message)
+
+    transport.send_many = send_many  # type: ignore[attr-defined]
+    piper = Piper("batch-piper")
+    rights, fars = [], []
+    try:
+        for _ in range(3):
+            conn = pair.server.dial("tcp", "x:1", timeout=TIMEOUT)
+            fars.append(handler.next())
+            left, right = socket.socketpair()
+            rights.append(right)
+            piper.pipe_socket(left, conn)
+        for far in fars:
+            far.settimeout(TIMEOUT)
+        pair.server._write_lock.acquire()  # the piper's first flush waits here
+        try:
+            rights[0].sendall(b"first")
+            wait_for(lambda: bool(pair.server._control_queue), TIMEOUT)
+            rights[1].sendall(b"second")  # both readable when the piper looks again
+            rights[2].sendall(b"third")
+        finally:
+            pair.server._write_lock.release()
+        assert recv_exactly(fars[0], 5) == b"first"
+        assert recv_exactly(fars[1], 6) == b"second"
+        assert recv_exactly(fars[2], 5) == b"third"
+        assert batches == [2]  # the first went alone (send), the other two together
+    finally:
+        piper.stop()
+        for sock in rights:
+            sock.close()
