@@ -131,7 +131,10 @@ class Proc:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
-                self.popen.wait(timeout)
+                try:  # SIGKILL ends it, but on a machine at a load of thousands not within seconds
+                    self.popen.wait(max(timeout, 60.0))
+                except subprocess.TimeoutExpired:
+                    print(f"{self.name}: still not reaped 60 s after SIGKILL", file=sys.stderr)
         self._log.close()
 
 
