@@ -69,8 +69,9 @@ class Limits:
     #: connections together.
     resume_buffer_per_session: int = 64 * MiB
     #: Server sessions with no connection open hand their socket to the
-    #: shared poller (:mod:`remotedialer.poller`), which answers their pings
-    #: without waking their reader thread (issue 24; off until measured).
+    #: shared poller (:mod:`remotedialer.poller`), which answers their pings,
+    #: and hold no thread until anything else arrives (issue 24; off until
+    #: measured beside the plain server).
     park_idle: bool = False
 
     def replace(self, **changes: Any) -> "Limits":

@@ -99,8 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-client-connect", action="store_true",
                         help="let clients dial through this server (the Go example allows it)")
     parser.add_argument("--park-idle", action="store_true",
-                        help="idle tunnels wait on one shared poller, which answers their pings "
-                             "(REMOTEDIALER_PARK_IDLE; experimental, off by default)")
+                        help="idle tunnels wait on one shared poller, which answers their pings, "
+                             "and hold no thread (REMOTEDIALER_PARK_IDLE; experimental, off by default)")
     parser.add_argument("--max-threads", type=positive_int, default=None, metavar="N",
                         help="request threads at most: tunnels + requests in flight (default: the "
                              f"open-files limit, raised to its hard limit, minus {RESERVED_DESCRIPTORS})")
