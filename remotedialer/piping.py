@@ -32,7 +32,6 @@ from .config import DEFAULT_LIMITS, Limits
 from .errors import ConnectNotAllowedError, DialError, RemoteError, TunnelTimeoutError, error_text
 from .singleton import Singleton
 from .thread_pool import ThreadPool
-from .write_batch import batch_writes, flush_writes
 from .wait import wait_for_write
 
 if TYPE_CHECKING:
@@ -621,14 +620,9 @@ class Piper:
                             self._dirty.add(key.data)
                 with self._lock:
                     dirty, self._dirty = self._dirty, set()
-                # The turn's small DATA messages leave in one write per session.
-                batch_writes()
-                try:
-                    for pipe in dirty:
-                        if not pipe.done:
-                            pipe.service()
-                finally:
-                    flush_writes()
+                for pipe in dirty:
+                    if not pipe.done:
+                        pipe.service()
         except Exception:  # pragma: no cover - a bug here must be loud
             log.exception("piper thread failed")
         finally:

@@ -27,12 +27,6 @@ messages and returns, and whoever holds ``_write_lock`` sends it before
 releasing the lock (:meth:`Session._release_socket`). Ten request threads
 writing through one WebSocket would otherwise take turns on the lock, each
 turn a sleep and a wake-up and a hand-off of the GIL.
-
-A thread that moves bytes for many connections (the piper) batches its
-small DATA messages (:mod:`~remotedialer.write_batch`): they join the same
-queue, in order, and go out in one write per session when the thread's turn
-ends (:meth:`Session.flush_batch`), or before any other message of the
-session, which always sends the queue first.
 """
 
 from __future__ import annotations
@@ -60,7 +54,6 @@ from .errors import (
     error_text,
 )
 from .observer import NULL_OBSERVER, Observer
-from .write_batch import batching
 from .protocol import (
     GLOBAL_MESSAGE_IDS,
     TUNNEL_DISCONNECT_TEXT,
@@ -82,13 +75,6 @@ __all__ = ["Session", "ConnectHandler", "ClientListener", "RELEASED"]
 
 log = logging.getLogger(__name__)
 trace_log = logging.getLogger("remotedialer.trace")
-
-#: DATA payloads up to this size may wait in a write batch; larger ones go at
-#: once (joining them would copy them for nothing).
-BATCH_PAYLOAD_LIMIT = 8 * 1024
-#: A batching thread's DATA goes at once (with what is queued) when this many
-#: messages are queued already.
-BATCH_MESSAGES = 32
 
 ConnectHandler = Callable[[TunnelConnection], None]
 """Called on the reader thread with a new connection the peer dialed (its
@@ -614,11 +600,6 @@ class Session:
     ) -> None:
         if self._closed:
             raise TunnelClosedError(f"session ended: {self._close_reason}")
-        if (
-            conn is not None and message_type == MessageType.DATA and payload_size <= BATCH_PAYLOAD_LIMIT
-            and self._queue_in_batch(data + tail, payload_size, conn)
-        ):
-            return  # queued joined, sent at the end of this thread's turn
         if self._write_lock.acquire(False):
             self._prepare_locked(conn)
         elif conn is not None and self._queue_behind_holder(data + tail, message_type, payload_size, conn):
@@ -659,40 +640,6 @@ class Session:
             finally:
                 self._release_socket()
         return True
-
-    def _queue_in_batch(self, data: bytes, payload_size: int, conn: TunnelConnection) -> bool:
-        """If this thread batches its writes (:func:`~remotedialer.write_batch.batch_writes`),
-        queue ``conn``'s DATA for :meth:`flush_batch` at the end of its turn
-        and return True; False to send it now (not batching, or
-        :data:`BATCH_MESSAGES` queued already). Raises like
-        :meth:`_queue_behind_holder`, whose one-step check and append it shares."""
-        holders = batching()
-        if holders is None:
-            return False
-        with self._control_lock:
-            queue = self._control_queue
-            if self._closed or (queue is not None and len(queue) >= BATCH_MESSAGES):
-                return False
-            conn.check_can_send()
-            if queue is None:
-                self._control_queue = queue = deque()
-            # not counted in _queued_bytes: a releasing writer need not send it
-            queue.append((data, MessageType.DATA, payload_size, 0))
-        if self not in holders:
-            holders.append(self)
-        return True
-
-    def flush_batch(self) -> None:
-        """Send what is queued, the DATA this thread batched included (see
-        :func:`~remotedialer.write_batch.flush_writes`). Blocks for the write
-        lock; never raises (a failed write ends the session)."""
-        if not self._control_queue:
-            return  # another writer sent it already
-        self._write_lock.acquire()
-        try:
-            self._drain_control_locked()
-        finally:
-            self._release_socket()
 
     def _release_socket(self) -> None:
         """Release ``_write_lock``, then send what writers queued behind its

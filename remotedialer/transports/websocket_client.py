@@ -67,15 +67,7 @@ class WebSocketClientTransport:
         # and close frames take too. Masking needs a copy anyway: ``data``
         # and ``tail`` are copied once each, into the frame (portable: no
         # sendmsg needed on the agent's side).
-        self._write(encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data, tail=tail))
-
-    def send_many(self, messages: Sequence[Bytes]) -> None:
-        """Send several binary messages, a frame each, in order, in one write
-        (the session's queued and batched messages); raises as :meth:`send`."""
-        self._write(b"".join([encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data) for data in messages]))
-
-    def _write(self, frame: Bytes) -> None:
-        """Write whole frames under websocket-client's lock."""
+        frame = encode_masked_frame(websocket.ABNF.OPCODE_BINARY, data, tail=tail)
         try:
             with self.ws.lock:
                 sock = self.ws.sock

@@ -25,7 +25,7 @@ CORE = [
     "remotedialer.observer", "remotedialer.piping", "remotedialer.plugins", "remotedialer.protocol",
     "remotedialer.receive_buffer", "remotedialer.session", "remotedialer.singleton",
     "remotedialer.thread_pool", "remotedialer.transports", "remotedialer.transports.base",
-    "remotedialer.transports.proxy", "remotedialer.wait", "remotedialer.write_batch",
+    "remotedialer.transports.proxy", "remotedialer.wait",
 ]
 """The package modules ``import`` of ``TunnelClient`` loads: the core and
 the proxy support, not yet the WebSocket (see :data:`CONNECTING`)."""

@@ -16,7 +16,6 @@ from remotedialer.config import Limits
 from remotedialer.connection import TunnelConnection
 from remotedialer.errors import (
     ConnectNotAllowedError,
-    TransportClosed,
     LimitExceededError,
     RemoteError,
     TunnelClosedError,
@@ -27,8 +26,7 @@ from remotedialer.protocol import (
     decode_message,
     encode_sync_payload,
 )
-from remotedialer.session import BATCH_MESSAGES, BATCH_PAYLOAD_LIMIT, Session
-from remotedialer.write_batch import batch_writes, flush_writes
+from remotedialer.session import Session
 from remotedialer.testing import MemoryTransport, memory_pair
 
 from testkit.support import (
@@ -684,103 +682,3 @@ def test_stuck_session_does_not_hold_up_the_shared_heartbeat() -> None:
         for thread in threads:
             thread.join(TIMEOUT)
     del stuck_far
-
-
-# ---------------------------------------------------------- write batches
-def _record_batches(raw: Raw) -> List[int]:
-    """Give the session's transport a ``send_many`` that records how many
-    messages each call carried (and sends them one by one)."""
-    writes: List[int] = []
-
-    def send_many(messages: List[bytes]) -> None:
-        writes.append(len(messages))
-        for message in messages:
-            raw.near.send(message)
-
-    raw.near.send_many = send_many  # type: ignore[attr-defined]
-    return writes
-
-
-def _dialed(raw: Raw) -> TunnelConnection:
-    conn = raw.session.dial("tcp", "127.0.0.1:8125")
-    assert raw.receive().type == MessageType.CONNECT
-    return conn
-
-
-def test_batched_data_waits_for_the_flush_and_goes_in_one_write(raw: Raw) -> None:
-    conn = _dialed(raw)
-    writes = _record_batches(raw)
-    sent_before = raw.near.sent_messages
-    batch_writes()
-    try:
-        for index in range(3):
-            assert conn.try_send(b"part%d" % index) == 5
-        assert raw.near.sent_messages == sent_before  # held back
-    finally:
-        flush_writes()
-    assert writes == [3]
-    for index in range(3):
-        message = raw.receive()
-        got = (message.type, message.conn_id, bytes(message.payload))
-        assert got == (MessageType.DATA, 2, b"part%d" % index)
-    assert raw.session.bytes_sent == 15
-
-
-def test_without_batching_data_goes_at_once(raw: Raw) -> None:
-    conn = _dialed(raw)
-    writes = _record_batches(raw)
-    conn.try_send(b"now")
-    assert bytes(raw.receive().payload) == b"now"
-    flush_writes()  # nothing batched: nothing to do
-    assert writes == []
-
-
-def test_any_other_message_of_the_session_follows_the_batched_data(raw: Raw) -> None:
-    conn = _dialed(raw)
-    _record_batches(raw)
-    big = b"b" * (BATCH_PAYLOAD_LIMIT + 1)
-    batch_writes()
-    try:
-        conn.try_send(b"small")
-        conn.try_send(big)  # too big to wait: goes at once, after what waits
-        conn.try_send(b"after")
-        conn.close()  # the ERROR goes at once, after the DATA before it
-        got = [raw.receive() for _ in range(4)]
-    finally:
-        flush_writes()
-    assert [(m.type, bytes(m.payload)) for m in got] == [
-        (MessageType.DATA, b"small"), (MessageType.DATA, big), (MessageType.DATA, b"after"),
-        (MessageType.ERROR, b"EOF"),
-    ]
-
-
-def test_a_full_batch_goes_out_before_the_flush(raw: Raw) -> None:
-    conn = _dialed(raw)
-    writes = _record_batches(raw)
-    batch_writes()
-    try:
-        for index in range(BATCH_MESSAGES + 1):
-            conn.try_send(b"%d" % index)
-        assert writes == [BATCH_MESSAGES]
-    finally:
-        flush_writes()
-    assert writes == [BATCH_MESSAGES]  # the one left went alone, by send
-    payloads = [bytes(raw.receive().payload) for _ in range(BATCH_MESSAGES + 1)]
-    assert payloads == [b"%d" % index for index in range(BATCH_MESSAGES + 1)]
-
-
-def test_a_failed_batch_write_ends_the_session(raw: Raw) -> None:
-    conn = _dialed(raw)
-
-    def broken(messages: List[bytes]) -> None:
-        raise TransportClosed("cut")
-
-    raw.near.send_many = broken  # type: ignore[attr-defined]
-    batch_writes()
-    try:
-        conn.try_send(b"a")
-        conn.try_send(b"b")
-    finally:
-        flush_writes()
-    assert raw.session.wait_closed(TIMEOUT)
-    assert "write failed" in raw.session.close_reason and "cut" in raw.session.close_reason
