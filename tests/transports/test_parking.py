@@ -276,6 +276,8 @@ def test_a_dead_peer_of_a_parked_session_is_cut_by_the_read_deadline(poller: Pol
         served.parked(poller)
         assert served.session.wait_closed(TIMEOUT)  # no more pings: the deadline ends it
         assert "no keepalive" in served.ended.get(timeout=TIMEOUT)
+        for thread in served.threads:
+            thread.join(TIMEOUT)  # the last reader puts its reason, then returns
         assert not served.live_threads()
         assert len(poller) == 0
         assert served.ws.sock.fileno() == -1  # the socket taken from the "server" is closed
