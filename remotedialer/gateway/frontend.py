@@ -8,9 +8,9 @@ open between requests, parses request heads itself (the rules are
 :mod:`remotedialer.gateway.http1`'s) and frames responses;
 :class:`ChunkedRequestBody` reads a chunked request body strictly.
 
-For an app with a ``handshake`` method (the example server's
-:class:`~remotedialer.app.ServerApp`) on plain sockets, the listener's own
-thread reads each connection's first request head
+With ``listener_handshakes``, for an app with a ``handshake`` method (the
+example server's :class:`~remotedialer.app.ServerApp`) on plain sockets,
+the listener's own thread reads each connection's first request head
 (:mod:`remotedialer.gateway.head_reader`) and answers a tunnel's upgrade
 there: a tunnel gets one thread, its session's reader, and no request
 thread; other requests get theirs once their head is in.
@@ -673,7 +673,11 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     connection after one request).
 
     A request head must arrive within ``header_timeout`` seconds (None: no
-    limit), see :class:`HeadDeadlines`. A WebSocket tunnel holds its thread
+    limit), see :class:`HeadDeadlines`. ``listener_handshakes`` (off by
+    default, ``REMOTEDIALER_LISTENER_HANDSHAKES=1`` for ``remotedialer
+    server``): first heads are read, and tunnels' upgrades answered, on the
+    listener's thread (see :meth:`serve_forever`); measured slower at 10,000
+    agents opening at once, faster at 1,000 (docs/benchmarks.rst). A WebSocket tunnel holds its thread
     for as long as it lives, and so does a
     streamed download; when all threads are busy, new connections wait in the
     listen backlog instead of spawning more threads. An idle keep-alive
@@ -686,7 +690,8 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
     def __init__(self, host: str, port: int, app: WSGIApp, max_threads: int = DEFAULT_MAX_THREADS,
                  keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT,
                  header_timeout: Optional[float] = DEFAULT_HEADER_TIMEOUT,
-                 tls_context: Optional[ssl.SSLContext] = None, **kwargs: Any) -> None:
+                 tls_context: Optional[ssl.SSLContext] = None, listener_handshakes: bool = False,
+                 **kwargs: Any) -> None:
         self.tls_context = tls_context
         self.max_threads = max_threads
         self.keepalive_timeout = keepalive_timeout
@@ -705,7 +710,8 @@ class BoundedThreadedWSGIServer(ThreadedWSGIServer):
         # loop) for an app that answers upgrades itself (handshake()); TLS
         # connections shake hands on their own threads instead.
         self._app_handshake: Callable[..., Optional[Handshake]] = getattr(app, "handshake", None) or _none
-        self.reads_heads = tls_context is None and bool(_MSG_DONTWAIT) and hasattr(app, "handshake")
+        self.reads_heads = (listener_handshakes and tls_context is None and bool(_MSG_DONTWAIT)
+                            and hasattr(app, "handshake"))
         self._header_timeout = header_timeout
         self._heads: Optional[HeadReader] = None  # while serve_forever's loop runs
         self._loop_done = threading.Event()

@@ -36,7 +36,7 @@ class Front:
         self.server = Server(self._authorize)
         self.app = ServerApp(self.server, Forwarder(self.server.dial))
         self.httpd = BoundedThreadedWSGIServer("127.0.0.1", 0, self.app, max_threads=max_threads,
-                                               header_timeout=header_timeout)
+                                               header_timeout=header_timeout, listener_handshakes=True)
         self.port = self.httpd.port
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                        name=LISTENER, daemon=True)
