@@ -35,8 +35,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, ClassVar, Dict, List, Optional, Tuple
 
+from .config import DEFAULT_LIMITS, Limits
 from .errors import ProtocolError, TunnelClosedError, TunnelTimeoutError
 from .protocol import (
     GLOBAL_MESSAGE_IDS,
@@ -56,10 +57,12 @@ from .resume import (
     encode_ack,
     encode_reattach,
 )
-from .session import Session
+from .observer import Observer
+from .session import ClientListener, ConnectHandler, Session
 
 if TYPE_CHECKING:
     from .connection import TunnelConnection
+    from .heartbeat import Heartbeat
     from .transports.base import Transport
 
 __all__ = ["ResumableSession", "ATTACHED", "SUSPENDED", "RESUMED", "keepable"]
@@ -88,8 +91,26 @@ class ResumableSession(Session):
     :class:`~remotedialer.session.Session`.
     """
 
-    def __init__(self, transport: "Transport", *, resume_window: float, **kwargs: Any) -> None:
-        super().__init__(transport, **kwargs)
+    def __init__(
+        self,
+        transport: "Transport",
+        *,
+        resume_window: float,
+        is_client: bool,
+        client_key: str = "",
+        session_key: Optional[int] = None,
+        connect_handler: Optional[ConnectHandler] = None,
+        client_listener: Optional[ClientListener] = None,
+        limits: Limits = DEFAULT_LIMITS,
+        observer: Optional[Observer] = None,
+        heartbeat: Optional["Heartbeat"] = None,
+    ) -> None:
+        # Session's arguments spelt out, not forwarded as **kwargs: compiled by
+        # mypyc (2.4), a forwarded **kwargs arrives as Session's first keyword
+        super().__init__(
+            transport, is_client=is_client, client_key=client_key, session_key=session_key,
+            connect_handler=connect_handler, client_listener=client_listener, limits=limits,
+            observer=observer, heartbeat=heartbeat)
         if resume_window <= 0:
             raise ValueError("resume_window must be above 0")
         self.resume_window = resume_window
@@ -498,14 +519,18 @@ class ResumableSession(Session):
             raise ProtocolError("the first message after a reattach must be REATTACH")
         Session._handle(self, data)
 
-    _HANDLERS: Dict[int, Callable[[Session, Message], None]] = {
-        **Session._HANDLERS,
-        MessageType.DATA: _on_data_kept,  # type: ignore[dict-item]
-        MessageType.CONNECT: _on_connect_kept,  # type: ignore[dict-item]
-        MessageType.ERROR: _on_error_kept,  # type: ignore[dict-item]
-        ResumeMessageType.ACK: _on_ack,  # type: ignore[dict-item]
-        ResumeMessageType.REATTACH: _on_reattach,  # type: ignore[dict-item]
-    }
+    #: Session's handlers with the resumption's (set below the class, as Session's).
+    _HANDLERS: ClassVar[Dict[int, Callable[[Session, Message], None]]]
+
+
+ResumableSession._HANDLERS = {
+    **Session._HANDLERS,
+    MessageType.DATA: ResumableSession._on_data_kept,  # type: ignore[dict-item]
+    MessageType.CONNECT: ResumableSession._on_connect_kept,  # type: ignore[dict-item]
+    MessageType.ERROR: ResumableSession._on_error_kept,  # type: ignore[dict-item]
+    ResumeMessageType.ACK: ResumableSession._on_ack,  # type: ignore[dict-item]
+    ResumeMessageType.REATTACH: ResumableSession._on_reattach,  # type: ignore[dict-item]
+}
 
 
 def keepable(payload: Bytes, limit: int) -> Bytes:

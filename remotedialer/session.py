@@ -37,7 +37,7 @@ import random
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Deque, Dict, FrozenSet, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, ClassVar, Deque, Dict, FrozenSet, List, Optional, Tuple
 
 from . import heartbeat as heartbeat_module
 from .config import DEFAULT_LIMITS, Limits
@@ -113,6 +113,10 @@ class Session:
     sends SYNC_CONNECTIONS. ``connect_handler`` serves CONNECTs from the peer;
     without one every CONNECT is answered with ERROR on that connection alone.
     """
+
+    #: Whether this is a link from a peer server (the metrics' ``peer`` label),
+    #: for whoever knows better than the session's role; None: from the role.
+    is_peer: Optional[bool] = None
 
     def __init__(
         self,
@@ -246,11 +250,11 @@ class Session:
             # the peer ending the session on purpose ends it here too
             ended = isinstance(exc, TransportEnded) and transport is self.transport
             kept = not ended and self._transport_lost(transport, reason)
-        except ProtocolError as exc:
-            reason = f"protocol error: {exc}"
+        except ProtocolError as bad:  # (one name per except type: mypyc types a name once)
+            reason = f"protocol error: {bad}"
             log.warning("%s: %s", self, reason)
-        except Exception as exc:  # a bug or an OS error must still end the session
-            reason = f"{type(exc).__name__}: {exc}"
+        except Exception as error:  # a bug or an OS error must still end the session
+            reason = f"{type(error).__name__}: {error}"
             log.exception("%s: reader failed", self)
         finally:
             if not kept:
@@ -726,9 +730,9 @@ class Session:
             self.connect_handler(conn)
         except ConnectNotAllowedError as exc:
             conn.abort(exc)
-        except Exception as exc:
+        except Exception as error:  # (not 'exc': mypyc types a name once)
             log.exception("%s: connect handler failed", self)
-            conn.abort(ConnectNotAllowedError(f"connect failed: {exc}"))
+            conn.abort(ConnectNotAllowedError(f"connect failed: {error}"))
 
     def _on_error(self, message: Message) -> None:
         with self._lock:
@@ -777,16 +781,9 @@ class Session:
             conn.end(TunnelClosedError("closed by connection sync"))
             self.observer.connection_removed(self, conn)
 
-    _HANDLERS: Dict[int, Callable[["Session", Message], None]] = {
-        MessageType.DATA: _on_data,
-        MessageType.CONNECT: _on_connect,
-        MessageType.ERROR: _on_error,
-        MessageType.PAUSE: _on_pause,
-        MessageType.RESUME: _on_pause,
-        MessageType.ADD_CLIENT: _on_client_change,
-        MessageType.REMOVE_CLIENT: _on_client_change,
-        MessageType.SYNC_CONNECTIONS: _on_sync,
-    }
+    #: The handler of each message type (set below the class: a class compiled by
+    #: mypyc has no methods in its namespace while its body runs).
+    _HANDLERS: ClassVar[Dict[int, Callable[["Session", Message], None]]]
 
     # ---------------------------- for connections (connection.ConnectionOwner)
     def remove_connection(self, conn: TunnelConnection) -> bool:
@@ -804,3 +801,15 @@ class Session:
             self.observer.connection_paused(self, conn)
         else:
             self.observer.connection_resumed(self, conn)
+
+
+Session._HANDLERS = {
+    MessageType.DATA: Session._on_data,
+    MessageType.CONNECT: Session._on_connect,
+    MessageType.ERROR: Session._on_error,
+    MessageType.PAUSE: Session._on_pause,
+    MessageType.RESUME: Session._on_pause,
+    MessageType.ADD_CLIENT: Session._on_client_change,
+    MessageType.REMOVE_CLIENT: Session._on_client_change,
+    MessageType.SYNC_CONNECTIONS: Session._on_sync,
+}

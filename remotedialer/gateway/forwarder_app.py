@@ -434,22 +434,24 @@ class Forwarder:
                 connection.request(method, path, headers, body, chunked)
                 response = connection.getresponse(method)
                 break
-            except Exception as exc:  # unknown client, dead session, refused, timeout...
+            except Exception as error:  # unknown client, dead session, refused, timeout...
+                # (not 'exc': mypyc types a name by its first except clause, BadRequest above)
                 if connection is not None:
                     connection.close()
                     connection = None
-                if reused and body is None and method in _REPLAYABLE and not isinstance(exc, socket.timeout):
+                if (reused and body is None and method in _REPLAYABLE
+                        and not isinstance(error, socket.timeout)):
                     # The target may have closed the idle connection just as
                     # we sent: once more on a fresh connection.
                     if debug:
                         log.debug("[%03d] REQ RETRY %s on a new connection: %s", request_id, url,
-                                  _describe(exc))
+                                  _describe(error))
                     reused = False
                     continue
-                log.warning("[%03d] REQ ERR %s: %s", request_id, url, _describe(exc))
+                log.warning("[%03d] REQ ERR %s: %s", request_id, url, _describe(error))
                 # 403 for the dial policy's refusal; anything else 500, as Go does
-                status = 403 if isinstance(exc, DialRefusedError) else 500
-                return plain_text_response(start_response, status, _describe(exc))
+                status = 403 if isinstance(error, DialRefusedError) else 500
+                return plain_text_response(start_response, status, _describe(error))
         if debug:
             log.debug("[%03d] REQ OK %s %d%s", request_id, url, response.status,
                       " (reused)" if reused else "")
@@ -503,8 +505,8 @@ class Forwarder:
             sock.settimeout(timeout)
             sock.sendall("".join(lines).encode("latin-1"))
             ended = relay(sock, upstream, to_client=to_client, to_target=to_target, idle_timeout=timeout)
-        except (OSError, RelayError) as exc:
-            log.warning("[%03d] UPGRADE ABORTED %s: %s", request_id, url, _describe(exc))
+        except (OSError, RelayError) as error:  # (not 'exc': mypyc types a name once)
+            log.warning("[%03d] UPGRADE ABORTED %s: %s", request_id, url, _describe(error))
         else:
             if ended == IDLE_TIMEOUT:
                 log.warning("[%03d] UPGRADE ABORTED %s: %s", request_id, url,

@@ -41,6 +41,7 @@ from ..server.wsgi import WSGIApp, header_tokens
 from ..server.wsgi import Handshake
 from ..transports.wsgi import NODELAY_SET, TAKEN_SOCKET
 from .head_reader import HeadReader, environ_from_head, parse_upgrade
+from .errors import BadChunkedBody
 from .http1 import (
     MAX_CHUNK_LINE,
     ChunkedDecoder,
@@ -86,13 +87,15 @@ class HeadDeadlines:
     def __init__(self, timeout: float, name: str = "remotedialer-head-deadlines") -> None:
         self.timeout = timeout
         self._name = name
-        # _cond guards _armed, _heap, _thread, _stopped; nothing blocking runs under it
+        # _cond guards _armed, _heap, _watcher, _stopped; nothing blocking runs under it
         # except socket.shutdown (which does not block).
         self._cond = threading.Condition(threading.Lock())
         self._armed: Dict[int, socket.socket] = {}
         self._heap: List[Tuple[float, int]] = []
         self._tickets = itertools.count(1)
-        self._thread: Optional[threading.Thread] = None
+        # the thread that cuts overdue connections (not named _thread: mypyc's C
+        # name for that attribute, __thread, is a GCC keyword)
+        self._watcher: Optional[threading.Thread] = None
         self._stopped = False
         self.cut = 0  # connections cut so far
 
@@ -108,9 +111,9 @@ class HeadDeadlines:
             if len(self._heap) > 2 * len(self._armed) + 1024:  # mostly disarmed: compact
                 self._heap = [entry for entry in self._heap if entry[1] in self._armed]
                 heapq.heapify(self._heap)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread.start()
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._watcher.start()
             elif self._heap[0][1] == ticket:
                 self._cond.notify()
         return ticket
@@ -153,7 +156,7 @@ class HeadDeadlines:
                     pass
                 log.debug("closed a connection whose request head did not arrive within %gs",
                           self.timeout)
-            self._thread = None
+            self._watcher = None
 
 
 #: Request bodies left unread by the app are read and dropped up to this many
@@ -993,11 +996,6 @@ class _DirectAnswer:
 _ACCEPTS_PER_WAKE = 64
 #: Seconds a refusal written on the listener's thread may take.
 _ANSWER_TIMEOUT = 1.0
-
-
-class BadChunkedBody(OSError):
-    """A chunked request body breaks RFC 9112 §7.1 (the request fails and
-    its connection is closed)."""
 
 
 class ChunkedRequestBody(io.RawIOBase):

@@ -32,6 +32,7 @@ import re
 from typing import Callable, List, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 from ..server.wsgi import header_tokens
+from .errors import BadResponse
 
 __all__ = [
     "HOP_BY_HOP",
@@ -256,11 +257,6 @@ MAX_RESPONSE_HEAD = 64 * 1024
 #: Header lines a response head may have (as http.client).
 MAX_RESPONSE_HEADERS = 100
 _VERSIONS = {"HTTP/1.1": 11, "HTTP/1.0": 10}
-
-
-class BadResponse(ConnectionError):
-    """The target's answer is not HTTP/1.1 the forwarder can pass on; the
-    connection is unusable afterwards."""
 
 
 def find_head_end(buffer: bytearray, searched: int) -> Optional[Tuple[int, int]]:

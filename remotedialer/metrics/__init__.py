@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 try:
     import prometheus_client
@@ -241,7 +240,9 @@ class PrometheusObserver(Observer):
         # _lock guards _counts and _sessions; nothing else is taken while held.
         self._lock = threading.Lock()
         self._counts: Dict[str, Dict[_Labels, float]] = {spec.name: {} for spec in _COUNTERS}
-        self._sessions: "weakref.WeakSet[Session]" = weakref.WeakSet()
+        # live sessions: session_ended follows every session_started (Session.close);
+        # a plain set, since a Session compiled with mypyc takes no weak reference
+        self._sessions: Set["Session"] = set()
         #: Read at scrape time for ``remotedialer_dials_in_flight``: dials in
         #: flight by client key (e.g. ``server.dials_in_flight_by_key``).
         self.dials_in_flight: Optional[Callable[[], Dict[str, int]]] = None

@@ -88,7 +88,9 @@ def added_beyond_websocket_client(statement: str) -> List[str]:
         "import sys, json, ssl, websocket\nbefore = set(sys.modules)\n"
         f"{statement}\n"
         "added = {m.split('.')[0] for m in set(sys.modules) - before}\n"
-        "print(json.dumps(sorted(m for m in added if not m.startswith(('_', 'remotedialer')))))"
+        # (mypyc's runtime for the compiled build, REMOTEDIALER_MYPYC=1, is the package's own)
+        "print(json.dumps(sorted(m for m in added\n"
+        "    if not m.startswith(('_', 'remotedialer')) and not m.endswith('__mypyc'))))"
     )
     done = subprocess.run([sys.executable, "-c", code],
                           capture_output=True, text=True, timeout=120, check=True)
