@@ -63,17 +63,21 @@ def wait_for(predicate: Callable[[], object], timeout: float = TIMEOUT, interval
 
 
 def server_readers() -> int:
-    """Threads of this process reading for a server session now (inside
-    :meth:`Session.serve <remotedialer.session.Session.serve>` of a session
-    that is not a client's): a parked session holds none."""
+    """Threads of this process reading for a server's session now (inside
+    the tunnel server's serve loop for a session): a parked session holds
+    none. Counted by the Python frames of
+    :class:`~remotedialer.server.tunnel_server.Server`'s serve loop, which
+    stays Python in the mypyc build (compiled code has no frames)."""
     import sys
 
-    serve = Session.serve.__code__
+    from remotedialer.server.tunnel_server import Server
+
+    serve = Server._serve_until_detached.__code__
     count = 0
     for frame in sys._current_frames().values():
         walking: Any = frame
         while walking is not None:
-            if walking.f_code is serve and not walking.f_locals["self"].is_client:
+            if walking.f_code is serve:
                 count += 1
                 break
             walking = walking.f_back
