@@ -14,15 +14,28 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-#: What the compiled build needs at build time (the test extra's mypy).
-MYPY = "mypy>=1.10"
+#: What the compiled build needs at build time besides the package's own
+#: requirements: mypy (as in the test extra), and what the compiled modules
+#: import that mypy must see to type-check them (numpy: frames.py).
+BUILD_EXTRAS = ["mypy>=1.10", "numpy>=1.21", "types-requests"]
+
+
+def _setup_cfg():
+    config = configparser.ConfigParser()
+    config.read(os.path.join(os.path.dirname(os.path.abspath(__file__)), "setup.cfg"))
+    return config
 
 
 def compiled_modules():
     """The source files setup.cfg lists for mypyc."""
-    config = configparser.ConfigParser()
-    config.read(os.path.join(os.path.dirname(os.path.abspath(__file__)), "setup.cfg"))
-    return config["remotedialer:mypyc"]["modules"].split()
+    return _setup_cfg()["remotedialer:mypyc"]["modules"].split()
+
+
+def compiled_build_requires():
+    """What pip's isolated build installs for the compiled build: mypy type-checks
+    the listed modules, so it needs the packages they import (the runtime ones)."""
+    runtime = _setup_cfg()["options"]["install_requires"].split("\n")
+    return [line.strip() for line in runtime if line.strip()] + BUILD_EXTRAS
 
 
 class BuildExtOrPurePython(build_ext):
@@ -49,13 +62,16 @@ class BuildExtOrPurePython(build_ext):
 #: setup.py commands that only write metadata: no need to run mypyc for them.
 METADATA_ONLY = {"egg_info", "dist_info", "--version", "--name"}
 
-if os.environ.get("REMOTEDIALER_MYPYC") == "1" and not METADATA_ONLY.intersection(sys.argv[1:]):
+if os.environ.get("REMOTEDIALER_MYPYC") == "1":
     try:
         from mypyc.build import mypycify
     except ImportError:  # pip's first pass, asking for the build's requirements
-        setup(setup_requires=[MYPY])
+        mypycify = None
+    # pip asks for the build's requirements with egg_info: mypy must be named there too
+    if mypycify is None or METADATA_ONLY.intersection(sys.argv[1:]):
+        setup(setup_requires=compiled_build_requires())
     else:
-        setup(setup_requires=[MYPY], cmdclass={"build_ext": BuildExtOrPurePython},
+        setup(setup_requires=compiled_build_requires(), cmdclass={"build_ext": BuildExtOrPurePython},
               ext_modules=mypycify(compiled_modules(), opt_level="3"))
 else:
     setup()
