@@ -143,6 +143,11 @@ def _data_documented(module: ModuleType, name: str, attr_docs: Dict[str, Dict[st
     )
 
 
+@pytest.mark.skipif(
+    not (importlib.import_module("remotedialer.session").__file__ or "").endswith(".py"),
+    reason="the mypyc build's compiled modules carry no docstrings (mypyc drops them); "
+    "the source's docstrings are checked on the pure-Python runs",
+)
 def test_every_public_name_has_a_docstring() -> None:
     """Classes and functions need their own docstring; constants and type
     aliases need a string (or ``#:`` comment) right after their assignment."""
